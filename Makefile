@@ -1,0 +1,34 @@
+# Two entry points (see README): `make run` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 resolves to the local CPU wheel on this machine kind; installing it before the
+# package keeps pip from pulling the multi-GB CUDA build to satisfy the package's torch range.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck pytest clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/blazefl-fn run $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check blazefl_fn tests examples benchmarks
+	$(BIN)/ruff format --check blazefl_fn tests examples benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/pyright blazefl_fn
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

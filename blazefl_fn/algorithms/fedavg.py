@@ -1,0 +1,102 @@
+"""FedAvg (McMahan et al. 2017): local SGD, then the mean of client models weighted by examples."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from ..data.datasets import ClientData
+from ..keys import Key
+from ..local import LocalSGD, train_local
+from ..records import Downlink, ServerState, Uplink
+from ..reproducibility import ModelFactory, build_module
+from ..round import Algorithm, ClientTask, uniform_sampler
+from ..tree import from_module, weighted_mean
+
+__all__ = ["LocalSGDUpdate", "broadcast_params", "fedavg", "mean_by_examples"]
+
+# The template only fixes the architecture; its values are always overwritten by a state.
+_TEMPLATE_KEY = Key.from_seed(0).fold_in("template")
+
+
+def broadcast_params(state: ServerState) -> Downlink:
+    """Send the global parameters as they are."""
+    return Downlink(round=state.round, params=state.params)
+
+
+def mean_by_examples(state: ServerState, uplinks: Sequence[Uplink]) -> ServerState:
+    """The next state: client parameters averaged with weights ``num_examples``.
+
+    If every sampled client has zero examples the global parameters are kept.
+    """
+    weights = [u.num_examples for u in uplinks]
+    if sum(weights) == 0:
+        return attrs.evolve(state, round=state.round + 1)
+    params = weighted_mean([u.params for u in uplinks], weights)
+    return attrs.evolve(state, params=params, round=state.round + 1)
+
+
+@attrs.frozen
+class _InitFromModel:
+    model_fn: ModelFactory
+
+    def __call__(self, key: Key) -> ServerState:
+        return ServerState(params=from_module(build_module(self.model_fn, key)))
+
+
+@attrs.frozen
+class LocalSGDUpdate:
+    """The client stage: local SGD from the downlink parameters; uplinks the new parameters.
+
+    A record rather than a closure, so it can be sent to worker processes.
+    """
+
+    template: torch.nn.Module
+    config: LocalSGD
+
+    def __call__(self, downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
+        params, metrics = train_local(self.template, downlink.params, data, task.key, self.config)
+        return Uplink(
+            client_id=task.client_id, num_examples=len(data), params=params, metrics=metrics
+        )
+
+
+def fedavg(
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+) -> Algorithm[ClientData]:
+    """FedAvg: sample uniformly, train locally with SGD, average weighted by examples.
+
+    Args:
+        model_fn: builds the model (a plain ``nn.Module``); the initial weights come from the
+            run's key, whatever global seed is set.
+        num_clients: clients in the federation.
+        clients_per_round: clients sampled each round, without replacement.
+        local: local training hyperparameters.
+
+    Raises:
+        ValueError: ``clients_per_round`` is not in ``[1, num_clients]``.
+
+    Example:
+        >>> import functools
+        >>> from blazefl_fn.models import logistic_regression
+        >>> algo = fedavg(functools.partial(logistic_regression, (60,), 10),
+        ...               num_clients=30, clients_per_round=10, local=LocalSGD())
+        >>> algo.name, sorted(algo.init(Key.from_seed(0)).params)
+        ('fedavg', ['1.bias', '1.weight'])
+    """
+    sample = uniform_sampler(num_clients, clients_per_round)
+    template = build_module(model_fn, _TEMPLATE_KEY)
+    return Algorithm(
+        name="fedavg",
+        init=_InitFromModel(model_fn),
+        sample=sample,
+        broadcast=broadcast_params,
+        client_update=LocalSGDUpdate(template, local),
+        aggregate=mean_by_examples,
+    )

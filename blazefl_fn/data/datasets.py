@@ -1,0 +1,88 @@
+"""Dataset records: one base tensor pair per split, clients as index views onto it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import attrs
+import torch
+
+__all__ = ["ClientData", "FederatedDataset", "TensorDataset"]
+
+
+def _check_pair(instance: TensorDataset, _attribute: object, y: torch.Tensor) -> None:
+    if y.dim() != 1 or y.dtype != torch.int64:
+        raise ValueError(
+            f"labels must be a 1-D int64 tensor, got {y.dtype} of shape {tuple(y.shape)}"
+        )
+    if instance.x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {instance.x.shape[0]} rows but y has {y.shape[0]} labels")
+
+
+@attrs.frozen(eq=False)
+class TensorDataset:
+    """Features ``x`` (N, ...) and int64 class labels ``y`` (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor = attrs.field(validator=_check_pair)
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+
+def _check_indices(instance: ClientData, _attribute: object, indices: torch.Tensor) -> None:
+    if indices.dim() != 1 or indices.dtype != torch.int64:
+        raise ValueError(f"client indices must be a 1-D int64 tensor, got {indices.dtype}")
+    n = len(instance.base)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        raise ValueError(f"client indices out of range for a base dataset of {n} examples")
+
+
+@attrs.frozen(eq=False)
+class ClientData:
+    """One client's examples: ``indices`` into a ``base`` dataset shared by all clients.
+
+    The base tensors are never copied per client; a batch gathers its rows on demand.
+
+    Example:
+        >>> import torch
+        >>> from blazefl_fn.keys import Key
+        >>> base = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
+        >>> client = ClientData(base, torch.tensor([2, 5, 7]))
+        >>> [y.tolist() for _, y in client.batches(2, Key.from_seed(0).torch_generator())]
+        [[5, 7], [2]]
+    """
+
+    base: TensorDataset
+    indices: torch.Tensor = attrs.field(validator=_check_indices)
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Mini-batches of ``(x, y)``, shuffled by ``generator`` (in order when it is None)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = self.indices
+        if generator is not None:
+            order = order[torch.randperm(order.shape[0], generator=generator)]
+        for start in range(0, order.shape[0], batch_size):
+            rows = order[start : start + batch_size]
+            yield self.base.x[rows], self.base.y[rows]
+
+
+@attrs.frozen(eq=False)
+class FederatedDataset:
+    """Client training data plus a central test set."""
+
+    name: str
+    clients: tuple[ClientData, ...]
+    test: TensorDataset
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example (without the batch dimension)."""
+        return tuple(self.test.x.shape[1:])

@@ -1,0 +1,39 @@
+"""The executor protocol: a pluggable, order-preserving ``map`` over client tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Protocol, Self, TypeVar, runtime_checkable
+
+__all__ = ["Executor"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs ``fn`` over ``tasks`` and returns the results in task order.
+
+    Implementations may run tasks in any order and in parallel, but must return
+    ``[fn(t) for t in tasks]`` exactly, and must re-raise the first failing task's exception
+    (by task order). Executors are context managers; ``close`` releases their workers.
+    """
+
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
+        """``[fn(t) for t in tasks]``, however it is scheduled."""
+        ...
+
+    def close(self) -> None:
+        """Release workers and any other resources; idempotent."""
+        ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

@@ -1,0 +1,162 @@
+"""The random-key tree: every random draw in blazefl_fn descends from one `Key`.
+
+A `Key` is 128 bits. Children are derived with BLAKE2b (16-byte digest, personalisation
+``b"blazefl_fn.key"``) over ``tag || parent bits || payload``, where ``tag`` is one of
+
+- ``b"split"`` with the child index as 8 little-endian bytes (``split``),
+- ``b"fold:int"`` with the integer as 8 little-endian bytes (``fold_in(int)``),
+- ``b"fold:str"`` with the UTF-8 bytes of the string (``fold_in(str)``).
+
+The tags are prefix-free, so no split child can coincide with a fold child, and the derivation
+depends only on ``hashlib``: keys are identical across Python, numpy and torch versions and
+platforms. A root key is ``BLAKE2b(b"seed" || seed as 16 little-endian bytes)``.
+
+Structural randomness (client sampling, permutations) is computed from a raw bit stream of the
+key (BLAKE2b in counter mode, tag ``b"stream"``), never from numpy's or torch's distribution
+code, so it is stable across library versions too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import attrs
+import numpy as np
+import torch
+
+__all__ = ["Key"]
+
+_PERSON = b"blazefl_fn.key"
+_U64 = 1 << 64
+
+
+def _check_int(value: object, name: str, lo: int, hi: int) -> int:
+    # bool is an int subclass; a True seed is almost certainly a bug in the caller.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if not lo <= value < hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}), got {value}")
+    return value
+
+
+def _hash(message: bytes, digest_size: int = 16) -> bytes:
+    return hashlib.blake2b(message, digest_size=digest_size, person=_PERSON).digest()
+
+
+def _check_bits(_instance: object, _attribute: object, value: object) -> None:
+    if not isinstance(value, bytes) or len(value) != 16:
+        raise ValueError(f"Key bits must be 16 bytes, got {value!r}")
+
+
+@attrs.frozen(repr=False)
+class Key:
+    """A 128-bit node of the key tree; frozen, hashable and picklable.
+
+    Example:
+        >>> root = Key.from_seed(0)
+        >>> round_key = root.fold_in(3)
+        >>> a, b = round_key.split(2)
+        >>> a != b and round_key.fold_in(7) == root.fold_in(3).fold_in(7)
+        True
+    """
+
+    bits: bytes = attrs.field(validator=_check_bits)
+
+    @classmethod
+    def from_seed(cls, seed: int) -> Key:
+        """The root key of a run.
+
+        Raises:
+            TypeError: ``seed`` is not an int.
+            ValueError: ``seed`` is negative or does not fit in 128 bits.
+        """
+        seed = _check_int(seed, "seed", 0, 1 << 128)
+        return cls(_hash(b"seed" + seed.to_bytes(16, "little")))
+
+    def split(self, n: int = 2) -> tuple[Key, ...]:
+        """``n`` independent children; child ``i`` does not depend on ``n``."""
+        n = _check_int(n, "n", 0, _U64)
+        return tuple(Key(_hash(b"split" + self.bits + i.to_bytes(8, "little"))) for i in range(n))
+
+    def fold_in(self, data: int | str) -> Key:
+        """The child named by ``data``: a non-negative integer below 2**64, or a string."""
+        if isinstance(data, str):
+            return Key(_hash(b"fold:str" + self.bits + data.encode("utf-8")))
+        data = _check_int(data, "fold_in data", 0, _U64)
+        return Key(_hash(b"fold:int" + self.bits + data.to_bytes(8, "little")))
+
+    # -- materialisation ---------------------------------------------------------------------
+
+    def torch_generator(self, device: str | torch.device = "cpu") -> torch.Generator:
+        """A fresh `torch.Generator` on ``device`` seeded with the key's first 64 bits."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int.from_bytes(self.bits[:8], "little"))
+        return generator
+
+    def numpy_generator(self) -> np.random.Generator:
+        """A fresh numpy Generator over Philox keyed by all 128 bits."""
+        return np.random.Generator(np.random.Philox(key=int.from_bytes(self.bits, "little")))
+
+    # -- structural randomness from raw bits ---------------------------------------------------
+
+    def words(self) -> Iterator[int]:
+        """An endless stream of uniform 64-bit integers drawn from the key's raw bits."""
+        counter = 0
+        while True:
+            block = _hash(b"stream" + self.bits + counter.to_bytes(8, "little"), digest_size=64)
+            for offset in range(0, 64, 8):
+                yield int.from_bytes(block[offset : offset + 8], "little")
+            counter += 1
+
+    def randbelow(self, n: int) -> int:
+        """A uniform integer in ``[0, n)``."""
+        return _randbelow(self.words(), _check_int(n, "n", 1, _U64))
+
+    def permutation(self, n: int) -> list[int]:
+        """A uniform random permutation of ``range(n)`` (Fisher-Yates over the bit stream).
+
+        Example:
+            >>> sorted(Key.from_seed(1).permutation(5))
+            [0, 1, 2, 3, 4]
+        """
+        n = _check_int(n, "n", 0, _U64)
+        stream = self.words()
+        out = list(range(n))
+        for i in range(n - 1, 0, -1):
+            j = _randbelow(stream, i + 1)
+            out[i], out[j] = out[j], out[i]
+        return out
+
+    def choice(self, n: int, k: int) -> tuple[int, ...]:
+        """``k`` distinct integers from ``range(n)``, uniformly, in draw order.
+
+        Costs O(k) whatever ``n`` is (a sparse partial Fisher-Yates shuffle).
+
+        Raises:
+            ValueError: ``k > n`` or either is negative.
+        """
+        n = _check_int(n, "n", 0, _U64)
+        k = _check_int(k, "k", 0, _U64)
+        if k > n:
+            raise ValueError(f"cannot choose k={k} distinct items from n={n}")
+        stream = self.words()
+        swapped: dict[int, int] = {}
+        out: list[int] = []
+        for i in range(k):
+            j = i + _randbelow(stream, n - i)
+            out.append(swapped.get(j, j))
+            swapped[j] = swapped.get(i, i)
+        return tuple(out)
+
+    def __repr__(self) -> str:
+        return f"Key(0x{self.bits.hex()})"
+
+
+def _randbelow(stream: Iterator[int], n: int) -> int:
+    # Rejection keeps the result exactly uniform: only words below a multiple of n are used.
+    limit = _U64 - (_U64 % n)
+    while True:
+        word = next(stream)
+        if word < limit:
+            return word % n

@@ -1,0 +1,100 @@
+"""Client-side computation shared by the algorithms: local SGD and evaluation.
+
+Both functions work on a private deep copy of a template module, so they never write into the
+template or into the parameter tensors they are given, and they are safe to run concurrently.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import attrs
+import torch
+from torch.nn import functional as F
+
+from .data.datasets import ClientData, TensorDataset
+from .keys import Key
+from .tree import Params, from_module
+
+__all__ = ["LocalSGD", "evaluate", "train_local"]
+
+
+def _positive_int(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
+
+
+def _positive_float(_instance: object, attribute: attrs.Attribute[float], value: object) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
+
+
+@attrs.frozen
+class LocalSGD:
+    """Hyperparameters of local training: plain mini-batch SGD with cross-entropy loss."""
+
+    epochs: int = attrs.field(default=1, validator=_positive_int)
+    batch_size: int = attrs.field(default=10, validator=_positive_int)
+    lr: float = attrs.field(default=0.01, validator=_positive_float)
+
+
+def _load(template: torch.nn.Module, params: Params) -> torch.nn.Module:
+    module = copy.deepcopy(template)
+    # load_state_dict copies values into the module's own tensors: `params` stays untouched.
+    module.load_state_dict(params)
+    return module
+
+
+def train_local(
+    template: torch.nn.Module,
+    params: Params,
+    data: ClientData,
+    key: Key,
+    config: LocalSGD,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Train a copy of ``template`` loaded with ``params`` on ``data``; shuffling uses ``key``.
+
+    Returns:
+        The trained parameters (new tensors) and ``{"loss": mean training loss}`` over every
+        example seen (``nan`` if the client has no data; its parameters are returned unchanged).
+    """
+    module = _load(template, params)
+    module.train()
+    optimizer = torch.optim.SGD(module.parameters(), lr=config.lr)
+    generator = key.torch_generator()
+    loss_sum = 0.0
+    seen = 0
+    for _ in range(config.epochs):
+        for x, y in data.batches(config.batch_size, generator):
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(module(x), y)
+            loss.backward()  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
+            optimizer.step()  # pyright: ignore[reportUnknownMemberType]  # torch leaves closure untyped
+            loss_sum += float(loss.detach()) * int(y.shape[0])
+            seen += int(y.shape[0])
+    return from_module(module), {"loss": loss_sum / seen if seen else math.nan}
+
+
+def evaluate(
+    template: torch.nn.Module, params: Params, data: TensorDataset, batch_size: int = 1000
+) -> dict[str, float]:
+    """Accuracy and mean cross-entropy loss of ``params`` on ``data``.
+
+    Raises:
+        ValueError: ``data`` is empty.
+    """
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    module = _load(template, params)
+    module.eval()
+    loss_sum = 0.0
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            x = data.x[start : start + batch_size]
+            y = data.y[start : start + batch_size]
+            logits = module(x)
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
+    return {"accuracy": correct / len(data), "loss": loss_sum / len(data)}

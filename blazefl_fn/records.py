@@ -1,0 +1,90 @@
+"""Frozen records for everything that crosses a boundary: state, downlink, uplink, report.
+
+Records hold tensors as values: nothing in the library writes into a tensor held by a record.
+Equality is identity (``eq=False``) because tensor equality is elementwise; compare trees with
+`blazefl_fn.tree.digest` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+import torch
+
+from .tree import Params
+
+__all__ = ["Downlink", "RoundReport", "ServerState", "Uplink"]
+
+_non_negative = attrs.validators.ge(0)
+
+
+def _empty_params() -> dict[str, torch.Tensor]:
+    return {}
+
+
+def _empty_metrics() -> dict[str, float]:
+    return {}
+
+
+@attrs.frozen(eq=False)
+class ServerState:
+    """The server's whole state between rounds.
+
+    Attributes:
+        params: the global model parameters (a model ``state_dict``).
+        round: how many rounds have completed.
+        aux: algorithm state kept as tensors (e.g. server optimizer moments); empty for FedAvg.
+    """
+
+    params: Params
+    round: int = attrs.field(default=0, validator=_non_negative)
+    aux: Params = attrs.field(factory=_empty_params)
+
+
+@attrs.frozen(eq=False)
+class Downlink:
+    """What the server sends every sampled client in a round."""
+
+    round: int = attrs.field(validator=_non_negative)
+    params: Params
+
+
+@attrs.frozen(eq=False)
+class Uplink:
+    """What one client returns after its local update.
+
+    Attributes:
+        client_id: the client that produced it.
+        num_examples: examples the client trained on (the aggregation weight in FedAvg).
+        params: the client's updated parameters.
+        metrics: scalar training metrics, e.g. ``{"loss": ...}`` (mean over its examples).
+    """
+
+    client_id: int = attrs.field(validator=_non_negative)
+    num_examples: int = attrs.field(validator=_non_negative)
+    params: Params
+    metrics: Mapping[str, float] = attrs.field(factory=_empty_metrics)
+
+
+@attrs.frozen
+class RoundReport:
+    """What happened in one round (plain numbers, safe to log as JSON).
+
+    Attributes:
+        round: 1-based index of the round that produced this report.
+        clients: the sampled client ids, in aggregation order.
+        num_examples: total training examples over the sampled clients.
+        train_metrics: client metrics averaged with weights ``num_examples``.
+        bytes_down: bytes of tensors sent to clients (numel x element size, summed over clients).
+        bytes_up: bytes of tensors sent back.
+        seconds: wall-clock seconds the round took.
+    """
+
+    round: int
+    clients: tuple[int, ...]
+    num_examples: int
+    train_metrics: Mapping[str, float]
+    bytes_down: int
+    bytes_up: int
+    seconds: float

@@ -1,0 +1,193 @@
+"""The round machinery: sample -> broadcast -> map(client update) -> aggregate.
+
+A round is a pure function ``(state, round_key) -> (new_state, report)``: the new state depends
+only on the state, the key, the algorithm and the client data, never on the executor or on the
+order in which clients finish. Keys follow the tree convention
+
+- ``round_key = run_key.fold_in(round_index)``,
+- ``round_key.fold_in("sample")`` picks the clients,
+- ``round_key.fold_in(client_id)`` is the client's key,
+
+so a client's key depends neither on which other clients were sampled nor on the executor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import attrs
+
+from .executors.base import Executor
+from .keys import Key
+from .records import Downlink, RoundReport, ServerState, Uplink
+from .tree import nbytes
+
+__all__ = [
+    "Algorithm",
+    "ClientError",
+    "ClientTask",
+    "RoundFn",
+    "make_round",
+    "run_round",
+    "uniform_sampler",
+]
+
+Data = TypeVar("Data")
+
+Sampler = Callable[[ServerState, Key], Sequence[int]]
+ClientUpdate = Callable[[Downlink, Data, "ClientTask"], Uplink]
+RoundFn = Callable[[ServerState, Key], tuple[ServerState, RoundReport]]
+
+
+@attrs.frozen
+class ClientTask:
+    """The small descriptor of one client's work in one round: who, when, and its key."""
+
+    client_id: int
+    round: int
+    key: Key
+
+
+@attrs.frozen
+class Algorithm(Generic[Data]):
+    """An FL algorithm as pure stages; `run_round` wires them together.
+
+    Attributes:
+        name: a short identifier, e.g. ``"fedavg"``.
+        init: the initial server state, from a key.
+        sample: the client ids taking part in a round, from the state and the sampling key.
+        broadcast: the downlink every sampled client receives.
+        client_update: one client's work, from the downlink, its data and its `ClientTask`
+            (id, round, key); run by an executor, so it must touch nothing but its arguments.
+        aggregate: the next state from the uplinks, given in ascending client-id order.
+    """
+
+    name: str
+    init: Callable[[Key], ServerState]
+    sample: Sampler
+    broadcast: Callable[[ServerState], Downlink]
+    client_update: ClientUpdate[Data]
+    aggregate: Callable[[ServerState, Sequence[Uplink]], ServerState]
+
+
+class ClientError(RuntimeError):
+    """A client's update raised; the original exception is chained as ``__cause__``."""
+
+    def __init__(self, client_id: int, round_index: int, cause: BaseException) -> None:
+        super().__init__(
+            f"client {client_id} failed in round {round_index}: {type(cause).__name__}: {cause}"
+        )
+        self.client_id = client_id
+        self.round_index = round_index
+
+
+@attrs.frozen
+class _ClientJob(Generic[Data]):
+    """Runs one `ClientTask`; a record (not a closure) so that it can be sent to workers."""
+
+    client_update: ClientUpdate[Data]
+    downlink: Downlink
+    clients: Sequence[Data]
+
+    def __call__(self, task: ClientTask) -> Uplink:
+        try:
+            uplink = self.client_update(self.downlink, self.clients[task.client_id], task)
+        except Exception as exc:
+            raise ClientError(task.client_id, task.round, exc) from exc
+        if uplink.client_id != task.client_id:
+            raise ClientError(
+                task.client_id,
+                task.round,
+                ValueError(f"uplink names client {uplink.client_id}"),
+            )
+        return uplink
+
+
+def uniform_sampler(num_clients: int, clients_per_round: int) -> Sampler:
+    """Samples ``clients_per_round`` distinct clients uniformly from ``num_clients``.
+
+    Raises:
+        ValueError: ``num_clients < 1`` or ``clients_per_round`` not in ``[1, num_clients]``.
+
+    Example:
+        >>> from blazefl_fn.records import ServerState
+        >>> sample = uniform_sampler(100, 3)
+        >>> len(set(sample(ServerState(params={}), Key.from_seed(0))))
+        3
+    """
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if not 1 <= clients_per_round <= num_clients:
+        raise ValueError(
+            f"clients_per_round must be in [1, num_clients={num_clients}], got {clients_per_round}"
+        )
+
+    def sample(_state: ServerState, key: Key) -> tuple[int, ...]:
+        return key.choice(num_clients, clients_per_round)
+
+    return sample
+
+
+def _check_ids(ids: Sequence[int], num_clients: int) -> tuple[int, ...]:
+    ordered = tuple(sorted(ids))
+    if not ordered:
+        raise ValueError("the sampler returned no clients")
+    if len(set(ordered)) != len(ordered):
+        raise ValueError(f"the sampler returned duplicate client ids: {list(ids)}")
+    if ordered[0] < 0 or ordered[-1] >= num_clients:
+        raise ValueError(f"sampled client ids must be in [0, {num_clients}), got {list(ids)}")
+    return ordered
+
+
+def _mean_metrics(uplinks: Sequence[Uplink]) -> dict[str, float]:
+    names = set(uplinks[0].metrics).intersection(*(u.metrics for u in uplinks[1:]))
+    total = sum(u.num_examples for u in uplinks)
+    out: dict[str, float] = {}
+    for name in sorted(names):
+        if total > 0:
+            out[name] = sum(u.metrics[name] * u.num_examples for u in uplinks) / total
+        else:
+            out[name] = sum(u.metrics[name] for u in uplinks) / len(uplinks)
+    return out
+
+
+def run_round(
+    algorithm: Algorithm[Data],
+    clients: Sequence[Data],
+    executor: Executor,
+    state: ServerState,
+    key: Key,
+) -> tuple[ServerState, RoundReport]:
+    """Run round ``state.round`` with ``key`` (the round key) and return the next state.
+
+    Raises:
+        ClientError: a client's update raised (the first failing client in id order).
+        ValueError: the sampler returned duplicate or out-of-range ids.
+    """
+    start = time.perf_counter()
+    ids = _check_ids(algorithm.sample(state, key.fold_in("sample")), len(clients))
+    downlink = algorithm.broadcast(state)
+    tasks = [ClientTask(cid, state.round, key.fold_in(cid)) for cid in ids]
+    uplinks = executor.map(_ClientJob(algorithm.client_update, downlink, clients), tasks)
+    new_state = algorithm.aggregate(state, uplinks)
+    report = RoundReport(
+        round=state.round,
+        clients=ids,
+        num_examples=sum(u.num_examples for u in uplinks),
+        train_metrics=_mean_metrics(uplinks),
+        bytes_down=nbytes(downlink.params) * len(ids),
+        bytes_up=sum(nbytes(u.params) for u in uplinks),
+        seconds=time.perf_counter() - start,
+    )
+    return new_state, report
+
+
+def make_round(algorithm: Algorithm[Data], clients: Sequence[Data], executor: Executor) -> RoundFn:
+    """The round of ``algorithm`` over ``clients`` as ``(state, key) -> (state, report)``."""
+
+    def round_fn(state: ServerState, key: Key) -> tuple[ServerState, RoundReport]:
+        return run_round(algorithm, clients, executor, state, key)
+
+    return round_fn

@@ -1,0 +1,241 @@
+"""Parameter trees: a small, pure algebra on name -> tensor mappings.
+
+A `Params` is any ``Mapping[str, Tensor]`` (a model's ``state_dict`` is one). Every function
+here returns new tensors and never writes into the tensors it was given. Binary operations
+require the same names; results keep the name order of the first argument.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+import torch
+
+__all__ = [
+    "Params",
+    "TreeSpec",
+    "add",
+    "clone",
+    "digest",
+    "flatten",
+    "from_module",
+    "map_params",
+    "nbytes",
+    "scale",
+    "sub",
+    "trees_equal",
+    "unflatten",
+    "weighted_mean",
+    "weighted_sum",
+]
+
+Params = Mapping[str, torch.Tensor]
+
+# Offsets in a flat buffer are multiples of this, so every entry can be viewed as its own dtype.
+_ALIGN = 64
+
+
+def _check_same_names(a: Params, b: Params) -> None:
+    if a.keys() != b.keys():
+        missing = sorted(set(a) ^ set(b))
+        raise ValueError(f"parameter trees differ in names: {missing}")
+
+
+def map_params(
+    fn: Callable[[torch.Tensor], torch.Tensor], params: Params
+) -> dict[str, torch.Tensor]:
+    """Apply ``fn`` to every tensor.
+
+    Example:
+        >>> import torch
+        >>> map_params(lambda t: t * 2, {"w": torch.ones(2)})
+        {'w': tensor([2., 2.])}
+    """
+    return {name: fn(tensor) for name, tensor in params.items()}
+
+
+def clone(params: Params) -> dict[str, torch.Tensor]:
+    """Detached copies of every tensor."""
+    return map_params(lambda t: t.detach().clone(), params)
+
+
+def from_module(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of a module's state (parameters and persistent buffers)."""
+    return clone(module.state_dict())
+
+
+def add(a: Params, b: Params) -> dict[str, torch.Tensor]:
+    """``a + b`` name by name."""
+    _check_same_names(a, b)
+    return {name: a[name] + b[name] for name in a}
+
+
+def sub(a: Params, b: Params) -> dict[str, torch.Tensor]:
+    """``a - b`` name by name."""
+    _check_same_names(a, b)
+    return {name: a[name] - b[name] for name in a}
+
+
+def scale(params: Params, factor: float) -> dict[str, torch.Tensor]:
+    """``factor * params``."""
+    return map_params(lambda t: t * factor, params)
+
+
+def _check_weights(trees: Sequence[Params], weights: Sequence[float]) -> list[float]:
+    if len(trees) == 0:
+        raise ValueError("need at least one parameter tree")
+    if len(trees) != len(weights):
+        raise ValueError(f"got {len(trees)} trees but {len(weights)} weights")
+    checked = [float(w) for w in weights]
+    for w in checked:
+        if not (w >= 0.0 and w != float("inf")):
+            raise ValueError(f"weights must be finite and >= 0, got {w}")
+    for tree in trees[1:]:
+        _check_same_names(trees[0], tree)
+    return checked
+
+
+def weighted_sum(trees: Sequence[Params], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """``sum_i weights[i] * trees[i]``, accumulated in float64 in the given order.
+
+    The fixed order and precision make the result independent of anything but the inputs.
+    Results are float64; `weighted_mean` casts back to the input dtypes.
+    """
+    checked = _check_weights(trees, weights)
+    out: dict[str, torch.Tensor] = {}
+    for name in trees[0]:
+        acc = torch.zeros(trees[0][name].shape, dtype=torch.float64)
+        for tree, w in zip(trees, checked, strict=True):
+            acc.add_(tree[name].detach().to(torch.float64), alpha=w)
+        out[name] = acc
+    return out
+
+
+def weighted_mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The weighted average of ``trees``, in the dtypes of ``trees[0]``.
+
+    Accumulated in float64 in list order, so float32 (and narrower) results are the correctly
+    rounded mean to within float64 error, and lie between the inputs' minimum and maximum;
+    float64 inputs are accurate to a few ulps. Integer entries (e.g. BatchNorm's
+    ``num_batches_tracked``) are rounded to nearest.
+
+    Raises:
+        ValueError: no trees, mismatched names or lengths, a negative or non-finite weight, or
+            all weights zero.
+
+    Example:
+        >>> import torch
+        >>> weighted_mean([{"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}], [3, 1])
+        {'w': tensor([1.])}
+    """
+    checked = _check_weights(trees, weights)
+    total = sum(checked)
+    if total <= 0.0:
+        raise ValueError(f"weights sum to {total}; at least one must be positive")
+    summed = weighted_sum(trees, [w / total for w in checked])
+    out: dict[str, torch.Tensor] = {}
+    for name, acc in summed.items():
+        dtype = trees[0][name].dtype
+        out[name] = acc.to(dtype) if dtype.is_floating_point else acc.round().to(dtype)
+    return out
+
+
+def trees_equal(a: Params, b: Params) -> bool:
+    """Whether ``a`` and ``b`` have the same names, dtypes, shapes and bits."""
+    return digest(a) == digest(b)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def digest(params: Params) -> str:
+    """SHA-256 (hex) over every entry's name, dtype, shape and raw bytes, in sorted name order.
+
+    Two trees have the same digest exactly when they are bitwise equal; name order does not
+    matter. This is the ``params_sha256`` that runs report.
+    """
+    h = hashlib.sha256()
+    for name in sorted(params):
+        tensor = params[name]
+        header = f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0"
+        h.update(len(header).to_bytes(8, "little"))
+        h.update(header.encode("utf-8"))
+        data = _tensor_bytes(tensor)
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def nbytes(params: Params) -> int:
+    """Total size of the tensors' elements in bytes (numel x element size)."""
+    return sum(t.numel() * t.element_size() for t in params.values())
+
+
+@attrs.frozen
+class TreeSpec:
+    """Where each entry of a flattened tree lives in its byte buffer."""
+
+    names: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    nbytes: int
+
+
+def flatten(params: Params) -> tuple[torch.Tensor, TreeSpec]:
+    """Pack a tree into one contiguous uint8 buffer (entries aligned to 64 bytes).
+
+    Mixed dtypes are fine. `unflatten` inverts it without copying.
+
+    Example:
+        >>> import torch
+        >>> buf, spec = flatten({"a": torch.ones(2), "b": torch.arange(3)})
+        >>> unflatten(buf, spec)["b"]
+        tensor([0, 1, 2])
+    """
+    names = tuple(params)
+    offsets: list[int] = []
+    position = 0
+    for name in names:
+        offsets.append(position)
+        size = params[name].numel() * params[name].element_size()
+        position += -(-size // _ALIGN) * _ALIGN
+    buffer = torch.zeros(position, dtype=torch.uint8)
+    for name, offset in zip(names, offsets, strict=True):
+        data = params[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        buffer[offset : offset + data.numel()] = data
+    spec = TreeSpec(
+        names=names,
+        dtypes=tuple(params[n].dtype for n in names),
+        shapes=tuple(tuple(params[n].shape) for n in names),
+        offsets=tuple(offsets),
+        nbytes=position,
+    )
+    return buffer, spec
+
+
+def unflatten(buffer: torch.Tensor, spec: TreeSpec) -> dict[str, torch.Tensor]:
+    """Views into ``buffer`` shaped as the tree ``spec`` describes (no copy).
+
+    Raises:
+        ValueError: ``buffer`` is not a 1-D uint8 tensor of ``spec.nbytes`` bytes.
+    """
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1 or buffer.numel() != spec.nbytes:
+        raise ValueError(
+            f"expected a 1-D uint8 buffer of {spec.nbytes} bytes, "
+            f"got {buffer.dtype} of shape {tuple(buffer.shape)}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name, dtype, shape, offset in zip(
+        spec.names, spec.dtypes, spec.shapes, spec.offsets, strict=True
+    ):
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        out[name] = buffer[offset : offset + size].view(dtype).reshape(shape)
+    return out
