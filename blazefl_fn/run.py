@@ -92,7 +92,7 @@ class RunConfig:
     model: str = attrs.field(default="auto", validator=_one_of(MODELS))
     clients: int = attrs.field(default=30, validator=_int_at_least(1))
     clients_per_round: int = attrs.field(default=10, validator=_int_at_least(1))
-    rounds: int = attrs.field(default=20, validator=_int_at_least(0))
+    rounds: int = attrs.field(default=100, validator=_int_at_least(0))
     local_epochs: int = attrs.field(default=1, validator=_int_at_least(1))
     batch_size: int = attrs.field(default=10, validator=_int_at_least(1))
     lr: float = attrs.field(default=0.01, validator=_positive_lr)

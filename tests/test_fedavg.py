@@ -186,3 +186,23 @@ def test_zero_rounds_evaluates_the_initial_model() -> None:
 def test_run_config_refuses_bad_values(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RunConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_local_sgd_is_bitwise_torch_optim_sgd() -> None:
+    model_fn = functools.partial(mlp, (5,), 3, (8,))
+    template = build_module(model_fn, Key.from_seed(0))
+    params = tree.from_module(template)
+    data = _client(30)
+    key = Key.from_seed(4)
+    config = LocalSGD(epochs=2, batch_size=7, lr=0.3)
+    ours, _ = train_local(template, params, data, key, config)
+
+    reference = build_module(model_fn, Key.from_seed(0))
+    optimizer = torch.optim.SGD(reference.parameters(), lr=config.lr)
+    generator = key.torch_generator()
+    for _ in range(config.epochs):
+        for x, y in data.batches(config.batch_size, generator):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(reference(x), y).backward()
+            optimizer.step()
+    assert tree.digest(ours) == tree.digest(reference.state_dict())
