@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # package keeps pip from pulling the multi-GB CUDA build to satisfy the package's torch range.
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Python trees to lint; benchmarks/ joins once it holds code.
+LINT_PATHS := $(wildcard blazefl_fn tests examples benchmarks)
 
 .PHONY: run test lint typecheck pytest clean
 
@@ -19,8 +21,8 @@ run: $(STAMP)
 	$(BIN)/blazefl-fn run $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check blazefl_fn tests examples benchmarks
-	$(BIN)/ruff format --check blazefl_fn tests examples benchmarks
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
 	$(BIN)/pyright blazefl_fn
