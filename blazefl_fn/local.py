@@ -13,6 +13,7 @@ import attrs
 import torch
 from torch.nn import functional as F
 
+from ._validators import finite_number, int_at_least
 from .data.datasets import ClientData, TensorDataset
 from .keys import Key
 from .tree import Params, from_module
@@ -20,23 +21,13 @@ from .tree import Params, from_module
 __all__ = ["LocalSGD", "evaluate", "train_local"]
 
 
-def _positive_int(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{attribute.name} must be an int >= 1, got {value!r}")
-
-
-def _positive_float(_instance: object, attribute: attrs.Attribute[float], value: object) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
-
-
 @attrs.frozen
 class LocalSGD:
     """Hyperparameters of local training: plain mini-batch SGD (no momentum) on cross-entropy."""
 
-    epochs: int = attrs.field(default=1, validator=_positive_int)
-    batch_size: int = attrs.field(default=10, validator=_positive_int)
-    lr: float = attrs.field(default=0.01, validator=_positive_float)
+    epochs: int = attrs.field(default=1, validator=int_at_least(1))
+    batch_size: int = attrs.field(default=10, validator=int_at_least(1))
+    lr: float = attrs.field(default=0.01, validator=finite_number(positive=True))
 
 
 def _load(template: torch.nn.Module, params: Params) -> torch.nn.Module:

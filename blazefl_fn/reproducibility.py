@@ -8,14 +8,15 @@ global generator is left exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from typing import cast
 
 import torch
 
 from .keys import Key
 
-__all__ = ["ModelFactory", "build_module", "set_intra_op_threads"]
+__all__ = ["ModelFactory", "build_module", "intra_op_threads"]
 
 ModelFactory = Callable[[], torch.nn.Module]
 
@@ -43,12 +44,20 @@ def build_module(model_fn: ModelFactory, key: Key) -> torch.nn.Module:
     return module
 
 
-def set_intra_op_threads(threads: int) -> None:
-    """Fix torch's intra-op thread count, so reductions split the same way in every run.
+@contextmanager
+def intra_op_threads(threads: int) -> Generator[None]:
+    """Fix torch's intra-op thread count inside the block; the caller's setting is restored.
+
+    A fixed count keeps CPU reductions split the same way in every run.
 
     Raises:
         ValueError: ``threads < 1``.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import attrs
 
+from ._validators import finite_number, int_at_least, one_of
 from .algorithms.fedavg import fedavg
 from .data.datasets import FederatedDataset
 from .data.mnist import mnist_federated
@@ -25,7 +26,7 @@ from .keys import Key
 from .local import LocalSGD, evaluate
 from .models import cnn, logistic_regression, mlp
 from .records import RoundReport, ServerState
-from .reproducibility import ModelFactory, build_module, set_intra_op_threads
+from .reproducibility import ModelFactory, build_module, intra_op_threads
 from .round import RoundFn, make_round
 from .tree import digest
 
@@ -47,34 +48,6 @@ EXECUTORS = ("sequential",)
 MODELS = ("auto", "logreg", "mlp", "cnn")
 
 
-def _int_at_least(low: int) -> Callable[[object, attrs.Attribute[int], object], None]:
-    def check(_instance: object, attribute: attrs.Attribute[int], value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{attribute.name} must be an integer >= {low}, got {value!r}")
-
-    return check
-
-
-def _one_of(options: tuple[str, ...]) -> Callable[[object, attrs.Attribute[str], object], None]:
-    def check(_instance: object, attribute: attrs.Attribute[str], value: object) -> None:
-        if value not in options:
-            raise ValueError(f"unknown {attribute.name} {value!r}; choose from {list(options)}")
-
-    return check
-
-
-def _finite_non_negative(
-    _instance: object, attribute: attrs.Attribute[float], value: object
-) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{attribute.name} must be a finite number >= 0, got {value!r}")
-
-
-def _positive_lr(_instance: object, attribute: attrs.Attribute[float], value: object) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{attribute.name} must be a finite number > 0, got {value!r}")
-
-
 @attrs.frozen(kw_only=True)
 class RunConfig:
     """Everything that determines a simulation; the same config gives the same bits.
@@ -86,22 +59,22 @@ class RunConfig:
         ValueError: on construction, for any out-of-range value (the message names it).
     """
 
-    algorithm: str = attrs.field(default="fedavg", validator=_one_of(ALGORITHMS))
-    dataset: str = attrs.field(default="synthetic", validator=_one_of(DATASETS))
+    algorithm: str = attrs.field(default="fedavg", validator=one_of(ALGORITHMS))
+    dataset: str = attrs.field(default="synthetic", validator=one_of(DATASETS))
     data_dir: str | None = None
-    model: str = attrs.field(default="auto", validator=_one_of(MODELS))
-    clients: int = attrs.field(default=30, validator=_int_at_least(1))
-    clients_per_round: int = attrs.field(default=10, validator=_int_at_least(1))
-    rounds: int = attrs.field(default=100, validator=_int_at_least(0))
-    local_epochs: int = attrs.field(default=1, validator=_int_at_least(1))
-    batch_size: int = attrs.field(default=10, validator=_int_at_least(1))
-    lr: float = attrs.field(default=0.01, validator=_positive_lr)
-    seed: int = attrs.field(default=0, validator=_int_at_least(0))
-    executor: str = attrs.field(default="sequential", validator=_one_of(EXECUTORS))
-    threads: int = attrs.field(default=1, validator=_int_at_least(1))
-    eval_every: int = attrs.field(default=1, validator=_int_at_least(1))
-    synthetic_alpha: float = attrs.field(default=1.0, validator=_finite_non_negative)
-    synthetic_beta: float = attrs.field(default=1.0, validator=_finite_non_negative)
+    model: str = attrs.field(default="auto", validator=one_of(MODELS))
+    clients: int = attrs.field(default=30, validator=int_at_least(1))
+    clients_per_round: int = attrs.field(default=10, validator=int_at_least(1))
+    rounds: int = attrs.field(default=100, validator=int_at_least(0))
+    local_epochs: int = attrs.field(default=1, validator=int_at_least(1))
+    batch_size: int = attrs.field(default=10, validator=int_at_least(1))
+    lr: float = attrs.field(default=0.01, validator=finite_number(positive=True))
+    seed: int = attrs.field(default=0, validator=int_at_least(0))
+    executor: str = attrs.field(default="sequential", validator=one_of(EXECUTORS))
+    threads: int = attrs.field(default=1, validator=int_at_least(1))
+    eval_every: int = attrs.field(default=1, validator=int_at_least(1))
+    synthetic_alpha: float = attrs.field(default=1.0, validator=finite_number(positive=False))
+    synthetic_beta: float = attrs.field(default=1.0, validator=finite_number(positive=False))
 
     def __attrs_post_init__(self) -> None:
         if self.clients_per_round > self.clients:
@@ -191,7 +164,11 @@ def simulate(config: RunConfig, on_round: RoundCallback | None = None) -> RunRes
         (2, 64)
     """
     start = time.perf_counter()
-    set_intra_op_threads(config.threads)
+    with intra_op_threads(config.threads):
+        return _simulate(config, on_round, start)
+
+
+def _simulate(config: RunConfig, on_round: RoundCallback | None, start: float) -> RunResult:
     run_key = Key.from_seed(config.seed)
     data = load_federation(config, run_key.fold_in("data"))
     model_fn = model_factory(config, data)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 
 import numpy as np
@@ -11,7 +11,7 @@ import torch
 
 
 @contextmanager
-def global_rng_untouched() -> Iterator[None]:
+def global_rng_untouched() -> Generator[None]:
     """Fail if the block changes torch's, numpy's legacy or Python's global RNG state."""
     torch_state = torch.random.get_rng_state()
     # Reading the legacy global state is the only way to see whether anyone drew from it.

@@ -206,3 +206,29 @@ def test_local_sgd_is_bitwise_torch_optim_sgd() -> None:
             torch.nn.functional.cross_entropy(reference(x), y).backward()
             optimizer.step()
     assert tree.digest(ours) == tree.digest(reference.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"epochs": 0}, "epochs must be an integer >= 1, got 0"),
+        ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+        ({"lr": -1.0}, r"lr must be a finite number > 0, got -1.0"),
+        ({"lr": True}, "lr must be a finite number > 0, got True"),
+        ({"lr": float("inf")}, "got inf"),
+    ],
+)
+def test_local_sgd_refuses_bad_hyperparameters(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LocalSGD(**kwargs)  # type: ignore[arg-type]
+
+
+def test_simulation_restores_the_callers_thread_count() -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    simulate(
+        RunConfig(clients=4, clients_per_round=2, rounds=1, threads=1),
+        on_round=lambda report, metrics: seen.append(torch.get_num_threads()),
+    )
+    assert seen == [1]
+    assert torch.get_num_threads() == before
