@@ -13,7 +13,10 @@ from .data.datasets import ClientData as ClientData
 from .data.datasets import FederatedDataset as FederatedDataset
 from .data.datasets import TensorDataset as TensorDataset
 from .executors.base import Executor as Executor
+from .executors.processes import Processes as Processes
+from .executors.processes import WorkerError as WorkerError
 from .executors.sequential import Sequential as Sequential
+from .executors.threads import Threads as Threads
 from .keys import Key as Key
 from .local import LocalSGD as LocalSGD
 from .local import evaluate as evaluate
@@ -46,13 +49,16 @@ __all__ = [
     "FederatedDataset",
     "Key",
     "LocalSGD",
+    "Processes",
     "RoundReport",
     "RunConfig",
     "RunResult",
     "Sequential",
     "ServerState",
     "TensorDataset",
+    "Threads",
     "Uplink",
+    "WorkerError",
     "build_module",
     "evaluate",
     "fedavg",

@@ -46,3 +46,10 @@ def one_of(options: tuple[str, ...]) -> Validator:
             raise ValueError(f"unknown {attribute.name} {value!r}; choose from {list(options)}")
 
     return check
+
+
+def check_int_at_least(name: str, value: object, low: int) -> int:
+    """``value`` if it is an int (not a bool) ``>= low``; else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value

@@ -58,6 +58,12 @@ def _parser() -> _Parser:
     run.add_argument("--lr", type=float, default=defaults.lr, help="local SGD learning rate")
     run.add_argument("--seed", type=int, default=defaults.seed)
     run.add_argument("--executor", choices=EXECUTORS, default=defaults.executor)
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=defaults.workers,
+        help="threads or processes running clients (ignored by sequential)",
+    )
     run.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     run.add_argument(
         "--eval-every", type=int, default=defaults.eval_every, help="test every N rounds"
@@ -96,6 +102,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
         lr=args.lr,
         seed=args.seed,
         executor=args.executor,
+        workers=args.workers,
         threads=args.threads,
         eval_every=args.eval_every,
         synthetic_alpha=args.alpha,
@@ -129,6 +136,8 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
         "clients": config.clients,
         "clients_per_round": config.clients_per_round,
         "seed": config.seed,
+        "executor": config.executor,
+        "workers": config.workers,
         "accuracy": result.accuracy,
         "loss": result.loss,
         "params_sha256": result.params_sha256,

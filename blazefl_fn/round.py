@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 import attrs
 
 from .executors.base import Executor
+from .jobs import ClientContext, ClientError, ClientJob, ClientTask, ClientUpdate
 from .keys import Key
 from .records import Downlink, RoundReport, ServerState, Uplink
 from .tree import nbytes
@@ -37,17 +38,7 @@ __all__ = [
 Data = TypeVar("Data")
 
 Sampler = Callable[[ServerState, Key], Sequence[int]]
-ClientUpdate = Callable[[Downlink, Data, "ClientTask"], Uplink]
 RoundFn = Callable[[ServerState, Key], tuple[ServerState, RoundReport]]
-
-
-@attrs.frozen
-class ClientTask:
-    """The small descriptor of one client's work in one round: who, when, and its key."""
-
-    client_id: int
-    round: int
-    key: Key
 
 
 @attrs.frozen
@@ -70,39 +61,6 @@ class Algorithm(Generic[Data]):
     broadcast: Callable[[ServerState], Downlink]
     client_update: ClientUpdate[Data]
     aggregate: Callable[[ServerState, Sequence[Uplink]], ServerState]
-
-
-class ClientError(RuntimeError):
-    """A client's update raised; the original exception is chained as ``__cause__``."""
-
-    def __init__(self, client_id: int, round_index: int, cause: BaseException) -> None:
-        super().__init__(
-            f"client {client_id} failed in round {round_index}: {type(cause).__name__}: {cause}"
-        )
-        self.client_id = client_id
-        self.round_index = round_index
-
-
-@attrs.frozen
-class _ClientJob(Generic[Data]):
-    """Runs one `ClientTask`; a record (not a closure) so that it can be sent to workers."""
-
-    client_update: ClientUpdate[Data]
-    downlink: Downlink
-    clients: Sequence[Data]
-
-    def __call__(self, task: ClientTask) -> Uplink:
-        try:
-            uplink = self.client_update(self.downlink, self.clients[task.client_id], task)
-        except Exception as exc:
-            raise ClientError(task.client_id, task.round, exc) from exc
-        if uplink.client_id != task.client_id:
-            raise ClientError(
-                task.client_id,
-                task.round,
-                ValueError(f"uplink names client {uplink.client_id}"),
-            )
-        return uplink
 
 
 def uniform_sampler(num_clients: int, clients_per_round: int) -> Sampler:
@@ -170,7 +128,8 @@ def run_round(
     ids = _check_ids(algorithm.sample(state, key.fold_in("sample")), len(clients))
     downlink = algorithm.broadcast(state)
     tasks = [ClientTask(cid, state.round, key.fold_in(cid)) for cid in ids]
-    uplinks = executor.map(_ClientJob(algorithm.client_update, downlink, clients), tasks)
+    job = ClientJob(ClientContext(algorithm.client_update, clients), downlink)
+    uplinks = executor.map(job, tasks)
     new_state = algorithm.aggregate(state, uplinks)
     report = RoundReport(
         round=state.round,

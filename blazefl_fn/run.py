@@ -21,7 +21,9 @@ from .data.datasets import FederatedDataset
 from .data.mnist import mnist_federated
 from .data.synthetic import synthetic
 from .executors.base import Executor
+from .executors.processes import Processes
 from .executors.sequential import Sequential
+from .executors.threads import Threads
 from .keys import Key
 from .local import LocalSGD, evaluate
 from .models import cnn, logistic_regression, mlp
@@ -44,7 +46,7 @@ __all__ = [
 
 ALGORITHMS = ("fedavg",)
 DATASETS = ("synthetic", "mnist")
-EXECUTORS = ("sequential",)
+EXECUTORS = ("sequential", "threads", "processes")
 MODELS = ("auto", "logreg", "mlp", "cnn")
 
 
@@ -71,6 +73,7 @@ class RunConfig:
     lr: float = attrs.field(default=0.01, validator=finite_number(positive=True))
     seed: int = attrs.field(default=0, validator=int_at_least(0))
     executor: str = attrs.field(default="sequential", validator=one_of(EXECUTORS))
+    workers: int = attrs.field(default=2, validator=int_at_least(1))
     threads: int = attrs.field(default=1, validator=int_at_least(1))
     eval_every: int = attrs.field(default=1, validator=int_at_least(1))
     synthetic_alpha: float = attrs.field(default=1.0, validator=finite_number(positive=False))
@@ -120,8 +123,15 @@ def model_factory(config: RunConfig, data: FederatedDataset) -> ModelFactory:
 
 
 def make_executor(config: RunConfig) -> Executor:
-    """The executor ``config.executor`` names."""
-    del config  # only the sequential executor exists so far
+    """The executor ``config.executor`` names, with ``config.workers`` workers.
+
+    Process workers use ``config.threads`` intra-op threads, like the driving process, so
+    every executor computes the same bits.
+    """
+    if config.executor == "threads":
+        return Threads(config.workers)
+    if config.executor == "processes":
+        return Processes(config.workers, threads=config.threads)
     return Sequential()
 
 

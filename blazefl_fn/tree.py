@@ -25,6 +25,7 @@ __all__ = [
     "nbytes",
     "scale",
     "sub",
+    "tree_spec",
     "trees_equal",
     "unflatten",
     "weighted_mean",
@@ -186,17 +187,8 @@ class TreeSpec:
     nbytes: int
 
 
-def flatten(params: Params) -> tuple[torch.Tensor, TreeSpec]:
-    """Pack a tree into one contiguous uint8 buffer (entries aligned to 64 bytes).
-
-    Mixed dtypes are fine. `unflatten` inverts it without copying.
-
-    Example:
-        >>> import torch
-        >>> buf, spec = flatten({"a": torch.ones(2), "b": torch.arange(3)})
-        >>> unflatten(buf, spec)["b"]
-        tensor([0, 1, 2])
-    """
+def tree_spec(params: Params) -> TreeSpec:
+    """The flat layout of ``params``: entries in order, each at a 64-byte-aligned offset."""
     names = tuple(params)
     offsets: list[int] = []
     position = 0
@@ -204,17 +196,47 @@ def flatten(params: Params) -> tuple[torch.Tensor, TreeSpec]:
         offsets.append(position)
         size = params[name].numel() * params[name].element_size()
         position += -(-size // _ALIGN) * _ALIGN
-    buffer = torch.zeros(position, dtype=torch.uint8)
-    for name, offset in zip(names, offsets, strict=True):
-        data = params[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        buffer[offset : offset + data.numel()] = data
-    spec = TreeSpec(
+    return TreeSpec(
         names=names,
         dtypes=tuple(params[n].dtype for n in names),
         shapes=tuple(tuple(params[n].shape) for n in names),
         offsets=tuple(offsets),
         nbytes=position,
     )
+
+
+def flatten(params: Params, out: torch.Tensor | None = None) -> tuple[torch.Tensor, TreeSpec]:
+    """Pack a tree into one contiguous uint8 buffer (entries aligned to 64 bytes).
+
+    Mixed dtypes are fine. `unflatten` inverts it without copying.
+
+    Args:
+        params: the tree.
+        out: a 1-D uint8 tensor to write into (e.g. a shared-memory buffer); its first
+            ``spec.nbytes`` bytes are used and returned. A new buffer is allocated if None.
+
+    Raises:
+        ValueError: ``out`` is not a 1-D uint8 tensor of at least ``spec.nbytes`` bytes.
+
+    Example:
+        >>> import torch
+        >>> buf, spec = flatten({"a": torch.ones(2), "b": torch.arange(3)})
+        >>> unflatten(buf, spec)["b"]
+        tensor([0, 1, 2])
+    """
+    spec = tree_spec(params)
+    if out is None:
+        buffer = torch.zeros(spec.nbytes, dtype=torch.uint8)
+    elif out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < spec.nbytes:
+        raise ValueError(
+            f"out must be a 1-D uint8 tensor of at least {spec.nbytes} bytes, "
+            f"got {out.dtype} of shape {tuple(out.shape)}"
+        )
+    else:
+        buffer = out[: spec.nbytes]
+    for name, offset in zip(spec.names, spec.offsets, strict=True):
+        data = params[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        buffer[offset : offset + data.numel()] = data
     return buffer, spec
 
 

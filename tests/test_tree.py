@@ -226,3 +226,16 @@ def test_from_module_and_clone_detach_and_copy() -> None:
 def test_nbytes_counts_elements_times_size() -> None:
     params = {"a": torch.zeros(3, dtype=torch.float32), "b": torch.zeros(2, 2, dtype=torch.int64)}
     assert tree.nbytes(params) == 3 * 4 + 4 * 8
+
+
+def test_flatten_into_a_given_buffer() -> None:
+    params = {"a": torch.arange(5, dtype=torch.float32), "b": torch.tensor([7], dtype=torch.int64)}
+    out = torch.full((200,), 255, dtype=torch.uint8)
+    used, spec = tree.flatten(params, out=out)
+    assert spec == tree.tree_spec(params)
+    assert used.data_ptr() == out.data_ptr()
+    assert used.numel() == spec.nbytes == 128
+    assert tree.trees_equal(tree.unflatten(out[: spec.nbytes], spec), params)
+    assert bool((out[spec.nbytes :] == 255).all())
+    with pytest.raises(ValueError, match="at least 128 bytes"):
+        tree.flatten(params, out=torch.zeros(64, dtype=torch.uint8))

@@ -1,6 +1,9 @@
 """Executors: pluggable maps of client work; every executor gives the same bits."""
 
 from .base import Executor as Executor
+from .processes import Processes as Processes
+from .processes import WorkerError as WorkerError
 from .sequential import Sequential as Sequential
+from .threads import Threads as Threads
 
-__all__ = ["Executor", "Sequential"]
+__all__ = ["Executor", "Processes", "Sequential", "Threads", "WorkerError"]

@@ -1,0 +1,103 @@
+"""The loop a `Processes` worker runs: receive context, buffers and tasks; write results.
+
+Messages from the parent (tuples, first item the kind):
+
+- ``("context", key, ClientContext)`` — the static part of client jobs, once per pool;
+- ``("buffer", name, tensor)`` — a shared-memory buffer (``"broadcast"`` or ``"slots"``);
+- ``("bind_job", key, downlink_without_params, spec, slot_bytes)`` — this map runs
+  `ClientJob`s whose downlink parameters lie in the broadcast buffer with layout ``spec``;
+- ``("bind_fn", fn)`` — this map runs an arbitrary picklable ``fn``;
+- ``("task", index, task)``; ``("stop",)``.
+
+Replies: ``("ok", index, result, spec)`` where ``spec`` is not None when the result's
+parameters were written into slot ``index`` instead of being pickled, and
+``("err", index, client_id, round, pickled_cause, summary, traceback_text)``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+import attrs
+import torch
+
+from ..jobs import ClientContext, ClientError, ClientJob
+from ..records import Downlink, Uplink
+from ..tree import TreeSpec, flatten, tree_spec, unflatten
+
+
+def _pickled(exc: BaseException) -> bytes | None:
+    """``exc`` pickled, or None if it cannot be (the parent then rebuilds it from text)."""
+    try:
+        return pickle.dumps(exc)
+    except Exception:
+        return None
+
+
+def _error_reply(index: int, exc: Exception) -> tuple[Any, ...]:
+    if isinstance(exc, ClientError):
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        client: int | None = exc.client_id
+        round_index: int | None = exc.round_index
+    else:
+        cause, client, round_index = exc, None, None
+    text = "".join(traceback.format_exception(cause))
+    summary = f"{type(cause).__name__}: {cause}"
+    return ("err", index, client, round_index, _pickled(cause), summary, text)
+
+
+def main(conn: Connection, threads: int) -> None:
+    """Serve the parent until it says stop or goes away."""
+    # Ctrl-C reaches the whole process group; the parent decides what happens to the pool.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    contexts: dict[int, ClientContext[Any]] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    fn: Callable[[Any], Any] | None = None
+    slot_bytes = 0
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        kind = message[0]
+        if kind == "stop":
+            return
+        if kind == "context":
+            contexts[message[1]] = message[2]
+        elif kind == "buffer":
+            buffers[message[1]] = message[2]
+        elif kind == "bind_job":
+            _, key, meta, spec, slot_bytes = message
+            assert isinstance(meta, Downlink)
+            assert isinstance(spec, TreeSpec)
+            params = unflatten(buffers["broadcast"][: spec.nbytes], spec)
+            fn = ClientJob(contexts[key], attrs.evolve(meta, params=params))
+        elif kind == "bind_fn":
+            fn, slot_bytes = message[1], 0
+        elif kind == "task":
+            _, index, task = message
+            assert fn is not None
+            try:
+                result = fn(task)
+            except Exception as exc:
+                conn.send(_error_reply(index, exc))
+                continue
+            conn.send(_ok_reply(index, result, buffers.get("slots"), slot_bytes))
+
+
+def _ok_reply(
+    index: int, result: object, slots: torch.Tensor | None, slot_bytes: int
+) -> tuple[Any, ...]:
+    if isinstance(result, Uplink) and slots is not None and slot_bytes > 0:
+        spec = tree_spec(result.params)
+        if spec.nbytes <= slot_bytes:
+            start = index * slot_bytes
+            flatten(result.params, out=slots[start : start + slot_bytes])
+            return ("ok", index, attrs.evolve(result, params={}), spec)
+    return ("ok", index, result, None)

@@ -1,0 +1,354 @@
+"""`Processes`: a long-lived pool of worker processes with shared-memory tensors.
+
+What travels, for the `ClientJob`s that rounds map:
+
+- once per pool and context: the client update and every client's data. Torch's
+  ``file_descriptor`` sharing moves their tensors into shared memory and passes descriptors,
+  so workers map the same pages instead of receiving copies;
+- once per round: the downlink parameters, written into one shared broadcast buffer that every
+  worker maps, plus a few hundred bytes of metadata;
+- per client: a task descriptor (client id, round, key) down and, back, the uplink's scalars,
+  with its parameters written into a pre-allocated shared-memory slot instead of pickled.
+
+Shared memory comes from torch's ``file_descriptor`` strategy: each segment is unlinked as soon
+as it is created and lives only while a process holds a descriptor, so nothing is left in
+``/dev/shm`` even if every process is killed. Other callables are pickled once per map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import pickle
+import signal
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
+from types import TracebackType
+from typing import Any, Self, TypeVar, cast
+
+import attrs
+import torch
+
+from .._validators import check_int_at_least
+from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
+from ..tree import clone, flatten, tree_spec, unflatten
+from . import _worker
+
+__all__ = ["Processes", "WorkerError"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Tasks kept in flight per worker: the second hides the round trip of the first's result.
+_DEPTH = 2
+_START_METHODS = ("spawn", "forkserver")
+
+
+class WorkerError(RuntimeError):
+    """A worker process died or could not be reached; the pool is closed."""
+
+
+class _RemoteTraceback(Exception):
+    """Carries the formatted traceback of an exception raised in a worker."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+@attrs.define
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+    inflight: deque[int] = attrs.field(factory=lambda: deque[int]())
+
+
+def _stop(workers: list[_Worker], graceful: bool) -> None:
+    if graceful:
+        for worker in workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(("stop",))
+        for worker in workers:
+            worker.process.join(timeout=10)
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.terminate()
+            worker.process.join(timeout=5)
+        if worker.process.is_alive():
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+    workers.clear()
+
+
+def _describe_exit(process: BaseProcess) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class Processes:
+    """Maps tasks over a pool of ``workers`` long-lived processes.
+
+    Args:
+        workers: worker processes (>= 1), started at construction and reused for every map.
+        threads: torch intra-op threads in each worker (>= 1). Keep it equal to the driving
+            process's setting (``RunConfig.threads``) so every executor computes the same bits.
+        start_method: ``"spawn"`` (default) or ``"forkserver"``; plain fork is never used,
+            because forking a process whose torch thread pools are running can hang.
+
+    Functions mapped must be picklable (module-level functions or records, not lambdas), and
+    scripts that use this executor need the usual ``if __name__ == "__main__":`` guard.
+
+    Raises:
+        ValueError: a bad argument.
+
+    Example:
+        >>> import operator, functools
+        >>> with Processes(2) as ex:
+        ...     ex.map(functools.partial(operator.mul, 3), [1, 2, 3])
+        [3, 6, 9]
+    """
+
+    def __init__(self, workers: int, *, threads: int = 1, start_method: str = "spawn") -> None:
+        check_int_at_least("workers", workers, 1)
+        check_int_at_least("threads", threads, 1)
+        if start_method not in _START_METHODS:
+            raise ValueError(
+                f"start_method must be one of {list(_START_METHODS)}, got {start_method!r}"
+            )
+        self.workers = workers
+        self.threads = threads
+        # How many times a client context was sent to a worker (once per worker per context).
+        self.context_sends = 0
+        self._workers: list[_Worker] = []
+        self._contexts: dict[tuple[int, int], tuple[int, ClientContext[Any]]] = {}
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._closed = False
+        self._finalizer = weakref.finalize(self, _stop, self._workers, False)
+        context = (
+            mp.get_context("spawn") if start_method == "spawn" else mp.get_context("forkserver")
+        )
+        try:
+            for i in range(workers):
+                parent_end, child_end = context.Pipe(duplex=True)
+                process = context.Process(
+                    target=_worker.main,
+                    args=(child_end, threads),
+                    name=f"blazefl-fn-worker-{i}",
+                    daemon=True,
+                )
+                process.start()
+                child_end.close()
+                self._workers.append(_Worker(process, parent_end))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- public --------------------------------------------------------------------------------
+
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
+        """``[fn(t) for t in tasks]``, spread over the workers, in task order.
+
+        Raises:
+            ClientError: a client job failed (the first in task order); the original
+                exception is chained, and its traceback from the worker chained below it.
+                The pool stays usable.
+            WorkerError: a worker process died; the pool is closed.
+            TypeError: ``fn`` cannot be pickled.
+            RuntimeError: the executor is closed.
+        """
+        if self._closed:
+            raise RuntimeError("this Processes executor is closed")
+        if not tasks:
+            return []
+        slot_bytes = self._bind(fn, len(tasks))  # raises TypeError before any task is sent
+        try:
+            results, failure = self._run(tasks, slot_bytes)
+        except BaseException:
+            # Interrupted, or a worker died: no worker may outlive the failure.
+            self._shutdown(graceful=False)
+            raise
+        if failure is not None:
+            raise failure
+        return results
+
+    def close(self) -> None:
+        """Stop the workers and release the shared buffers; idempotent."""
+        self._shutdown(graceful=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._shutdown(graceful=exc_type is None)
+
+    def __repr__(self) -> str:
+        return f"Processes({self.workers}, threads={self.threads})"
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _shutdown(self, graceful: bool) -> None:
+        self._closed = True
+        _stop(self._workers, graceful)
+        self._contexts.clear()
+        self._buffers.clear()
+        self._finalizer.detach()
+
+    def _broadcast(self, message: tuple[Any, ...]) -> None:
+        """Send ``message`` to every worker, pickled for each (tensor handles are one-shot).
+
+        Raises:
+            TypeError: ``message`` cannot be pickled; found on the first worker, before
+                anything was written, so the pool stays consistent.
+        """
+        for worker in self._workers:
+            try:
+                payload = ForkingPickler.dumps(message)
+            except (AttributeError, TypeError, ValueError, pickle.PicklingError) as exc:
+                raise TypeError(
+                    f"Processes needs picklable work (module-level functions or records, "
+                    f"not lambdas or closures): {exc}"
+                ) from exc
+            worker.conn.send_bytes(payload)
+
+    def _shared_buffer(self, name: str, nbytes: int) -> torch.Tensor:
+        """A shared uint8 buffer of at least ``nbytes`` that every worker has mapped."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < nbytes:
+            # Grow geometrically so that slowly growing rounds do not reallocate every time.
+            size = max(nbytes, 2 * buffer.numel() if buffer is not None else 0, 64)
+            buffer = torch.empty(size, dtype=torch.uint8)
+            buffer.share_memory_()  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
+            self._buffers[name] = buffer
+            self._broadcast(("buffer", name, buffer))
+        return buffer
+
+    def _context_key(self, context: ClientContext[Any]) -> int:
+        # Keyed by the identity of what a context holds, so a new ClientContext wrapping the
+        # same update and data (one per round) is not sent again.
+        identity = (id(context.client_update), id(context.clients))
+        known = self._contexts.get(identity)
+        if known is None:
+            known = (len(self._contexts), context)
+            self._broadcast(("context", known[0], context))
+            self._contexts[identity] = known
+            self.context_sends += len(self._workers)
+        return known[0]
+
+    def _bind(self, fn: Callable[[Any], Any], count: int) -> int:
+        """Tell every worker what this map runs; returns the result slot size in bytes."""
+        if isinstance(fn, ClientJob):
+            job = cast(ClientJob[Any], fn)
+            key = self._context_key(job.context)
+            spec = tree_spec(job.downlink.params)
+            broadcast = self._shared_buffer("broadcast", spec.nbytes)
+            flatten(job.downlink.params, out=broadcast)
+            slot_bytes = spec.nbytes
+            self._shared_buffer("slots", max(slot_bytes * count, 1))
+            meta = attrs.evolve(job.downlink, params={})
+            self._broadcast(("bind_job", key, meta, spec, slot_bytes))
+            return slot_bytes
+        self._broadcast(("bind_fn", fn))
+        return 0
+
+    def _run(self, tasks: Sequence[Any], slot_bytes: int) -> tuple[list[Any], BaseException | None]:
+        """Results in task order and the first task failure in task order, if any."""
+        pending = deque(range(len(tasks)))
+        results: list[Any] = [None] * len(tasks)
+        failures: dict[int, BaseException] = {}
+
+        def feed(worker: _Worker) -> None:
+            while pending and not failures and len(worker.inflight) < _DEPTH:
+                index = pending.popleft()
+                worker.inflight.append(index)
+                worker.conn.send(("task", index, tasks[index]))
+
+        for worker in self._workers:
+            feed(worker)
+        by_conn = {id(w.conn): w for w in self._workers}
+        by_sentinel = {w.process.sentinel: w for w in self._workers}
+        while any(w.inflight for w in self._workers):
+            busy = [w.conn for w in self._workers if w.inflight]
+            for ready in wait([*busy, *by_sentinel]):
+                if isinstance(ready, int):
+                    worker = by_sentinel[ready]
+                    if worker.inflight or not worker.conn.poll():
+                        raise self._death(worker, tasks)
+                    continue
+                assert isinstance(ready, Connection)
+                worker = by_conn[id(ready)]
+                try:
+                    reply = ready.recv()
+                except (EOFError, OSError):
+                    worker.process.join(timeout=5)
+                    raise self._death(worker, tasks) from None
+                index = reply[1]
+                worker.inflight.remove(index)
+                if reply[0] == "ok":
+                    results[index] = self._result(reply, slot_bytes)
+                else:
+                    failures[index] = _rebuild_error(reply)
+                feed(worker)
+        return results, failures[min(failures)] if failures else None
+
+    def _result(self, reply: tuple[Any, ...], slot_bytes: int) -> Any:
+        _, index, result, spec = reply
+        if spec is None:
+            return result
+        start = index * slot_bytes
+        view = self._buffers["slots"][start : start + spec.nbytes]
+        # Copy out of the slot: the next map writes into the same shared memory.
+        return attrs.evolve(result, params=clone(unflatten(view, spec)))
+
+    def _death(self, worker: _Worker, tasks: Sequence[Any]) -> WorkerError:
+        running = [tasks[i] for i in worker.inflight]
+        what = ", ".join(
+            f"client {t.client_id} in round {t.round}"
+            if isinstance(t, ClientTask)
+            else f"task {t!r}"
+            for t in running
+        )
+        pid = worker.process.pid
+        message = f"worker process {pid} {_describe_exit(worker.process)}"
+        return WorkerError(f"{message} while running {what}" if what else message)
+
+
+def _unpickle_cause(data: bytes | None, summary: str) -> BaseException:
+    if data is not None:
+        # Bytes our own worker made, on our private pipe (multiprocessing unpickles every
+        # message on it anyway); a cause whose class cannot be rebuilt falls back to text.
+        try:
+            cause = pickle.loads(data)
+        except Exception:
+            cause = None
+        if isinstance(cause, BaseException):
+            return cause
+    return RuntimeError(summary)
+
+
+def _rebuild_error(reply: tuple[Any, ...]) -> BaseException:
+    _, _, client, round_index, data, summary, text = reply
+    cause = _unpickle_cause(data, summary)
+    cause.__cause__ = _RemoteTraceback(text)
+    if client is None:
+        return cause
+    error = ClientError(client, round_index, cause)
+    error.__cause__ = cause
+    return error

@@ -1,0 +1,79 @@
+"""The unit of client work that executors map: a static context, a downlink and small tasks.
+
+A `ClientJob` splits what a round sends clients into the part that never changes during a run
+(`ClientContext`: the client update function and every client's data) and the part that
+changes each round (the `Downlink`). Executors that cross process boundaries use the split to
+send the context once per pool and only the downlink and `ClientTask`s per round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import attrs
+
+from .keys import Key
+from .records import Downlink, Uplink
+
+__all__ = ["ClientContext", "ClientError", "ClientJob", "ClientTask", "ClientUpdate"]
+
+Data = TypeVar("Data")
+
+
+@attrs.frozen
+class ClientTask:
+    """The small descriptor of one client's work in one round: who, when, and its key."""
+
+    client_id: int
+    round: int
+    key: Key
+
+
+ClientUpdate = Callable[[Downlink, Data, ClientTask], Uplink]
+
+
+class ClientError(RuntimeError):
+    """A client's update raised; the original exception is chained as ``__cause__``."""
+
+    def __init__(self, client_id: int, round_index: int, cause: BaseException) -> None:
+        super().__init__(
+            f"client {client_id} failed in round {round_index}: {type(cause).__name__}: {cause}"
+        )
+        self.client_id = client_id
+        self.round_index = round_index
+
+
+@attrs.frozen(eq=False)
+class ClientContext(Generic[Data]):
+    """What stays the same for a whole run: the client update and all clients' data."""
+
+    client_update: ClientUpdate[Data]
+    clients: Sequence[Data]
+
+
+@attrs.frozen(eq=False)
+class ClientJob(Generic[Data]):
+    """Runs one `ClientTask` against a context and a downlink; what executors map.
+
+    A record rather than a closure, so that it can be sent to worker processes.
+    """
+
+    context: ClientContext[Data]
+    downlink: Downlink
+
+    def __call__(self, task: ClientTask) -> Uplink:
+        """The task's uplink.
+
+        Raises:
+            ClientError: the update raised, or returned an uplink naming another client.
+        """
+        data = self.context.clients[task.client_id]
+        try:
+            uplink = self.context.client_update(self.downlink, data, task)
+        except Exception as exc:
+            raise ClientError(task.client_id, task.round, exc) from exc
+        if uplink.client_id != task.client_id:
+            wrong = ValueError(f"uplink names client {uplink.client_id}")
+            raise ClientError(task.client_id, task.round, wrong)
+        return uplink

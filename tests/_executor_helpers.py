@@ -1,0 +1,71 @@
+"""Module-level (so picklable) functions for the executor tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+
+from blazefl_fn.jobs import ClientTask
+from blazefl_fn.records import Downlink, Uplink
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def finish_in_reverse(x: int) -> int:
+    # Later tasks finish first, so completion order is the reverse of task order.
+    time.sleep(0.02 * (5 - x))
+    return x
+
+
+def fail_on_odd(x: int) -> int:
+    if x % 2:
+        raise ValueError(f"odd input {x}")
+    return x
+
+
+class Unpicklable(Exception):
+    """An exception that pickles but cannot be rebuilt (its __init__ takes two arguments)."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}-{b}")
+
+
+def raise_unpicklable(x: int) -> int:
+    raise Unpicklable(x, x)
+
+
+def sleep_forever(x: int) -> int:
+    time.sleep(3600)
+    return x
+
+
+def pid(_: int) -> int:
+    time.sleep(0.2)
+    return os.getpid()
+
+
+def noisy_update(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
+    noise = torch.randn(4, generator=task.key.torch_generator())
+    return Uplink(
+        client_id=task.client_id,
+        num_examples=1 + task.client_id,
+        params={"w": downlink.params["w"] + data * noise, "n": torch.tensor(task.client_id)},
+        metrics={"loss": data},
+    )
+
+
+def divide_by_zero_for_client_7(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
+    if task.client_id == 7:
+        _ = 1 / 0
+    return noisy_update(downlink, data, task)
+
+
+def sigkill_for_client_2(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
+    if task.client_id == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return noisy_update(downlink, data, task)

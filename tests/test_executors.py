@@ -1,0 +1,269 @@
+"""Executors: order, errors, worker deaths, interrupts, and no leaked processes or memory."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import _executor_helpers as helpers
+import pytest
+import torch
+
+from blazefl_fn import tree
+from blazefl_fn.algorithms.fedavg import broadcast_params, mean_by_examples
+from blazefl_fn.executors import Executor, Processes, Sequential, Threads, WorkerError
+from blazefl_fn.jobs import ClientError, ClientUpdate
+from blazefl_fn.keys import Key
+from blazefl_fn.records import ServerState
+from blazefl_fn.round import Algorithm, make_round, uniform_sampler
+from blazefl_fn.run import run_rounds
+
+CLIENTS = [0.5 * i for i in range(10)]
+
+
+def _algorithm(update: ClientUpdate[float], per_round: int = 10) -> Algorithm[float]:
+    return Algorithm(
+        name="toy",
+        init=lambda key: ServerState(params={"w": torch.randn(4, generator=key.torch_generator())}),
+        sample=uniform_sampler(len(CLIENTS), per_round),
+        broadcast=broadcast_params,
+        client_update=update,
+        aggregate=mean_by_examples,
+    )
+
+
+def _rounds(
+    executor: Executor,
+    update: ClientUpdate[float] = helpers.noisy_update,
+    clients: list[float] = CLIENTS,
+) -> str:
+    algo = _algorithm(update, per_round=6)
+    state = algo.init(Key.from_seed(0))
+    state, _ = run_rounds(make_round(algo, clients, executor), state, Key.from_seed(1), 3)
+    return tree.digest(state.params)
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[Processes]:
+    with Processes(2) as executor:
+        yield executor
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it has exited all the same.
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "zombie" not in status.read_text()
+
+
+# -- every executor: the map contract -------------------------------------------------------
+
+FACTORIES: list[tuple[str, Callable[[], Executor]]] = [
+    ("sequential", Sequential),
+    ("threads-1", lambda: Threads(1)),
+    ("threads-3", lambda: Threads(3)),
+    ("processes-1", lambda: Processes(1)),
+]
+
+
+@pytest.mark.parametrize(("name", "factory"), FACTORIES, ids=[n for n, _ in FACTORIES])
+def test_results_come_back_in_task_order(name: str, factory: Callable[[], Executor]) -> None:
+    with factory() as executor:
+        assert isinstance(executor, Executor)
+        assert executor.map(helpers.finish_in_reverse, range(6)) == list(range(6))
+        assert executor.map(helpers.square, []) == []
+
+
+@pytest.mark.parametrize(("name", "factory"), FACTORIES, ids=[n for n, _ in FACTORIES])
+def test_first_failure_in_task_order_is_raised_and_the_executor_survives(
+    name: str, factory: Callable[[], Executor]
+) -> None:
+    with factory() as executor:
+        with pytest.raises(ValueError, match="odd input 1"):
+            executor.map(helpers.fail_on_odd, [0, 2, 1, 4, 3])
+        assert executor.map(helpers.square, [1, 2]) == [1, 4]
+
+
+@pytest.mark.parametrize(("name", "factory"), FACTORIES, ids=[n for n, _ in FACTORIES])
+def test_every_executor_gives_the_sequential_bits(
+    name: str, factory: Callable[[], Executor]
+) -> None:
+    with factory() as executor:
+        assert _rounds(executor) == _rounds(Sequential())
+
+
+@pytest.mark.parametrize(("name", "factory"), FACTORIES[1:], ids=[n for n, _ in FACTORIES[1:]])
+def test_a_closed_executor_refuses_work(name: str, factory: Callable[[], Executor]) -> None:
+    executor = factory()
+    executor.close()
+    executor.close()  # idempotent
+    with pytest.raises(RuntimeError, match="is closed"):
+        executor.map(helpers.square, [1])
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.5])
+def test_worker_counts_are_checked(bad: object) -> None:
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        Threads(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="workers must be an integer >= 1"):
+        Processes(bad)  # type: ignore[arg-type]
+
+
+def test_processes_refuses_plain_fork() -> None:
+    with pytest.raises(ValueError, match=r"start_method must be one of \['spawn', 'forkserver'\]"):
+        Processes(1, start_method="fork")
+
+
+# -- processes: the pool ------------------------------------------------------------------
+
+
+def test_the_context_goes_to_each_worker_once_per_pool(pool: Processes) -> None:
+    before = pool.context_sends
+    first = _rounds(pool)
+    assert pool.context_sends - before == 2  # 3 rounds, 2 workers: one send per worker
+    assert _rounds(pool) == first  # same update, same data: nothing sent again
+    assert pool.context_sends - before == 2
+    other_data = [x + 1.0 for x in CLIENTS]
+    assert _rounds(pool, clients=other_data) == _rounds(Sequential(), clients=other_data)
+    assert pool.context_sends - before == 4
+
+
+def test_results_are_owned_copies_not_views_of_shared_slots(pool: Processes) -> None:
+    algo = _algorithm(helpers.noisy_update)
+    round_fn = make_round(algo, CLIENTS, pool)
+    state = algo.init(Key.from_seed(0))
+    first, _ = round_fn(state, Key.from_seed(5))
+    kept = tree.digest(first.params)
+    round_fn(first, Key.from_seed(6))  # writes new results into the same slots
+    assert tree.digest(first.params) == kept
+
+
+def test_client_error_names_client_and_round_with_remote_traceback(pool: Processes) -> None:
+    algo = _algorithm(helpers.divide_by_zero_for_client_7)
+    round_fn = make_round(algo, CLIENTS, pool)
+    state = algo.init(Key.from_seed(0))
+    with pytest.raises(ClientError, match="client 7 failed in round 0: ZeroDivisionError") as info:
+        round_fn(state, Key.from_seed(0))
+    cause = info.value.__cause__
+    assert isinstance(cause, ZeroDivisionError)
+    assert "divide_by_zero_for_client_7" in str(cause.__cause__)  # the worker's traceback
+    assert pool.map(helpers.square, [3]) == [9]  # the pool is still usable
+
+
+def test_an_exception_that_cannot_be_rebuilt_arrives_as_text(pool: Processes) -> None:
+    with pytest.raises(RuntimeError, match="Unpicklable: 4-4") as info:
+        pool.map(helpers.raise_unpicklable, [4])
+    assert "raise_unpicklable" in str(info.value.__cause__)
+
+
+def test_unpicklable_functions_are_refused_clearly(pool: Processes) -> None:
+    with pytest.raises(TypeError, match="Processes needs picklable work"):
+        pool.map(lambda x: x, [1])
+    assert pool.map(helpers.square, [2]) == [4]
+
+
+def test_a_worker_killed_mid_round_is_reported_and_the_pool_cleaned_up() -> None:
+    executor = Processes(2)
+    pids = executor.map(helpers.pid, [0, 1, 2, 3])
+    assert len(set(pids)) == 2
+    algo = _algorithm(helpers.sigkill_for_client_2)
+    start = time.monotonic()
+    with pytest.raises(
+        WorkerError, match=r"was killed by SIGKILL while running client 2 in round 0"
+    ):
+        make_round(algo, CLIENTS, executor)(algo.init(Key.from_seed(0)), Key.from_seed(0))
+    assert time.monotonic() - start < 10
+    assert not any(_alive(p) for p in set(pids))
+    with pytest.raises(RuntimeError, match="is closed"):
+        executor.map(helpers.square, [1])
+
+
+def _shm_and_fds() -> tuple[set[str], int]:
+    gc.collect()
+    return set(os.listdir("/dev/shm")), len(os.listdir("/proc/self/fd"))
+
+
+def test_no_shared_memory_or_descriptor_outlives_the_executor(tmp_path: Path) -> None:
+    shm_before, fds_before = _shm_and_fds()
+    temp_before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    with Processes(2) as executor:
+        digest = _rounds(executor)
+        assert executor.map(helpers.square, [5]) == [25]
+    assert digest == _rounds(Sequential())
+    shm_after, fds_after = _shm_and_fds()
+    assert shm_after == shm_before
+    assert fds_after == fds_before
+    temp_after = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
+    assert not {n for n in temp_after - temp_before if "pymp" in n or "torch" in n}
+
+
+_INTERRUPTED = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import _executor_helpers as helpers
+    from blazefl_fn.executors import Processes
+
+    if __name__ == "__main__":
+        executor = Processes(2)
+        pids = executor.map(helpers.pid, [0, 1, 2, 3])
+        print(" ".join(str(p) for p in sorted(set(pids))), flush=True)
+        try:
+            executor.map(helpers.sleep_forever, [0, 1])
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            raise
+    """
+)
+
+
+def test_ctrl_c_during_a_round_leaves_no_worker_behind(tmp_path: Path) -> None:
+    script = tmp_path / "interrupted.py"
+    script.write_text(_INTERRUPTED.format(tests=str(Path(__file__).parent)))
+    child = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C would see it
+    )
+    assert child.stdout is not None
+    worker_pids = [int(p) for p in child.stdout.readline().split()]
+    assert len(worker_pids) == 2, child.stderr.read() if child.stderr else ""
+    time.sleep(0.5)  # the workers are now inside sleep_forever
+    os.killpg(child.pid, signal.SIGINT)
+    try:
+        _, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert child.returncode != 0
+    assert "KeyboardInterrupt" in err
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in worker_pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in worker_pids)
+
+
+def test_threads_cancel_what_has_not_started() -> None:
+    started: list[int] = []
+
+    def record(x: int) -> int:
+        started.append(x)
+        if x == 0:
+            raise ValueError("first")
+        time.sleep(0.05)
+        return x
+
+    with Threads(1) as executor, pytest.raises(ValueError, match="first"):
+        executor.map(record, list(range(20)))
+    assert len(started) < 20
