@@ -9,13 +9,15 @@ Messages from the parent (tuples, first item the kind):
 - ``("bind_fn", fn)`` — this map runs an arbitrary picklable ``fn``;
 - ``("task", index, task)``; ``("stop",)``.
 
-Replies: ``("ok", index, result, spec)`` where ``spec`` is not None when the result's
-parameters were written into slot ``index`` instead of being pickled, and
+Replies: ``("ready", pid)`` once at start; ``("ok", index, result, spec)`` where ``spec`` is
+not None when the result's parameters were written into slot ``index`` instead of being
+pickled; and
 ``("err", index, client_id, round, pickled_cause, summary, traceback_text)``.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import signal
 import traceback
@@ -56,6 +58,7 @@ def main(conn: Connection, threads: int) -> None:
     # Ctrl-C reaches the whole process group; the parent decides what happens to the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    conn.send(("ready", os.getpid()))
     contexts: dict[int, ClientContext[Any]] = {}
     buffers: dict[str, torch.Tensor] = {}
     fn: Callable[[Any], Any] | None = None

@@ -102,7 +102,8 @@ class Processes:
     """Maps tasks over a pool of ``workers`` long-lived processes.
 
     Args:
-        workers: worker processes (>= 1), started at construction and reused for every map.
+        workers: worker processes (>= 1), started at construction (which returns once all
+            of them are ready) and reused for every map.
         threads: torch intra-op threads in each worker (>= 1). Keep it equal to the driving
             process's setting (``RunConfig.threads``) so every executor computes the same bits.
         start_method: ``"spawn"`` (default) or ``"forkserver"``; plain fork is never used,
@@ -152,8 +153,9 @@ class Processes:
                 process.start()
                 child_end.close()
                 self._workers.append(_Worker(process, parent_end))
+            self._await_ready()
         except BaseException:
-            self.close()
+            self._shutdown(graceful=False)
             raise
 
     # -- public --------------------------------------------------------------------------------
@@ -210,6 +212,25 @@ class Processes:
         self._contexts.clear()
         self._buffers.clear()
         self._finalizer.detach()
+
+    def _await_ready(self) -> None:
+        """Block until every worker has started (imported torch, set its threads)."""
+        waiting = {id(w.conn): w for w in self._workers}
+        sentinels = {w.process.sentinel: w for w in self._workers}
+        while waiting:
+            for ready in wait([*(w.conn for w in waiting.values()), *sentinels]):
+                if isinstance(ready, int):
+                    worker = sentinels[ready]
+                    if id(worker.conn) in waiting and not worker.conn.poll():
+                        raise WorkerError(
+                            f"worker process {worker.process.pid} "
+                            f"{_describe_exit(worker.process)} while starting"
+                        )
+                    continue
+                assert isinstance(ready, Connection)
+                reply = ready.recv()
+                assert reply[0] == "ready"
+                waiting.pop(id(ready), None)
 
     def _broadcast(self, message: tuple[Any, ...]) -> None:
         """Send ``message`` to every worker, pickled for each (tensor handles are one-shot).
