@@ -188,12 +188,27 @@ def test_a_worker_killed_mid_round_is_reported_and_the_pool_cleaned_up() -> None
         executor.map(helpers.square, [1])
 
 
+def test_a_worker_that_died_between_rounds_is_reported() -> None:
+    executor = Processes(2)
+    pids = sorted(set(executor.map(helpers.pid, [0, 1, 2, 3])))
+    os.kill(pids[0], signal.SIGKILL)
+    time.sleep(0.5)
+    with pytest.raises(WorkerError, match=rf"worker process {pids[0]} was killed by SIGKILL"):
+        executor.map(helpers.square, [1, 2, 3])
+    assert not any(_alive(p) for p in pids)
+
+
 def _shm_and_fds() -> tuple[set[str], int]:
     gc.collect()
     return set(os.listdir("/dev/shm")), len(os.listdir("/proc/self/fd"))
 
 
 def test_no_shared_memory_or_descriptor_outlives_the_executor(tmp_path: Path) -> None:
+    # multiprocessing starts two per-process singletons on first use (the resource tracker's
+    # pipe and the descriptor-sharing listener) that live as long as this process: start them
+    # before counting, so that only the executor's own resources are counted.
+    with Processes(1) as warm_up:
+        _rounds(warm_up)
     shm_before, fds_before = _shm_and_fds()
     temp_before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
     with Processes(2) as executor:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Protocol, Self, TypeVar, runtime_checkable
 
-__all__ = ["Executor"]
+__all__ = ["ClosingContext", "Executor"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,3 +37,21 @@ class Executor(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+class ClosingContext:
+    """Mixin: ``with executor:`` calls ``executor.close()`` on the way out."""
+
+    def close(self) -> None:
+        """Release resources; subclasses override."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

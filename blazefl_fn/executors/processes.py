@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
 from types import TracebackType
-from typing import Any, Self, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import attrs
 import torch
@@ -37,6 +37,7 @@ from .._validators import check_int_at_least
 from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
 from ..tree import clone, flatten, tree_spec, unflatten
 from . import _worker
+from .base import ClosingContext
 
 __all__ = ["Processes", "WorkerError"]
 
@@ -50,6 +51,10 @@ _START_METHODS = ("spawn", "forkserver")
 
 class WorkerError(RuntimeError):
     """A worker process died or could not be reached; the pool is closed."""
+
+
+class _NotPicklable(Exception):
+    """Raised inside the pool when work cannot be pickled; `map` turns it into TypeError."""
 
 
 class _RemoteTraceback(Exception):
@@ -98,7 +103,7 @@ def _describe_exit(process: BaseProcess) -> str:
     return f"exited with code {code}"
 
 
-class Processes:
+class Processes(ClosingContext):
     """Maps tasks over a pool of ``workers`` long-lived processes.
 
     Args:
@@ -175,9 +180,12 @@ class Processes:
             raise RuntimeError("this Processes executor is closed")
         if not tasks:
             return []
-        slot_bytes = self._bind(fn, len(tasks))  # raises TypeError before any task is sent
         try:
+            slot_bytes = self._bind(fn, len(tasks))
             results, failure = self._run(tasks, slot_bytes)
+        except _NotPicklable as exc:
+            # Found before anything was written to a worker: the pool is still consistent.
+            raise TypeError(str(exc)) from exc.__cause__
         except BaseException:
             # Interrupted, or a worker died: no worker may outlive the failure.
             self._shutdown(graceful=False)
@@ -189,9 +197,6 @@ class Processes:
     def close(self) -> None:
         """Stop the workers and release the shared buffers; idempotent."""
         self._shutdown(graceful=True)
-
-    def __enter__(self) -> Self:
-        return self
 
     def __exit__(
         self,
@@ -228,7 +233,10 @@ class Processes:
                         )
                     continue
                 assert isinstance(ready, Connection)
-                reply = ready.recv()
+                try:
+                    reply = ready.recv()
+                except (EOFError, OSError) as exc:
+                    raise WorkerError("a worker process died while starting") from exc
                 assert reply[0] == "ready"
                 waiting.pop(id(ready), None)
 
@@ -236,18 +244,28 @@ class Processes:
         """Send ``message`` to every worker, pickled for each (tensor handles are one-shot).
 
         Raises:
-            TypeError: ``message`` cannot be pickled; found on the first worker, before
+            _NotPicklable: ``message`` cannot be pickled; found on the first worker, before
                 anything was written, so the pool stays consistent.
+            WorkerError: a worker is gone.
         """
         for worker in self._workers:
             try:
                 payload = ForkingPickler.dumps(message)
             except (AttributeError, TypeError, ValueError, pickle.PicklingError) as exc:
-                raise TypeError(
+                raise _NotPicklable(
                     f"Processes needs picklable work (module-level functions or records, "
                     f"not lambdas or closures): {exc}"
                 ) from exc
+            self._send(worker, payload)
+
+    def _send(self, worker: _Worker, payload: bytes | memoryview) -> None:
+        try:
             worker.conn.send_bytes(payload)
+        except OSError as exc:
+            worker.process.join(timeout=5)
+            raise WorkerError(
+                f"worker process {worker.process.pid} {_describe_exit(worker.process)}"
+            ) from exc
 
     def _shared_buffer(self, name: str, nbytes: int) -> torch.Tensor:
         """A shared uint8 buffer of at least ``nbytes`` that every worker has mapped."""
@@ -299,7 +317,7 @@ class Processes:
             while pending and not failures and len(worker.inflight) < _DEPTH:
                 index = pending.popleft()
                 worker.inflight.append(index)
-                worker.conn.send(("task", index, tasks[index]))
+                self._send(worker, ForkingPickler.dumps(("task", index, tasks[index])))
 
         for worker in self._workers:
             feed(worker)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
+
+from .base import ClosingContext
 
 __all__ = ["Sequential"]
 
@@ -12,7 +13,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class Sequential:
+class Sequential(ClosingContext):
     """Runs tasks one after another in the calling thread; the reference for every executor.
 
     Example:
@@ -27,17 +28,6 @@ class Sequential:
 
     def close(self) -> None:
         """Nothing to release."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return "Sequential()"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from types import TracebackType
-from typing import Self, TypeVar
+from typing import TypeVar
 
 from .._validators import check_int_at_least
+from .base import ClosingContext
 
 __all__ = ["Threads"]
 
@@ -15,7 +15,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class Threads:
+class Threads(ClosingContext):
     """Maps tasks over ``workers`` threads; nothing is copied or serialized.
 
     Torch kernels release the GIL, so clients overlap on several cores; on free-threaded
@@ -67,17 +67,6 @@ class Threads:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Threads({self.workers})"
