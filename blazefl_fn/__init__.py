@@ -7,6 +7,7 @@ Example:
     (1, 2)
 """
 
+from . import data as data
 from . import tree as tree
 from .algorithms.fedavg import fedavg as fedavg
 from .data.datasets import ClientData as ClientData
@@ -60,6 +61,7 @@ __all__ = [
     "Uplink",
     "WorkerError",
     "build_module",
+    "data",
     "evaluate",
     "fedavg",
     "make_round",

@@ -12,8 +12,21 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
+from .data.partition import partition_report
+from .keys import Key
 from .records import RoundReport
-from .run import ALGORITHMS, DATASETS, EXECUTORS, MODELS, RoundCallback, RunConfig, simulate
+from .run import (
+    ALGORITHMS,
+    DATASETS,
+    EXECUTORS,
+    MODELS,
+    PARTITIONS,
+    RoundCallback,
+    RunConfig,
+    load_central,
+    simulate,
+    split,
+)
 
 __all__ = ["main"]
 
@@ -41,7 +54,9 @@ def _parser() -> _Parser:
     defaults = RunConfig()
     run.add_argument("--algorithm", choices=ALGORITHMS, default=defaults.algorithm)
     run.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    run.add_argument("--data-dir", help="directory of the MNIST IDX files (for --dataset mnist)")
+    run.add_argument(
+        "--data-dir", help="directory of the dataset files (MNIST IDX, CIFAR python or binary)"
+    )
     run.add_argument(
         "--model",
         choices=MODELS,
@@ -68,14 +83,20 @@ def _parser() -> _Parser:
     run.add_argument(
         "--eval-every", type=int, default=defaults.eval_every, help="test every N rounds"
     )
+    _add_partition_flags(run, defaults)
     run.add_argument(
-        "--alpha",
+        "--augment",
+        action="store_true",
+        help="CIFAR recipe: random crop (padding 4) and horizontal flip, from the client's key",
+    )
+    run.add_argument(
+        "--synthetic-alpha",
         type=float,
         default=defaults.synthetic_alpha,
         help="Synthetic(alpha, beta): model heterogeneity",
     )
     run.add_argument(
-        "--beta",
+        "--synthetic-beta",
         type=float,
         default=defaults.synthetic_beta,
         help="Synthetic(alpha, beta): data heterogeneity",
@@ -85,7 +106,64 @@ def _parser() -> _Parser:
         action="store_true",
         help="print one JSON object with the final results on stdout (progress goes to stderr)",
     )
+    part = commands.add_parser(
+        "partition",
+        help="print how a dataset is split over clients",
+        description="Partition a dataset as `run` would and print per-client class counts.",
+    )
+    part.add_argument("--dataset", choices=DATASETS[1:], default="mnist")
+    part.add_argument("--data-dir", required=True, help="directory of the dataset files")
+    part.add_argument("--clients", type=int, default=defaults.clients)
+    part.add_argument("--seed", type=int, default=defaults.seed)
+    _add_partition_flags(part, defaults)
+    part.add_argument("--json", action="store_true", help="print the counts as JSON")
     return parser
+
+
+def _add_partition_flags(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    parser.add_argument(
+        "--partition",
+        choices=PARTITIONS,
+        default=None,
+        help="how image datasets are split over clients (default iid)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=defaults.alpha,
+        help="Dirichlet concentration for dirichlet and inner-dirichlet (smaller = more skew)",
+    )
+    parser.add_argument(
+        "--shards-per-client",
+        type=int,
+        default=defaults.shards_per_client,
+        metavar="S",
+        help="label-sorted shards per client for the shards partition",
+    )
+
+
+def _partition_config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        clients=args.clients,
+        clients_per_round=1,
+        seed=args.seed,
+        partition=args.partition,
+        alpha=args.alpha,
+        shards_per_client=args.shards_per_client,
+    )
+
+
+def _partition(args: argparse.Namespace, config: RunConfig) -> int:
+    train, _, classes = load_central(config)
+    key = Key.from_seed(config.seed).fold_in("data").fold_in("partition")
+    report = partition_report(train.y, split(config, train.y, key), classes)
+    if args.json:
+        print(json.dumps({"counts": report.counts, "sizes": report.sizes}))
+    else:
+        print(report)
+    return 0
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
@@ -105,8 +183,12 @@ def _config(args: argparse.Namespace) -> RunConfig:
         workers=args.workers,
         threads=args.threads,
         eval_every=args.eval_every,
-        synthetic_alpha=args.alpha,
-        synthetic_beta=args.beta,
+        synthetic_alpha=args.synthetic_alpha,
+        synthetic_beta=args.synthetic_beta,
+        partition=args.partition,
+        alpha=args.alpha,
+        shards_per_client=args.shards_per_client,
+        augment=args.augment,
     )
 
 
@@ -136,6 +218,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
         "clients": config.clients,
         "clients_per_round": config.clients_per_round,
         "seed": config.seed,
+        "partition": config.partition,
         "executor": config.executor,
         "workers": config.workers,
         "accuracy": result.accuracy,
@@ -159,12 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     try:
         args = _parser().parse_args(argv)
-        config = _config(args)
+        config = _config(args) if args.command == "run" else _partition_config(args)
     except (UsageError, ValueError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        return _run(args, config)
+        return _run(args, config) if args.command == "run" else _partition(args, config)
     except (ValueError, OSError) as exc:
         # Bad or missing data files: the loaders' messages name the file and the problem.
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ._validators import finite_number, int_at_least
 from .data.datasets import ClientData, TensorDataset
+from .data.transforms import Transform
 from .keys import Key
 from .tree import Params, from_module
 
@@ -23,11 +24,17 @@ __all__ = ["LocalSGD", "evaluate", "train_local"]
 
 @attrs.frozen
 class LocalSGD:
-    """Hyperparameters of local training: plain mini-batch SGD (no momentum) on cross-entropy."""
+    """Hyperparameters of local training: plain mini-batch SGD (no momentum) on cross-entropy.
+
+    Attributes:
+        transform: an optional augmentation applied to every training batch, drawing from the
+            client key's ``"augment"`` child; it must be picklable to run in worker processes.
+    """
 
     epochs: int = attrs.field(default=1, validator=int_at_least(1))
     batch_size: int = attrs.field(default=10, validator=int_at_least(1))
     lr: float = attrs.field(default=0.01, validator=finite_number(positive=True))
+    transform: Transform | None = None
 
 
 def _load(template: torch.nn.Module, params: Params) -> torch.nn.Module:
@@ -54,10 +61,16 @@ def train_local(
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
     generator = key.torch_generator()
+    augment = key.fold_in("augment").torch_generator() if config.transform else None
     loss_sum = 0.0
     seen = 0
     for _ in range(config.epochs):
-        for x, y in data.batches(config.batch_size, generator):
+        for batch, y in data.batches(config.batch_size, generator):
+            x = (
+                batch
+                if augment is None or config.transform is None
+                else config.transform(batch, augment)
+            )
             loss = F.cross_entropy(module(x), y)
             loss.backward()  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
             _sgd_step(trainable, config.lr)

@@ -14,12 +14,24 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+import torch
 
 from ._validators import finite_number, int_at_least, one_of
 from .algorithms.fedavg import fedavg
-from .data.datasets import FederatedDataset
-from .data.mnist import mnist_federated
+from .data.cifar import load_cifar10, load_cifar100
+from .data.datasets import ClientData, FederatedDataset, TensorDataset
+from .data.mnist import load_mnist
+from .data.partition import Partition, dirichlet, iid, inner_dirichlet, shards
 from .data.synthetic import synthetic
+from .data.transforms import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    Transform,
+    cifar_train_transform,
+    normalize,
+)
 from .executors.base import Executor
 from .executors.processes import Processes
 from .executors.sequential import Sequential
@@ -37,15 +49,23 @@ __all__ = [
     "DATASETS",
     "EXECUTORS",
     "MODELS",
+    "PARTITIONS",
     "RoundCallback",
     "RunConfig",
     "RunResult",
+    "load_central",
+    "load_federation",
+    "make_executor",
+    "model_factory",
     "run_rounds",
     "simulate",
+    "split",
+    "train_transform",
 ]
 
 ALGORITHMS = ("fedavg",)
-DATASETS = ("synthetic", "mnist")
+DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
+PARTITIONS = ("iid", "dirichlet", "shards", "inner-dirichlet")
 EXECUTORS = ("sequential", "threads", "processes")
 MODELS = ("auto", "logreg", "mlp", "cnn")
 
@@ -78,14 +98,32 @@ class RunConfig:
     eval_every: int = attrs.field(default=1, validator=int_at_least(1))
     synthetic_alpha: float = attrs.field(default=1.0, validator=finite_number(positive=False))
     synthetic_beta: float = attrs.field(default=1.0, validator=finite_number(positive=False))
+    partition: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(one_of(PARTITIONS))
+    )
+    alpha: float = attrs.field(default=0.5, validator=finite_number(positive=True))
+    shards_per_client: int = attrs.field(default=2, validator=int_at_least(1))
+    augment: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.clients_per_round > self.clients:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
             )
-        if self.dataset == "mnist" and self.data_dir is None:
-            raise ValueError("dataset 'mnist' needs a data directory (data_dir / --data-dir)")
+        if self.dataset != "synthetic" and self.data_dir is None:
+            raise ValueError(
+                f"dataset {self.dataset!r} needs a data directory (data_dir / --data-dir)"
+            )
+        if self.dataset == "synthetic" and self.partition is not None:
+            raise ValueError(
+                "the synthetic dataset is partitioned by its generator; partition applies to "
+                "mnist, cifar10 and cifar100"
+            )
+        if self.augment and not self.dataset.startswith("cifar"):
+            raise ValueError(
+                f"augment (random crop + horizontal flip) applies to cifar10 and cifar100, "
+                f"not to {self.dataset!r}"
+            )
 
 
 @attrs.frozen
@@ -100,24 +138,79 @@ class RunResult:
     wall_seconds: float
 
 
+def _channel_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if dataset == "cifar10":
+        return CIFAR10_MEAN, CIFAR10_STD
+    return CIFAR100_MEAN, CIFAR100_STD
+
+
+def load_central(config: RunConfig) -> tuple[TensorDataset, TensorDataset, int]:
+    """The train and test sets and class count of the image dataset ``config`` names.
+
+    CIFAR test inputs are normalised with the dataset's channel statistics here, once. So are
+    the training inputs, unless ``config.augment``: then they stay in ``[0, 1]`` and
+    `train_transform` crops (zero padding, as in the usual recipe), flips and normalises
+    every batch.
+    """
+    assert config.data_dir is not None  # checked by RunConfig
+    if config.dataset == "mnist":
+        train, test = load_mnist(Path(config.data_dir))
+        return train, test, 10
+    if config.dataset == "cifar10":
+        train, test = load_cifar10(Path(config.data_dir))
+        classes = 10
+    else:
+        train, test = load_cifar100(Path(config.data_dir))
+        classes = 100
+    mean, std = _channel_stats(config.dataset)
+    test = TensorDataset(normalize(test.x, mean, std), test.y)
+    if not config.augment:
+        train = TensorDataset(normalize(train.x, mean, std), train.y)
+    return train, test, classes
+
+
+def train_transform(config: RunConfig) -> Transform | None:
+    """The augmentation of training batches: the CIFAR recipe if ``config.augment``, else None."""
+    if not config.augment:
+        return None
+    return cifar_train_transform(*_channel_stats(config.dataset))
+
+
+def split(config: RunConfig, labels: torch.Tensor, key: Key) -> Partition:
+    """The partition ``config.partition`` names (IID by default) of examples with ``labels``."""
+    name = config.partition or "iid"
+    if name == "iid":
+        return iid(int(labels.shape[0]), config.clients, key)
+    if name == "dirichlet":
+        return dirichlet(labels, config.clients, config.alpha, key)
+    if name == "shards":
+        return shards(labels, config.clients, config.shards_per_client, key)
+    return inner_dirichlet(labels, config.clients, config.alpha, key)
+
+
 def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
     """The federated dataset ``config`` names, built from ``key``.
 
+    Image datasets are split with ``key.fold_in("partition")``; every client is an index view
+    onto the one training set.
+
     Raises:
         FileNotFoundError: the data directory or a file in it is missing.
-        ValueError: a data file is malformed.
+        ValueError: a data file is malformed, or the partition cannot be made.
     """
     if config.dataset == "synthetic":
         return synthetic(config.synthetic_alpha, config.synthetic_beta, config.clients, key)
-    assert config.data_dir is not None  # checked by RunConfig
-    return mnist_federated(Path(config.data_dir), config.clients, key)
+    train, test, classes = load_central(config)
+    parts = split(config, train.y, key.fold_in("partition"))
+    clients = tuple(ClientData(train, parts.client(i)) for i in range(len(parts)))
+    return FederatedDataset(name=config.dataset, clients=clients, test=test, num_classes=classes)
 
 
 def model_factory(config: RunConfig, data: FederatedDataset) -> ModelFactory:
-    """The model ``config.model`` names; ``auto`` is logreg on synthetic and mlp on MNIST."""
+    """The model ``config.model`` names; ``auto``: logreg on synthetic, mlp on MNIST, else cnn."""
     name = config.model
     if name == "auto":
-        name = "logreg" if config.dataset == "synthetic" else "mlp"
+        name = {"synthetic": "logreg", "mnist": "mlp"}.get(config.dataset, "cnn")
     builder = {"logreg": logistic_regression, "mlp": mlp, "cnn": cnn}[name]
     return functools.partial(builder, data.input_shape, data.num_classes)
 
@@ -186,7 +279,12 @@ def _simulate(config: RunConfig, on_round: RoundCallback | None, start: float) -
         model_fn,
         num_clients=len(data.clients),
         clients_per_round=config.clients_per_round,
-        local=LocalSGD(epochs=config.local_epochs, batch_size=config.batch_size, lr=config.lr),
+        local=LocalSGD(
+            epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            transform=train_transform(config),
+        ),
     )
     template = build_module(model_fn, run_key.fold_in("template"))
     state = algorithm.init(run_key.fold_in("init"))

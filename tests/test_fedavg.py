@@ -180,6 +180,8 @@ def test_zero_rounds_evaluates_the_initial_model() -> None:
         ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
         ({"algorithm": "fedsgd"}, "unknown algorithm 'fedsgd'"),
         ({"dataset": "mnist"}, "needs a data directory"),
+        ({"partition": "shards"}, "partitioned by its generator"),
+        ({"alpha": -0.5}, "alpha must be a finite number > 0"),
         ({"batch_size": True}, "batch_size must be an integer"),
     ],
 )

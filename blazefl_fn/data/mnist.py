@@ -14,8 +14,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from .._validators import check_int_at_least
 from ..keys import Key
 from .datasets import ClientData, FederatedDataset, TensorDataset
+from .partition import iid
 
 __all__ = ["load_mnist", "mnist_federated", "read_idx"]
 
@@ -150,27 +152,17 @@ def mnist_federated(
 ) -> FederatedDataset:
     """MNIST with its training set split IID over ``num_clients`` clients.
 
-    The split is a permutation from ``key.fold_in("partition")``; client sizes differ by at most
-    one (the first ``n % num_clients`` clients get the extra example). Every client is an index
-    view onto the one training dataset; the test set is MNIST's.
+    The split is `blazefl_fn.data.partition.iid` with ``key.fold_in("partition")``: client
+    sizes differ by at most one. Every client is an index view onto the one training dataset;
+    the test set is MNIST's.
 
     Raises:
         FileNotFoundError: See `load_mnist`.
         ValueError: ``num_clients`` is below 1 or above the number of training examples, or a
             file is malformed.
     """
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    check_int_at_least("num_clients", num_clients, 1)
     train, test = load_mnist(directory)
-    n = len(train)
-    if num_clients > n:
-        raise ValueError(f"num_clients={num_clients} exceeds the {n} training examples")
-    order = torch.tensor(key.fold_in("partition").permutation(n), dtype=torch.int64)
-    size, extra = divmod(n, num_clients)
-    clients: list[ClientData] = []
-    start = 0
-    for k in range(num_clients):
-        stop = start + size + (1 if k < extra else 0)
-        clients.append(ClientData(train, order[start:stop]))
-        start = stop
-    return FederatedDataset(name="mnist", clients=tuple(clients), test=test, num_classes=10)
+    parts = iid(len(train), num_clients, key.fold_in("partition"))
+    clients = tuple(ClientData(train, parts.client(i)) for i in range(len(parts)))
+    return FederatedDataset(name="mnist", clients=clients, test=test, num_classes=10)

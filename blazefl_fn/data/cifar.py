@@ -1,0 +1,468 @@
+"""CIFAR-10 / CIFAR-100 from local files (python-pickle or binary format), plus an opt-in
+download helper with digest verification and a safe tar extractor.
+
+Both official formats are accepted and detected automatically, in the given directory or in its
+usual subfolder (``cifar-10-batches-py``, ``cifar-10-batches-bin``, ``cifar-100-python``,
+``cifar-100-binary``). Each row of 3072 pixel bytes is the red plane (1024 bytes, row-major
+32x32), then green, then blue; the loaders return float32 ``(N, 3, 32, 32)`` in ``[0, 1]``
+(normalisation is a transform, see `blazefl_fn.data.transforms`) and int64 labels.
+
+The python-format batches are pickles. They are read with a restricted unpickler that resolves
+only what a CIFAR batch needs (numpy's array reconstruction, a latin-1 ``bytes`` helper and
+builtin containers); any other global is refused with a ValueError before anything is called.
+
+Nothing is ever downloaded implicitly: `download` and `extract_tar` are explicit helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import posixpath
+import tarfile
+import tempfile
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from .datasets import TensorDataset
+
+__all__ = [
+    "CIFAR10_PYTHON_MD5",
+    "CIFAR10_PYTHON_URL",
+    "CIFAR100_PYTHON_MD5",
+    "CIFAR100_PYTHON_URL",
+    "download",
+    "extract_tar",
+    "load_cifar10",
+    "load_cifar100",
+]
+
+CIFAR10_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_PYTHON_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR100_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_PYTHON_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+
+_PIXELS = 3 * 32 * 32
+_CHUNK = 1 << 20
+
+# --------------------------------------------------------------------------------------------
+# Restricted unpickling
+# --------------------------------------------------------------------------------------------
+
+
+class _RefusedError(ValueError):
+    """A pickle referenced a global outside the CIFAR allow-list."""
+
+
+def _latin1_encode(obj: object, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """The only use of ``_codecs.encode`` a CIFAR pickle needs: Python 3 writes ``bytes`` in
+    protocol 2 as ``_codecs.encode(text, "latin1")``. Any other call is refused."""
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise pickle.UnpicklingError(
+            f"_codecs.encode is only allowed on str with latin1, got {type(obj).__name__} "
+            f"with {encoding!r}"
+        )
+    return obj.encode("latin1")
+
+
+def _plain_dtype(*args: Any) -> np.dtype[Any]:
+    """``numpy.dtype`` as called by array unpickling, refusing object dtypes."""
+    dtype: np.dtype[Any] = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"object dtype {dtype} is not part of a CIFAR batch")
+    return dtype
+
+
+# The callables numpy's own pickles use, taken from numpy itself so that no private module is
+# imported (``numpy.core`` warns on numpy 2) and both the numpy 1 and numpy 2 names resolve.
+_reduced_array: Any = np.zeros(1, dtype=np.uint8).__reduce__()
+_reduced_scalar: Any = np.float64(0.0).__reduce__()
+_RECONSTRUCT: Callable[..., Any] = _reduced_array[0]
+_SCALAR: Callable[..., Any] = _reduced_scalar[0]
+
+_ALLOWED: dict[tuple[str, str], object] = {
+    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.multiarray", "scalar"): _SCALAR,
+    ("numpy._core.multiarray", "scalar"): _SCALAR,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _plain_dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+for _module in ("builtins", "__builtin__"):
+    for _type in (bytes, bytearray, dict, frozenset, list, set, tuple):
+        _ALLOWED[(_module, _type.__name__)] = _type
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals listed in ``_ALLOWED``."""
+
+    def __init__(self, file: io.BufferedIOBase, name: str) -> None:
+        super().__init__(file, encoding="bytes")
+        self._name = name
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise _RefusedError(
+                f"{self._name}: refusing to unpickle {module}.{name} (not part of a CIFAR batch)"
+            ) from None
+
+
+def _unpickle(path: Path) -> dict[bytes, Any]:
+    """A CIFAR python batch: a dict with bytes (or str) keys, loaded with the allow-list."""
+    name = str(path)
+    raw = path.read_bytes()
+    try:
+        obj: object = _CifarUnpickler(io.BytesIO(raw), name).load()
+    except _RefusedError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{name}: corrupt pickle ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{name}: expected a pickled dict, got {type(obj).__name__}")
+    batch: dict[bytes, Any] = {}
+    for key, value in obj.items():  # pyright: ignore[reportUnknownVariableType]
+        if isinstance(key, str):
+            key = key.encode()
+        if isinstance(key, bytes):
+            batch[key] = value
+    return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _pixels_from_pickle(name: str, data: object) -> npt.NDArray[np.uint8]:
+    if not isinstance(data, np.ndarray):
+        raise ValueError(f"{name}: b'data' must be a numpy array, got {type(data).__name__}")
+    array = cast("npt.NDArray[Any]", data)
+    if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != _PIXELS:
+        raise ValueError(
+            f"{name}: expected uint8 data of shape (N, {_PIXELS}), got {array.dtype} {array.shape}"
+        )
+    if array.shape[0] == 0:
+        raise ValueError(f"{name}: holds no images")
+    return array
+
+
+def _labels_from_pickle(name: str, key: bytes, labels: object, n: int) -> npt.NDArray[np.int64]:
+    if isinstance(labels, np.ndarray):
+        array = cast("npt.NDArray[Any]", labels)
+    elif isinstance(labels, list | tuple):
+        array = np.asarray(cast("Sequence[object]", labels))
+    else:
+        raise ValueError(f"{name}: {key!r} must be a list of ints, got {type(labels).__name__}")
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise ValueError(
+            f"{name}: {key!r} must be a 1-D sequence of ints, got {array.dtype} {array.shape}"
+        )
+    if array.shape[0] != n:
+        raise ValueError(f"{name}: {n} images but {array.shape[0]} labels in {key!r}")
+    return array.astype(np.int64)
+
+
+def _check_range(name: str, labels: npt.NDArray[np.int64], num_classes: int, what: str) -> None:
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise ValueError(f"{name}: {what} label {bad} is not in [0, {num_classes})")
+
+
+def _read_binary(
+    path: Path, label_bytes: int
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """Records of ``label_bytes`` label bytes + 3072 pixel bytes -> (labels (N, k), pixels)."""
+    name = str(path)
+    raw = path.read_bytes()
+    record = label_bytes + _PIXELS
+    if not raw:
+        raise ValueError(f"{name}: file is empty")
+    if len(raw) % record:
+        raise ValueError(
+            f"{name}: truncated, size {len(raw)} is not a multiple of the {record}-byte record"
+        )
+    table = np.frombuffer(raw, dtype=np.uint8).reshape(-1, record)
+    return table[:, :label_bytes], table[:, label_bytes:]
+
+
+def _to_dataset(pixels: npt.NDArray[np.uint8], labels: npt.NDArray[Any]) -> TensorDataset:
+    images = np.ascontiguousarray(pixels).reshape(-1, 3, 32, 32)
+    x = torch.as_tensor(images.copy()).to(torch.float32).div_(255.0)
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64).copy())
+    return TensorDataset(x, y)
+
+
+def _load_python(paths: Sequence[Path], label_key: bytes, num_classes: int) -> TensorDataset:
+    pixels: list[npt.NDArray[np.uint8]] = []
+    labels: list[npt.NDArray[np.int64]] = []
+    for path in paths:
+        name = str(path)
+        batch = _unpickle(path)
+        for key in (b"data", label_key):
+            if key not in batch:
+                raise ValueError(f"{name}: missing key {key!r}")
+        data = _pixels_from_pickle(name, batch[b"data"])
+        y = _labels_from_pickle(name, label_key, batch[label_key], data.shape[0])
+        _check_range(name, y, num_classes, label_key.decode())
+        pixels.append(data)
+        labels.append(y)
+    return _to_dataset(np.concatenate(pixels), np.concatenate(labels))
+
+
+def _load_binary(
+    paths: Sequence[Path], label_column: int, label_bytes: int, num_classes: int, what: str
+) -> TensorDataset:
+    pixels: list[npt.NDArray[np.uint8]] = []
+    labels: list[npt.NDArray[np.int64]] = []
+    for path in paths:
+        label_table, data = _read_binary(path, label_bytes)
+        y = label_table[:, label_column].astype(np.int64)
+        _check_range(str(path), y, num_classes, what)
+        pixels.append(data)
+        labels.append(y)
+    return _to_dataset(np.concatenate(pixels), np.concatenate(labels))
+
+
+# --------------------------------------------------------------------------------------------
+# Locating the files
+# --------------------------------------------------------------------------------------------
+
+_Format = Literal["python", "binary"]
+
+
+def _locate(
+    directory: str | os.PathLike[str],
+    dataset: str,
+    subfolders: dict[_Format, str],
+    files: dict[_Format, tuple[list[str], list[str]]],
+) -> tuple[_Format, list[Path], list[Path]]:
+    """The format and the (train, test) files of a CIFAR directory or its usual subfolder.
+
+    A format is chosen where its test file exists; every one of its files must then exist.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{dataset} directory not found: {root}")
+    tried: list[str] = []
+    for fmt, sub in subfolders.items():
+        for folder in (root, root / sub):
+            train_names, test_names = files[fmt]
+            if not (folder / test_names[0]).is_file():
+                tried.append(f"{folder / test_names[0]} ({fmt} format)")
+                continue
+            train = [folder / n for n in train_names]
+            test = [folder / n for n in test_names]
+            missing = [str(p) for p in train + test if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{dataset} ({fmt} format) in {folder}: missing {', '.join(missing)}"
+                )
+            return fmt, train, test
+    raise FileNotFoundError(f"{dataset} files not found; tried {'; '.join(tried)}")
+
+
+def load_cifar10(directory: str | os.PathLike[str]) -> tuple[TensorDataset, TensorDataset]:
+    """Load CIFAR-10 ``(train, test)`` from ``directory`` (or its ``cifar-10-batches-py`` /
+    ``cifar-10-batches-bin`` subfolder), python or binary format.
+
+    Python format: ``data_batch_1`` .. ``data_batch_5`` and ``test_batch``; binary format: the
+    same names with ``.bin``. Inputs are float32 ``(N, 3, 32, 32)`` in ``[0, 1]``; labels int64
+    in ``[0, 10)``. Any number of records per file is accepted (so tiny test files work).
+
+    Raises:
+        FileNotFoundError: The directory or one of the files is missing.
+        ValueError: A file is malformed (refused or corrupt pickle, wrong shapes or dtype,
+            label out of range, truncated binary file).
+    """
+    train_names = [f"data_batch_{i}" for i in range(1, 6)]
+    fmt, train, test = _locate(
+        directory,
+        "CIFAR-10",
+        {"python": "cifar-10-batches-py", "binary": "cifar-10-batches-bin"},
+        {
+            "python": (train_names, ["test_batch"]),
+            "binary": ([n + ".bin" for n in train_names], ["test_batch.bin"]),
+        },
+    )
+    if fmt == "python":
+        return _load_python(train, b"labels", 10), _load_python(test, b"labels", 10)
+    return _load_binary(train, 0, 1, 10, "class"), _load_binary(test, 0, 1, 10, "class")
+
+
+def load_cifar100(
+    directory: str | os.PathLike[str], *, label: Literal["fine", "coarse"] = "fine"
+) -> tuple[TensorDataset, TensorDataset]:
+    """Load CIFAR-100 ``(train, test)`` from ``directory`` (or its ``cifar-100-python`` /
+    ``cifar-100-binary`` subfolder), python (``train``, ``test``) or binary (``train.bin``,
+    ``test.bin``) format.
+
+    ``label`` picks the 100 fine classes or the 20 coarse superclasses. Inputs are float32
+    ``(N, 3, 32, 32)`` in ``[0, 1]``; labels int64.
+
+    Raises:
+        FileNotFoundError: The directory or one of the files is missing.
+        ValueError: ``label`` is not ``"fine"`` or ``"coarse"``, or a file is malformed.
+    """
+    if label not in ("fine", "coarse"):
+        raise ValueError(f"label must be 'fine' or 'coarse', got {label!r}")
+    num_classes = 100 if label == "fine" else 20
+    fmt, train, test = _locate(
+        directory,
+        "CIFAR-100",
+        {"python": "cifar-100-python", "binary": "cifar-100-binary"},
+        {"python": (["train"], ["test"]), "binary": (["train.bin"], ["test.bin"])},
+    )
+    if fmt == "python":
+        key = f"{label}_labels".encode()
+        return _load_python(train, key, num_classes), _load_python(test, key, num_classes)
+    column = 1 if label == "fine" else 0  # record: coarse byte, fine byte, pixels
+    return (
+        _load_binary(train, column, 2, num_classes, label),
+        _load_binary(test, column, 2, num_classes, label),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Download and extraction (opt-in, never called by the loaders)
+# --------------------------------------------------------------------------------------------
+
+
+def _digest_of(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm, usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(
+    url: str,
+    destination: str | os.PathLike[str],
+    sha256: str | None = None,
+    *,
+    md5: str | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Download ``url`` to ``destination``, verified against exactly one of ``sha256``/``md5``.
+
+    The body is streamed into a temporary file next to ``destination``, fsynced, checked and
+    then moved into place with `os.replace`, so ``destination`` is either absent, its previous
+    content, or the complete verified file, never a partial one. If ``destination`` already
+    holds content with the expected digest, nothing is downloaded. Only ``http``, ``https``
+    and ``file`` URLs are accepted.
+
+    Returns:
+        ``destination`` as a `Path`.
+
+    Raises:
+        ValueError: Not exactly one digest given, a malformed digest, an unsupported URL
+            scheme, or a digest mismatch (the downloaded file is discarded).
+        OSError: The download itself failed (``urllib.error.URLError`` and friends).
+    """
+    if (sha256 is None) == (md5 is None):
+        raise ValueError("download needs exactly one of sha256= or md5=")
+    algorithm, expected, length = (
+        ("sha256", sha256, 64) if sha256 is not None else ("md5", md5 or "", 32)
+    )
+    expected = (expected or "").strip().lower()
+    if len(expected) != length or any(c not in "0123456789abcdef" for c in expected):
+        raise ValueError(f"{algorithm} must be {length} hex digits, got {expected!r}")
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https", "file"):
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {url!r}")
+
+    target = Path(destination)
+    if target.is_file() and _digest_of(target, algorithm) == expected:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    temp = Path(temp_name)
+    try:
+        h = hashlib.new(algorithm, usedforsecurity=False)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            while chunk := resp.read(_CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        got = h.hexdigest()
+        if got != expected:
+            raise ValueError(f"{url}: {algorithm} mismatch, expected {expected}, got {got}")
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    return target
+
+
+def _check_member(archive: str, member: tarfile.TarInfo) -> None:
+    """Refuse absolute paths, ``..`` components, links leaving the tree and special files."""
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or posixpath.isabs(name) or ".." in name.split("/"):
+        raise ValueError(f"{archive}: unsafe member path {member.name!r}")
+    if member.issym() or member.islnk():
+        link = member.linkname.replace("\\", "/")
+        if link.startswith("/"):
+            raise ValueError(f"{archive}: member {member.name!r} links to absolute {link!r}")
+        base = posixpath.dirname(name) if member.issym() else ""
+        resolved = posixpath.normpath(posixpath.join(base, link))
+        if resolved == ".." or resolved.startswith("../"):
+            raise ValueError(f"{archive}: member {member.name!r} links outside to {link!r}")
+    elif not (member.isfile() or member.isdir()):
+        raise ValueError(f"{archive}: member {member.name!r} is not a regular file or folder")
+
+
+def extract_tar(archive: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:
+    """Safely extract a (possibly gzip-compressed) tar ``archive`` into ``directory``.
+
+    Every member is checked first (no absolute paths, no ``..`` components, no links out of
+    the tree, no devices); then extraction uses tarfile's ``"data"`` filter where available.
+
+    Returns:
+        ``directory`` as a `Path`.
+
+    Raises:
+        FileNotFoundError: ``archive`` does not exist.
+        ValueError: The archive is corrupt or holds an unsafe member (nothing is extracted).
+    """
+    name = os.fspath(archive)
+    root = Path(directory)
+    if not Path(name).is_file():
+        raise FileNotFoundError(f"tar archive not found: {name}")
+    try:
+        with tarfile.open(name, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                _check_member(name, member)
+            root.mkdir(parents=True, exist_ok=True)
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(root, members=members, filter="data")
+            else:  # pragma: no cover - Python without PEP 706; members were checked above
+                tar.extractall(root, members=members)
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{name}: corrupt archive ({type(e).__name__}: {e})") from e
+    return root

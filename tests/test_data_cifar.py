@@ -1,0 +1,458 @@
+"""Tests for the CIFAR loaders (python and binary formats), the restricted unpickler, the
+verified download helper and the safe tar extractor. All files are tiny fakes in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+from blazefl_fn.data.cifar import (
+    CIFAR10_PYTHON_MD5,
+    CIFAR100_PYTHON_MD5,
+    download,
+    extract_tar,
+    load_cifar10,
+    load_cifar100,
+)
+
+PIXELS = 3072
+
+
+def fake_pixels(n: int, offset: int = 0) -> npt.NDArray[np.uint8]:
+    """Rows in CIFAR order with value ``(i + 3 c + 5 r + 7 col) % 256`` at channel c, row r, col."""
+    i, c, r, col = np.meshgrid(
+        np.arange(n) + offset, np.arange(3), np.arange(32), np.arange(32), indexing="ij"
+    )
+    return ((i + 3 * c + 5 * r + 7 * col) % 256).astype(np.uint8).reshape(n, PIXELS)
+
+
+def expected_images(n: int, offset: int = 0) -> torch.Tensor:
+    i, c, r, col = torch.meshgrid(
+        torch.arange(n) + offset,
+        torch.arange(3),
+        torch.arange(32),
+        torch.arange(32),
+        indexing="ij",
+    )
+    return ((i + 3 * c + 5 * r + 7 * col) % 256).to(torch.float32) / 255.0
+
+
+def dump(path: Path, obj: object) -> None:
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+
+
+def cifar10_python(directory: Path, n: int = 4, n_test: int = 3) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for b in range(1, 6):
+        labels = [(b + k) % 10 for k in range(n)]
+        dump(
+            directory / f"data_batch_{b}",
+            {b"batch_label": b"training batch", b"data": fake_pixels(n, 10 * b), b"labels": labels},
+        )
+    dump(directory / "test_batch", {b"data": fake_pixels(n_test), b"labels": list(range(n_test))})
+    return directory
+
+
+def cifar10_binary(directory: Path, n: int = 4, n_test: int = 3) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for b in range(1, 6):
+        labels = np.array([(b + k) % 10 for k in range(n)], dtype=np.uint8)
+        records = np.concatenate([labels[:, None], fake_pixels(n, 10 * b)], axis=1)
+        (directory / f"data_batch_{b}.bin").write_bytes(records.tobytes())
+    labels = np.arange(n_test, dtype=np.uint8)
+    records = np.concatenate([labels[:, None], fake_pixels(n_test)], axis=1)
+    (directory / "test_batch.bin").write_bytes(records.tobytes())
+    return directory
+
+
+def cifar100_labels(n: int) -> tuple[list[int], list[int]]:
+    fine = [(7 * k) % 100 for k in range(n)]
+    return fine, [f // 5 for f in fine]
+
+
+def cifar100_python(directory: Path, n: int = 5, n_test: int = 3) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, count in (("train", n), ("test", n_test)):
+        fine, coarse = cifar100_labels(count)
+        dump(
+            directory / name,
+            {b"data": fake_pixels(count), b"fine_labels": fine, b"coarse_labels": coarse},
+        )
+    return directory
+
+
+def cifar100_binary(directory: Path, n: int = 5, n_test: int = 3) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, count in (("train.bin", n), ("test.bin", n_test)):
+        fine, coarse = cifar100_labels(count)
+        labels = np.stack([np.array(coarse), np.array(fine)], axis=1).astype(np.uint8)
+        records = np.concatenate([labels, fake_pixels(count)], axis=1)
+        (directory / name).write_bytes(records.tobytes())
+    return directory
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+@pytest.mark.parametrize(
+    ("make", "sub"),
+    [
+        (cifar10_python, ""),
+        (cifar10_binary, ""),
+        (cifar10_python, "cifar-10-batches-py"),
+        (cifar10_binary, "cifar-10-batches-bin"),
+    ],
+)
+def test_cifar10_round_trip(tmp_path: Path, make: Any, sub: str) -> None:
+    make(tmp_path / sub if sub else tmp_path, n=4, n_test=3)
+    train, test = load_cifar10(tmp_path)
+    assert train.x.shape == (20, 3, 32, 32)
+    assert train.x.dtype == torch.float32
+    assert train.y.dtype == torch.int64
+    assert test.x.shape == (3, 3, 32, 32)
+    # batches are concatenated in order 1..5; pixel order is R, G, B planes, row-major
+    for b in range(1, 6):
+        rows = slice(4 * (b - 1), 4 * b)
+        assert torch.allclose(train.x[rows], expected_images(4, 10 * b))
+        assert train.y[rows].tolist() == [(b + k) % 10 for k in range(4)]
+    assert torch.allclose(test.x, expected_images(3))
+    assert test.y.tolist() == [0, 1, 2]
+    assert float(train.x.min()) >= 0.0
+    assert float(train.x.max()) <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("make", "sub"),
+    [
+        (cifar100_python, ""),
+        (cifar100_binary, ""),
+        (cifar100_python, "cifar-100-python"),
+        (cifar100_binary, "cifar-100-binary"),
+    ],
+)
+@pytest.mark.parametrize("label", ["fine", "coarse"])
+def test_cifar100_round_trip(tmp_path: Path, make: Any, sub: str, label: str) -> None:
+    make(tmp_path / sub if sub else tmp_path, n=5, n_test=3)
+    train, test = load_cifar100(tmp_path, label=label)  # type: ignore[arg-type]
+    fine, coarse = cifar100_labels(5)
+    assert train.x.shape == (5, 3, 32, 32)
+    assert torch.allclose(train.x, expected_images(5))
+    assert torch.allclose(test.x, expected_images(3))
+    assert train.y.dtype == torch.int64
+    assert train.y.tolist() == (fine if label == "fine" else coarse)
+
+
+def test_numpy1_python2_style_pickle(tmp_path: Path) -> None:
+    """Real CIFAR batches name ``numpy.core.multiarray._reconstruct``; loading must resolve it
+    without importing numpy.core (which warns on numpy 2, and warnings are errors here)."""
+    d = cifar10_python(tmp_path, n=2, n_test=2)
+    for path in d.iterdir():
+        raw = path.read_bytes().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+        assert b"numpy.core.multiarray" in raw
+        path.write_bytes(raw)
+    train, _ = load_cifar10(d)
+    assert torch.allclose(train.x[:2], expected_images(2, 10))
+
+
+def test_missing_directory_and_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="directory not found"):
+        load_cifar10(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="test_batch"):
+        load_cifar10(tmp_path)
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        load_cifar100(tmp_path)
+    cifar10_python(tmp_path)
+    (tmp_path / "data_batch_3").unlink()
+    with pytest.raises(FileNotFoundError, match="data_batch_3"):
+        load_cifar10(tmp_path)
+
+
+def test_bad_label_kind(tmp_path: Path) -> None:
+    cifar100_python(tmp_path)
+    with pytest.raises(ValueError, match="label must be"):
+        load_cifar100(tmp_path, label="medium")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ({b"data": np.zeros((2, 3071), np.uint8), b"labels": [0, 1]}, "shape"),
+        ({b"data": np.zeros((2, PIXELS), np.float32), b"labels": [0, 1]}, "uint8"),
+        ({b"data": np.zeros((2, PIXELS), np.uint8), b"labels": [0]}, "2 images but 1 labels"),
+        ({b"data": np.zeros((2, PIXELS), np.uint8), b"labels": [0, 10]}, "label 10"),
+        ({b"data": np.zeros((2, PIXELS), np.uint8), b"labels": [-1, 0]}, "label -1"),
+        ({b"data": np.zeros((2, PIXELS), np.uint8), b"labels": [0.5, 1.0]}, "ints"),
+        ({b"data": np.zeros((0, PIXELS), np.uint8), b"labels": []}, "no images"),
+        ({b"data": [[0] * PIXELS], b"labels": [0]}, "numpy array"),
+        ({b"labels": [0]}, "missing key"),
+        ([1, 2, 3], "expected a pickled dict"),
+    ],
+)
+def test_malformed_python_batch(tmp_path: Path, batch: object, message: str) -> None:
+    cifar10_python(tmp_path, n=2, n_test=2)
+    dump(tmp_path / "test_batch", batch)
+    with pytest.raises(ValueError, match=message) as info:
+        load_cifar10(tmp_path)
+    assert "test_batch" in str(info.value)
+
+
+def test_corrupt_pickle(tmp_path: Path) -> None:
+    cifar10_python(tmp_path, n=2, n_test=2)
+    raw = (tmp_path / "data_batch_2").read_bytes()
+    (tmp_path / "data_batch_2").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="data_batch_2: corrupt pickle"):
+        load_cifar10(tmp_path)
+    (tmp_path / "data_batch_2").write_bytes(b"not a pickle at all")
+    with pytest.raises(ValueError, match="corrupt pickle"):
+        load_cifar10(tmp_path)
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    cifar10_python(tmp_path / "d", n=2, n_test=2)
+    dump(tmp_path / "d" / "test_batch", {b"data": _Evil(marker), b"labels": [0]})
+    with pytest.raises(ValueError, match=r"refusing to unpickle \w+\.system") as info:
+        load_cifar10(tmp_path / "d")
+    assert "test_batch" in str(info.value)
+    assert "not part of a CIFAR batch" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (  # builtins.eval("1+1")
+            b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x001+1\x85R.",
+            r"refusing to unpickle builtins\.eval",
+        ),
+        (  # _codecs.encode("a", "rot13"): only the latin1 use is allowed
+            b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x05\x00\x00\x00rot13\x86R.",
+            "only allowed on str with latin1",
+        ),
+        (  # numpy.dtype("O"): object arrays could smuggle arbitrary objects
+            b"\x80\x02cnumpy\ndtype\nX\x01\x00\x00\x00O\x85R.",
+            "object dtype",
+        ),
+    ],
+)
+def test_other_globals_are_refused(tmp_path: Path, payload: bytes, message: str) -> None:
+    cifar10_python(tmp_path, n=2, n_test=2)
+    (tmp_path / "test_batch").write_bytes(payload)
+    with pytest.raises(ValueError, match=message) as info:
+        load_cifar10(tmp_path)
+    assert "test_batch" in str(info.value)
+
+
+def test_truncated_binary(tmp_path: Path) -> None:
+    cifar10_binary(tmp_path, n=2, n_test=2)
+    path = tmp_path / "test_batch.bin"
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(ValueError, match=r"test_batch\.bin: truncated"):
+        load_cifar10(tmp_path)
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        load_cifar10(tmp_path)
+
+
+def test_binary_label_out_of_range(tmp_path: Path) -> None:
+    cifar10_binary(tmp_path, n=2, n_test=2)
+    path = tmp_path / "data_batch_4.bin"
+    raw = bytearray(path.read_bytes())
+    raw[PIXELS + 1] = 12  # label byte of the second record
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"data_batch_4\.bin: class label 12"):
+        load_cifar10(tmp_path)
+
+
+def test_cifar100_binary_checks_each_label_kind(tmp_path: Path) -> None:
+    cifar100_binary(tmp_path, n=2, n_test=2)
+    path = tmp_path / "train.bin"
+    raw = bytearray(path.read_bytes())
+    raw[0] = 25  # coarse label of record 0: out of range; its fine label is untouched
+    path.write_bytes(bytes(raw))
+    load_cifar100(tmp_path, label="fine")
+    with pytest.raises(ValueError, match=r"train\.bin: coarse label 25 is not in \[0, 20\)"):
+        load_cifar100(tmp_path, label="coarse")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="3074-byte record"):
+        load_cifar100(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Download
+
+
+def test_md5_constants_look_right() -> None:
+    assert len(CIFAR10_PYTHON_MD5) == 32
+    assert len(CIFAR100_PYTHON_MD5) == 32
+
+
+def _source(tmp_path: Path, payload: bytes = b"hello cifar" * 1000) -> tuple[str, bytes]:
+    src = tmp_path / "src" / "archive.bin"
+    src.parent.mkdir()
+    src.write_bytes(payload)
+    return src.as_uri(), payload
+
+
+def test_download_sha256_and_md5(tmp_path: Path) -> None:
+    url, payload = _source(tmp_path)
+    out = tmp_path / "out"
+    got = download(url, out / "a.bin", hashlib.sha256(payload).hexdigest())
+    assert got == out / "a.bin"
+    assert got.read_bytes() == payload
+    got = download(url, out / "b.bin", md5=hashlib.md5(payload).hexdigest().upper())
+    assert got.read_bytes() == payload
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
+
+
+def test_download_skips_existing_verified_file(tmp_path: Path) -> None:
+    dest = tmp_path / "a.bin"
+    dest.write_bytes(b"already here")
+    missing = (tmp_path / "missing").as_uri()  # fetching it would fail
+    sha = hashlib.sha256(b"already here").hexdigest()
+    assert download(missing, dest, sha) == dest
+
+
+def test_download_mismatch_leaves_nothing(tmp_path: Path) -> None:
+    url, _ = _source(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.bin").write_bytes(b"old content")
+    with pytest.raises(ValueError, match=r"sha256 mismatch, expected 0{64}, got [0-9a-f]{64}"):
+        download(url, out / "a.bin", "0" * 64)
+    assert [p.name for p in out.iterdir()] == ["a.bin"]
+    assert (out / "a.bin").read_bytes() == b"old content"
+    with pytest.raises(ValueError, match="md5 mismatch"):
+        download(url, out / "b.bin", md5="f" * 32)
+    assert [p.name for p in out.iterdir()] == ["a.bin"]
+
+
+def test_download_failure_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(urllib.error.URLError):
+        download((tmp_path / "missing").as_uri(), out / "a.bin", "0" * 64)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "exactly one"),
+        ({"sha256": "0" * 64, "md5": "0" * 32}, "exactly one"),
+        ({"sha256": "abc"}, "64 hex digits"),
+        ({"md5": "z" * 32}, "32 hex digits"),
+    ],
+)
+def test_download_argument_errors(tmp_path: Path, kwargs: dict[str, str], message: str) -> None:
+    url, _ = _source(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        download(url, tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+def test_download_rejects_other_schemes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="scheme 'ftp'"):
+        download("ftp://example.invalid/x", tmp_path / "x", "0" * 64)
+
+
+# --------------------------------------------------------------------------------------------
+# Tar extraction
+
+
+def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return path
+
+
+def _file(name: str) -> tarfile.TarInfo:
+    return tarfile.TarInfo(name)
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+def test_download_extract_and_load_end_to_end(tmp_path: Path) -> None:
+    src = cifar10_python(tmp_path / "build" / "cifar-10-batches-py", n=2, n_test=2)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src, arcname="cifar-10-batches-py")
+    sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+    local = download(archive.as_uri(), tmp_path / "cache" / archive.name, sha)
+    root = extract_tar(local, tmp_path / "data")
+    train, test = load_cifar10(root)
+    assert len(train) == 10
+    assert len(test) == 2
+
+
+@pytest.mark.parametrize(
+    ("member", "message"),
+    [
+        ((_file("/etc/evil"), b"x"), "unsafe member path"),
+        ((_file("a/../../evil"), b"x"), "unsafe member path"),
+        ((_file("../evil"), b"x"), "unsafe member path"),
+        ((_link("a/link", "../../outside"), None), "links outside"),
+        ((_link("link", "/etc/passwd"), None), "absolute"),
+        ((_link("hard", "../x", tarfile.LNKTYPE), None), "links outside"),
+        ((_link("dev", "", tarfile.CHRTYPE), None), "not a regular file"),
+    ],
+)
+def test_extract_rejects_unsafe_members(
+    tmp_path: Path, member: tuple[tarfile.TarInfo, bytes | None], message: str
+) -> None:
+    archive = _tar(tmp_path / "a.tar.gz", [(_file("ok.txt"), b"fine"), member])
+    out = tmp_path / "deep" / "out"
+    with pytest.raises(ValueError, match=message):
+        extract_tar(archive, out)
+    assert not out.exists()  # nothing extracted, not even the safe member
+    assert not (tmp_path / "evil").exists()
+    assert not (tmp_path / "deep" / "evil").exists()
+
+
+def test_extract_safe_archive_with_internal_link(tmp_path: Path) -> None:
+    archive = _tar(
+        tmp_path / "a.tar.gz",
+        [(_file("d/ok.txt"), b"fine"), (_link("d/alias", "ok.txt"), None)],
+    )
+    out = extract_tar(archive, tmp_path / "out")
+    assert (out / "d" / "ok.txt").read_bytes() == b"fine"
+    assert (out / "d" / "alias").read_bytes() == b"fine"
+
+
+def test_extract_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not found"):
+        extract_tar(tmp_path / "missing.tar.gz", tmp_path / "out")
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"\x1f\x8b garbage")
+    with pytest.raises(ValueError, match=r"bad\.tar\.gz: corrupt archive"):
+        extract_tar(bad, tmp_path / "out")
