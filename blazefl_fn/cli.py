@@ -10,23 +10,29 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, TextIO
+from typing import Any, NoReturn
 
+import attrs
+
+from .checkpoint import read_config
 from .data.partition import partition_report
 from .keys import Key
-from .records import RoundReport
+from .metrics_log import MetricsLog
+from .plot import plot_runs
+from .progress import progress_callback
 from .run import (
     ALGORITHMS,
     DATASETS,
     EXECUTORS,
     MODELS,
     PARTITIONS,
-    RoundCallback,
     RunConfig,
+    config_from_dict,
     load_central,
     simulate,
     split,
 )
+from .runner import Callback
 
 __all__ = ["main"]
 
@@ -43,7 +49,14 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _parser() -> _Parser:
+class _Suppressed:
+    """Stands in for `RunConfig` defaults so that only flags given on the command line parse."""
+
+    def __getattr__(self, name: str) -> str:
+        return argparse.SUPPRESS
+
+
+def _parser(*, only_given: bool = False) -> _Parser:
     parser = _Parser(prog=PROG, description="Fast, deterministic federated-learning simulation.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser(
@@ -51,11 +64,13 @@ def _parser() -> _Parser:
         help="run a federated simulation",
         description="Run a federated simulation and report test accuracy.",
     )
-    defaults = RunConfig()
+    defaults: Any = _Suppressed() if only_given else RunConfig()
     run.add_argument("--algorithm", choices=ALGORITHMS, default=defaults.algorithm)
     run.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
     run.add_argument(
-        "--data-dir", help="directory of the dataset files (MNIST IDX, CIFAR python or binary)"
+        "--data-dir",
+        default=defaults.data_dir,
+        help="directory of the dataset files (MNIST IDX, CIFAR python or binary)",
     )
     run.add_argument(
         "--model",
@@ -87,6 +102,7 @@ def _parser() -> _Parser:
     run.add_argument(
         "--augment",
         action="store_true",
+        default=defaults.augment,
         help="CIFAR recipe: random crop (padding 4) and horizontal flip, from the client's key",
     )
     run.add_argument(
@@ -102,10 +118,49 @@ def _parser() -> _Parser:
         help="Synthetic(alpha, beta): data heterogeneity",
     )
     run.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=defaults.target_accuracy,
+        metavar="A",
+        help="stop early once the test accuracy reaches A",
+    )
+    run.add_argument(
+        "--eval-clients",
+        action="store_true",
+        default=defaults.eval_clients,
+        help="also evaluate the global model on every client's data (mean and 10th percentile)",
+    )
+    run.add_argument(
         "--json",
         action="store_true",
         help="print one JSON object with the final results on stdout (progress goes to stderr)",
     )
+    run.add_argument("--quiet", action="store_true", help="print no progress")
+    run.add_argument(
+        "--metrics", metavar="FILE", help="append one JSON line per round to FILE (JSON Lines)"
+    )
+    run.add_argument("--checkpoint-dir", metavar="DIR", help="save checkpoints into DIR")
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="rounds between checkpoints (also saved after the last round and on Ctrl-C)",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run checkpointed in DIR (its settings; flags may change only "
+        "executor, workers, rounds, eval-every, target-accuracy, eval-clients)",
+    )
+    plot = commands.add_parser(
+        "plot",
+        help="plot accuracy and loss curves from metrics logs",
+        description="Draw test accuracy, test loss and train loss per round of one or more runs.",
+    )
+    plot.add_argument("logs", nargs="+", metavar="METRICS.jsonl", help="metrics logs (--metrics)")
+    plot.add_argument("-o", "--output", required=True, help="image file (.png, .svg, .pdf)")
+    plot.add_argument("--labels", help="comma-separated legend labels, one per log")
     part = commands.add_parser(
         "partition",
         help="print how a dataset is split over clients",
@@ -120,11 +175,11 @@ def _parser() -> _Parser:
     return parser
 
 
-def _add_partition_flags(parser: argparse.ArgumentParser, defaults: RunConfig) -> None:
+def _add_partition_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:
     parser.add_argument(
         "--partition",
         choices=PARTITIONS,
-        default=None,
+        default=defaults.partition,
         help="how image datasets are split over clients (default iid)",
     )
     parser.add_argument(
@@ -166,55 +221,58 @@ def _partition(args: argparse.Namespace, config: RunConfig) -> int:
     return 0
 
 
+_CONFIG_FIELDS = tuple(f.name for f in attrs.fields(RunConfig))
+
+
 def _config(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(
-        algorithm=args.algorithm,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        model=args.model,
-        clients=args.clients,
-        clients_per_round=args.clients_per_round,
-        rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        executor=args.executor,
-        workers=args.workers,
-        threads=args.threads,
-        eval_every=args.eval_every,
-        synthetic_alpha=args.synthetic_alpha,
-        synthetic_beta=args.synthetic_beta,
-        partition=args.partition,
-        alpha=args.alpha,
-        shards_per_client=args.shards_per_client,
-        augment=args.augment,
-    )
+    return RunConfig(**{name: getattr(args, name) for name in _CONFIG_FIELDS})
 
 
-def _progress(out: TextIO, total: int) -> RoundCallback:
-    width = len(str(total))
+class _DataError(Exception):
+    """A missing or unreadable file met while reading the command line (exit status 1)."""
 
-    def on_round(report: RoundReport, metrics: dict[str, float] | None) -> None:
-        line = (
-            f"round {report.round + 1:>{width}}/{total}  clients {len(report.clients)}"
-            f"  train_loss {report.train_metrics.get('loss', float('nan')):.4f}"
-        )
-        if metrics is not None:
-            line += f"  test_acc {metrics['accuracy']:.4f}  test_loss {metrics['loss']:.4f}"
-        out.write(f"{line}  {report.seconds:.2f}s\n")
-        out.flush()
 
-    return on_round
+def _stored_config(resume: str) -> RunConfig:
+    try:
+        return config_from_dict(read_config(resume))
+    except (OSError, ValueError) as exc:
+        raise _DataError from exc
+
+
+def _resumed_config(argv: Sequence[str] | None, stored: RunConfig) -> RunConfig:
+    """The checkpoint's config with the flags given on the command line applied over it."""
+    given = vars(_parser(only_given=True).parse_args(argv))
+    return attrs.evolve(stored, **{k: v for k, v in given.items() if k in _CONFIG_FIELDS})
 
 
 def _run(args: argparse.Namespace, config: RunConfig) -> int:
     progress = sys.stderr if args.json else sys.stdout
-    result = simulate(config, _progress(progress, config.rounds))
+    callbacks: list[Callback] = [progress_callback(progress, quiet=args.quiet)]
+    if args.metrics is not None:
+        callbacks.append(MetricsLog(args.metrics))
+    checkpoint_dir = args.checkpoint_dir if args.checkpoint_dir is not None else args.resume
+    try:
+        result = simulate(
+            config,
+            callbacks,
+            resume=args.resume,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=args.checkpoint_every,
+        )
+    except KeyboardInterrupt:
+        if checkpoint_dir is not None:
+            print(
+                f"{PROG}: interrupted; checkpoint saved in {checkpoint_dir} "
+                f"(continue with --resume {checkpoint_dir})",
+                file=sys.stderr,
+            )
+            return 130
+        raise
     summary = {
         "algorithm": config.algorithm,
         "dataset": config.dataset,
-        "rounds": len(result.reports),
+        "rounds": result.state.round,
+        "stopped_early": result.stopped_early,
         "clients": config.clients,
         "clients_per_round": config.clients_per_round,
         "seed": config.seed,
@@ -222,6 +280,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
         "executor": config.executor,
         "workers": config.workers,
         "accuracy": result.accuracy,
+        "metrics": dict(result.metrics),
         "loss": result.loss,
         "params_sha256": result.params_sha256,
         "wall_seconds": round(result.wall_seconds, 3),
@@ -238,17 +297,39 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    labels = None if args.labels is None else args.labels.split(",")
+    out = plot_runs(args.logs, args.output, labels)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     try:
         args = _parser().parse_args(argv)
-        config = _config(args) if args.command == "run" else _partition_config(args)
-    except (UsageError, ValueError) as exc:
+        if args.command == "run":
+            if args.checkpoint_every < 1:
+                raise ValueError(
+                    f"checkpoint-every must be an integer >= 1, got {args.checkpoint_every}"
+                )
+            if args.resume is None:
+                config = _config(args)
+            else:
+                config = _resumed_config(argv, _stored_config(args.resume))
+        else:
+            config = _partition_config(args) if args.command == "partition" else RunConfig()
+    except (UsageError, ValueError, TypeError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except _DataError as exc:
+        print(f"{PROG}: error: {exc.__cause__}", file=sys.stderr)
+        return 1
     try:
+        if args.command == "plot":
+            return _plot(args)
         return _run(args, config) if args.command == "run" else _partition(args, config)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, ImportError) as exc:
         # Bad or missing data files: the loaders' messages name the file and the problem.
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -19,7 +20,7 @@ from .data.transforms import Transform
 from .keys import Key
 from .tree import Params, from_module
 
-__all__ = ["LocalSGD", "evaluate", "train_local"]
+__all__ = ["LocalSGD", "evaluate", "evaluate_clients", "train_local"]
 
 
 @attrs.frozen
@@ -112,3 +113,41 @@ def evaluate(
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
     return {"accuracy": correct / len(data), "loss": loss_sum / len(data)}
+
+
+def evaluate_clients(
+    template: torch.nn.Module,
+    params: Params,
+    clients: Sequence[ClientData],
+    batch_size: int = 1000,
+) -> dict[str, float]:
+    """How well ``params`` fits each client's own data, summarised over clients.
+
+    Returns:
+        ``client_accuracy`` (mean over clients weighted by their examples),
+        ``client_accuracy_uniform`` (every client counts once) and ``client_accuracy_p10``
+        (the 10th percentile over clients: how the worst-served clients fare). Clients without
+        data are skipped.
+
+    Raises:
+        ValueError: every client is empty.
+    """
+    accuracies: list[float] = []
+    sizes: list[int] = []
+    for client in clients:
+        if len(client) == 0:
+            continue
+        rows = client.indices
+        local = TensorDataset(client.base.x[rows], client.base.y[rows])
+        accuracies.append(evaluate(template, params, local, batch_size)["accuracy"])
+        sizes.append(len(client))
+    if not accuracies:
+        raise ValueError("cannot evaluate clients: every client is empty")
+    ordered = sorted(accuracies)
+    # The nearest-rank percentile: an observed client's accuracy, not an interpolation.
+    p10 = ordered[max(0, math.ceil(0.1 * len(ordered)) - 1)]
+    return {
+        "client_accuracy": sum(a * n for a, n in zip(accuracies, sizes, strict=True)) / sum(sizes),
+        "client_accuracy_uniform": sum(accuracies) / len(accuracies),
+        "client_accuracy_p10": p10,
+    }

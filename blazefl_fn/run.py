@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
 
 from ._validators import finite_number, int_at_least, one_of
 from .algorithms.fedavg import fedavg
+from .checkpoint import CheckpointWriter, load_checkpoint, read_config
 from .data.cifar import load_cifar10, load_cifar100
 from .data.datasets import ClientData, FederatedDataset, TensorDataset
 from .data.mnist import load_mnist
@@ -37,11 +40,12 @@ from .executors.processes import Processes
 from .executors.sequential import Sequential
 from .executors.threads import Threads
 from .keys import Key
-from .local import LocalSGD, evaluate
+from .local import LocalSGD, evaluate, evaluate_clients
 from .models import cnn, logistic_regression, mlp
 from .records import RoundReport, ServerState
 from .reproducibility import ModelFactory, build_module, intra_op_threads
 from .round import RoundFn, make_round
+from .runner import Callback, EarlyStop, run_loop
 from .tree import digest
 
 __all__ = [
@@ -50,9 +54,12 @@ __all__ = [
     "EXECUTORS",
     "MODELS",
     "PARTITIONS",
-    "RoundCallback",
+    "RESUMABLE_CHANGES",
     "RunConfig",
     "RunResult",
+    "check_resumable",
+    "config_dict",
+    "config_from_dict",
     "load_central",
     "load_federation",
     "make_executor",
@@ -104,6 +111,10 @@ class RunConfig:
     alpha: float = attrs.field(default=0.5, validator=finite_number(positive=True))
     shards_per_client: int = attrs.field(default=2, validator=int_at_least(1))
     augment: bool = False
+    target_accuracy: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True))
+    )
+    eval_clients: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.clients_per_round > self.clients:
@@ -136,6 +147,8 @@ class RunResult:
     loss: float
     params_sha256: str
     wall_seconds: float
+    metrics: Mapping[str, float] = attrs.field(factory=dict[str, float])
+    stopped_early: bool = False
 
 
 def _channel_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -249,29 +262,109 @@ def run_rounds(
     return state, tuple(reports)
 
 
-RoundCallback = Callable[[RoundReport, "dict[str, float] | None"], None]
-"""Called after each round with its report and the test metrics when evaluated."""
+# Settings that change how a run is executed or observed but not the bits it computes: a
+# checkpoint may be resumed with different values of these.
+RESUMABLE_CHANGES = frozenset(
+    {"executor", "workers", "rounds", "eval_every", "target_accuracy", "eval_clients"}
+)
 
 
-def simulate(config: RunConfig, on_round: RoundCallback | None = None) -> RunResult:
-    """Run the simulation ``config`` describes.
+def config_dict(config: RunConfig) -> dict[str, Any]:
+    """``config`` as a JSON-serialisable dict (what checkpoints store)."""
+    return attrs.asdict(config)
+
+
+def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
+    """The `RunConfig` a `config_dict` describes.
+
+    Raises:
+        ValueError: an unknown field or an invalid value.
+    """
+    known = {f.name for f in attrs.fields(RunConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
+    return RunConfig(**values)
+
+
+def check_resumable(stored: RunConfig, requested: RunConfig) -> None:
+    """Refuse to continue a run of ``stored`` under a ``requested`` config that changes its bits.
+
+    Raises:
+        ValueError: a field outside `RESUMABLE_CHANGES` differs (the message names each).
+    """
+    old, new = config_dict(stored), config_dict(requested)
+    diffs = [
+        f"{name}={old[name]!r} (requested {new[name]!r})"
+        for name in old
+        if name not in RESUMABLE_CHANGES and old[name] != new[name]
+    ]
+    if diffs:
+        raise ValueError(
+            "the checkpoint was written by a run with other settings: " + ", ".join(diffs)
+        )
+
+
+@attrs.frozen
+class _Evaluator:
+    template: torch.nn.Module
+    data: FederatedDataset
+    per_client: bool
+
+    def __call__(self, state: ServerState) -> dict[str, float]:
+        metrics = evaluate(self.template, state.params, self.data.test)
+        if self.per_client:
+            metrics.update(evaluate_clients(self.template, state.params, self.data.clients))
+        return metrics
+
+
+def simulate(
+    config: RunConfig,
+    callbacks: Sequence[Callback] = (),
+    *,
+    resume: str | os.PathLike[str] | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 1,
+) -> RunResult:
+    """Run the simulation ``config`` describes, or continue one from a checkpoint.
 
     Args:
         config: the run's settings.
-        on_round: called after every round with its report and, every ``eval_every`` rounds
-            and after the last, the test metrics (``None`` otherwise).
+        callbacks: observers of the run loop (progress, metrics log, ...); see `Callback`.
+        resume: a checkpoint (directory or file) to continue from; its config must agree
+            with ``config`` except for `RESUMABLE_CHANGES`. The continued run gives the same
+            bits as an uninterrupted one.
+        checkpoint_dir: write a checkpoint here every ``checkpoint_every`` rounds, after the
+            last round, and on KeyboardInterrupt.
+        checkpoint_every: rounds between checkpoints (>= 1).
+
+    Raises:
+        ValueError: a bad setting, a malformed data file, or a corrupt or mismatching
+            checkpoint.
+        FileNotFoundError: a data file or the checkpoint is missing.
 
     Example:
         >>> result = simulate(RunConfig(rounds=2, clients=5, clients_per_round=2))
         >>> len(result.reports), len(result.params_sha256)
         (2, 64)
     """
+    if isinstance(checkpoint_every, bool) or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
     start = time.perf_counter()
+    if resume is not None:
+        check_resumable(config_from_dict(read_config(resume)), config)
     with intra_op_threads(config.threads):
-        return _simulate(config, on_round, start)
+        return _simulate(config, callbacks, resume, checkpoint_dir, checkpoint_every, start)
 
 
-def _simulate(config: RunConfig, on_round: RoundCallback | None, start: float) -> RunResult:
+def _simulate(
+    config: RunConfig,
+    callbacks: Sequence[Callback],
+    resume: str | os.PathLike[str] | None,
+    checkpoint_dir: str | os.PathLike[str] | None,
+    checkpoint_every: int,
+    start: float,
+) -> RunResult:
     run_key = Key.from_seed(config.seed)
     data = load_federation(config, run_key.fold_in("data"))
     model_fn = model_factory(config, data)
@@ -288,27 +381,37 @@ def _simulate(config: RunConfig, on_round: RoundCallback | None, start: float) -
     )
     template = build_module(model_fn, run_key.fold_in("template"))
     state = algorithm.init(run_key.fold_in("init"))
-    metrics: dict[str, float] = {"accuracy": math.nan, "loss": math.nan}
-
-    def after_round(new_state: ServerState, report: RoundReport) -> None:
-        nonlocal metrics
-        done = new_state.round
-        evaluated = done % config.eval_every == 0 or done == config.rounds
-        if evaluated:
-            metrics = evaluate(template, new_state.params, data.test)
-        if on_round is not None:
-            on_round(report, metrics if evaluated else None)
-
+    if resume is not None:
+        state = load_checkpoint(resume, aux_template=state.aux).state
+        if state.round > config.rounds:
+            raise ValueError(
+                f"the checkpoint has completed {state.round} rounds, more than rounds="
+                f"{config.rounds}"
+            )
+    observers = list(callbacks)
+    if checkpoint_dir is not None:
+        observers.append(CheckpointWriter(checkpoint_dir, checkpoint_every, config_dict(config)))
+    early_stop = (
+        None if config.target_accuracy is None else EarlyStop("accuracy", config.target_accuracy)
+    )
     with make_executor(config) as executor:
-        round_fn = make_round(algorithm, data.clients, executor)
-        state, reports = run_rounds(round_fn, state, run_key, config.rounds, after_round)
-    if config.rounds == 0:
-        metrics = evaluate(template, state.params, data.test)
+        loop = run_loop(
+            make_round(algorithm, data.clients, executor),
+            state,
+            run_key,
+            config.rounds,
+            evaluate=_Evaluator(template, data, config.eval_clients),
+            eval_every=config.eval_every,
+            callbacks=observers,
+            early_stop=early_stop,
+        )
     return RunResult(
-        state=state,
-        reports=reports,
-        accuracy=metrics["accuracy"],
-        loss=metrics["loss"],
-        params_sha256=digest(state.params),
+        state=loop.state,
+        reports=loop.reports,
+        accuracy=loop.metrics.get("accuracy", math.nan),
+        loss=loop.metrics.get("loss", math.nan),
+        params_sha256=digest(loop.state.params),
         wall_seconds=time.perf_counter() - start,
+        metrics=dict(loop.metrics),
+        stopped_early=loop.stopped_early,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from blazefl_fn.records import ServerState, Uplink
 from blazefl_fn.reproducibility import build_module
 from blazefl_fn.round import run_round
 from blazefl_fn.run import RunConfig, simulate
+from blazefl_fn.runner import Callback, RoundEvent
 
 SMALL = RunConfig(clients=6, clients_per_round=3, rounds=3)
 
@@ -149,11 +151,19 @@ def test_simulation_leaves_global_rng_alone() -> None:
         simulate(SMALL)
 
 
+class _OnRound(Callback):
+    def __init__(self, fn: Callable[[RoundEvent], object]) -> None:
+        self.fn = fn
+
+    def on_round_end(self, event: RoundEvent) -> None:
+        self.fn(event)
+
+
 def test_simulation_reports_rounds_and_metrics() -> None:
     seen: list[tuple[int, bool]] = []
     result = simulate(
         RunConfig(clients=6, clients_per_round=2, rounds=5, eval_every=2),
-        on_round=lambda report, metrics: seen.append((report.round, metrics is not None)),
+        [_OnRound(lambda event: seen.append((event.report.round, event.metrics is not None)))],
     )
     assert seen == [(0, False), (1, True), (2, False), (3, True), (4, True)]
     assert result.state.round == 5
@@ -230,7 +240,7 @@ def test_simulation_restores_the_callers_thread_count() -> None:
     seen: list[int] = []
     simulate(
         RunConfig(clients=4, clients_per_round=2, rounds=1, threads=1),
-        on_round=lambda report, metrics: seen.append(torch.get_num_threads()),
+        [_OnRound(lambda event: seen.append(torch.get_num_threads()))],
     )
     assert seen == [1]
     assert torch.get_num_threads() == before

@@ -1,0 +1,309 @@
+"""Checkpoints: a run's full state saved atomically and loaded without executing code.
+
+A checkpoint is one file written with `torch.save` and read back with
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers, so a
+tampered file cannot run code. It holds the server state (parameters, completed rounds and the
+algorithm's ``aux`` state, flattened to tensors and plain values), the run's configuration as a
+JSON object (the run key is derived from its seed), and the SHA-256 digest of the parameters,
+checked on load.
+
+Writes go to a temporary file in the same directory, are flushed and fsynced, then renamed over
+the old checkpoint (`os.replace`), so the file is always either the previous checkpoint or the
+complete new one, never a partial write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import attrs
+import torch
+
+from .records import ServerState
+from .runner import Callback, LoopResult, RoundEvent
+from .tree import digest
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "Checkpoint",
+    "CheckpointWriter",
+    "load_checkpoint",
+    "read_config",
+    "save_checkpoint",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_FORMAT = "blazefl_fn.checkpoint"
+_VERSION = 1
+
+
+@attrs.frozen(eq=False)
+class Checkpoint:
+    """A loaded checkpoint: the state and the configuration it was written with."""
+
+    state: ServerState
+    config: Mapping[str, Any]
+
+
+def _path(location: str | os.PathLike[str]) -> Path:
+    """The checkpoint file: ``location`` itself, or `CHECKPOINT_NAME` inside a directory."""
+    path = Path(location)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+# -- aux state as leaves ------------------------------------------------------------------------
+
+_Scalar = (int, float, bool, str, type(None))
+
+
+def _flatten(obj: object, where: str, leaves: list[object]) -> str:
+    """Append ``obj``'s leaves to ``leaves``; return a description of its structure."""
+    if isinstance(obj, torch.Tensor):
+        leaves.append(obj.detach().clone())
+        return "T"
+    if isinstance(obj, _Scalar):
+        leaves.append(obj)
+        return "S"
+    if isinstance(obj, Mapping):
+        mapping = cast(Mapping[object, object], obj)
+        names = sorted(mapping, key=str)
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"aux state at {where}: mapping keys must be str, got {names!r}")
+        inner = ",".join(f"{n}:{_flatten(mapping[n], f'{where}.{n}', leaves)}" for n in names)
+        return "{" + inner + "}"
+    if isinstance(obj, tuple | list):
+        items = cast(tuple[object, ...] | list[object], obj)
+        inner = ",".join(_flatten(v, f"{where}[{i}]", leaves) for i, v in enumerate(items))
+        return "(" + inner + ")"
+    if attrs.has(type(obj)):
+        fields = attrs.fields(type(obj))
+        inner = ",".join(
+            f"{f.name}:{_flatten(getattr(obj, f.name), f'{where}.{f.name}', leaves)}"
+            for f in fields
+        )
+        return f"{type(obj).__qualname__}<{inner}>"
+    raise TypeError(
+        f"aux state at {where}: cannot checkpoint a {type(obj).__name__}; use tensors, plain "
+        f"scalars, str-keyed mappings, tuples, lists and attrs records"
+    )
+
+
+def _rebuild(template: object, leaves: list[object], at: list[int]) -> object:
+    """``template``'s structure with its leaves replaced, in order, by ``leaves``."""
+    if isinstance(template, (torch.Tensor, *_Scalar)):
+        value = leaves[at[0]]
+        at[0] += 1
+        return value
+    if isinstance(template, Mapping):
+        mapping = cast(Mapping[str, object], template)
+        rebuilt = {n: _rebuild(mapping[n], leaves, at) for n in sorted(mapping)}
+        return {n: rebuilt[n] for n in mapping}
+    if isinstance(template, tuple):
+        return tuple(_rebuild(v, leaves, at) for v in cast(tuple[object, ...], template))
+    if isinstance(template, list):
+        return [_rebuild(v, leaves, at) for v in cast(list[object], template)]
+    fields = attrs.fields(type(template))
+    values = {f.name: _rebuild(getattr(template, f.name), leaves, at) for f in fields}
+    return attrs.evolve(template, **values)
+
+
+# -- save / load ------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    location: str | os.PathLike[str], state: ServerState, config: Mapping[str, Any]
+) -> Path:
+    """Write ``state`` and ``config`` atomically to ``location`` (a directory or a file path).
+
+    Args:
+        location: a directory (created if missing; the file is `CHECKPOINT_NAME` in it) or the
+            path of the file itself.
+        state: the server state to save; its tensors are copied, not mutated.
+        config: the run's configuration, JSON-serialisable.
+
+    Returns:
+        The path of the checkpoint file.
+
+    Raises:
+        TypeError: ``config`` is not JSON-serialisable or ``state.aux`` holds other types.
+        OSError: the file could not be written (any temporary file is removed).
+
+    Example:
+        >>> import tempfile, torch
+        >>> state = ServerState(params={"w": torch.ones(2)}, round=3)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = save_checkpoint(d, state, {"seed": 0})
+        ...     loaded = load_checkpoint(path)
+        >>> loaded.state.round, loaded.config
+        (3, {'seed': 0})
+    """
+    path = Path(location)
+    if path.suffix != ".pt":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / CHECKPOINT_NAME
+    leaves: list[object] = []
+    structure = _flatten(state.aux, "aux", leaves)
+    payload = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "config": json.dumps(dict(config), sort_keys=True),
+        "round": state.round,
+        "params": {name: t.detach().clone() for name, t in state.params.items()},
+        "params_sha256": digest(state.params),
+        "aux_structure": structure,
+        "aux_leaves": leaves,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    # Persist the rename itself.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():
+            # torch warns about foreign pickle protocols before refusing them; the refusal
+            # below is the message that matters.
+            warnings.simplefilter("ignore")
+            payload: object = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        # torch's messages run to several sentences; the first says what went wrong.
+        text = str(e).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+        raise ValueError(f"checkpoint {path} is corrupt or truncated: {first}") from e
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:  # pyright: ignore[reportUnknownMemberType]
+        raise ValueError(f"{path} is not a blazefl_fn checkpoint")
+    data = cast(dict[str, Any], payload)
+    if data.get("version") != _VERSION:
+        raise ValueError(
+            f"checkpoint {path} has format version {data.get('version')!r}; this blazefl_fn "
+            f"reads version {_VERSION}"
+        )
+    return data
+
+
+def read_config(location: str | os.PathLike[str]) -> dict[str, Any]:
+    """The configuration stored in the checkpoint at ``location`` (a directory or file).
+
+    Raises:
+        FileNotFoundError: there is no checkpoint there.
+        ValueError: the file is not a readable blazefl_fn checkpoint.
+    """
+    path = _path(location)
+    config = json.loads(_read(path)["config"])
+    if not isinstance(config, dict):
+        raise ValueError(f"checkpoint {path}: the stored config is not an object")
+    return cast(dict[str, Any], config)
+
+
+def load_checkpoint(location: str | os.PathLike[str], aux_template: object = None) -> Checkpoint:
+    """Load the checkpoint at ``location`` (a directory or file).
+
+    Args:
+        location: the checkpoint directory or file.
+        aux_template: an ``aux`` value of the algorithm's (e.g. ``algorithm.init(key).aux``),
+            whose structure the stored aux state must have; None accepts only an empty aux
+            (``{}``).
+
+    Raises:
+        FileNotFoundError: there is no checkpoint there.
+        ValueError: the file is corrupt or truncated, its parameters do not match their stored
+            digest, or its aux state does not fit ``aux_template``.
+    """
+    path = _path(location)
+    data = _read(path)
+    params = data.get("params")
+    if not isinstance(params, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor)
+        for k, v in cast(dict[object, object], params).items()
+    ):
+        raise ValueError(f"checkpoint {path}: malformed parameters")
+    params = cast(dict[str, torch.Tensor], params)
+    if digest(params) != data.get("params_sha256"):
+        raise ValueError(f"checkpoint {path}: the parameters do not match their stored digest")
+    template: object = {} if aux_template is None else aux_template
+    expected_leaves: list[object] = []
+    expected = _flatten(template, "aux", expected_leaves)
+    stored = data.get("aux_structure")
+    if stored != expected:
+        raise ValueError(
+            f"checkpoint {path}: its algorithm state has structure {stored!r}, the algorithm "
+            f"expects {expected!r}"
+        )
+    leaves = cast(list[object], data.get("aux_leaves"))
+    for i, (got, want) in enumerate(zip(leaves, expected_leaves, strict=False)):
+        if isinstance(want, torch.Tensor) and (
+            not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype
+        ):
+            raise ValueError(f"checkpoint {path}: aux leaf {i} has the wrong shape or dtype")
+    aux = _rebuild(template, leaves, [0])
+    round_index = data.get("round")
+    if not isinstance(round_index, int) or round_index < 0:
+        raise ValueError(f"checkpoint {path}: bad round {round_index!r}")
+    state = ServerState(params=params, round=round_index, aux=cast(Any, aux))
+    return Checkpoint(state=state, config=json.loads(data["config"]))
+
+
+class CheckpointWriter(Callback):
+    """Saves the state every ``every`` rounds, after the last round, and on KeyboardInterrupt.
+
+    Args:
+        location: the checkpoint directory (or file path ending in ``.pt``).
+        every: rounds between checkpoints (>= 1).
+        config: the run's configuration, stored with every checkpoint.
+    """
+
+    def __init__(
+        self, location: str | os.PathLike[str], every: int, config: Mapping[str, Any]
+    ) -> None:
+        if isinstance(every, bool) or every < 1:
+            raise ValueError(f"checkpoint every must be an integer >= 1, got {every!r}")
+        self.location = location
+        self.every = every
+        self.config = dict(config)
+        self.saved_round: int | None = None
+        self._rounds = 0
+
+    def _save(self, state: ServerState) -> None:
+        save_checkpoint(self.location, state, self.config)
+        self.saved_round = state.round
+
+    def on_begin(self, state: ServerState, rounds: int) -> None:
+        self._rounds = rounds
+
+    def on_round_end(self, event: RoundEvent) -> None:
+        if event.state.round % self.every == 0 or event.state.round == self._rounds:
+            self._save(event.state)
+
+    def on_interrupt(self, state: ServerState) -> None:
+        if self.saved_round != state.round:
+            self._save(state)
+
+    def on_end(self, result: LoopResult) -> None:
+        if self.saved_round != result.state.round:
+            self._save(result.state)

@@ -1,0 +1,171 @@
+"""End to end: kill a CLI run, resume it, and get the uninterrupted run's bits and log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from blazefl_fn.checkpoint import load_checkpoint
+from blazefl_fn.cli import main
+from blazefl_fn.metrics_log import read_metrics
+from blazefl_fn.run import RunConfig, simulate
+
+ROUNDS = 30
+FLAGS = ["--rounds", str(ROUNDS), "--local-epochs", "3", "--quiet", "--json"]
+CONFIG = RunConfig(rounds=ROUNDS, local_epochs=3)
+
+
+def _start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "blazefl_fn", "run", *FLAGS, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_rounds(log: Path, proc: subprocess.Popen[str], rounds: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= rounds:
+            return
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
+        time.sleep(0.02)
+    raise AssertionError(f"{log} did not reach {rounds} rounds")
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _resume(tmp_path: Path, *extra: str) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, "-m", "blazefl_fn", "run", *FLAGS, "--resume", str(tmp_path / "ck"),
+         "--metrics", str(tmp_path / "m.jsonl"), *extra],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> str:
+    return simulate(CONFIG).params_sha256
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["sequential", "processes"])
+def test_sigkill_then_resume_gives_the_uninterrupted_bits(
+    tmp_path: Path, executor: str, uninterrupted: str
+) -> None:
+    log = tmp_path / "m.jsonl"
+    proc = _start("--executor", executor, "--checkpoint-dir", str(tmp_path / "ck"),
+                  "--checkpoint-every", "3", "--metrics", str(log))  # fmt: skip
+    _wait_for_rounds(log, proc, 7)
+    family = _descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    saved = load_checkpoint(tmp_path / "ck").state.round
+    assert 3 <= saved < ROUNDS
+    # Orphaned workers notice their parent is gone and exit.
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in family if _alive(p)], "worker processes outlived the killed run"
+
+    result = _resume(tmp_path, "--executor", executor)
+    assert result["params_sha256"] == uninterrupted
+    assert result["rounds"] == ROUNDS
+    assert [r["round"] for r in read_metrics(log)] == list(range(1, ROUNDS + 1))
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_final_checkpoint(tmp_path: Path, uninterrupted: str) -> None:
+    log = tmp_path / "m.jsonl"
+    # Checkpoints only every 1000 rounds: the one found afterwards is Ctrl-C's.
+    proc = _start("--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "1000",
+                  "--metrics", str(log))  # fmt: skip
+    _wait_for_rounds(log, proc, 4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("blazefl-fn: interrupted; checkpoint saved in")
+    saved = load_checkpoint(tmp_path / "ck").state.round
+    assert 4 <= saved < ROUNDS
+    assert [r["round"] for r in read_metrics(log)][-1] >= saved
+    result = _resume(tmp_path)
+    assert result["params_sha256"] == uninterrupted
+    assert [r["round"] for r in read_metrics(log)] == list(range(1, ROUNDS + 1))
+
+
+def test_resume_refuses_other_settings_and_bad_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = str(tmp_path / "ck")
+    assert main(["run", "--rounds", "2", "--quiet", "--checkpoint-dir", ck]) == 0
+    capsys.readouterr()
+    assert main(["run", "--resume", ck, "--lr", "0.5", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "blazefl-fn: error: the checkpoint was written by a run with other settings: "
+        "lr=0.01 (requested 0.5)\n"
+    )
+    # Settings that do not change the bits may differ; the stored ones fill the rest.
+    assert main(["run", "--resume", ck, "--rounds", "3", "--executor", "threads", "--json",
+                 "--quiet"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["rounds"] == 3
+    assert main(["run", "--resume", str(tmp_path / "none"), "--quiet"]) == 1
+    assert capsys.readouterr().err.startswith("blazefl-fn: error: no checkpoint at")
+    (tmp_path / "ck" / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert main(["run", "--resume", ck, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "is corrupt or truncated" in err
+    assert len(err.splitlines()) == 1
+    assert main(["run", "--checkpoint-every", "0"]) == 2
+    assert "checkpoint-every must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_plot_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    logs = []
+    for lr in ("0.01", "0.05"):
+        path = tmp_path / f"lr{lr}.jsonl"
+        assert main(["run", "--rounds", "3", "--lr", lr, "--quiet", "--metrics", str(path)]) == 0
+        logs.append(str(path))
+    out = tmp_path / "curves.png"
+    assert main(["plot", *logs, "-o", str(out), "--labels", "slow,fast"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path / "missing.jsonl"), "-o", str(out)]) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert main(["plot", "-o", str(out)]) == 2
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "lr0.01.jsonl", "lr0.05.jsonl"]
