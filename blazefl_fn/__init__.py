@@ -7,9 +7,24 @@ Example:
     (1, 2)
 """
 
+from . import aggregators as aggregators
 from . import data as data
+from . import server_transforms as server_transforms
 from . import tree as tree
+from .algorithms.compose import Aggregate as Aggregate
+from .algorithms.compose import compose as compose
+from .algorithms.compose import fedadagrad as fedadagrad
+from .algorithms.compose import fedadam as fedadam
+from .algorithms.compose import fedavgm as fedavgm
+from .algorithms.compose import fedmedian as fedmedian
+from .algorithms.compose import fedprox as fedprox
+from .algorithms.compose import fedyogi as fedyogi
+from .algorithms.compose import krum_fedavg as krum_fedavg
+from .algorithms.compose import trimmed_mean_fedavg as trimmed_mean_fedavg
 from .algorithms.fedavg import fedavg as fedavg
+from .checkpoint import CheckpointWriter as CheckpointWriter
+from .checkpoint import load_checkpoint as load_checkpoint
+from .checkpoint import save_checkpoint as save_checkpoint
 from .data.datasets import ClientData as ClientData
 from .data.datasets import FederatedDataset as FederatedDataset
 from .data.datasets import TensorDataset as TensorDataset
@@ -19,9 +34,14 @@ from .executors.processes import WorkerError as WorkerError
 from .executors.sequential import Sequential as Sequential
 from .executors.threads import Threads as Threads
 from .keys import Key as Key
+from .local import GradientHook as GradientHook
 from .local import LocalSGD as LocalSGD
+from .local import ProximalTerm as ProximalTerm
 from .local import evaluate as evaluate
+from .local import evaluate_clients as evaluate_clients
 from .local import train_local as train_local
+from .metrics_log import MetricsLog as MetricsLog
+from .metrics_log import read_metrics as read_metrics
 from .records import Downlink as Downlink
 from .records import RoundReport as RoundReport
 from .records import ServerState as ServerState
@@ -37,20 +57,34 @@ from .run import RunConfig as RunConfig
 from .run import RunResult as RunResult
 from .run import run_rounds as run_rounds
 from .run import simulate as simulate
+from .runner import Callback as Callback
+from .runner import EarlyStop as EarlyStop
+from .runner import LoopResult as LoopResult
+from .runner import RoundEvent as RoundEvent
+from .runner import run_loop as run_loop
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregate",
     "Algorithm",
+    "Callback",
+    "CheckpointWriter",
     "ClientData",
     "ClientError",
     "ClientTask",
     "Downlink",
+    "EarlyStop",
     "Executor",
     "FederatedDataset",
+    "GradientHook",
     "Key",
     "LocalSGD",
+    "LoopResult",
+    "MetricsLog",
     "Processes",
+    "ProximalTerm",
+    "RoundEvent",
     "RoundReport",
     "RunConfig",
     "RunResult",
@@ -60,15 +94,31 @@ __all__ = [
     "Threads",
     "Uplink",
     "WorkerError",
+    "aggregators",
     "build_module",
+    "compose",
     "data",
     "evaluate",
+    "evaluate_clients",
+    "fedadagrad",
+    "fedadam",
     "fedavg",
+    "fedavgm",
+    "fedmedian",
+    "fedprox",
+    "fedyogi",
+    "krum_fedavg",
+    "load_checkpoint",
     "make_round",
+    "read_metrics",
+    "run_loop",
     "run_round",
     "run_rounds",
+    "save_checkpoint",
+    "server_transforms",
     "simulate",
     "train_local",
     "tree",
+    "trimmed_mean_fedavg",
     "uniform_sampler",
 ]

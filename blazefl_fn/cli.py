@@ -117,6 +117,48 @@ def _parser(*, only_given: bool = False) -> _Parser:
         default=defaults.synthetic_beta,
         help="Synthetic(alpha, beta): data heterogeneity",
     )
+    algo = run.add_argument_group("algorithm hyperparameters")
+    algo.add_argument("--mu", type=float, default=defaults.mu, help="fedprox: proximal term weight")
+    algo.add_argument(
+        "--server-lr",
+        type=float,
+        default=defaults.server_lr,
+        help="fedavgm/fedadam/fedyogi/fedadagrad server learning rate "
+        "(default 1.0, 0.01, 0.01, 0.1)",
+    )
+    algo.add_argument(
+        "--server-momentum",
+        type=float,
+        default=defaults.server_momentum,
+        help="fedavgm: server momentum",
+    )
+    algo.add_argument(
+        "--beta1", type=float, default=defaults.beta1, help="fedadam/fedyogi: first moment"
+    )
+    algo.add_argument(
+        "--beta2", type=float, default=defaults.beta2, help="fedadam/fedyogi: second moment"
+    )
+    algo.add_argument(
+        "--tau", type=float, default=defaults.tau, help="fedadam/fedyogi/fedadagrad: adaptivity"
+    )
+    algo.add_argument(
+        "--trim-beta",
+        type=float,
+        default=defaults.trim_beta,
+        help="trimmed-mean: fraction trimmed from each end",
+    )
+    algo.add_argument(
+        "--krum-f", type=int, default=defaults.krum_f, help="krum: Byzantine clients tolerated"
+    )
+    algo.add_argument(
+        "--krum-m", type=int, default=defaults.krum_m, help="krum: clients averaged (Multi-Krum)"
+    )
+    algo.add_argument(
+        "--clip-norm",
+        type=float,
+        default=defaults.clip_norm,
+        help="clip each client's update to this L2 norm before aggregating (any algorithm)",
+    )
     run.add_argument(
         "--target-accuracy",
         type=float,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import torch
@@ -20,7 +21,45 @@ from .data.transforms import Transform
 from .keys import Key
 from .tree import Params, from_module
 
-__all__ = ["LocalSGD", "evaluate", "evaluate_clients", "train_local"]
+__all__ = [
+    "GradientHook",
+    "LocalSGD",
+    "ProximalTerm",
+    "evaluate",
+    "evaluate_clients",
+    "train_local",
+]
+
+
+class GradientHook(Protocol):
+    """Changes a parameter's gradient before each local SGD step (e.g. a proximal term).
+
+    Called with the parameter's current value, its gradient and its value at the start of
+    local training (the downlink); returns the gradient to step with. It must not write into
+    its arguments, and must be picklable to run in worker processes.
+    """
+
+    def __call__(
+        self, param: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+@attrs.frozen
+class ProximalTerm:
+    """FedProx's proximal term ``mu/2 * ||w - w_global||^2``: adds ``mu * (w - w_global)``.
+
+    Example:
+        >>> import torch
+        >>> ProximalTerm(0.5)(torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([1.0]))
+        tensor([2.])
+    """
+
+    mu: float = attrs.field(validator=finite_number(positive=False))
+
+    def __call__(
+        self, param: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor
+    ) -> torch.Tensor:
+        return grad.add(param - anchor, alpha=self.mu)
 
 
 @attrs.frozen
@@ -30,12 +69,14 @@ class LocalSGD:
     Attributes:
         transform: an optional augmentation applied to every training batch, drawing from the
             client key's ``"augment"`` child; it must be picklable to run in worker processes.
+        hooks: `GradientHook`s applied in order to every gradient before each step.
     """
 
     epochs: int = attrs.field(default=1, validator=int_at_least(1))
     batch_size: int = attrs.field(default=10, validator=int_at_least(1))
     lr: float = attrs.field(default=0.01, validator=finite_number(positive=True))
     transform: Transform | None = None
+    hooks: tuple[GradientHook, ...] = attrs.field(default=(), converter=tuple)
 
 
 def _load(template: torch.nn.Module, params: Params) -> torch.nn.Module:
@@ -63,6 +104,7 @@ def train_local(
     trainable = [p for p in module.parameters() if p.requires_grad]
     generator = key.torch_generator()
     augment = key.fold_in("augment").torch_generator() if config.transform else None
+    anchors = [p.detach().clone() for p in trainable] if config.hooks else []
     loss_sum = 0.0
     seen = 0
     for _ in range(config.epochs):
@@ -74,7 +116,10 @@ def train_local(
             )
             loss = F.cross_entropy(module(x), y)
             loss.backward()  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
-            _sgd_step(trainable, config.lr)
+            if config.hooks:
+                _hooked_step(trainable, anchors, config.hooks, config.lr)
+            else:
+                _sgd_step(trainable, config.lr)
             loss_sum += float(loss.detach()) * int(y.shape[0])
             seen += int(y.shape[0])
     return from_module(module), {"loss": loss_sum / seen if seen else math.nan}
@@ -88,6 +133,22 @@ def _sgd_step(parameters: list[torch.nn.Parameter], lr: float) -> None:
         for p in parameters:
             if p.grad is not None:
                 p.add_(p.grad, alpha=-lr)
+                p.grad = None
+
+
+def _hooked_step(
+    parameters: list[torch.nn.Parameter],
+    anchors: list[torch.Tensor],
+    hooks: tuple[GradientHook, ...],
+    lr: float,
+) -> None:
+    with torch.no_grad():
+        for p, anchor in zip(parameters, anchors, strict=True):
+            if p.grad is not None:
+                grad = p.grad
+                for hook in hooks:
+                    grad = hook(p.detach(), grad, anchor)
+                p.add_(grad, alpha=-lr)
                 p.grad = None
 
 

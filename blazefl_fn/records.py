@@ -34,12 +34,14 @@ class ServerState:
     Attributes:
         params: the global model parameters (a model ``state_dict``).
         round: how many rounds have completed.
-        aux: algorithm state kept as tensors (e.g. server optimizer moments); empty for FedAvg.
+        aux: the algorithm's own state, e.g. a server optimizer's moments (a frozen record of
+            tensors); an empty dict for FedAvg. Checkpoints store it if it is built from
+            tensors, scalars, str-keyed mappings, tuples, lists and attrs records.
     """
 
     params: Params
     round: int = attrs.field(default=0, validator=_non_negative)
-    aux: Params = attrs.field(factory=_empty_params)
+    aux: object = attrs.field(factory=_empty_params)
 
 
 @attrs.frozen(eq=False)

@@ -19,6 +19,18 @@ import attrs
 import torch
 
 from ._validators import finite_number, int_at_least, one_of
+from .algorithms.compose import (
+    Aggregate,
+    compose,
+    fedadagrad,
+    fedadam,
+    fedavgm,
+    fedmedian,
+    fedprox,
+    fedyogi,
+    krum_fedavg,
+    trimmed_mean_fedavg,
+)
 from .algorithms.fedavg import fedavg
 from .checkpoint import CheckpointWriter, load_checkpoint, read_config
 from .data.cifar import load_cifar10, load_cifar100
@@ -44,13 +56,14 @@ from .local import LocalSGD, evaluate, evaluate_clients
 from .models import cnn, logistic_regression, mlp
 from .records import RoundReport, ServerState
 from .reproducibility import ModelFactory, build_module, intra_op_threads
-from .round import RoundFn, make_round
+from .round import Algorithm, RoundFn, make_round
 from .runner import Callback, EarlyStop, run_loop
 from .tree import digest
 
 __all__ = [
     "ALGORITHMS",
     "DATASETS",
+    "DEFAULT_SERVER_LR",
     "EXECUTORS",
     "MODELS",
     "PARTITIONS",
@@ -62,6 +75,7 @@ __all__ = [
     "config_from_dict",
     "load_central",
     "load_federation",
+    "make_algorithm",
     "make_executor",
     "model_factory",
     "run_rounds",
@@ -70,7 +84,19 @@ __all__ = [
     "train_transform",
 ]
 
-ALGORITHMS = ("fedavg",)
+ALGORITHMS = (
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "trimmed-mean",
+    "krum",
+)
+# The server learning rate each server-optimizer algorithm uses when none is given.
+DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
 DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
 PARTITIONS = ("iid", "dirichlet", "shards", "inner-dirichlet")
 EXECUTORS = ("sequential", "threads", "processes")
@@ -115,12 +141,41 @@ class RunConfig:
         default=None, validator=attrs.validators.optional(finite_number(positive=True))
     )
     eval_clients: bool = False
+    mu: float = attrs.field(default=0.01, validator=finite_number(positive=False))
+    server_lr: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True))
+    )
+    server_momentum: float = attrs.field(default=0.9, validator=finite_number(positive=False))
+    beta1: float = attrs.field(default=0.9, validator=finite_number(positive=False))
+    beta2: float = attrs.field(default=0.99, validator=finite_number(positive=False))
+    tau: float = attrs.field(default=1e-3, validator=finite_number(positive=True))
+    trim_beta: float = attrs.field(default=0.1, validator=finite_number(positive=False))
+    krum_f: int = attrs.field(default=1, validator=int_at_least(0))
+    krum_m: int = attrs.field(default=1, validator=int_at_least(1))
+    clip_norm: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True))
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.clients_per_round > self.clients:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
             )
+        for name in ("server_momentum", "beta1", "beta2"):
+            if not getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.trim_beta < 0.5:
+            raise ValueError(f"trim_beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.algorithm == "krum":
+            if self.clients_per_round <= 2 * self.krum_f + 2:
+                raise ValueError(
+                    f"krum with krum_f={self.krum_f} needs clients_per_round > "
+                    f"2*krum_f+2 = {2 * self.krum_f + 2}, got {self.clients_per_round}"
+                )
+            if self.krum_m > self.clients_per_round:
+                raise ValueError(
+                    f"krum_m ({self.krum_m}) exceeds clients_per_round ({self.clients_per_round})"
+                )
         if self.dataset != "synthetic" and self.data_dir is None:
             raise ValueError(
                 f"dataset {self.dataset!r} needs a data directory (data_dir / --data-dir)"
@@ -226,6 +281,53 @@ def model_factory(config: RunConfig, data: FederatedDataset) -> ModelFactory:
         name = {"synthetic": "logreg", "mnist": "mlp"}.get(config.dataset, "cnn")
     builder = {"logreg": logistic_regression, "mlp": mlp, "cnn": cnn}[name]
     return functools.partial(builder, data.input_shape, data.num_classes)
+
+
+def make_algorithm(
+    config: RunConfig, model_fn: ModelFactory, num_clients: int
+) -> Algorithm[ClientData]:
+    """The algorithm ``config.algorithm`` names, with the config's hyperparameters."""
+    local = LocalSGD(
+        epochs=config.local_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        transform=train_transform(config),
+    )
+    common: dict[str, Any] = {
+        "num_clients": num_clients,
+        "clients_per_round": config.clients_per_round,
+        "local": local,
+    }
+    name = config.algorithm
+    if name == "fedavg" and config.clip_norm is None:
+        return fedavg(model_fn, **common)
+    if name == "fedavg":
+        return compose(
+            "fedavg", model_fn, **common, aggregate=Aggregate(clip_norm=config.clip_norm)
+        )
+    common["clip_norm"] = config.clip_norm
+    lr = config.server_lr if config.server_lr is not None else DEFAULT_SERVER_LR.get(name, 1.0)
+    adaptive: dict[str, Any] = {
+        "server_lr": lr,
+        "b1": config.beta1,
+        "b2": config.beta2,
+        "tau": config.tau,
+    }
+    if name == "fedprox":
+        return fedprox(model_fn, **common, mu=config.mu)
+    if name == "fedavgm":
+        return fedavgm(model_fn, **common, server_lr=lr, beta=config.server_momentum)
+    if name == "fedadam":
+        return fedadam(model_fn, **common, **adaptive)
+    if name == "fedyogi":
+        return fedyogi(model_fn, **common, **adaptive)
+    if name == "fedadagrad":
+        return fedadagrad(model_fn, **common, server_lr=lr, tau=config.tau)
+    if name == "fedmedian":
+        return fedmedian(model_fn, **common)
+    if name == "trimmed-mean":
+        return trimmed_mean_fedavg(model_fn, **common, beta=config.trim_beta)
+    return krum_fedavg(model_fn, **common, f=config.krum_f, m=config.krum_m)
 
 
 def make_executor(config: RunConfig) -> Executor:
@@ -368,17 +470,7 @@ def _simulate(
     run_key = Key.from_seed(config.seed)
     data = load_federation(config, run_key.fold_in("data"))
     model_fn = model_factory(config, data)
-    algorithm = fedavg(
-        model_fn,
-        num_clients=len(data.clients),
-        clients_per_round=config.clients_per_round,
-        local=LocalSGD(
-            epochs=config.local_epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            transform=train_transform(config),
-        ),
-    )
+    algorithm = make_algorithm(config, model_fn, len(data.clients))
     template = build_module(model_fn, run_key.fold_in("template"))
     state = algorithm.init(run_key.fold_in("init"))
     if resume is not None:

@@ -1,0 +1,294 @@
+"""Algorithms as compositions: a client stage (local SGD + gradient hooks) and an aggregate
+stage (optional delta clipping -> aggregator -> optional server transform).
+
+Every algorithm of the library is a call of `compose` with a few stages:
+
+============  ==================================  ======================================
+algorithm     client stage                        aggregate stage
+============  ==================================  ======================================
+fedavg        local SGD                           weighted mean
+fedprox       local SGD + `ProximalTerm` (mu)     weighted mean
+fedavgm       local SGD                           weighted mean -> `momentum` (lr, beta)
+fedadam       local SGD                           weighted mean -> `adam` (Reddi et al.)
+fedyogi       local SGD                           weighted mean -> `yogi`
+fedadagrad    local SGD                           weighted mean -> `adagrad`
+fedmedian     local SGD                           coordinate-wise median
+trimmed-mean  local SGD                           trimmed mean (beta)
+krum          local SGD                           Krum / Multi-Krum (f, m)
+============  ==================================  ======================================
+
+Any of them takes ``clip_norm``: each client's delta (its parameters minus the global ones) is
+clipped to that global L2 norm before aggregation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import attrs
+
+from ..aggregators import Aggregator, clip_by_norm, krum, mean, median, trimmed_mean
+from ..data.datasets import ClientData
+from ..keys import Key
+from ..local import LocalSGD, ProximalTerm
+from ..records import ServerState, Uplink
+from ..reproducibility import ModelFactory, build_module
+from ..round import Algorithm, uniform_sampler
+from ..server_transforms import (
+    ServerTransform,
+    adagrad,
+    adam,
+    apply_updates,
+    momentum,
+    round_delta,
+    server_step,
+    yogi,
+)
+from ..tree import from_module
+from .fedavg import LocalSGDUpdate, broadcast_params
+
+__all__ = [
+    "Aggregate",
+    "compose",
+    "fedadagrad",
+    "fedadam",
+    "fedavgm",
+    "fedmedian",
+    "fedprox",
+    "fedyogi",
+    "krum_fedavg",
+    "trimmed_mean_fedavg",
+]
+
+_TEMPLATE_KEY = Key.from_seed(0).fold_in("template")
+
+
+@attrs.frozen
+class _Init:
+    model_fn: ModelFactory
+    server: ServerTransform[Any] | None
+
+    def __call__(self, key: Key) -> ServerState:
+        params = from_module(build_module(self.model_fn, key))
+        aux: object = {} if self.server is None else self.server.init(params)
+        return ServerState(params=params, aux=aux)
+
+
+@attrs.frozen
+class Aggregate:
+    """The aggregate stage: clip client deltas, aggregate weighted by examples, server step.
+
+    Attributes:
+        aggregator: combines the (clipped) client parameters with weights ``num_examples``.
+        server: a server transform on ``aggregated - global`` whose state lives in
+            ``ServerState.aux``; None takes the aggregate as the new global parameters.
+        clip_norm: clip each client's delta to this global L2 norm first; None does not clip.
+
+    If every sampled client has zero examples, the state only advances its round.
+    """
+
+    aggregator: Aggregator = mean
+    server: ServerTransform[Any] | None = None
+    clip_norm: float | None = None
+
+    def __call__(self, state: ServerState, uplinks: Sequence[Uplink]) -> ServerState:
+        weights = [u.num_examples for u in uplinks]
+        if sum(weights) == 0:
+            return attrs.evolve(state, round=state.round + 1)
+        trees = [u.params for u in uplinks]
+        if self.clip_norm is not None:
+            clip = self.clip_norm
+            trees = [
+                apply_updates(state.params, clip_by_norm(round_delta(t, state.params), clip))
+                for t in trees
+            ]
+        aggregated = self.aggregator(trees, weights)
+        if self.server is None:
+            return attrs.evolve(state, params=aggregated, round=state.round + 1)
+        params, aux = server_step(self.server, state.params, aggregated, cast(Any, state.aux))
+        return ServerState(params=params, round=state.round + 1, aux=aux)
+
+
+def compose(
+    name: str,
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    aggregate: Aggregate,
+) -> Algorithm[ClientData]:
+    """An algorithm from its stages: uniform sampling, ``local`` training, ``aggregate``.
+
+    Raises:
+        ValueError: ``clients_per_round`` is not in ``[1, num_clients]``.
+
+    Example:
+        >>> import functools
+        >>> from blazefl_fn.models import logistic_regression
+        >>> from blazefl_fn.server_transforms import momentum
+        >>> algo = compose("my-fedavgm", functools.partial(logistic_regression, (60,), 10),
+        ...                num_clients=30, clients_per_round=10, local=LocalSGD(),
+        ...                aggregate=Aggregate(server=momentum(lr=1.0, beta=0.9)))
+        >>> type(algo.init(Key.from_seed(0)).aux).__name__
+        'MomentumState'
+    """
+    return Algorithm(
+        name=name,
+        init=_Init(model_fn, aggregate.server),
+        sample=uniform_sampler(num_clients, clients_per_round),
+        broadcast=broadcast_params,
+        client_update=LocalSGDUpdate(build_module(model_fn, _TEMPLATE_KEY), local),
+        aggregate=aggregate,
+    )
+
+
+def fedprox(
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    mu: float,
+    clip_norm: float | None = None,
+) -> Algorithm[ClientData]:
+    """FedProx (Li et al. 2020): local SGD with the proximal term ``mu/2 ||w - w_global||^2``."""
+    hooked = attrs.evolve(local, hooks=(*local.hooks, ProximalTerm(mu)))
+    return compose(
+        "fedprox", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
+        local=hooked, aggregate=Aggregate(clip_norm=clip_norm),
+    )  # fmt: skip
+
+
+def fedavgm(
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    server_lr: float = 1.0,
+    beta: float = 0.9,
+    clip_norm: float | None = None,
+) -> Algorithm[ClientData]:
+    """FedAvgM (Hsu et al. 2019): server momentum on the averaged update."""
+    return compose(
+        "fedavgm", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
+        local=local, aggregate=Aggregate(server=momentum(server_lr, beta), clip_norm=clip_norm),
+    )  # fmt: skip
+
+
+def fedadam(
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    server_lr: float = 0.01,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    tau: float = 1e-3,
+    clip_norm: float | None = None,
+) -> Algorithm[ClientData]:
+    """FedAdam (Reddi et al. 2021): Adam on the averaged update, no bias correction."""
+    return compose(
+        "fedadam", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
+        local=local,
+        aggregate=Aggregate(server=adam(server_lr, b1, b2, tau), clip_norm=clip_norm),
+    )  # fmt: skip
+
+
+def fedyogi(
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    server_lr: float = 0.01,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    tau: float = 1e-3,
+    clip_norm: float | None = None,
+) -> Algorithm[ClientData]:
+    """FedYogi (Reddi et al. 2021): Yogi's additive second moment on the averaged update."""
+    return compose(
+        "fedyogi", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
+        local=local,
+        aggregate=Aggregate(server=yogi(server_lr, b1, b2, tau), clip_norm=clip_norm),
+    )  # fmt: skip
+
+
+def fedadagrad(
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    server_lr: float = 0.1,
+    tau: float = 1e-3,
+    clip_norm: float | None = None,
+) -> Algorithm[ClientData]:
+    """FedAdagrad (Reddi et al. 2021): Adagrad on the averaged update."""
+    return compose(
+        "fedadagrad", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
+        local=local, aggregate=Aggregate(server=adagrad(server_lr, tau), clip_norm=clip_norm),
+    )  # fmt: skip
+
+
+def fedmedian(
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    clip_norm: float | None = None,
+) -> Algorithm[ClientData]:
+    """FedMedian (Yin et al. 2018): the coordinate-wise median of the client models."""
+    return compose(
+        "fedmedian", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
+        local=local, aggregate=Aggregate(aggregator=median, clip_norm=clip_norm),
+    )  # fmt: skip
+
+
+def trimmed_mean_fedavg(
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    beta: float = 0.1,
+    clip_norm: float | None = None,
+) -> Algorithm[ClientData]:
+    """Trimmed-mean FedAvg (Yin et al. 2018): per coordinate, drop the ``beta`` fraction of
+    largest and smallest client values, average the rest."""
+    return compose(
+        "trimmed-mean", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
+        local=local, aggregate=Aggregate(aggregator=trimmed_mean(beta), clip_norm=clip_norm),
+    )  # fmt: skip
+
+
+def krum_fedavg(
+    model_fn: ModelFactory,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    f: int = 1,
+    m: int = 1,
+    clip_norm: float | None = None,
+) -> Algorithm[ClientData]:
+    """Krum (Blanchard et al. 2017), or Multi-Krum with ``m > 1``, tolerating ``f`` Byzantine
+    clients; needs ``clients_per_round > 2f + 2``.
+
+    Raises:
+        ValueError: ``clients_per_round <= 2f + 2`` (checked here, not in the first round).
+    """
+    if clients_per_round <= 2 * f + 2:
+        raise ValueError(
+            f"krum with f={f} needs more than 2f+2={2 * f + 2} clients per round, "
+            f"got {clients_per_round}"
+        )
+    return compose(
+        "krum", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
+        local=local, aggregate=Aggregate(aggregator=krum(f, m), clip_norm=clip_norm),
+    )  # fmt: skip

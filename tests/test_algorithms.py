@@ -1,0 +1,130 @@
+"""The algorithm library: compositions, algebraic identities, the CLI on every executor."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import attrs
+import pytest
+import torch
+
+from blazefl_fn.algorithms.compose import Aggregate, compose, fedavgm, fedprox
+from blazefl_fn.algorithms.fedavg import fedavg
+from blazefl_fn.cli import main
+from blazefl_fn.executors import Sequential
+from blazefl_fn.keys import Key
+from blazefl_fn.local import LocalSGD, ProximalTerm, train_local
+from blazefl_fn.models import logistic_regression
+from blazefl_fn.round import make_round
+from blazefl_fn.run import ALGORITHMS, RunConfig, load_federation, run_rounds, simulate
+from blazefl_fn.server_transforms import sgd
+from blazefl_fn.tree import digest, sub
+
+CONFIG = RunConfig(clients=8, clients_per_round=6, rounds=3)
+LOCAL = LocalSGD(epochs=2, batch_size=10, lr=0.05)
+
+
+def _run(algorithm_fn: functools.partial[object], rounds: int = 3) -> dict[str, torch.Tensor]:
+    key = Key.from_seed(0)
+    data = load_federation(CONFIG, key.fold_in("data"))
+    algorithm = algorithm_fn(
+        functools.partial(logistic_regression, data.input_shape, data.num_classes),
+        num_clients=len(data.clients),
+        clients_per_round=6,
+        local=LOCAL,
+    )
+    with Sequential() as executor:
+        state, _ = run_rounds(
+            make_round(algorithm, data.clients, executor),  # type: ignore[arg-type]
+            algorithm.init(key.fold_in("init")),  # type: ignore[attr-defined]
+            key,
+            rounds,
+        )
+    return dict(state.params)
+
+
+def test_fedprox_with_mu_zero_is_fedavg_bitwise() -> None:
+    plain = _run(functools.partial(fedavg))
+    assert digest(_run(functools.partial(fedprox, mu=0.0))) == digest(plain)
+
+
+def test_fedavgm_without_momentum_and_fedopt_sgd_lr1_are_fedavg_bitwise() -> None:
+    plain = digest(_run(functools.partial(fedavg)))
+    assert digest(_run(functools.partial(fedavgm, server_lr=1.0, beta=0.0))) == plain
+    opt = functools.partial(compose, "fedsgd", aggregate=Aggregate(server=sgd(1.0)))
+    assert digest(_run(opt)) == plain
+
+
+def test_fedprox_pulls_local_models_towards_the_global_one() -> None:
+    config = RunConfig(clients=4, clients_per_round=2)
+    data = load_federation(config, Key.from_seed(0).fold_in("data"))
+    model = logistic_regression(data.input_shape, data.num_classes)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    key = Key.from_seed(3)
+    drift: list[float] = []
+    for mu in (0.0, 1.0, 10.0):
+        local = attrs.evolve(LOCAL, hooks=(ProximalTerm(mu),))
+        trained, _ = train_local(model, start, data.clients[0], key, local)
+        drift.append(sum(float(d.norm()) ** 2 for d in sub(trained, start).values()))
+    assert drift[0] > drift[1] > drift[2]
+
+
+def test_clipping_bounds_the_global_step() -> None:
+    clip = 0.05
+    config = attrs.evolve(CONFIG, rounds=1)
+    start = simulate(attrs.evolve(config, rounds=0)).state.params
+    for algorithm in ("fedavg", "fedmedian"):
+        clipped = simulate(attrs.evolve(config, algorithm=algorithm, clip_norm=clip)).state.params
+        step = sum(float(d.double().norm()) ** 2 for d in sub(clipped, start).values()) ** 0.5
+        assert step <= clip * (1 + 1e-6), (algorithm, step)
+    loose = simulate(attrs.evolve(config, clip_norm=1e9)).state.params
+    plain = simulate(config).state.params
+    for name, value in plain.items():
+        torch.testing.assert_close(loose[name], value, rtol=0, atol=1e-6)
+
+
+def test_server_state_survives_checkpoint_resume_bitwise(tmp_path: object) -> None:
+    config = attrs.evolve(CONFIG, algorithm="fedadam", rounds=4)
+    whole = simulate(config)
+    simulate(attrs.evolve(config, rounds=2), checkpoint_dir=tmp_path)  # type: ignore[arg-type]
+    resumed = simulate(config, resume=tmp_path)  # type: ignore[arg-type]
+    assert resumed.params_sha256 == whole.params_sha256
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"algorithm": "krum", "clients_per_round": 4}, "needs clients_per_round > 2\\*krum_f"),
+        ({"algorithm": "krum", "krum_m": 7}, "krum_m \\(7\\) exceeds clients_per_round \\(6\\)"),
+        ({"trim_beta": 0.5}, "trim_beta must be in \\[0, 0.5\\), got 0.5"),
+        ({"server_momentum": 1.0}, "server_momentum must be in \\[0, 1\\), got 1.0"),
+        ({"server_lr": 0.0}, "server_lr must be a finite number > 0"),
+        ({"clip_norm": -1.0}, "clip_norm must be a finite number > 0"),
+        ({"mu": float("nan")}, "mu must be a finite number"),
+    ],
+)
+def test_bad_hyperparameters(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        attrs.evolve(CONFIG, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_algorithm_gives_one_digest_on_every_executor(
+    algorithm: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["run", "--json", "--quiet", "--algorithm", algorithm, "--clients", "8",
+             "--clients-per-round", "6", "--rounds", "3", "--local-epochs", "2"]  # fmt: skip
+    digests: dict[str, str] = {}
+    for executor in ("sequential", "threads", "processes"):
+        assert main([*flags, "--executor", executor, "--workers", "2"]) == 0
+        digests[executor] = json.loads(capsys.readouterr().out)["params_sha256"]
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_algorithms_differ_from_each_other() -> None:
+    seen = {
+        name: simulate(attrs.evolve(CONFIG, algorithm=name)).params_sha256 for name in ALGORITHMS
+    }
+    assert len(set(seen.values())) == len(ALGORITHMS), seen
