@@ -30,3 +30,11 @@ def test_server_learning_rate_example(capsys: pytest.CaptureFixture[str]) -> Non
     assert different["fedavg"] == same["fedavg"]
     assert different["fedavg+server-lr"] != same["fedavg+server-lr"]
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_robust_pipeline_example_survives_the_attack(capsys: pytest.CaptureFixture[str]) -> None:
+    example = _load("robust_pipeline")
+    accuracy = example.main(["--rounds", "15"])
+    assert accuracy["median"] > accuracy["mean"] + 0.05
+    assert accuracy["clip+trimmed+momentum"] > accuracy["mean"] + 0.05
+    assert "accuracy under attack" in capsys.readouterr().out
