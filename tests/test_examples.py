@@ -36,5 +36,5 @@ def test_robust_pipeline_example_survives_the_attack(capsys: pytest.CaptureFixtu
     example = _load("robust_pipeline")
     accuracy = example.main(["--rounds", "15"])
     assert accuracy["median"] > accuracy["mean"] + 0.05
-    assert accuracy["clip+trimmed+momentum"] > accuracy["mean"] + 0.05
+    assert accuracy["clip+trimmed+momentum"] > accuracy["mean"] + 0.03
     assert "accuracy under attack" in capsys.readouterr().out
