@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Python trees to lint; benchmarks/ joins once it holds code.
 LINT_PATHS := $(wildcard blazefl_fn tests examples benchmarks)
 
-.PHONY: run test lint typecheck pytest clean
+.PHONY: run test lint typecheck pytest compare clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Side by side with Flower and BlazeFL (installs their venvs under benchmarks/.peers/ first).
+compare: $(STAMP)
+	$(BIN)/python -m benchmarks.compare $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

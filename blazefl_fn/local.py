@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -79,10 +81,44 @@ class LocalSGD:
     hooks: tuple[GradientHook, ...] = attrs.field(default=(), converter=tuple)
 
 
+# One private working copy of each template per thread. ``copy.deepcopy`` of a module costs
+# ~0.65 ms for the small CNN (26 ms for ResNet-18) and holds the GIL, which dominated rounds of
+# many tiny clients; a copy is instead reused by the next call in the same thread. Reuse cannot
+# change results: `_load` overwrites every entry of the state dict (all parameters and
+# persistent buffers), gradients are cleared after every step, and modules with state outside
+# the state dict (non-persistent buffers) are never reused. Weak keys: a template that is no
+# longer used elsewhere is not kept alive by this cache.
+_scratch = threading.local()
+
+
+def _working_copy(template: torch.nn.Module) -> torch.nn.Module:
+    if _has_hidden_state(template):
+        return copy.deepcopy(template)
+    cache: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] | None = getattr(
+        _scratch, "modules", None
+    )
+    if cache is None:
+        cache = weakref.WeakKeyDictionary()
+        _scratch.modules = cache
+    module = cache.get(template)
+    if module is None:
+        module = copy.deepcopy(template)
+        cache[template] = module
+    return module
+
+
+def _has_hidden_state(module: torch.nn.Module) -> bool:
+    kept = module.state_dict(keep_vars=True)
+    return any(name not in kept for name, _ in module.named_buffers())
+
+
 def _load(template: torch.nn.Module, params: Params) -> torch.nn.Module:
-    module = copy.deepcopy(template)
+    module = _working_copy(template)
     # load_state_dict copies values into the module's own tensors: `params` stays untouched.
+    # strict=True (the default) guarantees every entry is overwritten.
     module.load_state_dict(params)
+    for p in module.parameters():
+        p.grad = None
     return module
 
 

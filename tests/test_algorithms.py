@@ -16,6 +16,7 @@ from blazefl_fn.executors import Sequential
 from blazefl_fn.keys import Key
 from blazefl_fn.local import LocalSGD, ProximalTerm, train_local
 from blazefl_fn.models import logistic_regression
+from blazefl_fn.reproducibility import build_module
 from blazefl_fn.round import make_round
 from blazefl_fn.run import ALGORITHMS, RunConfig, load_federation, run_rounds, simulate
 from blazefl_fn.server_transforms import sgd
@@ -56,18 +57,21 @@ def test_fedavgm_without_momentum_and_fedopt_sgd_lr1_are_fedavg_bitwise() -> Non
     assert digest(_run(opt)) == plain
 
 
-def test_fedprox_pulls_local_models_towards_the_global_one() -> None:
+@pytest.mark.parametrize("seed", range(4))
+def test_fedprox_pulls_local_models_towards_the_global_one(seed: int) -> None:
     config = RunConfig(clients=4, clients_per_round=2)
     data = load_federation(config, Key.from_seed(0).fold_in("data"))
-    model = logistic_regression(data.input_shape, data.num_classes)
+    model_fn = functools.partial(logistic_regression, data.input_shape, data.num_classes)
+    model = build_module(model_fn, Key.from_seed(seed))
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    key = Key.from_seed(3)
-    drift: list[float] = []
-    for mu in (0.0, 1.0, 10.0):
+    drift: dict[float, float] = {}
+    for mu in (0.0, 1.0, 4.0):
         local = attrs.evolve(LOCAL, hooks=(ProximalTerm(mu),))
-        trained, _ = train_local(model, start, data.clients[0], key, local)
-        drift.append(sum(float(d.norm()) ** 2 for d in sub(trained, start).values()))
-    assert drift[0] > drift[1] > drift[2]
+        trained, _ = train_local(model, start, data.clients[0], Key.from_seed(3), local)
+        drift[mu] = sum(float(d.norm()) ** 2 for d in sub(trained, start).values())
+    # With lr * mu < 1 the proximal step is a contraction towards the start.
+    assert drift[0.0] > drift[1.0]
+    assert drift[0.0] > drift[4.0]
 
 
 def test_clipping_bounds_the_global_step() -> None:

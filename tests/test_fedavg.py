@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 
@@ -20,7 +21,7 @@ from blazefl_fn.models import logistic_regression, mlp
 from blazefl_fn.records import ServerState, Uplink
 from blazefl_fn.reproducibility import build_module
 from blazefl_fn.round import run_round
-from blazefl_fn.run import RunConfig, simulate
+from blazefl_fn.run import RunConfig, load_federation, simulate
 from blazefl_fn.runner import Callback, RoundEvent
 
 SMALL = RunConfig(clients=6, clients_per_round=3, rounds=3)
@@ -244,3 +245,30 @@ def test_simulation_restores_the_callers_thread_count() -> None:
     )
     assert seen == [1]
     assert torch.get_num_threads() == before
+
+
+def test_reused_working_copies_do_not_leak_between_clients() -> None:
+    config = RunConfig(clients=4, clients_per_round=2)
+    data = load_federation(config, Key.from_seed(0).fold_in("data"))
+    template = mlp(data.input_shape, data.num_classes)
+    start = tree.from_module(template)
+    local = LocalSGD(epochs=2, batch_size=5, lr=0.1)
+    key = Key.from_seed(1)
+    # Client 1 alone, on a fresh template copy (nothing cached for it yet) ...
+    fresh, _ = train_local(copy.deepcopy(template), start, data.clients[1], key, local)
+    # ... equals client 1 after client 0 and an evaluation used the same working copy.
+    train_local(template, start, data.clients[0], key, local)
+    evaluate(template, start, data.test)
+    reused, _ = train_local(template, start, data.clients[1], key, local)
+    assert tree.digest(reused) == tree.digest(fresh)
+    assert tree.trees_equal(start, tree.from_module(template))  # the template is untouched
+
+
+def test_modules_with_state_outside_the_state_dict_are_copied_every_time() -> None:
+    from blazefl_fn.local import _working_copy  # pyright: ignore[reportPrivateUsage]
+
+    plain = torch.nn.Linear(2, 2)
+    assert _working_copy(plain) is _working_copy(plain)
+    hidden = torch.nn.Linear(2, 2)
+    hidden.register_buffer("steps", torch.zeros(1), persistent=False)
+    assert _working_copy(hidden) is not _working_copy(hidden)
