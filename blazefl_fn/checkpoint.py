@@ -14,7 +14,6 @@ complete new one, never a partial write.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -27,6 +26,7 @@ from typing import Any, cast
 import attrs
 import torch
 
+from ._atomic import replaced_atomically
 from .records import ServerState
 from .runner import Callback, LoopResult, RoundEvent
 from .tree import digest
@@ -161,24 +161,8 @@ def save_checkpoint(
         "aux_structure": structure,
         "aux_leaves": leaves,
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    # Persist the rename itself.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with replaced_atomically(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -17,7 +17,6 @@ A record::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
+from ._atomic import replaced_atomically
 from .records import ServerState
 from .runner import Callback, LoopResult, RoundEvent
 
@@ -97,17 +97,8 @@ class MetricsLog(Callback):
             text = self.path.read_text(encoding="utf-8")
             kept = [r for r in _parse(self.path, text, strict=False) if r["round"] <= state.round]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        with replaced_atomically(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  # closed in on_end
 
     def on_round_end(self, event: RoundEvent) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._atomic import replaced_atomically
 from .metrics_log import read_metrics
 
 __all__ = ["plot_runs"]
@@ -86,13 +87,8 @@ def plot_runs(
             ax.grid(visible=True, alpha=0.3)
         axes[0].legend()
         fig.tight_layout()
-        tmp = target.with_name(f".{target.stem}.tmp-{os.getpid()}{target.suffix}")
-        try:
+        with replaced_atomically(target) as tmp:
             fig.savefig(tmp, dpi=110)  # pyright: ignore[reportUnknownMemberType]  # kwargs untyped
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     finally:
         plt.close(fig)
     return target
