@@ -49,6 +49,7 @@ from .records import Uplink as Uplink
 from .reproducibility import build_module as build_module
 from .round import Algorithm as Algorithm
 from .round import ClientError as ClientError
+from .round import ClientInput as ClientInput
 from .round import ClientTask as ClientTask
 from .round import make_round as make_round
 from .round import run_round as run_round
@@ -72,6 +73,7 @@ __all__ = [
     "CheckpointWriter",
     "ClientData",
     "ClientError",
+    "ClientInput",
     "ClientTask",
     "Downlink",
     "EarlyStop",

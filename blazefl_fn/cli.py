@@ -159,6 +159,42 @@ def _parser(*, only_given: bool = False) -> _Parser:
         default=defaults.clip_norm,
         help="clip each client's update to this L2 norm before aggregating (any algorithm)",
     )
+    kd = run.add_argument_group("distillation (dsfl, scarlet)")
+    kd.add_argument(
+        "--public-size",
+        type=int,
+        default=defaults.public_size,
+        help="training examples held out, labels dropped, as the public set",
+    )
+    kd.add_argument(
+        "--public-per-round",
+        type=int,
+        default=defaults.public_per_round,
+        help="public examples whose soft labels each round uses",
+    )
+    kd.add_argument(
+        "--era-temperature",
+        type=float,
+        default=defaults.era_temperature,
+        help="dsfl: ERA temperature T in softmax(mean / T)",
+    )
+    kd.add_argument(
+        "--cache-duration",
+        type=int,
+        default=defaults.cache_duration,
+        help="scarlet: rounds a cached soft label stays usable (0: no cache)",
+    )
+    kd.add_argument(
+        "--era-exponent",
+        type=float,
+        default=defaults.era_exponent,
+        help="scarlet: Enhanced ERA exponent beta in p**beta / sum(p**beta)",
+    )
+    kd.add_argument("--kd-epochs", type=int, default=defaults.kd_epochs)
+    kd.add_argument("--kd-batch-size", type=int, default=defaults.kd_batch_size)
+    kd.add_argument(
+        "--kd-lr", type=float, default=defaults.kd_lr, help="distillation learning rate"
+    )
     run.add_argument(
         "--target-accuracy",
         type=float,

@@ -12,22 +12,41 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import attrs
+import torch
 
 from .keys import Key
 from .records import Downlink, Uplink
+from .tree import Params
 
 __all__ = ["ClientContext", "ClientError", "ClientJob", "ClientTask", "ClientUpdate"]
 
 Data = TypeVar("Data")
 
 
-@attrs.frozen
+def _no_params() -> dict[str, torch.Tensor]:
+    return {}
+
+
+@attrs.frozen(eq=False)
 class ClientTask:
-    """The small descriptor of one client's work in one round: who, when, and its key."""
+    """One client's work in one round: who, when, its key, and what only it receives.
+
+    Attributes:
+        client_id: the client.
+        round: the round index (0-based).
+        key: the client's key for this round.
+        message: the part of the downlink meant for this client alone (e.g. SCARLET's cache
+            catch-up); sent over the network, so it counts in ``RoundReport.bytes_down``.
+        state: the client's own stored state from its previous round (e.g. its local model),
+            as `Algorithm.dispatch` hands it over; it stays on the client, so it is not
+            counted as communication.
+    """
 
     client_id: int
     round: int
     key: Key
+    message: Params = attrs.field(factory=_no_params)
+    state: Params = attrs.field(factory=_no_params)
 
 
 ClientUpdate = Callable[[Downlink, Data, ClientTask], Uplink]

@@ -59,14 +59,19 @@ class Uplink:
     Attributes:
         client_id: the client that produced it.
         num_examples: examples the client trained on (the aggregation weight in FedAvg).
-        params: the client's updated parameters.
+        params: what the client sends back, e.g. its updated parameters or its soft labels;
+            counted in ``RoundReport.bytes_up``.
         metrics: scalar training metrics, e.g. ``{"loss": ...}`` (mean over its examples).
+        state: the client's new stored state (its local model, caches), for algorithms whose
+            clients keep state between rounds; it stays on the client, so it is not counted
+            as communication.
     """
 
     client_id: int = attrs.field(validator=_non_negative)
     num_examples: int = attrs.field(validator=_non_negative)
     params: Params
     metrics: Mapping[str, float] = attrs.field(factory=_empty_metrics)
+    state: Params = attrs.field(factory=_empty_params)
 
 
 @attrs.frozen
@@ -78,8 +83,10 @@ class RoundReport:
         clients: the sampled client ids, in aggregation order.
         num_examples: total training examples over the sampled clients.
         train_metrics: client metrics averaged with weights ``num_examples``.
-        bytes_down: bytes of tensors sent to clients (numel x element size, summed over clients).
-        bytes_up: bytes of tensors sent back.
+        bytes_down: bytes of tensors sent to clients (numel x element size, summed over
+            clients): the common downlink once per sampled client plus each client's own
+            message.
+        bytes_up: bytes of tensors sent back (the uplinks' ``params``).
         seconds: wall-clock seconds the round took.
     """
 

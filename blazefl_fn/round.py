@@ -18,16 +18,18 @@ from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 import attrs
+import torch
 
 from .executors.base import Executor
 from .jobs import ClientContext, ClientError, ClientJob, ClientTask, ClientUpdate
 from .keys import Key
 from .records import Downlink, RoundReport, ServerState, Uplink
-from .tree import nbytes
+from .tree import Params, nbytes
 
 __all__ = [
     "Algorithm",
     "ClientError",
+    "ClientInput",
     "ClientTask",
     "RoundFn",
     "make_round",
@@ -39,6 +41,26 @@ Data = TypeVar("Data")
 
 Sampler = Callable[[ServerState, Key], Sequence[int]]
 RoundFn = Callable[[ServerState, Key], tuple[ServerState, RoundReport]]
+
+
+def _no_params() -> dict[str, torch.Tensor]:
+    return {}
+
+
+@attrs.frozen(eq=False)
+class ClientInput:
+    """What one sampled client receives besides the common downlink.
+
+    Attributes:
+        message: data for this client alone; counted as communication (``bytes_down``).
+        state: the client's stored state from its last round; not communication.
+    """
+
+    message: Params = attrs.field(factory=_no_params)
+    state: Params = attrs.field(factory=_no_params)
+
+
+Dispatch = Callable[[ServerState, Sequence[int]], Sequence[ClientInput]]
 
 
 @attrs.frozen
@@ -53,6 +75,10 @@ class Algorithm(Generic[Data]):
         client_update: one client's work, from the downlink, its data and its `ClientTask`
             (id, round, key); run by an executor, so it must touch nothing but its arguments.
         aggregate: the next state from the uplinks, given in ascending client-id order.
+        dispatch: optional; each sampled client's own `ClientInput` (its message and stored
+            state), given the ids in ascending order. Algorithms whose clients keep state
+            between rounds (DS-FL's local models, SCARLET's caches) keep it in the server
+            state's ``aux``, hand it out here and collect it from ``Uplink.state``.
     """
 
     name: str
@@ -61,6 +87,7 @@ class Algorithm(Generic[Data]):
     broadcast: Callable[[ServerState], Downlink]
     client_update: ClientUpdate[Data]
     aggregate: Callable[[ServerState, Sequence[Uplink]], ServerState]
+    dispatch: Dispatch | None = None
 
 
 def uniform_sampler(num_clients: int, clients_per_round: int) -> Sampler:
@@ -111,6 +138,20 @@ def _mean_metrics(uplinks: Sequence[Uplink]) -> dict[str, float]:
     return out
 
 
+def _client_inputs(
+    algorithm: Algorithm[Data], state: ServerState, ids: tuple[int, ...]
+) -> Sequence[ClientInput]:
+    if algorithm.dispatch is None:
+        return [ClientInput()] * len(ids)
+    inputs = algorithm.dispatch(state, ids)
+    if len(inputs) != len(ids):
+        raise ValueError(
+            f"{algorithm.name}: dispatch returned {len(inputs)} client inputs "
+            f"for {len(ids)} sampled clients"
+        )
+    return inputs
+
+
 def run_round(
     algorithm: Algorithm[Data],
     clients: Sequence[Data],
@@ -122,12 +163,17 @@ def run_round(
 
     Raises:
         ClientError: a client's update raised (the first failing client in id order).
-        ValueError: the sampler returned duplicate or out-of-range ids.
+        ValueError: the sampler returned duplicate or out-of-range ids, or ``dispatch``
+            returned a number of inputs other than the number of sampled clients.
     """
     start = time.perf_counter()
     ids = _check_ids(algorithm.sample(state, key.fold_in("sample")), len(clients))
     downlink = algorithm.broadcast(state)
-    tasks = [ClientTask(cid, state.round, key.fold_in(cid)) for cid in ids]
+    inputs = _client_inputs(algorithm, state, ids)
+    tasks = [
+        ClientTask(cid, state.round, key.fold_in(cid), given.message, given.state)
+        for cid, given in zip(ids, inputs, strict=True)
+    ]
     job = ClientJob(ClientContext(algorithm.client_update, clients), downlink)
     uplinks = executor.map(job, tasks)
     new_state = algorithm.aggregate(state, uplinks)
@@ -136,7 +182,7 @@ def run_round(
         clients=ids,
         num_examples=sum(u.num_examples for u in uplinks),
         train_metrics=_mean_metrics(uplinks),
-        bytes_down=nbytes(downlink.params) * len(ids),
+        bytes_down=nbytes(downlink.params) * len(ids) + sum(nbytes(t.message) for t in tasks),
         bytes_up=sum(nbytes(u.params) for u in uplinks),
         seconds=time.perf_counter() - start,
     )

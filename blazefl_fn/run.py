@@ -31,7 +31,9 @@ from .algorithms.compose import (
     krum_fedavg,
     trimmed_mean_fedavg,
 )
+from .algorithms.dsfl import dsfl
 from .algorithms.fedavg import fedavg
+from .algorithms.scarlet import scarlet
 from .checkpoint import CheckpointWriter, load_checkpoint, read_config
 from .data.cifar import load_cifar10, load_cifar100
 from .data.datasets import ClientData, FederatedDataset, TensorDataset
@@ -52,7 +54,7 @@ from .executors.processes import Processes
 from .executors.sequential import Sequential
 from .executors.threads import Threads
 from .keys import Key
-from .local import LocalSGD, evaluate, evaluate_clients
+from .local import Distillation, LocalSGD, evaluate, evaluate_clients
 from .models import cnn, logistic_regression, mlp
 from .records import RoundReport, ServerState
 from .reproducibility import ModelFactory, build_module, intra_op_threads
@@ -64,6 +66,7 @@ __all__ = [
     "ALGORITHMS",
     "DATASETS",
     "DEFAULT_SERVER_LR",
+    "DISTILLATION",
     "EXECUTORS",
     "MODELS",
     "PARTITIONS",
@@ -94,7 +97,11 @@ ALGORITHMS = (
     "fedmedian",
     "trimmed-mean",
     "krum",
+    "dsfl",
+    "scarlet",
 )
+# Algorithms that share soft labels on a public set held out of the training data.
+DISTILLATION = ("dsfl", "scarlet")
 # The server learning rate each server-optimizer algorithm uses when none is given.
 DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
 DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
@@ -155,6 +162,14 @@ class RunConfig:
     clip_norm: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(finite_number(positive=True))
     )
+    public_size: int = attrs.field(default=10000, validator=int_at_least(1))
+    public_per_round: int = attrs.field(default=1000, validator=int_at_least(1))
+    era_temperature: float = attrs.field(default=0.1, validator=finite_number(positive=True))
+    cache_duration: int = attrs.field(default=10, validator=int_at_least(0))
+    era_exponent: float = attrs.field(default=2.0, validator=finite_number(positive=True))
+    kd_epochs: int = attrs.field(default=1, validator=int_at_least(1))
+    kd_batch_size: int = attrs.field(default=100, validator=int_at_least(1))
+    kd_lr: float = attrs.field(default=0.1, validator=finite_number(positive=True))
 
     def __attrs_post_init__(self) -> None:
         if self.clients_per_round > self.clients:
@@ -185,6 +200,17 @@ class RunConfig:
                 "the synthetic dataset is partitioned by its generator; partition applies to "
                 "mnist, cifar10 and cifar100"
             )
+        if self.algorithm in DISTILLATION:
+            if self.dataset == "synthetic":
+                raise ValueError(
+                    f"{self.algorithm} distills on a public set held out of the training data; "
+                    f"use mnist, cifar10 or cifar100, not synthetic"
+                )
+            if self.public_per_round > self.public_size:
+                raise ValueError(
+                    f"public_per_round ({self.public_per_round}) exceeds public_size "
+                    f"({self.public_size})"
+                )
         if self.augment and not self.dataset.startswith("cifar"):
             raise ValueError(
                 f"augment (random crop + horizontal flip) applies to cifar10 and cifar100, "
@@ -260,18 +286,42 @@ def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
     """The federated dataset ``config`` names, built from ``key``.
 
     Image datasets are split with ``key.fold_in("partition")``; every client is an index view
-    onto the one training set.
+    onto the one training set. For the distillation algorithms (`DISTILLATION`) the public
+    set comes first: ``config.public_size`` training examples drawn with
+    ``key.fold_in("public")`` whose labels are dropped; the rest is partitioned.
 
     Raises:
         FileNotFoundError: the data directory or a file in it is missing.
-        ValueError: a data file is malformed, or the partition cannot be made.
+        ValueError: a data file is malformed, the public set leaves no training data, or the
+            partition cannot be made.
     """
     if config.dataset == "synthetic":
         return synthetic(config.synthetic_alpha, config.synthetic_beta, config.clients, key)
     train, test, classes = load_central(config)
-    parts = split(config, train.y, key.fold_in("partition"))
+    public = None
+    if config.algorithm in DISTILLATION:
+        held_out, private = _hold_out(train.y.shape[0], config.public_size, key.fold_in("public"))
+        public = train.x[held_out]
+        parts = split(config, train.y[private], key.fold_in("partition"))
+        # Back to indices of the whole training set (``private`` is ascending: still sorted).
+        parts = Partition(private[parts.indices], parts.offsets)
+    else:
+        parts = split(config, train.y, key.fold_in("partition"))
     clients = tuple(ClientData(train, parts.client(i)) for i in range(len(parts)))
-    return FederatedDataset(name=config.dataset, clients=clients, test=test, num_classes=classes)
+    return FederatedDataset(
+        name=config.dataset, clients=clients, test=test, num_classes=classes, public=public
+    )
+
+
+def _hold_out(n: int, size: int, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` of ``n`` indices drawn with ``key``, and the rest (both ascending)."""
+    if size >= n:
+        raise ValueError(
+            f"public_size ({size}) must be smaller than the training set ({n} examples)"
+        )
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.tensor(key.choice(n, size), dtype=torch.int64)] = True
+    return mask.nonzero().flatten(), (~mask).nonzero().flatten()
 
 
 def model_factory(config: RunConfig, data: FederatedDataset) -> ModelFactory:
@@ -284,9 +334,16 @@ def model_factory(config: RunConfig, data: FederatedDataset) -> ModelFactory:
 
 
 def make_algorithm(
-    config: RunConfig, model_fn: ModelFactory, num_clients: int
+    config: RunConfig,
+    model_fn: ModelFactory,
+    num_clients: int,
+    data: FederatedDataset | None = None,
 ) -> Algorithm[ClientData]:
-    """The algorithm ``config.algorithm`` names, with the config's hyperparameters."""
+    """The algorithm ``config.algorithm`` names, with the config's hyperparameters.
+
+    Raises:
+        ValueError: a distillation algorithm without ``data`` that has a public set.
+    """
     local = LocalSGD(
         epochs=config.local_epochs,
         batch_size=config.batch_size,
@@ -299,6 +356,8 @@ def make_algorithm(
         "local": local,
     }
     name = config.algorithm
+    if name in DISTILLATION:
+        return _distillation_algorithm(config, model_fn, data, common)
     if name == "fedavg" and config.clip_norm is None:
         return fedavg(model_fn, **common)
     if name == "fedavg":
@@ -328,6 +387,33 @@ def make_algorithm(
     if name == "trimmed-mean":
         return trimmed_mean_fedavg(model_fn, **common, beta=config.trim_beta)
     return krum_fedavg(model_fn, **common, f=config.krum_f, m=config.krum_m)
+
+
+def _distillation_algorithm(
+    config: RunConfig,
+    model_fn: ModelFactory,
+    data: FederatedDataset | None,
+    common: dict[str, Any],
+) -> Algorithm[ClientData]:
+    if data is None or data.public is None:
+        raise ValueError(f"{config.algorithm} needs a federated dataset with a public set")
+    shared: dict[str, Any] = {
+        **common,
+        "public": data.public,
+        "num_classes": data.num_classes,
+        "public_per_round": config.public_per_round,
+        "distillation": Distillation(
+            epochs=config.kd_epochs, batch_size=config.kd_batch_size, lr=config.kd_lr
+        ),
+    }
+    if config.algorithm == "dsfl":
+        return dsfl(model_fn, **shared, temperature=config.era_temperature)
+    return scarlet(
+        model_fn,
+        **shared,
+        cache_duration=config.cache_duration,
+        exponent=config.era_exponent,
+    )
 
 
 def make_executor(config: RunConfig) -> Executor:
@@ -470,7 +556,7 @@ def _simulate(
     run_key = Key.from_seed(config.seed)
     data = load_federation(config, run_key.fold_in("data"))
     model_fn = model_factory(config, data)
-    algorithm = make_algorithm(config, model_fn, len(data.clients))
+    algorithm = make_algorithm(config, model_fn, len(data.clients), data)
     template = build_module(model_fn, run_key.fold_in("template"))
     state = algorithm.init(run_key.fold_in("init"))
     if resume is not None:

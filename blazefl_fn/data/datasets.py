@@ -75,12 +75,18 @@ class ClientData:
 
 @attrs.frozen(eq=False)
 class FederatedDataset:
-    """Client training data plus a central test set."""
+    """Client training data plus a central test set.
+
+    Attributes:
+        public: unlabeled inputs every party may see, for distillation-based algorithms
+            (DS-FL, SCARLET); None when the federation has no public set.
+    """
 
     name: str
     clients: tuple[ClientData, ...]
     test: TensorDataset
     num_classes: int
+    public: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

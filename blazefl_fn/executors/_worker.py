@@ -3,15 +3,18 @@
 Messages from the parent (tuples, first item the kind):
 
 - ``("context", key, ClientContext)`` — the static part of client jobs, once per pool;
-- ``("buffer", name, tensor)`` — a shared-memory buffer (``"broadcast"`` or ``"slots"``);
+- ``("buffer", name, tensor)`` — a shared-memory buffer (``"broadcast"``, ``"inputs"`` or
+  ``"slots"``);
 - ``("bind_job", key, downlink_without_params, spec, slot_bytes)`` — this map runs
   `ClientJob`s whose downlink parameters lie in the broadcast buffer with layout ``spec``;
 - ``("bind_fn", fn)`` — this map runs an arbitrary picklable ``fn``;
-- ``("task", index, task)``; ``("stop",)``.
+- ``("task", index, task, layout)`` where ``layout`` is None, or ``(offset, message_spec,
+  state_spec)`` when the task's message and state lie in the input buffer from ``offset``;
+- ``("stop",)``.
 
-Replies: ``("ready", pid)`` once at start; ``("ok", index, result, spec)`` where ``spec`` is
-not None when the result's parameters were written into slot ``index`` instead of being
-pickled; and
+Replies: ``("ready", pid)`` once at start; ``("ok", index, result, specs)`` where ``specs``
+is ``(params_spec, state_spec)`` when the uplink's parameters and stored state were written
+into slot ``index`` instead of being pickled, else None; and
 ``("err", index, client_id, round, pickled_cause, summary, traceback_text)``.
 """
 
@@ -28,9 +31,9 @@ from typing import Any
 import attrs
 import torch
 
-from ..jobs import ClientContext, ClientError, ClientJob
+from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
 from ..records import Downlink, Uplink
-from ..tree import TreeSpec, flatten, tree_spec, unflatten
+from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
 
 
 def _pickled(exc: BaseException) -> bytes | None:
@@ -84,8 +87,10 @@ def main(conn: Connection, threads: int) -> None:
         elif kind == "bind_fn":
             fn, slot_bytes = message[1], 0
         elif kind == "task":
-            _, index, task = message
+            _, index, task, layout = message
             assert fn is not None
+            if layout is not None:
+                task = _with_inputs(task, buffers["inputs"], layout)
             try:
                 result = fn(task)
             except Exception as exc:
@@ -94,13 +99,37 @@ def main(conn: Connection, threads: int) -> None:
             conn.send(_ok_reply(index, result, buffers.get("slots"), slot_bytes))
 
 
+def _with_inputs(
+    task: ClientTask, inputs: torch.Tensor, layout: tuple[int, TreeSpec, TreeSpec]
+) -> ClientTask:
+    """``task`` with its message and state as views into the shared input buffer."""
+    start, message_spec, state_spec = layout
+    middle = start + message_spec.nbytes
+    return attrs.evolve(
+        task,
+        message=unflatten(inputs[start:middle], message_spec),
+        state=unflatten(inputs[middle : middle + state_spec.nbytes], state_spec),
+    )
+
+
 def _ok_reply(
     index: int, result: object, slots: torch.Tensor | None, slot_bytes: int
 ) -> tuple[Any, ...]:
     if isinstance(result, Uplink) and slots is not None and slot_bytes > 0:
-        spec = tree_spec(result.params)
-        if spec.nbytes <= slot_bytes:
+        params_spec, state_spec = tree_spec(result.params), tree_spec(result.state)
+        if params_spec.nbytes + state_spec.nbytes <= slot_bytes:
             start = index * slot_bytes
-            flatten(result.params, out=slots[start : start + slot_bytes])
-            return ("ok", index, attrs.evolve(result, params={}), spec)
+            middle = start + params_spec.nbytes
+            flatten(result.params, out=slots[start:middle])
+            flatten(result.state, out=slots[middle : middle + state_spec.nbytes])
+            return (
+                "ok",
+                index,
+                attrs.evolve(result, params={}, state={}),
+                (params_spec, state_spec),
+            )
+        # Too big for its slot: pickle it (torch moves the tensors to new shared memory). Copies,
+        # because a tensor passed through from the task views the input buffer, which the
+        # next map overwrites.
+        result = attrs.evolve(result, params=clone(result.params), state=clone(result.state))
     return ("ok", index, result, None)

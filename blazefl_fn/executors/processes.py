@@ -7,8 +7,10 @@ What travels, for the `ClientJob`s that rounds map:
   so workers map the same pages instead of receiving copies;
 - once per round: the downlink parameters, written into one shared broadcast buffer that every
   worker maps, plus a few hundred bytes of metadata;
-- per client: a task descriptor (client id, round, key) down and, back, the uplink's scalars,
-  with its parameters written into a pre-allocated shared-memory slot instead of pickled.
+- per client: a task descriptor (client id, round, key) down, with the task's own tensors
+  (its message and stored state, for algorithms whose clients keep state) written into a
+  shared input buffer; back, the uplink's scalars, with its parameters and new stored state
+  written into a pre-allocated shared-memory slot instead of pickled.
 
 Shared memory comes from torch's ``file_descriptor`` strategy: each segment is unlinked as soon
 as it is created and lives only while a process holds a descriptor, so nothing is left in
@@ -35,7 +37,8 @@ import torch
 
 from .._validators import check_int_at_least
 from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
-from ..tree import clone, flatten, tree_spec, unflatten
+from ..records import Uplink
+from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
 from . import _worker
 from .base import ClosingContext
 
@@ -141,6 +144,8 @@ class Processes(ClosingContext):
         self._workers: list[_Worker] = []
         self._contexts: dict[tuple[int, int], tuple[int, ClientContext[Any]]] = {}
         self._buffers: dict[str, torch.Tensor] = {}
+        # The largest uplink (parameters + stored state) seen that did not fit its slot.
+        self._result_bytes = 0
         self._closed = False
         self._finalizer = weakref.finalize(self, _stop, self._workers, False)
         context = (
@@ -181,8 +186,8 @@ class Processes(ClosingContext):
         if not tasks:
             return []
         try:
-            slot_bytes = self._bind(fn, len(tasks))
-            results, failure = self._run(tasks, slot_bytes)
+            slot_bytes, sends = self._bind(fn, tasks)
+            results, failure = self._run(tasks, sends, slot_bytes)
         except _NotPicklable as exc:
             # Found before anything was written to a worker: the pool is still consistent.
             raise TypeError(str(exc)) from exc.__cause__
@@ -291,23 +296,66 @@ class Processes(ClosingContext):
             self.context_sends += len(self._workers)
         return known[0]
 
-    def _bind(self, fn: Callable[[Any], Any], count: int) -> int:
-        """Tell every worker what this map runs; returns the result slot size in bytes."""
+    def _bind(
+        self, fn: Callable[[Any], Any], tasks: Sequence[Any]
+    ) -> tuple[int, list[tuple[Any, ...]]]:
+        """Tell every worker what this map runs.
+
+        Returns:
+            The result slot size in bytes, and for each task what to send (the task, and where
+            its own tensors lie in the input buffer, if anywhere).
+        """
         if isinstance(fn, ClientJob):
             job = cast(ClientJob[Any], fn)
             key = self._context_key(job.context)
             spec = tree_spec(job.downlink.params)
             broadcast = self._shared_buffer("broadcast", spec.nbytes)
             flatten(job.downlink.params, out=broadcast)
-            slot_bytes = spec.nbytes
-            self._shared_buffer("slots", max(slot_bytes * count, 1))
+            sends, input_bytes = self._stage_inputs(tasks)
+            # An uplink is usually the size of the downlink plus the state the client got.
+            slot_bytes = max(spec.nbytes + input_bytes, self._result_bytes)
+            self._shared_buffer("slots", max(slot_bytes * len(tasks), 1))
             meta = attrs.evolve(job.downlink, params={})
             self._broadcast(("bind_job", key, meta, spec, slot_bytes))
-            return slot_bytes
+            return slot_bytes, sends
         self._broadcast(("bind_fn", fn))
-        return 0
+        return 0, [("task", i, task, None) for i, task in enumerate(tasks)]
 
-    def _run(self, tasks: Sequence[Any], slot_bytes: int) -> tuple[list[Any], BaseException | None]:
+    def _stage_inputs(self, tasks: Sequence[Any]) -> tuple[list[tuple[Any, ...]], int]:
+        """Write each `ClientTask`'s message and state into the shared input buffer.
+
+        Returns:
+            The messages to send, and the largest input of one task in bytes.
+        """
+        layouts: list[tuple[int, TreeSpec, TreeSpec] | None] = []
+        total = largest = 0
+        for task in tasks:
+            if isinstance(task, ClientTask) and (task.message or task.state):
+                message, state = tree_spec(task.message), tree_spec(task.state)
+                layouts.append((total, message, state))
+                size = message.nbytes + state.nbytes
+                total += size
+                largest = max(largest, size)
+            else:
+                layouts.append(None)
+        if total == 0:
+            return [("task", i, task, None) for i, task in enumerate(tasks)], 0
+        buffer = self._shared_buffer("inputs", total)
+        sends: list[tuple[Any, ...]] = []
+        for i, (task, layout) in enumerate(zip(tasks, layouts, strict=True)):
+            if layout is None:
+                sends.append(("task", i, task, None))
+                continue
+            start, message, state = layout
+            flatten(task.message, out=buffer[start : start + message.nbytes])
+            end = start + message.nbytes + state.nbytes
+            flatten(task.state, out=buffer[start + message.nbytes : end])
+            sends.append(("task", i, attrs.evolve(task, message={}, state={}), layout))
+        return sends, largest
+
+    def _run(
+        self, tasks: Sequence[Any], sends: list[tuple[Any, ...]], slot_bytes: int
+    ) -> tuple[list[Any], BaseException | None]:
         """Results in task order and the first task failure in task order, if any."""
         pending = deque(range(len(tasks)))
         results: list[Any] = [None] * len(tasks)
@@ -317,7 +365,7 @@ class Processes(ClosingContext):
             while pending and not failures and len(worker.inflight) < _DEPTH:
                 index = pending.popleft()
                 worker.inflight.append(index)
-                self._send(worker, ForkingPickler.dumps(("task", index, tasks[index])))
+                self._send(worker, ForkingPickler.dumps(sends[index]))
 
         for worker in self._workers:
             feed(worker)
@@ -348,13 +396,21 @@ class Processes(ClosingContext):
         return results, failures[min(failures)] if failures else None
 
     def _result(self, reply: tuple[Any, ...], slot_bytes: int) -> Any:
-        _, index, result, spec = reply
-        if spec is None:
+        _, index, result, specs = reply
+        if specs is None:
+            if isinstance(result, Uplink):
+                # It did not fit its slot: make the next map's slots big enough.
+                size = tree_spec(result.params).nbytes + tree_spec(result.state).nbytes
+                self._result_bytes = max(self._result_bytes, size)
             return result
+        params_spec, state_spec = specs
         start = index * slot_bytes
-        view = self._buffers["slots"][start : start + spec.nbytes]
+        middle = start + params_spec.nbytes
+        slots = self._buffers["slots"]
         # Copy out of the slot: the next map writes into the same shared memory.
-        return attrs.evolve(result, params=clone(unflatten(view, spec)))
+        params = clone(unflatten(slots[start:middle], params_spec))
+        state = clone(unflatten(slots[middle : middle + state_spec.nbytes], state_spec))
+        return attrs.evolve(result, params=params, state=state)
 
     def _death(self, worker: _Worker, tasks: Sequence[Any]) -> WorkerError:
         running = [tasks[i] for i in worker.inflight]

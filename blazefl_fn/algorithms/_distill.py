@@ -1,0 +1,141 @@
+"""What DS-FL and SCARLET share: public-set selection, the server's key, client models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from ..data.datasets import ClientData
+from ..keys import Key
+from ..local import Distillation, LocalSGD, distill, predict_probs, train_local
+from ..records import Uplink
+from ..reproducibility import ModelFactory, build_module
+from ..tree import Params, from_module
+
+# Client stored state: the local model's entries carry this prefix; other entries are the
+# algorithm's own (SCARLET's cache).
+MODEL = "model."
+
+
+def key_bits(key: Key) -> torch.Tensor:
+    """``key`` as 16 uint8s, so that it can live (and be checkpointed) in a server state."""
+    return torch.tensor(list(key.bits), dtype=torch.uint8)
+
+
+def key_of(bits: torch.Tensor) -> Key:
+    """The `Key` that `key_bits` stored."""
+    return Key(bits.numpy().tobytes())
+
+
+def select_public(
+    server_key: torch.Tensor, round_index: int, size: int, count: int
+) -> torch.Tensor:
+    """The public indices the server uses in round ``round_index`` (ascending int64)."""
+    chosen = key_of(server_key).fold_in(round_index).fold_in("public").choice(size, count)
+    return torch.tensor(sorted(chosen), dtype=torch.int64)
+
+
+def server_distill_key(server_key: torch.Tensor, round_index: int) -> Key:
+    """The key that shuffles the server's distillation in round ``round_index``."""
+    return key_of(server_key).fold_in(round_index).fold_in("distill")
+
+
+def client_models(model_fn: ModelFactory, key: Key, num_clients: int) -> tuple[Params, ...]:
+    """Every client's initial local model, each from its own key, as stored state."""
+    return tuple(
+        {MODEL + n: t for n, t in from_module(build_module(model_fn, key.fold_in(k))).items()}
+        for k in range(num_clients)
+    )
+
+
+def model_part(state: Params) -> dict[str, torch.Tensor]:
+    """The local model's parameters in a client's stored state."""
+    return {n[len(MODEL) :]: t for n, t in state.items() if n.startswith(MODEL)}
+
+
+def with_model(state: Params, params: Params) -> dict[str, torch.Tensor]:
+    """``state`` with its local model replaced by ``params``."""
+    out = {n: t for n, t in state.items() if not n.startswith(MODEL)}
+    out.update({MODEL + n: t for n, t in params.items()})
+    return out
+
+
+def check_setup(
+    public: torch.Tensor, public_per_round: int, num_clients: int, clients_per_round: int
+) -> None:
+    """Raise ValueError for a public set or participation that cannot work."""
+    if public.dim() < 2 or public.shape[0] == 0:
+        raise ValueError(
+            f"the public set must be a non-empty batch of inputs, got shape {tuple(public.shape)}"
+        )
+    if not 1 <= public_per_round <= public.shape[0]:
+        raise ValueError(
+            f"public_per_round must be in [1, {public.shape[0]}] (the public set's size), "
+            f"got {public_per_round}"
+        )
+    if not 1 <= clients_per_round <= num_clients:
+        raise ValueError(
+            f"clients_per_round must be in [1, num_clients={num_clients}], got {clients_per_round}"
+        )
+
+
+@attrs.frozen(eq=False)
+class LocalStep:
+    """The client's work both algorithms share: distill, train on private data, predict.
+
+    Attributes:
+        template: the model architecture (its values are always overwritten).
+        public: the public inputs (labels never included), shared by all clients.
+        local: private training.
+        distillation: distillation on the public set.
+        num_classes: the width of a soft label.
+    """
+
+    template: torch.nn.Module
+    public: torch.Tensor
+    local: LocalSGD
+    distillation: Distillation
+    num_classes: int
+
+    def run(
+        self,
+        params: Params,
+        targets: tuple[torch.Tensor, torch.Tensor] | None,
+        request: torch.Tensor,
+        data: ClientData,
+        key: Key,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, float]]:
+        """Distill on ``targets`` = (indices, soft labels), train, predict ``request``.
+
+        Returns:
+            The new local parameters, the soft labels for ``request`` (float32), metrics.
+        """
+        metrics: dict[str, float] = {}
+        if targets is not None and targets[0].numel() > 0:
+            indices, labels = targets
+            params, distilled = distill(
+                self.template,
+                params,
+                self.public[indices],
+                labels,
+                key.fold_in("distill"),
+                self.distillation,
+            )
+            metrics.update(distilled)
+        params, trained = train_local(self.template, params, data, key, self.local)
+        metrics.update(trained)
+        if request.numel() == 0:
+            probs = torch.empty(0, self.num_classes)
+        else:
+            probs = predict_probs(self.template, params, self.public[request])
+        return params, probs, metrics
+
+
+def stored_states(clients: Sequence[Params], uplinks: Sequence[Uplink]) -> tuple[Params, ...]:
+    """``clients`` with each uplink's client replaced by the state it returned."""
+    updated = list(clients)
+    for uplink in uplinks:
+        updated[uplink.client_id] = uplink.state
+    return tuple(updated)

@@ -1,0 +1,216 @@
+"""DS-FL (Itahara et al. 2021): clients share soft labels on a public set, not weights.
+
+Round ``t``, with ``I_t`` the public indices the server picks for it:
+
+1. the server sends ``I_t`` and last round's global soft labels for ``I_{t-1}``;
+2. each sampled client distills its own model on those labels (KL divergence), trains on its
+   private data and uploads ``softmax`` predictions for ``I_t``;
+3. the server averages them, applies Entropy Reduction Aggregation ``softmax(mean / T)``,
+   distills its own model (the state's ``params``) on the result and keeps it for round
+   ``t + 1``.
+
+Every client's local model persists between rounds: it is kept in the state's ``aux``
+(`DSFLState.clients`), handed to the client by the ``dispatch`` stage and returned in
+``Uplink.state``; only soft labels and indices count as communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import torch
+
+from ..data.datasets import ClientData
+from ..keys import Key
+from ..local import Distillation, LocalSGD, distill
+from ..records import Downlink, ServerState, Uplink
+from ..reproducibility import ModelFactory, build_module
+from ..round import Algorithm, ClientInput, ClientTask, uniform_sampler
+from ..tree import Params, from_module
+from . import _distill
+from .soft_labels import era, mean_soft_labels
+
+__all__ = ["DSFLState", "dsfl"]
+
+_TEMPLATE_KEY = Key.from_seed(0).fold_in("template")
+
+
+@attrs.frozen(eq=False)
+class DSFLState:
+    """DS-FL's server-side state (``ServerState.aux``).
+
+    Attributes:
+        server_key: the server's own key as 16 bytes (which public samples each round uses).
+        targets: the global soft labels made in the last round, ``(per_round, classes)``.
+        target_indices: the public indices they label.
+        has_targets: False before the first round.
+        clients: each client's stored state (its local model under ``"model."`` names).
+    """
+
+    server_key: torch.Tensor
+    targets: torch.Tensor
+    target_indices: torch.Tensor
+    has_targets: bool
+    clients: tuple[Params, ...]
+
+
+@attrs.frozen
+class _Init:
+    model_fn: ModelFactory
+    num_clients: int
+    public_per_round: int
+    num_classes: int
+
+    def __call__(self, key: Key) -> ServerState:
+        aux = DSFLState(
+            server_key=_distill.key_bits(key.fold_in("server")),
+            targets=torch.zeros(self.public_per_round, self.num_classes),
+            target_indices=torch.zeros(self.public_per_round, dtype=torch.int64),
+            has_targets=False,
+            clients=_distill.client_models(self.model_fn, key.fold_in("clients"), self.num_clients),
+        )
+        return ServerState(params=from_module(build_module(self.model_fn, key)), aux=aux)
+
+
+def _aux(state: ServerState) -> DSFLState:
+    if not isinstance(state.aux, DSFLState):
+        raise TypeError(
+            f"DS-FL needs a DSFLState in ServerState.aux, got {type(state.aux).__name__}"
+        )
+    return state.aux
+
+
+@attrs.frozen
+class _Broadcast:
+    public_size: int
+    public_per_round: int
+
+    def __call__(self, state: ServerState) -> Downlink:
+        aux = _aux(state)
+        request = _distill.select_public(
+            aux.server_key, state.round, self.public_size, self.public_per_round
+        )
+        if aux.has_targets:
+            targets, indices = aux.targets, aux.target_indices
+        else:
+            targets = aux.targets[:0]
+            indices = aux.target_indices[:0]
+        params = {"request": request, "target_indices": indices, "targets": targets}
+        return Downlink(round=state.round, params=params)
+
+
+def _dispatch(state: ServerState, ids: Sequence[int]) -> list[ClientInput]:
+    clients = _aux(state).clients
+    return [ClientInput(state=clients[cid]) for cid in ids]
+
+
+@attrs.frozen(eq=False)
+class DSFLClient:
+    """DS-FL's client stage (a record, so that worker processes can receive it)."""
+
+    step: _distill.LocalStep
+
+    def __call__(self, downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
+        given = downlink.params
+        params, probs, metrics = self.step.run(
+            _distill.model_part(task.state),
+            (given["target_indices"], given["targets"]),
+            given["request"],
+            data,
+            task.key,
+        )
+        return Uplink(
+            client_id=task.client_id,
+            num_examples=len(data),
+            params={"probs": probs},
+            metrics=metrics,
+            state=_distill.with_model(task.state, params),
+        )
+
+
+@attrs.frozen(eq=False)
+class _Aggregate:
+    template: torch.nn.Module
+    public: torch.Tensor
+    public_per_round: int
+    temperature: float
+    distillation: Distillation
+
+    def __call__(self, state: ServerState, uplinks: Sequence[Uplink]) -> ServerState:
+        aux = _aux(state)
+        request = _distill.select_public(
+            aux.server_key, state.round, self.public.shape[0], self.public_per_round
+        )
+        targets = era(mean_soft_labels([u.params["probs"] for u in uplinks]), self.temperature)
+        params, _ = distill(
+            self.template,
+            state.params,
+            self.public[request],
+            targets,
+            _distill.server_distill_key(aux.server_key, state.round),
+            self.distillation,
+        )
+        new_aux = attrs.evolve(
+            aux,
+            targets=targets,
+            target_indices=request,
+            has_targets=True,
+            clients=_distill.stored_states(aux.clients, uplinks),
+        )
+        return attrs.evolve(state, params=params, round=state.round + 1, aux=new_aux)
+
+
+def dsfl(
+    model_fn: ModelFactory,
+    *,
+    public: torch.Tensor,
+    num_classes: int,
+    num_clients: int,
+    clients_per_round: int,
+    local: LocalSGD,
+    public_per_round: int = 1000,
+    temperature: float = 0.1,
+    distillation: Distillation | None = None,
+) -> Algorithm[ClientData]:
+    """DS-FL: distillation on a public set with Entropy Reduction Aggregation.
+
+    Args:
+        model_fn: builds the model used by the server and by every client.
+        public: the public inputs (no labels), a batch ``(n, *input_shape)``.
+        num_classes: classes of the task (the width of a soft label).
+        num_clients: clients in the federation.
+        clients_per_round: clients sampled each round.
+        local: private training of each client.
+        public_per_round: public samples the server asks predictions for each round.
+        temperature: the ERA temperature ``T`` (``softmax(mean / T)``).
+        distillation: distillation settings for clients and server (default `Distillation()`).
+
+    Raises:
+        ValueError: an empty public set, ``public_per_round`` not in ``[1, len(public)]``,
+            ``clients_per_round`` not in ``[1, num_clients]``, or a bad temperature.
+
+    Example:
+        >>> import functools, torch
+        >>> from blazefl_fn.models import mlp
+        >>> algo = dsfl(functools.partial(mlp, (4,), 3), public=torch.randn(50, 4),
+        ...             num_classes=3, num_clients=5, clients_per_round=2,
+        ...             local=LocalSGD(), public_per_round=20)
+        >>> state = algo.init(Key.from_seed(0))
+        >>> len(state.aux.clients), algo.broadcast(state).params["request"].shape
+        (5, torch.Size([20]))
+    """
+    _distill.check_setup(public, public_per_round, num_clients, clients_per_round)
+    era(torch.full((1, 2), 0.5), temperature)  # validates the temperature now, not in round 1
+    distillation = distillation if distillation is not None else Distillation()
+    template = build_module(model_fn, _TEMPLATE_KEY)
+    step = _distill.LocalStep(template, public, local, distillation, num_classes)
+    return Algorithm(
+        name="dsfl",
+        init=_Init(model_fn, num_clients, public_per_round, num_classes),
+        sample=uniform_sampler(num_clients, clients_per_round),
+        broadcast=_Broadcast(public.shape[0], public_per_round),
+        client_update=DSFLClient(step),
+        aggregate=_Aggregate(template, public, public_per_round, temperature, distillation),
+        dispatch=_dispatch,
+    )
