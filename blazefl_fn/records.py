@@ -79,7 +79,8 @@ class RoundReport:
     """What happened in one round (plain numbers, safe to log as JSON).
 
     Attributes:
-        round: 1-based index of the round that produced this report.
+        round: 0-based index of the round that produced this report (the `ServerState.round`
+            it started from).
         clients: the sampled client ids, in aggregation order.
         num_examples: total training examples over the sampled clients.
         train_metrics: client metrics averaged with weights ``num_examples``.

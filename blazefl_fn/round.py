@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 import attrs
 import torch
 
-from .executors.base import Executor
+from .executors.base import Executor, Preparing
 from .jobs import ClientContext, ClientError, ClientJob, ClientTask, ClientUpdate
 from .keys import Key
 from .records import Downlink, RoundReport, ServerState, Uplink
@@ -190,7 +190,15 @@ def run_round(
 
 
 def make_round(algorithm: Algorithm[Data], clients: Sequence[Data], executor: Executor) -> RoundFn:
-    """The round of ``algorithm`` over ``clients`` as ``(state, key) -> (state, report)``."""
+    """The round of ``algorithm`` over ``clients`` as ``(state, key) -> (state, report)``.
+
+    An executor with a ``prepare`` method (`Processes`) receives the clients' data here, once,
+    so that the first round does not pay for moving it.
+    """
+
+    if isinstance(executor, Preparing):
+        # Ship the clients' data before the first round rather than inside it.
+        executor.prepare(ClientContext(algorithm.client_update, clients))
 
     def round_fn(state: ServerState, key: Key) -> tuple[ServerState, RoundReport]:
         return run_round(algorithm, clients, executor, state, key)

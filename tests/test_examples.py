@@ -8,7 +8,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _paths import mnist_dir, mnist_search_path
 
+MNIST = mnist_dir()
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -38,3 +40,27 @@ def test_robust_pipeline_example_survives_the_attack(capsys: pytest.CaptureFixtu
     assert accuracy["median"] > accuracy["mean"] + 0.05
     assert accuracy["clip+trimmed+momentum"] > accuracy["mean"] + 0.03
     assert "accuracy under attack" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(MNIST is None, reason=f"MNIST not found at {mnist_search_path()}")
+def test_dsfl_vs_scarlet_example_reports_fewer_bytes_for_scarlet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = _load("dsfl_vs_scarlet")
+    out = tmp_path / "table.md"
+    args = [
+        "--data-dir", str(MNIST), "--rounds", "4", "--clients", "4", "--clients-per-round",
+        "4", "--public-size", "200", "--public-per-round", "100", "--cache-duration", "3",
+        "--kd-epochs", "1", "--executor", "sequential", "--every", "1", "--markdown", str(out),
+    ]  # fmt: skip
+    traces = example.main(args)
+    dsfl, scarlet = traces["dsfl"][-1], traces["scarlet"][-1]
+    assert [r["round"] for r in traces["scarlet"]] == [1, 2, 3, 4]
+    # Cached labels are neither requested again nor resent.
+    assert scarlet["up"] < dsfl["up"]
+    assert scarlet["down"] + scarlet["up"] < dsfl["down"] + dsfl["up"]
+    # Round 1 has no cache yet: both upload the same 100 soft labels per client.
+    assert traces["scarlet"][0]["up"] == traces["dsfl"][0]["up"] == 4 * 100 * 10 * 4
+    text = capsys.readouterr().out
+    assert "MB total" in text
+    assert out.read_text(encoding="utf-8").strip() == text.strip()

@@ -19,7 +19,7 @@ import torch
 from blazefl_fn import tree
 from blazefl_fn.algorithms.fedavg import broadcast_params, mean_by_examples
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads, WorkerError
-from blazefl_fn.jobs import ClientError, ClientUpdate
+from blazefl_fn.jobs import ClientContext, ClientError, ClientUpdate
 from blazefl_fn.keys import Key
 from blazefl_fn.records import ServerState
 from blazefl_fn.round import Algorithm, make_round, uniform_sampler
@@ -282,3 +282,21 @@ def test_threads_cancel_what_has_not_started() -> None:
     with Threads(1) as executor, pytest.raises(ValueError, match="first"):
         executor.map(record, list(range(20)))
     assert len(started) < 20
+
+
+def test_prepare_sends_a_context_once_and_refuses_unpicklable_ones(pool: Processes) -> None:
+    context = ClientContext(helpers.square, [1, 2])
+    before = pool.context_sends
+    pool.prepare(context)
+    pool.prepare(context)
+    assert pool.context_sends == before + pool.workers
+    with pytest.raises(TypeError, match="Processes needs picklable work"):
+        pool.prepare(ClientContext(lambda *_: None, []))
+    assert pool.map(helpers.square, [5]) == [25]  # still usable
+
+
+def test_prepare_on_a_closed_pool_raises() -> None:
+    executor = Processes(1)
+    executor.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        executor.prepare(ClientContext(helpers.square, []))

@@ -4,9 +4,11 @@ A cache holds, for every public index, a soft label and the round that produced 
 never). One rule decides whether an entry can be used instead of asking the clients again,
 on the server when it picks what to request and on a client when it checks what it was told:
 
-    an entry produced in round ``p`` is fresh in round ``now`` iff ``p >= 0 and now - p < D``
+    an entry produced in round ``p`` is fresh in round ``now`` iff
+    ``0 <= p <= now and now - p < D``
 
-with ``D`` the cache duration (``D = 0`` disables caching).
+with ``D`` the cache duration (``D = 0`` disables caching). An entry from a later round than
+``now`` can only come from an inconsistent state and is never fresh.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def is_fresh(produced: torch.Tensor, now: int, duration: int) -> torch.Tensor:
         >>> is_fresh(torch.tensor([-1, 4, 5, 7]), now=7, duration=3)
         tensor([False, False,  True,  True])
     """
-    return (produced >= 0) & (now - produced < duration)
+    return (produced >= 0) & (produced <= now) & (now - produced < duration)
 
 
 @attrs.frozen(eq=False)

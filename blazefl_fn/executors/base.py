@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Protocol, Self, TypeVar, runtime_checkable
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
-__all__ = ["ClosingContext", "Executor"]
+from ..jobs import ClientContext
+
+__all__ = ["ClosingContext", "Executor", "Preparing"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,6 +39,15 @@ class Executor(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+@runtime_checkable
+class Preparing(Protocol):
+    """An executor that can take a run's static client context ahead of its first map."""
+
+    def prepare(self, context: ClientContext[Any]) -> None:
+        """Make ``context`` ready in the workers (e.g. send it once, into shared memory)."""
+        ...
 
 
 class ClosingContext:

@@ -199,6 +199,28 @@ class Processes(ClosingContext):
             raise failure
         return results
 
+    def prepare(self, context: ClientContext[Any]) -> None:
+        """Send ``context`` (the client update and every client's data) to the workers now.
+
+        Otherwise the first map that uses it sends it, and that round pays for moving the
+        client data into shared memory; `make_round` calls this so the cost lands before the
+        round loop. Sending is done once per pool and context either way.
+
+        Raises:
+            TypeError: the context cannot be pickled.
+            WorkerError: a worker process died; the pool is closed.
+            RuntimeError: the executor is closed.
+        """
+        if self._closed:
+            raise RuntimeError("this Processes executor is closed")
+        try:
+            self._context_key(context)
+        except _NotPicklable as exc:
+            raise TypeError(str(exc)) from exc.__cause__
+        except BaseException:
+            self._shutdown(graceful=False)
+            raise
+
     def close(self) -> None:
         """Stop the workers and release the shared buffers; idempotent."""
         self._shutdown(graceful=True)
