@@ -4,8 +4,8 @@ Uses the public API only: ``fedavg`` + ``LocalSGD``, ``ClientData`` views onto o
 ``TensorDataset``, ``make_round`` / ``run_rounds``, ``intra_op_threads``. The model is
 ``blazefl_fn.models.cnn((3, 32, 32), 10)`` itself (or the benchmark's ResNet-18); the run starts
 from the shared initial parameters. Start-up (imports, data, the executor's construction, which
-for ``processes`` spawns the workers) happens before ``loop_start``; the first round of
-``processes`` includes sending the client data to the workers once.
+for ``processes`` spawns the workers, and ``make_round``, which for ``processes`` sends the client
+data into shared memory once) happens before ``loop_start``.
 """
 
 from __future__ import annotations
