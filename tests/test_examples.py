@@ -49,7 +49,7 @@ def test_dsfl_vs_scarlet_example_reports_fewer_bytes_for_scarlet(
     example = _load("dsfl_vs_scarlet")
     out = tmp_path / "table.md"
     args = [
-        "--data-dir", str(MNIST), "--rounds", "4", "--clients", "4", "--clients-per-round",
+        "--data-dir", str(MNIST), "--rounds", "4", "--clients", "20", "--clients-per-round",
         "4", "--public-size", "200", "--public-per-round", "100", "--cache-duration", "3",
         "--kd-epochs", "1", "--executor", "sequential", "--every", "1", "--markdown", str(out),
     ]  # fmt: skip
@@ -59,7 +59,7 @@ def test_dsfl_vs_scarlet_example_reports_fewer_bytes_for_scarlet(
     # Cached labels are neither requested again nor resent.
     assert scarlet["up"] < dsfl["up"]
     assert scarlet["down"] + scarlet["up"] < dsfl["down"] + dsfl["up"]
-    # Round 1 has no cache yet: both upload the same 100 soft labels per client.
+    # Round 1 has no cache yet: both upload the same 100 soft labels from each of 4 clients.
     assert traces["scarlet"][0]["up"] == traces["dsfl"][0]["up"] == 4 * 100 * 10 * 4
     text = capsys.readouterr().out
     assert "MB total" in text
