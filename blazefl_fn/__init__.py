@@ -21,7 +21,9 @@ from .algorithms.compose import fedprox as fedprox
 from .algorithms.compose import fedyogi as fedyogi
 from .algorithms.compose import krum_fedavg as krum_fedavg
 from .algorithms.compose import trimmed_mean_fedavg as trimmed_mean_fedavg
+from .algorithms.dsfl import dsfl as dsfl
 from .algorithms.fedavg import fedavg as fedavg
+from .algorithms.scarlet import scarlet as scarlet
 from .checkpoint import CheckpointWriter as CheckpointWriter
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_checkpoint as save_checkpoint
@@ -34,6 +36,7 @@ from .executors.processes import WorkerError as WorkerError
 from .executors.sequential import Sequential as Sequential
 from .executors.threads import Threads as Threads
 from .keys import Key as Key
+from .local import Distillation as Distillation
 from .local import GradientHook as GradientHook
 from .local import LocalSGD as LocalSGD
 from .local import ProximalTerm as ProximalTerm
@@ -75,6 +78,7 @@ __all__ = [
     "ClientError",
     "ClientInput",
     "ClientTask",
+    "Distillation",
     "Downlink",
     "EarlyStop",
     "Executor",
@@ -100,6 +104,7 @@ __all__ = [
     "build_module",
     "compose",
     "data",
+    "dsfl",
     "evaluate",
     "evaluate_clients",
     "fedadagrad",
@@ -117,6 +122,7 @@ __all__ = [
     "run_round",
     "run_rounds",
     "save_checkpoint",
+    "scarlet",
     "server_transforms",
     "simulate",
     "train_local",

@@ -10,16 +10,32 @@ from .compose import fedprox as fedprox
 from .compose import fedyogi as fedyogi
 from .compose import krum_fedavg as krum_fedavg
 from .compose import trimmed_mean_fedavg as trimmed_mean_fedavg
+from .dsfl import DSFLState as DSFLState
+from .dsfl import dsfl as dsfl
 from .fedavg import LocalSGDUpdate as LocalSGDUpdate
 from .fedavg import broadcast_params as broadcast_params
 from .fedavg import fedavg as fedavg
 from .fedavg import mean_by_examples as mean_by_examples
+from .label_cache import CacheSignal as CacheSignal
+from .label_cache import SoftLabelCache as SoftLabelCache
+from .label_cache import is_fresh as is_fresh
+from .scarlet import ScarletState as ScarletState
+from .scarlet import scarlet as scarlet
+from .soft_labels import enhanced_era as enhanced_era
+from .soft_labels import era as era
 
 __all__ = [
     "Aggregate",
+    "CacheSignal",
+    "DSFLState",
     "LocalSGDUpdate",
+    "ScarletState",
+    "SoftLabelCache",
     "broadcast_params",
     "compose",
+    "dsfl",
+    "enhanced_era",
+    "era",
     "fedadagrad",
     "fedadam",
     "fedavg",
@@ -27,7 +43,9 @@ __all__ = [
     "fedmedian",
     "fedprox",
     "fedyogi",
+    "is_fresh",
     "krum_fedavg",
     "mean_by_examples",
+    "scarlet",
     "trimmed_mean_fedavg",
 ]
