@@ -48,6 +48,17 @@ def one_of(options: tuple[str, ...]) -> Validator:
     return check
 
 
+def check_positive_finite(name: str, value: object) -> float:
+    """``value`` as a float if it is a finite int or float (not a bool) ``> 0``; else ValueError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_int_at_least(name: str, value: object, low: int) -> int:
     """``value`` if it is an int (not a bool) ``>= low``; else ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -23,10 +23,6 @@ __all__ = ["ClientContext", "ClientError", "ClientJob", "ClientTask", "ClientUpd
 Data = TypeVar("Data")
 
 
-def _no_params() -> dict[str, torch.Tensor]:
-    return {}
-
-
 @attrs.frozen(eq=False)
 class ClientTask:
     """One client's work in one round: who, when, its key, and what only it receives.
@@ -45,8 +41,8 @@ class ClientTask:
     client_id: int
     round: int
     key: Key
-    message: Params = attrs.field(factory=_no_params)
-    state: Params = attrs.field(factory=_no_params)
+    message: Params = attrs.field(factory=dict[str, torch.Tensor])
+    state: Params = attrs.field(factory=dict[str, torch.Tensor])
 
 
 ClientUpdate = Callable[[Downlink, Data, ClientTask], Uplink]

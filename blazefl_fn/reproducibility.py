@@ -16,9 +16,18 @@ import torch
 
 from .keys import Key
 
-__all__ = ["ModelFactory", "build_module", "intra_op_threads"]
+__all__ = ["ModelFactory", "build_module", "build_template", "intra_op_threads"]
 
 ModelFactory = Callable[[], torch.nn.Module]
+
+
+# A template only fixes the architecture; its values are always overwritten by a state.
+_TEMPLATE_KEY = Key.from_seed(0).fold_in("template")
+
+
+def build_template(model_fn: ModelFactory) -> torch.nn.Module:
+    """The architecture template the algorithms load parameters into (fixed weights)."""
+    return build_module(model_fn, _TEMPLATE_KEY)
 
 
 def build_module(model_fn: ModelFactory, key: Key) -> torch.nn.Module:

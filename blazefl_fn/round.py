@@ -43,10 +43,6 @@ Sampler = Callable[[ServerState, Key], Sequence[int]]
 RoundFn = Callable[[ServerState, Key], tuple[ServerState, RoundReport]]
 
 
-def _no_params() -> dict[str, torch.Tensor]:
-    return {}
-
-
 @attrs.frozen(eq=False)
 class ClientInput:
     """What one sampled client receives besides the common downlink.
@@ -56,8 +52,8 @@ class ClientInput:
         state: the client's stored state from its last round; not communication.
     """
 
-    message: Params = attrs.field(factory=_no_params)
-    state: Params = attrs.field(factory=_no_params)
+    message: Params = attrs.field(factory=dict[str, torch.Tensor])
+    state: Params = attrs.field(factory=dict[str, torch.Tensor])
 
 
 Dispatch = Callable[[ServerState, Sequence[int]], Sequence[ClientInput]]

@@ -37,17 +37,33 @@ def select_public(
     return torch.tensor(sorted(chosen), dtype=torch.int64)
 
 
-def server_distill_key(server_key: torch.Tensor, round_index: int) -> Key:
-    """The key that shuffles the server's distillation in round ``round_index``."""
-    return key_of(server_key).fold_in(round_index).fold_in("distill")
+def initial(
+    model_fn: ModelFactory, key: Key, num_clients: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[Params, ...]]:
+    """The server's model, the server's key (as `key_bits`) and every client's stored model.
 
-
-def client_models(model_fn: ModelFactory, key: Key, num_clients: int) -> tuple[Params, ...]:
-    """Every client's initial local model, each from its own key, as stored state."""
-    return tuple(
-        {MODEL + n: t for n, t in from_module(build_module(model_fn, key.fold_in(k))).items()}
+    Each client's model comes from its own key, ``key.fold_in("clients").fold_in(k)``.
+    """
+    clients = key.fold_in("clients")
+    models = tuple(
+        {MODEL + n: t for n, t in from_module(build_module(model_fn, clients.fold_in(k))).items()}
         for k in range(num_clients)
     )
+    return from_module(build_module(model_fn, key)), key_bits(key.fold_in("server")), models
+
+
+def server_distill(
+    step: LocalStep,
+    params: Params,
+    indices: torch.Tensor,
+    labels: torch.Tensor,
+    server_key: torch.Tensor,
+    round_index: int,
+) -> dict[str, torch.Tensor]:
+    """The server's model distilled on ``labels`` for the public ``indices`` of a round."""
+    key = key_of(server_key).fold_in(round_index).fold_in("distill")
+    new, _ = distill(step.template, params, step.public[indices], labels, key, step.distillation)
+    return new
 
 
 def model_part(state: Params) -> dict[str, torch.Tensor]:
@@ -102,7 +118,7 @@ class LocalStep:
     def run(
         self,
         params: Params,
-        targets: tuple[torch.Tensor, torch.Tensor] | None,
+        targets: tuple[torch.Tensor, torch.Tensor],
         request: torch.Tensor,
         data: ClientData,
         key: Key,
@@ -113,8 +129,8 @@ class LocalStep:
             The new local parameters, the soft labels for ``request`` (float32), metrics.
         """
         metrics: dict[str, float] = {}
-        if targets is not None and targets[0].numel() > 0:
-            indices, labels = targets
+        indices, labels = targets
+        if indices.numel() > 0:
             params, distilled = distill(
                 self.template,
                 params,

@@ -33,7 +33,7 @@ from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import LocalSGD, ProximalTerm
 from ..records import ServerState, Uplink
-from ..reproducibility import ModelFactory, build_module
+from ..reproducibility import ModelFactory, build_module, build_template
 from ..round import Algorithm, uniform_sampler
 from ..server_transforms import (
     ServerTransform,
@@ -60,8 +60,6 @@ __all__ = [
     "krum_fedavg",
     "trimmed_mean_fedavg",
 ]
-
-_TEMPLATE_KEY = Key.from_seed(0).fold_in("template")
 
 
 @attrs.frozen
@@ -139,7 +137,7 @@ def compose(
         init=_Init(model_fn, aggregate.server),
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=broadcast_params,
-        client_update=LocalSGDUpdate(build_module(model_fn, _TEMPLATE_KEY), local),
+        client_update=LocalSGDUpdate(build_template(model_fn), local),
         aggregate=aggregate,
     )
 

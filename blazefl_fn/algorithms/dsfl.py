@@ -23,17 +23,15 @@ import torch
 
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import Distillation, LocalSGD, distill
+from ..local import Distillation, LocalSGD
 from ..records import Downlink, ServerState, Uplink
-from ..reproducibility import ModelFactory, build_module
+from ..reproducibility import ModelFactory, build_template
 from ..round import Algorithm, ClientInput, ClientTask, uniform_sampler
-from ..tree import Params, from_module
+from ..tree import Params
 from . import _distill
 from .soft_labels import era, mean_soft_labels
 
 __all__ = ["DSFLState", "dsfl"]
-
-_TEMPLATE_KEY = Key.from_seed(0).fold_in("template")
 
 
 @attrs.frozen(eq=False)
@@ -63,14 +61,15 @@ class _Init:
     num_classes: int
 
     def __call__(self, key: Key) -> ServerState:
+        params, server_key, clients = _distill.initial(self.model_fn, key, self.num_clients)
         aux = DSFLState(
-            server_key=_distill.key_bits(key.fold_in("server")),
+            server_key=server_key,
             targets=torch.zeros(self.public_per_round, self.num_classes),
             target_indices=torch.zeros(self.public_per_round, dtype=torch.int64),
             has_targets=False,
-            clients=_distill.client_models(self.model_fn, key.fold_in("clients"), self.num_clients),
+            clients=clients,
         )
-        return ServerState(params=from_module(build_module(self.model_fn, key)), aux=aux)
+        return ServerState(params=params, aux=aux)
 
 
 def _aux(state: ServerState) -> DSFLState:
@@ -131,25 +130,18 @@ class DSFLClient:
 
 @attrs.frozen(eq=False)
 class _Aggregate:
-    template: torch.nn.Module
-    public: torch.Tensor
+    step: _distill.LocalStep
     public_per_round: int
     temperature: float
-    distillation: Distillation
 
     def __call__(self, state: ServerState, uplinks: Sequence[Uplink]) -> ServerState:
         aux = _aux(state)
         request = _distill.select_public(
-            aux.server_key, state.round, self.public.shape[0], self.public_per_round
+            aux.server_key, state.round, self.step.public.shape[0], self.public_per_round
         )
         targets = era(mean_soft_labels([u.params["probs"] for u in uplinks]), self.temperature)
-        params, _ = distill(
-            self.template,
-            state.params,
-            self.public[request],
-            targets,
-            _distill.server_distill_key(aux.server_key, state.round),
-            self.distillation,
+        params = _distill.server_distill(
+            self.step, state.params, request, targets, aux.server_key, state.round
         )
         new_aux = attrs.evolve(
             aux,
@@ -203,7 +195,7 @@ def dsfl(
     _distill.check_setup(public, public_per_round, num_clients, clients_per_round)
     era(torch.full((1, 2), 0.5), temperature)  # validates the temperature now, not in round 1
     distillation = distillation if distillation is not None else Distillation()
-    template = build_module(model_fn, _TEMPLATE_KEY)
+    template = build_template(model_fn)
     step = _distill.LocalStep(template, public, local, distillation, num_classes)
     return Algorithm(
         name="dsfl",
@@ -211,6 +203,6 @@ def dsfl(
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=_Broadcast(public.shape[0], public_per_round),
         client_update=DSFLClient(step),
-        aggregate=_Aggregate(template, public, public_per_round, temperature, distillation),
+        aggregate=_Aggregate(step, public_per_round, temperature),
         dispatch=_dispatch,
     )

@@ -11,14 +11,11 @@ from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import LocalSGD, train_local
 from ..records import Downlink, ServerState, Uplink
-from ..reproducibility import ModelFactory, build_module
+from ..reproducibility import ModelFactory, build_module, build_template
 from ..round import Algorithm, ClientTask, uniform_sampler
 from ..tree import from_module, weighted_mean
 
 __all__ = ["LocalSGDUpdate", "broadcast_params", "fedavg", "mean_by_examples"]
-
-# The template only fixes the architecture; its values are always overwritten by a state.
-_TEMPLATE_KEY = Key.from_seed(0).fold_in("template")
 
 
 def broadcast_params(state: ServerState) -> Downlink:
@@ -91,7 +88,7 @@ def fedavg(
         ('fedavg', ['1.bias', '1.weight'])
     """
     sample = uniform_sampler(num_clients, clients_per_round)
-    template = build_module(model_fn, _TEMPLATE_KEY)
+    template = build_template(model_fn)
     return Algorithm(
         name="fedavg",
         init=_InitFromModel(model_fn),

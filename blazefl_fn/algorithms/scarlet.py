@@ -24,18 +24,17 @@ import torch
 from .._validators import check_int_at_least
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import Distillation, LocalSGD, distill
+from ..local import Distillation, LocalSGD
 from ..records import Downlink, ServerState, Uplink
-from ..reproducibility import ModelFactory, build_module
+from ..reproducibility import ModelFactory, build_template
 from ..round import Algorithm, ClientInput, ClientTask, uniform_sampler
-from ..tree import Params, from_module
+from ..tree import Params
 from . import _distill
 from .label_cache import CacheSignal, SoftLabelCache, is_fresh
 from .soft_labels import enhanced_era, mean_soft_labels
 
 __all__ = ["ScarletState", "client_cache", "scarlet"]
 
-_TEMPLATE_KEY = Key.from_seed(0).fold_in("template")
 _LABELS = "cache.labels"
 _PRODUCED = "cache.produced"
 
@@ -80,13 +79,13 @@ class _Init:
 
     def __call__(self, key: Key) -> ServerState:
         empty = SoftLabelCache.empty(self.public_size, self.num_classes)
-        models = _distill.client_models(self.model_fn, key.fold_in("clients"), self.num_clients)
+        params, server_key, models = _distill.initial(self.model_fn, key, self.num_clients)
         # Every client starts from the same empty cache; nothing writes into it.
         clients = tuple(
             {**model, _LABELS: empty.labels, _PRODUCED: empty.produced} for model in models
         )
         aux = ScarletState(
-            server_key=_distill.key_bits(key.fold_in("server")),
+            server_key=server_key,
             cache=empty,
             target_indices=torch.zeros(self.public_per_round, dtype=torch.int64),
             signals=torch.zeros(self.public_per_round, dtype=torch.uint8),
@@ -94,7 +93,7 @@ class _Init:
             known=torch.full((self.num_clients, self.public_size), -1, dtype=torch.int64),
             clients=clients,
         )
-        return ServerState(params=from_module(build_module(self.model_fn, key)), aux=aux)
+        return ServerState(params=params, aux=aux)
 
 
 def _aux(state: ServerState) -> ScarletState:
@@ -215,11 +214,9 @@ class ScarletClient:
 
 @attrs.frozen(eq=False)
 class _Aggregate:
-    template: torch.nn.Module
-    public: torch.Tensor
+    step: _distill.LocalStep
     plan: _Plan
     exponent: float
-    distillation: Distillation
 
     def __call__(self, state: ServerState, uplinks: Sequence[Uplink]) -> ServerState:
         aux = _aux(state)
@@ -229,13 +226,8 @@ class _Aggregate:
         if bool(requested.any()):
             mean = mean_soft_labels([u.params["probs"] for u in uplinks])
             cache = cache.put(chosen[requested], enhanced_era(mean, self.exponent), state.round)
-        params, _ = distill(
-            self.template,
-            state.params,
-            self.public[chosen],
-            cache.labels[chosen],
-            _distill.server_distill_key(aux.server_key, state.round),
-            self.distillation,
+        params = _distill.server_distill(
+            self.step, state.params, chosen, cache.labels[chosen], aux.server_key, state.round
         )
         # Each participant now holds last round's targets as the server had them.
         known = aux.known.clone()
@@ -300,7 +292,7 @@ def scarlet(
     check_int_at_least("cache_duration", cache_duration, 0)
     enhanced_era(torch.full((1, 2), 0.5), exponent)  # validates the exponent now
     distillation = distillation if distillation is not None else Distillation()
-    template = build_module(model_fn, _TEMPLATE_KEY)
+    template = build_template(model_fn)
     step = _distill.LocalStep(template, public, local, distillation, num_classes)
     plan = _Plan(public.shape[0], public_per_round, cache_duration)
     return Algorithm(
@@ -309,6 +301,6 @@ def scarlet(
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=_Broadcast(plan),
         client_update=ScarletClient(step, cache_duration),
-        aggregate=_Aggregate(template, public, plan, exponent, distillation),
+        aggregate=_Aggregate(step, plan, exponent),
         dispatch=_dispatch,
     )

@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
+from .._validators import check_positive_finite
+
 __all__ = ["enhanced_era", "entropy", "era", "mean_soft_labels"]
-
-
-def _positive_finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_probs(probs: torch.Tensor) -> None:
@@ -63,7 +56,7 @@ def era(probs: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
         >>> era(torch.tensor([[0.6, 0.4]]), temperature=0.1)
         tensor([[0.8808, 0.1192]])
     """
-    temperature = _positive_finite("temperature", temperature)
+    temperature = check_positive_finite("temperature", temperature)
     _check_probs(probs)
     return torch.softmax(probs / temperature, dim=1)
 
@@ -85,7 +78,7 @@ def enhanced_era(probs: torch.Tensor, exponent: float = 2.0) -> torch.Tensor:
         >>> enhanced_era(torch.tensor([[0.6, 0.4]]), exponent=2.0)
         tensor([[0.6923, 0.3077]])
     """
-    exponent = _positive_finite("exponent", exponent)
+    exponent = check_positive_finite("exponent", exponent)
     _check_probs(probs)
     if bool((probs < 0).any()) or bool((probs.sum(dim=1) <= 0).any()):
         raise ValueError("soft labels must be non-negative with every row summing to > 0")
