@@ -435,6 +435,9 @@ class Processes(ClosingContext):
         return attrs.evolve(result, params=params, state=state)
 
     def _death(self, worker: _Worker, tasks: Sequence[Any]) -> WorkerError:
+        # The sentinel can fire before the process is reaped; without the join its exit code
+        # still reads None and the message cannot name the signal that killed it.
+        worker.process.join(timeout=5)
         running = [tasks[i] for i in worker.inflight]
         what = ", ".join(
             f"client {t.client_id} in round {t.round}"
