@@ -9,6 +9,7 @@ Example:
 
 from . import aggregators as aggregators
 from . import data as data
+from . import devices as devices
 from . import server_transforms as server_transforms
 from . import tree as tree
 from .algorithms.compose import Aggregate as Aggregate
@@ -55,6 +56,7 @@ from .round import ClientError as ClientError
 from .round import ClientInput as ClientInput
 from .round import ClientTask as ClientTask
 from .round import make_round as make_round
+from .round import on_server as on_server
 from .round import run_round as run_round
 from .round import uniform_sampler as uniform_sampler
 from .run import RunConfig as RunConfig
@@ -104,6 +106,7 @@ __all__ = [
     "build_module",
     "compose",
     "data",
+    "devices",
     "dsfl",
     "evaluate",
     "evaluate_clients",
@@ -117,6 +120,7 @@ __all__ = [
     "krum_fedavg",
     "load_checkpoint",
     "make_round",
+    "on_server",
     "read_metrics",
     "run_loop",
     "run_round",

@@ -96,6 +96,19 @@ def _parser(*, only_given: bool = False) -> _Parser:
     )
     run.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     run.add_argument(
+        "--device",
+        default=defaults.device,
+        metavar="DEVICES",
+        help="where clients train: cpu, cuda, cuda:0,cuda:1 (client k on the k%%n-th), or auto "
+        "(every visible GPU, else cpu)",
+    )
+    run.add_argument(
+        "--server-device",
+        default=defaults.server_device,
+        metavar="DEVICE",
+        help="where the global model is aggregated and evaluated (cpu, cuda, cuda:1, ...)",
+    )
+    run.add_argument(
         "--eval-every", type=int, default=defaults.eval_every, help="test every N rounds"
     )
     _add_partition_flags(run, defaults)
@@ -357,6 +370,8 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
         "partition": config.partition,
         "executor": config.executor,
         "workers": config.workers,
+        "device": config.device,
+        "server_device": config.server_device,
         "accuracy": result.accuracy,
         "metrics": dict(result.metrics),
         "loss": result.loss,

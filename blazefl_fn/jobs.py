@@ -36,6 +36,9 @@ class ClientTask:
         state: the client's own stored state from its previous round (e.g. its local model),
             as `Algorithm.dispatch` hands it over; it stays on the client, so it is not
             counted as communication.
+        device: the device the client runs on, set by the executor (its data, the downlink,
+            ``message`` and ``state`` are already there); a client update that makes new
+            tensors makes them here.
     """
 
     client_id: int
@@ -43,6 +46,7 @@ class ClientTask:
     key: Key
     message: Params = attrs.field(factory=dict[str, torch.Tensor])
     state: Params = attrs.field(factory=dict[str, torch.Tensor])
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
 
 
 ClientUpdate = Callable[[Downlink, Data, ClientTask], Uplink]

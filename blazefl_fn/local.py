@@ -144,7 +144,7 @@ def train_local(
     generator = key.torch_generator()
     augment = key.fold_in("augment").torch_generator() if config.transform else None
     anchors = [p.detach().clone() for p in trainable] if config.hooks else []
-    loss_sum = 0.0
+    loss_sum: torch.Tensor | None = None
     seen = 0
     for _ in range(config.epochs):
         for batch, y in data.batches(config.batch_size, generator):
@@ -159,9 +159,9 @@ def train_local(
                 _hooked_step(trainable, anchors, config.hooks, config.lr)
             else:
                 _sgd_step(trainable, config.lr)
-            loss_sum += float(loss.detach()) * int(y.shape[0])
+            loss_sum = _accumulate(loss_sum, loss, int(y.shape[0]))
             seen += int(y.shape[0])
-    return from_module(module), {"loss": loss_sum / seen if seen else math.nan}
+    return from_module(module), {"loss": _mean(loss_sum, seen)}
 
 
 @attrs.frozen
@@ -208,19 +208,20 @@ def distill(
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
     generator = key.torch_generator()
-    loss_sum = 0.0
+    loss_sum: torch.Tensor | None = None
     seen = 0
     for _ in range(config.epochs):
-        order = torch.randperm(x.shape[0], generator=generator)
+        # Drawn on the CPU and then moved: every device distills on the same batches.
+        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
         for start in range(0, x.shape[0], config.batch_size):
             rows = order[start : start + config.batch_size]
             log_probs = F.log_softmax(module(x[rows]), dim=1)
             loss = F.kl_div(log_probs, soft_labels[rows], reduction="batchmean")
             loss.backward()  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
             _sgd_step(trainable, config.lr)
-            loss_sum += float(loss.detach()) * int(rows.shape[0])
+            loss_sum = _accumulate(loss_sum, loss, int(rows.shape[0]))
             seen += int(rows.shape[0])
-    return from_module(module), {"distill_loss": loss_sum / seen if seen else math.nan}
+    return from_module(module), {"distill_loss": _mean(loss_sum, seen)}
 
 
 def predict_probs(
@@ -246,6 +247,18 @@ def predict_probs(
         ]
     # Out of inference mode: the caller may use the result in autograd.
     return torch.cat(rows).clone()
+
+
+def _accumulate(total: torch.Tensor | None, loss: torch.Tensor, count: int) -> torch.Tensor:
+    # Summed on the loss's device in float64, read once per client by `_mean`: a ``float()``
+    # per batch would stall a GPU at every step. Same bits as summing Python floats: float64
+    # holds a float32 exactly, and each product and sum rounds as a Python float's would.
+    term = loss.detach().to(torch.float64) * count
+    return term if total is None else total + term
+
+
+def _mean(total: torch.Tensor | None, count: int) -> float:
+    return float(total) / count if total is not None and count else math.nan
 
 
 def _sgd_step(parameters: list[torch.nn.Parameter], lr: float) -> None:

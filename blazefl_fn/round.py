@@ -20,6 +20,7 @@ from typing import Generic, TypeVar
 import attrs
 import torch
 
+from .devices import to_device
 from .executors.base import Executor, Preparing
 from .jobs import ClientContext, ClientError, ClientJob, ClientTask, ClientUpdate
 from .keys import Key
@@ -33,6 +34,7 @@ __all__ = [
     "ClientTask",
     "RoundFn",
     "make_round",
+    "on_server",
     "run_round",
     "uniform_sampler",
 ]
@@ -183,6 +185,33 @@ def run_round(
         seconds=time.perf_counter() - start,
     )
     return new_state, report
+
+
+def on_server(algorithm: Algorithm[Data], device: torch.device) -> Algorithm[Data]:
+    """``algorithm`` with its server stages' tensors on ``device`` (where the state lives).
+
+    The server stages (``sample``, ``broadcast``, ``aggregate``, ``dispatch``) are placed with
+    `blazefl_fn.devices.to_device`; ``init`` is kept (place the state it makes), and so is
+    ``client_update``, which the executor places on each client's device.
+
+    Example:
+        >>> import functools, torch
+        >>> from blazefl_fn.algorithms.fedavg import fedavg
+        >>> from blazefl_fn.local import LocalSGD
+        >>> from blazefl_fn.models import logistic_regression
+        >>> algo = fedavg(functools.partial(logistic_regression, (4,), 2),
+        ...               num_clients=3, clients_per_round=2, local=LocalSGD())
+        >>> on_server(algo, torch.device("cpu")) is algo
+        True
+    """
+    memo: dict[int, object] = {}
+    placed = {
+        name: to_device(getattr(algorithm, name), device, memo)
+        for name in ("sample", "broadcast", "aggregate", "dispatch")
+    }
+    if all(placed[name] is getattr(algorithm, name) for name in placed):
+        return algorithm
+    return attrs.evolve(algorithm, **placed)
 
 
 def make_round(algorithm: Algorithm[Data], clients: Sequence[Data], executor: Executor) -> RoundFn:

@@ -49,6 +49,7 @@ from .data.transforms import (
     cifar_train_transform,
     normalize,
 )
+from .devices import check_device, cuda_determinism, parse_devices, to_device, uses_cuda
 from .executors.base import Executor
 from .executors.processes import Processes
 from .executors.sequential import Sequential
@@ -58,7 +59,7 @@ from .local import Distillation, LocalSGD, evaluate, evaluate_clients
 from .models import cnn, logistic_regression, mlp
 from .records import RoundReport, ServerState
 from .reproducibility import ModelFactory, build_module, intra_op_threads
-from .round import Algorithm, RoundFn, make_round
+from .round import Algorithm, RoundFn, make_round, on_server
 from .runner import Callback, EarlyStop, run_loop
 from .tree import digest
 
@@ -110,12 +111,34 @@ EXECUTORS = ("sequential", "threads", "processes")
 MODELS = ("auto", "logreg", "mlp", "cnn")
 
 
+def _device_list(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
+    try:
+        parse_devices(value)
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {exc}") from None
+
+
+def _one_device(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
+    try:
+        check_device(value)
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {exc}") from None
+
+
 @attrs.frozen(kw_only=True)
 class RunConfig:
     """Everything that determines a simulation; the same config gives the same bits.
 
     The defaults are the FedProx paper's Synthetic(1, 1) setting (30 clients, 10 per round,
     batch 10, lr 0.01, multinomial logistic regression).
+
+    ``device`` is where clients train (``cpu``, ``cuda``, ``cuda:0,cuda:1`` or ``auto``: every
+    visible GPU, else the CPU); ``server_device`` is where the global model lives, is
+    aggregated and evaluated. Both must exist on the machine that runs the config.
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -135,6 +158,8 @@ class RunConfig:
     executor: str = attrs.field(default="sequential", validator=one_of(EXECUTORS))
     workers: int = attrs.field(default=2, validator=int_at_least(1))
     threads: int = attrs.field(default=1, validator=int_at_least(1))
+    device: str = attrs.field(default="cpu", validator=_device_list)
+    server_device: str = attrs.field(default="cpu", validator=_one_device)
     eval_every: int = attrs.field(default=1, validator=int_at_least(1))
     synthetic_alpha: float = attrs.field(default=1.0, validator=finite_number(positive=False))
     synthetic_beta: float = attrs.field(default=1.0, validator=finite_number(positive=False))
@@ -419,14 +444,16 @@ def _distillation_algorithm(
 def make_executor(config: RunConfig) -> Executor:
     """The executor ``config.executor`` names, with ``config.workers`` workers.
 
-    Process workers use ``config.threads`` intra-op threads, like the driving process, so
-    every executor computes the same bits.
+    Clients train on ``config.device`` (client ``k`` on the ``k % n``-th of its ``n``
+    devices). Process workers use ``config.threads`` intra-op threads, like the driving
+    process, so every executor computes the same bits.
     """
+    devices = parse_devices(config.device)
     if config.executor == "threads":
-        return Threads(config.workers)
+        return Threads(config.workers, devices=devices)
     if config.executor == "processes":
-        return Processes(config.workers, threads=config.threads)
-    return Sequential()
+        return Processes(config.workers, threads=config.threads, devices=devices)
+    return Sequential(devices=devices)
 
 
 def run_rounds(
@@ -495,14 +522,16 @@ def check_resumable(stored: RunConfig, requested: RunConfig) -> None:
 
 @attrs.frozen
 class _Evaluator:
+    """Test (and optionally per-client) metrics; built on the server's device."""
+
     template: torch.nn.Module
-    data: FederatedDataset
-    per_client: bool
+    test: TensorDataset
+    clients: tuple[ClientData, ...] | None
 
     def __call__(self, state: ServerState) -> dict[str, float]:
-        metrics = evaluate(self.template, state.params, self.data.test)
-        if self.per_client:
-            metrics.update(evaluate_clients(self.template, state.params, self.data.clients))
+        metrics = evaluate(self.template, state.params, self.test)
+        if self.clients is not None:
+            metrics.update(evaluate_clients(self.template, state.params, self.clients))
         return metrics
 
 
@@ -541,7 +570,9 @@ def simulate(
     start = time.perf_counter()
     if resume is not None:
         check_resumable(config_from_dict(read_config(resume)), config)
-    with intra_op_threads(config.threads):
+    # On CUDA the server's stages and evaluation run with deterministic kernels too.
+    cuda = uses_cuda((*parse_devices(config.device), check_device(config.server_device)))
+    with intra_op_threads(config.threads), cuda_determinism(cuda):
         return _simulate(config, callbacks, resume, checkpoint_dir, checkpoint_every, start)
 
 
@@ -556,7 +587,8 @@ def _simulate(
     run_key = Key.from_seed(config.seed)
     data = load_federation(config, run_key.fold_in("data"))
     model_fn = model_factory(config, data)
-    algorithm = make_algorithm(config, model_fn, len(data.clients), data)
+    server = check_device(config.server_device)
+    algorithm = on_server(make_algorithm(config, model_fn, len(data.clients), data), server)
     template = build_module(model_fn, run_key.fold_in("template"))
     state = algorithm.init(run_key.fold_in("init"))
     if resume is not None:
@@ -566,6 +598,10 @@ def _simulate(
                 f"the checkpoint has completed {state.round} rounds, more than rounds="
                 f"{config.rounds}"
             )
+    state = to_device(state, server)
+    evaluator = to_device(
+        _Evaluator(template, data.test, data.clients if config.eval_clients else None), server
+    )
     observers = list(callbacks)
     if checkpoint_dir is not None:
         observers.append(CheckpointWriter(checkpoint_dir, checkpoint_every, config_dict(config)))
@@ -578,7 +614,7 @@ def _simulate(
             state,
             run_key,
             config.rounds,
-            evaluate=_Evaluator(template, data, config.eval_clients),
+            evaluate=evaluator,
             eval_every=config.eval_every,
             callbacks=observers,
             early_stop=early_stop,

@@ -107,7 +107,7 @@ def weighted_sum(trees: Sequence[Params], weights: Sequence[float]) -> dict[str,
     checked = _check_weights(trees, weights)
     out: dict[str, torch.Tensor] = {}
     for name in trees[0]:
-        acc = torch.zeros(trees[0][name].shape, dtype=torch.float64)
+        acc = torch.zeros(trees[0][name].shape, dtype=torch.float64, device=trees[0][name].device)
         for tree, w in zip(trees, checked, strict=True):
             acc.add_(tree[name].detach().to(torch.float64), alpha=w)
         out[name] = acc

@@ -69,3 +69,13 @@ def sigkill_for_client_2(downlink: Downlink, data: float, task: ClientTask) -> U
     if task.client_id == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return noisy_update(downlink, data, task)
+
+
+def pid_update(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
+    """Reports which process ran the client, and on which device."""
+    return Uplink(
+        client_id=task.client_id,
+        num_examples=1,
+        params={"w": downlink.params["w"] + data},
+        metrics={"pid": float(os.getpid()), "cuda": float(task.device.type == "cuda")},
+    )

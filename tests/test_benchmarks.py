@@ -25,3 +25,29 @@ def test_executor_benchmark_runs_and_every_configuration_gives_one_digest(
     out = capsys.readouterr().out
     assert "| processes | 2 |" in out
     assert "digests identical across configurations: yes" in out
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu_and_finds_one_digest_per_case(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import gpu_check
+
+    status = gpu_check.main(
+        ["--device", "cpu", "--tiny", "--repeats", "1",
+         "--executors", "sequential:1,processes:2", "--algorithms", "scarlet"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "W1: one digest on the device: yes (1)" in out
+    assert "resnet18: one digest on the device: yes (1)" in out
+    assert "| scarlet |" in out
+    assert "| NO |" not in out
+    assert "gpu_check: OK" in out
+
+
+def test_gpu_check_refuses_a_device_this_machine_lacks(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--device", "tpu"]) == 2
+    assert "gpu_check: error: malformed device 'tpu'" in capsys.readouterr().err

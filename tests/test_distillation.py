@@ -440,6 +440,21 @@ def test_every_executor_gives_one_digest(factory: Callable[..., Any], processes:
     assert len({r[0] for r in reference[1]}) > 1
 
 
+@pytest.mark.parametrize("factory", [_scarlet, _dsfl], ids=["scarlet", "dsfl"])
+def test_device_lists_give_the_same_digest_and_client_states(factory: Callable[..., Any]) -> None:
+    algo = factory(clients_per_round=4)
+    with intra_op_threads(1), Sequential() as sequential:
+        reference = _run_on(algo, sequential, 3)
+    spread = [
+        lambda: Sequential(devices=["cpu", "cpu"]),
+        lambda: Threads(2, devices=["cpu"] * 3),
+        lambda: Processes(2, devices=["cpu"] * 3),
+    ]
+    for make in spread:
+        with intra_op_threads(1), make() as executor:
+            assert _run_on(algo, executor, 3) == reference, repr(executor)
+
+
 # -- 6. checkpoints ------------------------------------------------------------------------------
 
 

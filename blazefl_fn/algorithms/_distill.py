@@ -26,7 +26,7 @@ def key_bits(key: Key) -> torch.Tensor:
 
 def key_of(bits: torch.Tensor) -> Key:
     """The `Key` that `key_bits` stored."""
-    return Key(bits.numpy().tobytes())
+    return Key(bits.cpu().numpy().tobytes())
 
 
 def select_public(
@@ -34,7 +34,7 @@ def select_public(
 ) -> torch.Tensor:
     """The public indices the server uses in round ``round_index`` (ascending int64)."""
     chosen = key_of(server_key).fold_in(round_index).fold_in("public").choice(size, count)
-    return torch.tensor(sorted(chosen), dtype=torch.int64)
+    return torch.tensor(sorted(chosen), dtype=torch.int64, device=server_key.device)
 
 
 def initial(
@@ -143,7 +143,7 @@ class LocalStep:
         params, trained = train_local(self.template, params, data, key, self.local)
         metrics.update(trained)
         if request.numel() == 0:
-            probs = torch.empty(0, self.num_classes)
+            probs = torch.empty(0, self.num_classes, device=self.public.device)
         else:
             probs = predict_probs(self.template, params, self.public[request])
         return params, probs, metrics

@@ -68,14 +68,17 @@ class SoftLabelCache:
     def signals(self, indices: torch.Tensor, now: int, duration: int) -> torch.Tensor:
         """The `CacheSignal` (uint8) of each of ``indices`` in round ``now``, before `put`."""
         produced = self.produced[indices]
-        signals = torch.full(produced.shape, int(CacheSignal.EXPIRED), dtype=torch.uint8)
+        signals = torch.full(
+            produced.shape, int(CacheSignal.EXPIRED), dtype=torch.uint8, device=produced.device
+        )
         signals[produced < 0] = int(CacheSignal.NEW)
         signals[is_fresh(produced, now, duration)] = int(CacheSignal.CACHED)
         return signals
 
     def put(self, indices: torch.Tensor, labels: torch.Tensor, now: int) -> SoftLabelCache:
         """A cache with ``labels`` stored at ``indices`` as produced in round ``now``."""
-        return self.apply(indices, labels, torch.full(indices.shape, now, dtype=torch.int64))
+        produced = torch.full(indices.shape, now, dtype=torch.int64, device=indices.device)
+        return self.apply(indices, labels, produced)
 
     def apply(
         self, indices: torch.Tensor, labels: torch.Tensor, produced: torch.Tensor

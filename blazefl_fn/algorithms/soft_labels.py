@@ -33,7 +33,7 @@ def mean_soft_labels(client_probs: Sequence[torch.Tensor]) -> torch.Tensor:
     if not client_probs:
         raise ValueError("mean_soft_labels needs at least one client's soft labels")
     shape = client_probs[0].shape
-    total = torch.zeros(shape, dtype=torch.float64)
+    total = torch.zeros(shape, dtype=torch.float64, device=client_probs[0].device)
     for probs in client_probs:
         if probs.shape != shape:
             raise ValueError(

@@ -67,10 +67,38 @@ class ClientData:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = self.indices
         if generator is not None:
-            order = order[torch.randperm(order.shape[0], generator=generator)]
+            # Drawn by the (CPU) generator and then moved: every device sees the same order.
+            permutation = torch.randperm(order.shape[0], generator=generator)
+            order = order[permutation.to(order.device)]
         for start in range(0, order.shape[0], batch_size):
             rows = order[start : start + batch_size]
             yield self.base.x[rows], self.base.y[rows]
+
+    def to_device(self, device: torch.device) -> ClientData:
+        """This client's examples gathered onto ``device`` (``self`` if they are there already).
+
+        Only the client's own rows move; the copy indexes them in the same order, so
+        `batches` yields the same batches for the same generator on any device.
+        """
+        tensors = (self.base.x, self.base.y, self.indices)
+        if all(t.device == device for t in tensors):
+            return self
+        return self.gathered(device)
+
+    def gathered(self, device: torch.device) -> ClientData:
+        """A compact copy on ``device``: only this client's rows, indexed ``0..n-1`` in order.
+
+        Example:
+            >>> import torch
+            >>> from blazefl_fn.keys import Key
+            >>> base = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
+            >>> client = ClientData(base, torch.tensor([2, 5, 7])).gathered(torch.device("cpu"))
+            >>> [y.tolist() for _, y in client.batches(2, Key.from_seed(0).torch_generator())]
+            [[5, 7], [2]]
+        """
+        rows = self.indices.to(self.base.x.device)
+        local = TensorDataset(self.base.x[rows].to(device), self.base.y[rows].to(device))
+        return ClientData(local, torch.arange(int(rows.shape[0]), device=device))
 
 
 @attrs.frozen(eq=False)

@@ -31,9 +31,11 @@ from typing import Any
 import attrs
 import torch
 
+from ..devices import cuda_determinism
 from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
 from ..records import Downlink, Uplink
 from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
+from ._placement import Placement, make_placement, placed
 
 
 def _pickled(exc: BaseException) -> bytes | None:
@@ -56,12 +58,23 @@ def _error_reply(index: int, exc: Exception) -> tuple[Any, ...]:
     return ("err", index, client, round_index, _pickled(cause), summary, text)
 
 
-def main(conn: Connection, threads: int) -> None:
-    """Serve the parent until it says stop or goes away."""
+def main(conn: Connection, threads: int, devices: tuple[str, ...] = ("cpu",)) -> None:
+    """Serve the parent until it says stop or goes away.
+
+    Client jobs run on ``devices`` (client ``k`` on ``devices[k % len(devices)]``); the parent
+    sends this worker only clients of the devices it owns.
+    """
     # Ctrl-C reaches the whole process group; the parent decides what happens to the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    placement = make_placement(tuple(torch.device(d) for d in devices))
     conn.send(("ready", os.getpid()))
+    # This process does nothing but client work: deterministic kernels for its lifetime.
+    with cuda_determinism(placement is not None and placement.cuda):
+        _serve(conn, placement)
+
+
+def _serve(conn: Connection, placement: Placement | None) -> None:
     contexts: dict[int, ClientContext[Any]] = {}
     buffers: dict[str, torch.Tensor] = {}
     fn: Callable[[Any], Any] | None = None
@@ -83,7 +96,7 @@ def main(conn: Connection, threads: int) -> None:
             assert isinstance(meta, Downlink)
             assert isinstance(spec, TreeSpec)
             params = unflatten(buffers["broadcast"][: spec.nbytes], spec)
-            fn = ClientJob(contexts[key], attrs.evolve(meta, params=params))
+            fn = placed(placement, ClientJob(contexts[key], attrs.evolve(meta, params=params)))
         elif kind == "bind_fn":
             fn, slot_bytes = message[1], 0
         elif kind == "task":

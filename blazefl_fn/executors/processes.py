@@ -36,10 +36,12 @@ import attrs
 import torch
 
 from .._validators import check_int_at_least
+from ..devices import DeviceLike, check_devices, ensure_cublas_workspace, to_device, uses_cuda
 from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
 from ..records import Uplink
 from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
 from . import _worker
+from ._placement import owned_groups, server_device
 from .base import ClosingContext
 
 __all__ = ["Processes", "WorkerError"]
@@ -115,7 +117,13 @@ class Processes(ClosingContext):
         threads: torch intra-op threads in each worker (>= 1). Keep it equal to the driving
             process's setting (``RunConfig.threads``) so every executor computes the same bits.
         start_method: ``"spawn"`` (default) or ``"forkserver"``; plain fork is never used,
-            because forking a process whose torch thread pools are running can hang.
+            because forking a process whose torch thread pools are running can hang (or
+            whose CUDA context is live).
+        devices: where clients train; client ``k`` on ``devices[k % len(devices)]``. Every
+            worker owns its devices (with at least as many devices as workers they are dealt
+            out; otherwise worker ``w`` owns device ``w % len(devices)``) and runs only the
+            clients of those devices, so each client's data reaches one worker's device once,
+            and the parent holds no CUDA context unless the server's parameters are on CUDA.
 
     Functions mapped must be picklable (module-level functions or records, not lambdas), and
     scripts that use this executor need the usual ``if __name__ == "__main__":`` guard.
@@ -130,7 +138,14 @@ class Processes(ClosingContext):
         [3, 6, 9]
     """
 
-    def __init__(self, workers: int, *, threads: int = 1, start_method: str = "spawn") -> None:
+    def __init__(
+        self,
+        workers: int,
+        *,
+        threads: int = 1,
+        start_method: str = "spawn",
+        devices: Sequence[DeviceLike] = ("cpu",),
+    ) -> None:
         check_int_at_least("workers", workers, 1)
         check_int_at_least("threads", threads, 1)
         if start_method not in _START_METHODS:
@@ -139,6 +154,10 @@ class Processes(ClosingContext):
             )
         self.workers = workers
         self.threads = threads
+        self.devices = check_devices(devices)
+        if uses_cuda(self.devices):
+            # Inherited by the workers, which start CUDA; the parent itself need not.
+            ensure_cublas_workspace()
         # How many times a client context was sent to a worker (once per worker per context).
         self.context_sends = 0
         self._workers: list[_Worker] = []
@@ -156,7 +175,7 @@ class Processes(ClosingContext):
                 parent_end, child_end = context.Pipe(duplex=True)
                 process = context.Process(
                     target=_worker.main,
-                    args=(child_end, threads),
+                    args=(child_end, threads, tuple(str(d) for d in self.devices)),
                     name=f"blazefl-fn-worker-{i}",
                     daemon=True,
                 )
@@ -188,6 +207,8 @@ class Processes(ClosingContext):
         try:
             slot_bytes, sends = self._bind(fn, tasks)
             results, failure = self._run(tasks, sends, slot_bytes)
+            if failure is None and isinstance(fn, ClientJob):
+                results = _to_server(results, server_device(cast(ClientJob[Any], fn)))
         except _NotPicklable as exc:
             # Found before anything was written to a worker: the pool is still consistent.
             raise TypeError(str(exc)) from exc.__cause__
@@ -234,7 +255,12 @@ class Processes(ClosingContext):
         self._shutdown(graceful=exc_type is None)
 
     def __repr__(self) -> str:
-        return f"Processes({self.workers}, threads={self.threads})"
+        where = (
+            ""
+            if self.devices == (torch.device("cpu"),)
+            else f", devices={list(map(str, self.devices))}"
+        )
+        return f"Processes({self.workers}, threads={self.threads}{where})"
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -379,13 +405,26 @@ class Processes(ClosingContext):
         self, tasks: Sequence[Any], sends: list[tuple[Any, ...]], slot_bytes: int
     ) -> tuple[list[Any], BaseException | None]:
         """Results in task order and the first task failure in task order, if any."""
-        pending = deque(range(len(tasks)))
+        # Client tasks queue by their device index; a worker takes only its devices' clients
+        # (lowest task index first). Other work (group -1) goes to any worker.
+        pending: dict[int, deque[int]] = {}
+        for index, task in enumerate(tasks):
+            group = task.client_id % len(self.devices) if isinstance(task, ClientTask) else -1
+            pending.setdefault(group, deque()).append(index)
         results: list[Any] = [None] * len(tasks)
         failures: dict[int, BaseException] = {}
+        owned = {
+            id(w.conn): owned_groups(i, len(self._workers), len(self.devices)) | {-1}
+            for i, w in enumerate(self._workers)
+        }
 
         def feed(worker: _Worker) -> None:
-            while pending and not failures and len(worker.inflight) < _DEPTH:
-                index = pending.popleft()
+            mine = owned[id(worker.conn)]
+            while not failures and len(worker.inflight) < _DEPTH:
+                queues = [q for g, q in pending.items() if g in mine and q]
+                if not queues:
+                    return
+                index = min(queues, key=lambda q: q[0]).popleft()
                 worker.inflight.append(index)
                 self._send(worker, ForkingPickler.dumps(sends[index]))
 
@@ -448,6 +487,18 @@ class Processes(ClosingContext):
         pid = worker.process.pid
         message = f"worker process {pid} {_describe_exit(worker.process)}"
         return WorkerError(f"{message} while running {what}" if what else message)
+
+
+def _to_server(results: list[Any], device: torch.device) -> list[Any]:
+    """Uplinks (which come back through CPU shared memory) on the server's ``device``."""
+    if device.type == "cpu":
+        return results
+    return [
+        attrs.evolve(r, params=to_device(r.params, device), state=to_device(r.state, device))
+        if isinstance(r, Uplink)
+        else r
+        for r in results
+    ]
 
 
 def _unpickle_cause(data: bytes | None, summary: str) -> BaseException:

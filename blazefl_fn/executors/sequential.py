@@ -5,6 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import torch
+
+from ..devices import DeviceLike, check_device, check_devices, cuda_determinism
+from ._placement import make_placement, placed
 from .base import ClosingContext
 
 __all__ = ["Sequential"]
@@ -16,18 +20,53 @@ R = TypeVar("R")
 class Sequential(ClosingContext):
     """Runs tasks one after another in the calling thread; the reference for every executor.
 
+    Args:
+        device: where clients train (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+        devices: several devices instead; client ``k`` trains on ``devices[k % len(devices)]``,
+            as on every executor, so the bits match `Threads` and `Processes` given the same
+            list. Give ``device`` or ``devices``, not both.
+
+    Each client's data is moved to its device once, the broadcast once per round and device;
+    uplinks come back to the device of the server's parameters. On CUDA, client work runs
+    with deterministic kernels (`blazefl_fn.devices.cuda_determinism`).
+
+    Raises:
+        ValueError: a device that does not exist here, or both arguments.
+
     Example:
         >>> with Sequential() as ex:
         ...     ex.map(lambda x: x * x, [1, 2, 3])
         [1, 4, 9]
     """
 
+    def __init__(
+        self, device: DeviceLike | None = None, *, devices: Sequence[DeviceLike] | None = None
+    ) -> None:
+        if device is not None and devices is not None:
+            raise ValueError("give device or devices, not both")
+        if devices is not None:
+            self.devices: tuple[torch.device, ...] = check_devices(devices)
+        else:
+            self.devices = (check_device("cpu" if device is None else device),)
+        self._placement = make_placement(self.devices)
+
     def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
         """``[fn(t) for t in tasks]``."""
-        return [fn(task) for task in tasks]
+        run = placed(self._placement, fn)
+        with cuda_determinism(self._placement is not None and self._placement.cuda):
+            return [run(task) for task in tasks]
+
+    @property
+    def placements(self) -> dict[tuple[int, int], int]:
+        """How often each ``(client id, device index)``'s data was moved (empty on the CPU)."""
+        return {} if self._placement is None else dict(self._placement.placements)
 
     def close(self) -> None:
-        """Nothing to release."""
+        """Release what was placed on the devices."""
+        if self._placement is not None:
+            self._placement.clear()
 
     def __repr__(self) -> str:
-        return "Sequential()"
+        if self.devices == (torch.device("cpu"),):
+            return "Sequential()"
+        return f"Sequential(devices={[str(d) for d in self.devices]})"

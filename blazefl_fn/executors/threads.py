@@ -6,7 +6,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
+import torch
+
 from .._validators import check_int_at_least
+from ..devices import DeviceLike, check_devices, cuda_determinism
+from ._placement import make_placement, placed
 from .base import ClosingContext
 
 __all__ = ["Threads"]
@@ -20,14 +24,18 @@ class Threads(ClosingContext):
 
     Torch kernels release the GIL, so clients overlap on several cores; on free-threaded
     CPython the Python parts do too. Correctness does not rest on the GIL: each task gets only
-    its own arguments, the library never writes into shared tensors, and results are collected
-    in task order through futures.
+    its own arguments, the library never writes into shared tensors, results are collected
+    in task order through futures, and what is placed on devices is placed under a lock.
 
     Args:
         workers: the number of threads (>= 1).
+        devices: where clients train; client ``k`` on ``devices[k % len(devices)]``, whichever
+            thread runs it (default: the CPU). Each client's data moves to its device once,
+            the broadcast once per round and device; uplinks come back to the device of the
+            server's parameters.
 
     Raises:
-        ValueError: ``workers < 1``.
+        ValueError: ``workers < 1`` or a device that does not exist here.
 
     Example:
         >>> with Threads(2) as ex:
@@ -35,8 +43,10 @@ class Threads(ClosingContext):
         [1, 4, 9]
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, devices: Sequence[DeviceLike] = ("cpu",)) -> None:
         self.workers = check_int_at_least("workers", workers, 1)
+        self.devices = check_devices(devices)
+        self._placement = make_placement(self.devices)
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="blazefl-fn"
         )
@@ -53,20 +63,32 @@ class Threads(ClosingContext):
         """
         if self._pool is None:
             raise RuntimeError("this Threads executor is closed")
-        futures: list[Future[R]] = [self._pool.submit(fn, task) for task in tasks]
-        try:
-            return [future.result() for future in futures]
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            wait(futures)
-            raise
+        run = placed(self._placement, fn)
+        # Process-wide switches: held by the calling thread while every task runs.
+        with cuda_determinism(self._placement is not None and self._placement.cuda):
+            futures: list[Future[R]] = [self._pool.submit(run, task) for task in tasks]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                wait(futures)
+                raise
+
+    @property
+    def placements(self) -> dict[tuple[int, int], int]:
+        """How often each ``(client id, device index)``'s data was moved (empty on the CPU)."""
+        return {} if self._placement is None else dict(self._placement.placements)
 
     def close(self) -> None:
-        """Stop the threads (waits for running tasks); idempotent."""
+        """Stop the threads (waits for running tasks) and release placed data; idempotent."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._placement is not None:
+            self._placement.clear()
 
     def __repr__(self) -> str:
-        return f"Threads({self.workers})"
+        if self.devices == (torch.device("cpu"),):
+            return f"Threads({self.workers})"
+        return f"Threads({self.workers}, devices={[str(d) for d in self.devices]})"

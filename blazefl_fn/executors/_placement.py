@@ -1,0 +1,210 @@
+"""Client jobs on devices: the static context once per device, the broadcast once per round.
+
+An executor with devices wraps each `ClientJob` it maps in a `PlacedJob`. For client ``k`` on
+``device_for(k, devices)`` it runs the job against
+
+- the client update record and client ``k``'s data on that device, placed the first time
+  they are needed and then kept for the executor's lifetime (a `Placement` holds them);
+- the downlink on that device, placed once per map (round) and device;
+- the task's own message and stored state on that device;
+
+and returns the uplink on the server's device: where the downlink's tensors came from (the
+CPU if it has none). Placement is guarded by a lock, so threads may share one `Placement`
+without relying on the GIL.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar, cast, overload
+
+import attrs
+import torch
+
+from ..devices import device_for, to_device, uses_cuda
+from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
+from ..records import Uplink
+
+__all__ = ["PlacedJob", "Placement", "make_placement", "owned_groups", "placed", "server_device"]
+
+Data = TypeVar("Data")
+T = TypeVar("T")
+R = TypeVar("R")
+
+_CPU = torch.device("cpu")
+
+
+def make_placement(devices: Sequence[torch.device]) -> Placement | None:
+    """A `Placement` over ``devices``, or None for the plain CPU (nothing to move)."""
+    if tuple(devices) == (_CPU,):
+        return None
+    return Placement(devices)
+
+
+def placed(placement: Placement | None, fn: Callable[[T], R]) -> Callable[[T], R]:
+    """``fn`` as an executor should run it: a `ClientJob` placed on its devices, else as is."""
+    if placement is None or not isinstance(fn, ClientJob):
+        return fn
+    return cast(Callable[[T], R], placement.job(cast(ClientJob[Any], fn)))
+
+
+def server_device(job: ClientJob[Any]) -> torch.device:
+    """Where a job's uplinks go back to: the device of its downlink's first tensor, else CPU."""
+    for tensor in job.downlink.params.values():
+        return tensor.device
+    return _CPU
+
+
+def owned_groups(worker: int, workers: int, num_devices: int) -> frozenset[int]:
+    """The device indices worker ``worker`` of ``workers`` serves.
+
+    With at least as many devices as workers, the devices are dealt out (worker ``w`` serves
+    ``{i : i % workers == w}``); with more workers than devices, worker ``w`` serves device
+    ``w % num_devices``. Every device index is served by at least one worker.
+    """
+    if num_devices >= workers:
+        return frozenset(i for i in range(num_devices) if i % workers == worker)
+    return frozenset({worker % num_devices})
+
+
+class Placement:
+    """What an executor keeps on its devices: each context and each client's data, once.
+
+    Attributes:
+        devices: client ``k`` runs on ``devices[k % len(devices)]``.
+        cuda: whether any device is a CUDA device.
+        placements: how many times each ``(client id, device index)``'s data was moved; 1 per
+            client and device for the executor's lifetime (what tests check).
+    """
+
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        self.devices = tuple(devices)
+        self.cuda = uses_cuda(self.devices)
+        self.placements: Counter[tuple[int, int]] = Counter()
+        self._lock = threading.Lock()
+        self._memos: dict[int, dict[int, Any]] = {}
+        self._contexts: dict[tuple[int, int, int], ClientContext[Any]] = {}
+
+    def job(self, job: ClientJob[Data]) -> PlacedJob[Data]:
+        """``job`` as a callable that runs each task on its client's device."""
+        return PlacedJob(self, job, server_device(job))
+
+    def context(self, context: ClientContext[Data], index: int) -> ClientContext[Data]:
+        """``context`` on device ``index``: its update placed now, its clients when first used."""
+        # Keyed by what the context holds, like `Processes`: a new ClientContext wrapping the
+        # same update and data (one per round) is not placed again.
+        key = (id(context.client_update), id(context.clients), index)
+        with self._lock:
+            placed = self._contexts.get(key)
+            if placed is None:
+                update = to_device(context.client_update, self.devices[index], self._memo(index))
+                clients = _PlacedClients(self, context.clients, index)
+                placed = ClientContext(update, clients)
+                # The original context is kept alive by the placed one, so its ids stay unique.
+                self._contexts[key] = placed
+        return placed
+
+    def client(self, clients: Sequence[Data], client_id: int, index: int) -> Data:
+        """Client ``client_id``'s data on device ``index`` (moved on first use only)."""
+        with self._lock:
+            self.placements[client_id, index] += 1
+            return to_device(clients[client_id], self.devices[index], self._memo(index))
+
+    def clear(self) -> None:
+        """Drop everything placed (releases device memory held for the executor)."""
+        with self._lock:
+            self._contexts.clear()
+            self._memos.clear()
+
+    def _memo(self, index: int) -> dict[int, Any]:
+        return self._memos.setdefault(index, {})
+
+
+class _PlacedClients(Sequence[Data]):
+    """A context's clients, each placed on device ``index`` the first time it is read."""
+
+    def __init__(self, placement: Placement, clients: Sequence[Data], index: int) -> None:
+        self._placement = placement
+        self._clients = clients
+        self._index = index
+        self._placed: dict[int, Data] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    @overload
+    def __getitem__(self, item: int) -> Data: ...
+
+    @overload
+    def __getitem__(self, item: slice) -> Sequence[Data]: ...
+
+    def __getitem__(self, item: int | slice) -> Data | Sequence[Data]:
+        if isinstance(item, slice):
+            return [self[i] for i in range(*item.indices(len(self)))]
+        with self._lock:
+            data = self._placed.get(item)
+            if data is None:
+                data = self._placement.client(self._clients, item, self._index)
+                self._placed[item] = data
+        return data
+
+    def __iter__(self) -> Iterator[Data]:
+        return (self[i] for i in range(len(self)))
+
+
+@attrs.frozen(eq=False)
+class PlacedJob(Generic[Data]):
+    """A `ClientJob` run on each task's client device; uplinks come back to ``server``."""
+
+    placement: Placement
+    job: ClientJob[Data]
+    server: torch.device
+    _jobs: dict[int, ClientJob[Data]] = attrs.field(
+        init=False, factory=lambda: dict[int, ClientJob[Any]]()
+    )
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+
+    def device_job(self, index: int) -> ClientJob[Data]:
+        """The job on device ``index``: the downlink is placed there once per `PlacedJob`."""
+        with self._lock:
+            job = self._jobs.get(index)
+            if job is None:
+                device = self.placement.devices[index]
+                context = self.placement.context(self.job.context, index)
+                job = ClientJob(context, to_device(self.job.downlink, device))
+                self._jobs[index] = job
+        return job
+
+    def __call__(self, task: ClientTask) -> Uplink:
+        """The task's uplink, computed on its client's device.
+
+        Raises:
+            ClientError: the update raised, or moving its inputs or uplink failed.
+        """
+        devices = self.placement.devices
+        index = task.client_id % len(devices)
+        device = device_for(task.client_id, devices)
+        try:
+            job = self.device_job(index)
+            placed = attrs.evolve(
+                task,
+                message=to_device(task.message, device),
+                state=to_device(task.state, device),
+                device=device,
+            )
+        except Exception as exc:
+            raise ClientError(task.client_id, task.round, exc) from exc
+        uplink = job(placed)
+        if device == self.server:
+            return uplink
+        try:
+            return attrs.evolve(
+                uplink,
+                params=to_device(uplink.params, self.server),
+                state=to_device(uplink.state, self.server),
+            )
+        except Exception as exc:
+            raise ClientError(task.client_id, task.round, exc) from exc
