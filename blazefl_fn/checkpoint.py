@@ -67,7 +67,8 @@ _Scalar = (int, float, bool, str, type(None))
 def _flatten(obj: object, where: str, leaves: list[object]) -> str:
     """Append ``obj``'s leaves to ``leaves``; return a description of its structure."""
     if isinstance(obj, torch.Tensor):
-        leaves.append(obj.detach().clone())
+        # Copied to the CPU (not cloned where it lies): a GPU state is not doubled on the GPU.
+        leaves.append(obj.detach().to("cpu", copy=True))
         return "T"
     if isinstance(obj, _Scalar):
         leaves.append(obj)
@@ -156,7 +157,7 @@ def save_checkpoint(
         "version": _VERSION,
         "config": json.dumps(dict(config), sort_keys=True),
         "round": state.round,
-        "params": {name: t.detach().clone() for name, t in state.params.items()},
+        "params": {name: t.detach().to("cpu", copy=True) for name, t in state.params.items()},
         "params_sha256": digest(state.params),
         "aux_structure": structure,
         "aux_leaves": leaves,

@@ -240,7 +240,7 @@ def predict_probs(
     module.eval()
     with torch.inference_mode():
         if x.shape[0] == 0:
-            return torch.empty(0, 0)
+            return torch.empty(0, 0, device=x.device)
         rows = [
             F.softmax(module(x[start : start + batch_size]).float(), dim=1)
             for start in range(0, x.shape[0], batch_size)

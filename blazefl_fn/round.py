@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 import attrs
 import torch
 
-from .devices import to_device
+from .devices import cuda_determinism, to_device
 from .executors.base import Executor, Preparing
 from .jobs import ClientContext, ClientError, ClientJob, ClientTask, ClientUpdate
 from .keys import Key
@@ -164,6 +164,19 @@ def run_round(
         ValueError: the sampler returned duplicate or out-of-range ids, or ``dispatch``
             returned a number of inputs other than the number of sampled clients.
     """
+    # A server on CUDA aggregates with deterministic kernels too (clients get them from the
+    # executor); on the CPU this does nothing.
+    with cuda_determinism(any(t.is_cuda for t in state.params.values())):
+        return _run_round(algorithm, clients, executor, state, key)
+
+
+def _run_round(
+    algorithm: Algorithm[Data],
+    clients: Sequence[Data],
+    executor: Executor,
+    state: ServerState,
+    key: Key,
+) -> tuple[ServerState, RoundReport]:
     start = time.perf_counter()
     ids = _check_ids(algorithm.sample(state, key.fold_in("sample")), len(clients))
     downlink = algorithm.broadcast(state)

@@ -111,6 +111,15 @@ EXECUTORS = ("sequential", "threads", "processes")
 MODELS = ("auto", "logreg", "mlp", "cnn")
 
 
+def _resolve_auto(value: str) -> str:
+    # Stored resolved, so that a checkpoint records the devices the run really used and a
+    # resume elsewhere is compared against them, not against the word "auto". Anything else
+    # (a wrong type too) passes through to the validator.
+    if value == "auto":
+        return ",".join(str(d) for d in parse_devices("auto"))
+    return value
+
+
 def _device_list(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
@@ -137,8 +146,9 @@ class RunConfig:
     batch 10, lr 0.01, multinomial logistic regression).
 
     ``device`` is where clients train (``cpu``, ``cuda``, ``cuda:0,cuda:1`` or ``auto``: every
-    visible GPU, else the CPU); ``server_device`` is where the global model lives, is
-    aggregated and evaluated. Both must exist on the machine that runs the config.
+    visible GPU, else the CPU, stored as the list it resolves to); ``server_device`` is where
+    the global model lives, is aggregated and evaluated. Both must exist on the machine that
+    runs the config.
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -158,7 +168,7 @@ class RunConfig:
     executor: str = attrs.field(default="sequential", validator=one_of(EXECUTORS))
     workers: int = attrs.field(default=2, validator=int_at_least(1))
     threads: int = attrs.field(default=1, validator=int_at_least(1))
-    device: str = attrs.field(default="cpu", validator=_device_list)
+    device: str = attrs.field(default="cpu", converter=_resolve_auto, validator=_device_list)
     server_device: str = attrs.field(default="cpu", validator=_one_device)
     eval_every: int = attrs.field(default=1, validator=int_at_least(1))
     synthetic_alpha: float = attrs.field(default=1.0, validator=finite_number(positive=False))

@@ -45,9 +45,15 @@ def test_every_executor_gives_one_gpu_digest(algorithm: str) -> None:
     assert simulate(base).params_sha256 == digests["sequential", 1]
 
 
-def test_the_server_on_the_gpu_runs_every_averaging_algorithm() -> None:
+@pytest.mark.parametrize("clients_on", ["cuda", "cpu"])
+@pytest.mark.parametrize("executor", ["sequential", "threads", "processes"])
+def test_the_server_on_the_gpu_runs_every_averaging_algorithm(
+    clients_on: str, executor: str
+) -> None:
     for algorithm in (a for a in ALGORITHMS if a not in DISTILLATION):
-        config = attrs.evolve(BASE, algorithm=algorithm, device="cuda", server_device="cuda")
+        config = attrs.evolve(
+            BASE, algorithm=algorithm, device=clients_on, server_device="cuda", executor=executor
+        )
         first, second = simulate(config), simulate(config)
         assert first.params_sha256 == second.params_sha256, algorithm
         assert first.state.params[next(iter(first.state.params))].device == CUDA

@@ -31,7 +31,13 @@ from blazefl_fn.devices import (
     to_device,
 )
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads
-from blazefl_fn.executors._placement import Placement, owned_groups
+from blazefl_fn.executors._placement import (
+    PlacedJob,
+    Placement,
+    owned_groups,
+    placed,
+    worker_for,
+)
 from blazefl_fn.jobs import ClientContext, ClientJob, ClientTask
 from blazefl_fn.keys import Key
 from blazefl_fn.local import LocalSGD, train_local
@@ -121,6 +127,17 @@ def test_every_device_is_served_and_every_worker_serves(workers: int, devices: i
         assert all(len(o) == 1 for o in owned)
 
 
+@given(st.integers(1, 9), st.integers(1, 9))
+def test_a_sticky_client_goes_to_one_owner_of_its_device_and_every_owner_gets_some(
+    workers: int, devices: int
+) -> None:
+    clients = range(4 * workers * devices)
+    chosen = {k: worker_for(k, workers, devices) for k in clients}
+    for k, w in chosen.items():
+        assert k % devices in owned_groups(w, workers, devices)
+    assert set(chosen.values()) == set(range(workers))
+
+
 # -- placement -------------------------------------------------------------------------------
 
 
@@ -190,6 +207,17 @@ def test_placement_moves_each_clients_data_once_onto_its_own_device() -> None:
             assert uplink.client_id == k
     assert dict(placement.placements) == {(k, k % 3): 1 for k in range(6)}
     placement.clear()
+
+
+def test_cpu_jobs_run_as_they_are_unless_the_server_is_elsewhere() -> None:
+    cpu_job = _job()
+    assert placed(Placement((CPU,)), cpu_job) is cpu_job
+    assert isinstance(placed(Placement((CPU, CPU)), cpu_job), PlacedJob)
+    # Clients on the CPU, the server's parameters elsewhere: uplinks must go back there.
+    remote = attrs.evolve(cpu_job, downlink=to_device(cpu_job.downlink, torch.device("meta")))
+    job = placed(Placement((CPU,)), remote)
+    assert isinstance(job, PlacedJob)
+    assert job.server == torch.device("meta")
 
 
 def test_a_placed_task_carries_its_device() -> None:
@@ -429,7 +457,8 @@ def test_cli_device_auto_without_a_gpu_runs_on_the_cpu_with_the_same_bits(
         return result
 
     auto, plain = run("--device", "auto"), run()
-    assert (auto["device"], plain["device"]) == ("auto", "cpu")
+    # Stored as what it resolved to, so that a resume is checked against the real devices.
+    assert auto["device"] == plain["device"] == "cpu"
     assert auto["params_sha256"] == plain["params_sha256"]
 
 
@@ -453,3 +482,13 @@ def test_the_broadcast_is_placed_once_per_round_and_device_not_per_client() -> N
     second = placement.job(_job())
     assert second.device_job(0).downlink is not on_0.downlink
     assert second.device_job(0).context is on_0.context
+
+
+def test_a_device_named_twice_holds_one_copy_of_the_client_update() -> None:
+    meta = torch.device("meta")
+    placement = Placement((meta, meta))
+    context = ClientContext(_Record(torch.ones(2), {}), SIX)
+    first, second = placement.context(context, 0), placement.context(context, 1)
+    assert first.client_update is second.client_update
+    assert first.client_update.weights.device == meta
+    assert first.clients is not second.clients  # each index places its own clients

@@ -87,6 +87,17 @@ def _check_stats(mean: Sequence[float], std: Sequence[float]) -> None:
             raise ValueError(f"std must be finite and non-zero, got {tuple(std)}")
 
 
+def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (drawn on the CPU) on ``device``; to a GPU without stalling the host.
+
+    A copy from ordinary host memory synchronises with the GPU; from pinned memory it is
+    queued like a kernel, and the copy keeps the same values.
+    """
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def random_crop(
     x: torch.Tensor, size: int, padding: int, generator: torch.Generator
 ) -> torch.Tensor:
@@ -108,8 +119,8 @@ def random_crop(
     top = torch.randint(0, hp - size + 1, (n,), generator=generator, device=draw_device)
     left = torch.randint(0, wp - size + 1, (n,), generator=generator, device=draw_device)
     window = torch.arange(size, device=x.device)
-    rows = (top.to(x.device)[:, None] + window)[:, None, :, None]  # (N, 1, size, 1)
-    cols = (left.to(x.device)[:, None] + window)[:, None, None, :]  # (N, 1, 1, size)
+    rows = (_moved(top, x.device)[:, None] + window)[:, None, :, None]  # (N, 1, size, 1)
+    cols = (_moved(left, x.device)[:, None] + window)[:, None, None, :]  # (N, 1, 1, size)
     batch = torch.arange(n, device=x.device)[:, None, None, None]
     channel = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, channel, rows, cols]
@@ -128,7 +139,7 @@ def random_horizontal_flip(
     _check_4d(x)
     _check_p(p)
     u = torch.rand(x.shape[0], generator=generator, device=generator.device)
-    flip = (u < p).to(x.device)[:, None, None, None]
+    flip = _moved(u < p, x.device)[:, None, None, None]
     return torch.where(flip, x.flip(-1), x)
 
 
@@ -144,8 +155,8 @@ def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> t
     if len(mean) != x.shape[1]:
         raise ValueError(f"got {len(mean)} mean/std values for {x.shape[1]} channels")
     dtype = x.dtype if x.is_floating_point() else torch.float32
-    m = torch.tensor(list(mean), dtype=dtype, device=x.device)[None, :, None, None]
-    s = torch.tensor(list(std), dtype=dtype, device=x.device)[None, :, None, None]
+    m = _moved(torch.tensor(list(mean), dtype=dtype), x.device)[None, :, None, None]
+    s = _moved(torch.tensor(list(std), dtype=dtype), x.device)[None, :, None, None]
     return (x.to(dtype) - m) / s
 
 

@@ -27,7 +27,7 @@ from ..devices import device_for, to_device, uses_cuda
 from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
 from ..records import Uplink
 
-__all__ = ["PlacedJob", "Placement", "make_placement", "owned_groups", "placed", "server_device"]
+__all__ = ["PlacedJob", "Placement", "owned_groups", "placed", "server_device", "worker_for"]
 
 Data = TypeVar("Data")
 T = TypeVar("T")
@@ -36,18 +36,18 @@ R = TypeVar("R")
 _CPU = torch.device("cpu")
 
 
-def make_placement(devices: Sequence[torch.device]) -> Placement | None:
-    """A `Placement` over ``devices``, or None for the plain CPU (nothing to move)."""
-    if tuple(devices) == (_CPU,):
-        return None
-    return Placement(devices)
+def placed(placement: Placement, fn: Callable[[T], R]) -> Callable[[T], R]:
+    """``fn`` as an executor should run it: a `ClientJob` placed on its devices, else as is.
 
-
-def placed(placement: Placement | None, fn: Callable[[T], R]) -> Callable[[T], R]:
-    """``fn`` as an executor should run it: a `ClientJob` placed on its devices, else as is."""
-    if placement is None or not isinstance(fn, ClientJob):
+    A job whose clients and server are all on the plain CPU has nothing to move and runs as
+    it is (the fast path).
+    """
+    if not isinstance(fn, ClientJob):
         return fn
-    return cast(Callable[[T], R], placement.job(cast(ClientJob[Any], fn)))
+    job = cast(ClientJob[Any], fn)
+    if placement.devices == (_CPU,) and server_device(job) == _CPU:
+        return cast(Callable[[T], R], job)
+    return cast(Callable[[T], R], placement.job(job))
 
 
 def server_device(job: ClientJob[Any]) -> torch.device:
@@ -69,6 +69,18 @@ def owned_groups(worker: int, workers: int, num_devices: int) -> frozenset[int]:
     return frozenset({worker % num_devices})
 
 
+def worker_for(client_id: int, workers: int, num_devices: int) -> int:
+    """The one worker that runs client ``client_id`` when each client must stay on one worker.
+
+    The client's device index is ``client_id % num_devices``; among the workers that own
+    that device (`owned_groups`), client ``k`` goes to the ``(k // num_devices)``-th in turn,
+    so each client's data is placed by one worker only.
+    """
+    index = client_id % num_devices
+    owners = [w for w in range(workers) if index in owned_groups(w, workers, num_devices)]
+    return owners[(client_id // num_devices) % len(owners)]
+
+
 class Placement:
     """What an executor keeps on its devices: each context and each client's data, once.
 
@@ -84,7 +96,9 @@ class Placement:
         self.cuda = uses_cuda(self.devices)
         self.placements: Counter[tuple[int, int]] = Counter()
         self._lock = threading.Lock()
-        self._memos: dict[int, dict[int, Any]] = {}
+        # Memos are per device, not per index: a list that names one GPU twice places the
+        # client update there once (the per-index contexts share it).
+        self._memos: dict[torch.device, dict[int, Any]] = {}
         self._contexts: dict[tuple[int, int, int], ClientContext[Any]] = {}
 
     def job(self, job: ClientJob[Data]) -> PlacedJob[Data]:
@@ -95,11 +109,12 @@ class Placement:
         """``context`` on device ``index``: its update placed now, its clients when first used."""
         # Keyed by what the context holds, like `Processes`: a new ClientContext wrapping the
         # same update and data (one per round) is not placed again.
+        device = self.devices[index]
         key = (id(context.client_update), id(context.clients), index)
         with self._lock:
             placed = self._contexts.get(key)
             if placed is None:
-                update = to_device(context.client_update, self.devices[index], self._memo(index))
+                update = to_device(context.client_update, device, self._memo(device))
                 clients = _PlacedClients(self, context.clients, index)
                 placed = ClientContext(update, clients)
                 # The original context is kept alive by the placed one, so its ids stay unique.
@@ -110,7 +125,8 @@ class Placement:
         """Client ``client_id``'s data on device ``index`` (moved on first use only)."""
         with self._lock:
             self.placements[client_id, index] += 1
-            return to_device(clients[client_id], self.devices[index], self._memo(index))
+            device = self.devices[index]
+            return to_device(clients[client_id], device, self._memo(device))
 
     def clear(self) -> None:
         """Drop everything placed (releases device memory held for the executor)."""
@@ -118,8 +134,8 @@ class Placement:
             self._contexts.clear()
             self._memos.clear()
 
-    def _memo(self, index: int) -> dict[int, Any]:
-        return self._memos.setdefault(index, {})
+    def _memo(self, device: torch.device) -> dict[int, Any]:
+        return self._memos.setdefault(device, {})
 
 
 class _PlacedClients(Sequence[Data]):

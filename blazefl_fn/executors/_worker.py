@@ -21,9 +21,7 @@ into slot ``index`` instead of being pickled, else None; and
 from __future__ import annotations
 
 import os
-import pickle
 import signal
-import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -32,30 +30,11 @@ import attrs
 import torch
 
 from ..devices import cuda_determinism
-from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
+from ..jobs import ClientContext, ClientJob, ClientTask
 from ..records import Downlink, Uplink
 from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
-from ._placement import Placement, make_placement, placed
-
-
-def _pickled(exc: BaseException) -> bytes | None:
-    """``exc`` pickled, or None if it cannot be (the parent then rebuilds it from text)."""
-    try:
-        return pickle.dumps(exc)
-    except Exception:
-        return None
-
-
-def _error_reply(index: int, exc: Exception) -> tuple[Any, ...]:
-    if isinstance(exc, ClientError):
-        cause = exc.__cause__ if exc.__cause__ is not None else exc
-        client: int | None = exc.client_id
-        round_index: int | None = exc.round_index
-    else:
-        cause, client, round_index = exc, None, None
-    text = "".join(traceback.format_exception(cause))
-    summary = f"{type(cause).__name__}: {cause}"
-    return ("err", index, client, round_index, _pickled(cause), summary, text)
+from ._errors import error_reply
+from ._placement import Placement, placed
 
 
 def main(conn: Connection, threads: int, devices: tuple[str, ...] = ("cpu",)) -> None:
@@ -67,14 +46,14 @@ def main(conn: Connection, threads: int, devices: tuple[str, ...] = ("cpu",)) ->
     # Ctrl-C reaches the whole process group; the parent decides what happens to the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
-    placement = make_placement(tuple(torch.device(d) for d in devices))
+    placement = Placement(tuple(torch.device(d) for d in devices))
     conn.send(("ready", os.getpid()))
     # This process does nothing but client work: deterministic kernels for its lifetime.
-    with cuda_determinism(placement is not None and placement.cuda):
+    with cuda_determinism(placement.cuda):
         _serve(conn, placement)
 
 
-def _serve(conn: Connection, placement: Placement | None) -> None:
+def _serve(conn: Connection, placement: Placement) -> None:
     contexts: dict[int, ClientContext[Any]] = {}
     buffers: dict[str, torch.Tensor] = {}
     fn: Callable[[Any], Any] | None = None
@@ -107,7 +86,7 @@ def _serve(conn: Connection, placement: Placement | None) -> None:
             try:
                 result = fn(task)
             except Exception as exc:
-                conn.send(_error_reply(index, exc))
+                conn.send(error_reply(index, exc))
                 continue
             conn.send(_ok_reply(index, result, buffers.get("slots"), slot_bytes))
 

@@ -37,11 +37,12 @@ import torch
 
 from .._validators import check_int_at_least
 from ..devices import DeviceLike, check_devices, ensure_cublas_workspace, to_device, uses_cuda
-from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
+from ..jobs import ClientContext, ClientJob, ClientTask
 from ..records import Uplink
 from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
 from . import _worker
-from ._placement import owned_groups, server_device
+from ._errors import rebuild_error
+from ._placement import owned_groups, server_device, worker_for
 from .base import ClosingContext
 
 __all__ = ["Processes", "WorkerError"]
@@ -60,17 +61,6 @@ class WorkerError(RuntimeError):
 
 class _NotPicklable(Exception):
     """Raised inside the pool when work cannot be pickled; `map` turns it into TypeError."""
-
-
-class _RemoteTraceback(Exception):
-    """Carries the formatted traceback of an exception raised in a worker."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text}"""'
 
 
 @attrs.define
@@ -407,14 +397,23 @@ class Processes(ClosingContext):
         """Results in task order and the first task failure in task order, if any."""
         # Client tasks queue by their device index; a worker takes only its devices' clients
         # (lowest task index first). Other work (group -1) goes to any worker.
+        # On CUDA a client also stays with one worker among those sharing its device, so
+        # its data is placed on the GPU once (group -2 - worker).
         pending: dict[int, deque[int]] = {}
+        workers, groups = len(self._workers), len(self.devices)
+        sticky = uses_cuda(self.devices)
         for index, task in enumerate(tasks):
-            group = task.client_id % len(self.devices) if isinstance(task, ClientTask) else -1
+            if not isinstance(task, ClientTask):
+                group = -1
+            elif sticky:
+                group = -2 - worker_for(task.client_id, workers, groups)
+            else:
+                group = task.client_id % groups
             pending.setdefault(group, deque()).append(index)
         results: list[Any] = [None] * len(tasks)
         failures: dict[int, BaseException] = {}
         owned = {
-            id(w.conn): owned_groups(i, len(self._workers), len(self.devices)) | {-1}
+            id(w.conn): owned_groups(i, workers, groups) | {-1, -2 - i}
             for i, w in enumerate(self._workers)
         }
 
@@ -452,7 +451,7 @@ class Processes(ClosingContext):
                 if reply[0] == "ok":
                     results[index] = self._result(reply, slot_bytes)
                 else:
-                    failures[index] = _rebuild_error(reply)
+                    failures[index] = rebuild_error(reply)
                 feed(worker)
         return results, failures[min(failures)] if failures else None
 
@@ -499,27 +498,3 @@ def _to_server(results: list[Any], device: torch.device) -> list[Any]:
         else r
         for r in results
     ]
-
-
-def _unpickle_cause(data: bytes | None, summary: str) -> BaseException:
-    if data is not None:
-        # Bytes our own worker made, on our private pipe (multiprocessing unpickles every
-        # message on it anyway); a cause whose class cannot be rebuilt falls back to text.
-        try:
-            cause = pickle.loads(data)
-        except Exception:
-            cause = None
-        if isinstance(cause, BaseException):
-            return cause
-    return RuntimeError(summary)
-
-
-def _rebuild_error(reply: tuple[Any, ...]) -> BaseException:
-    _, _, client, round_index, data, summary, text = reply
-    cause = _unpickle_cause(data, summary)
-    cause.__cause__ = _RemoteTraceback(text)
-    if client is None:
-        return cause
-    error = ClientError(client, round_index, cause)
-    error.__cause__ = cause
-    return error

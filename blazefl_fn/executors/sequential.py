@@ -7,8 +7,14 @@ from typing import TypeVar
 
 import torch
 
-from ..devices import DeviceLike, check_device, check_devices, cuda_determinism
-from ._placement import make_placement, placed
+from ..devices import (
+    DeviceLike,
+    check_device,
+    check_devices,
+    cuda_determinism,
+    ensure_cublas_workspace,
+)
+from ._placement import Placement, placed
 from .base import ClosingContext
 
 __all__ = ["Sequential"]
@@ -48,23 +54,25 @@ class Sequential(ClosingContext):
             self.devices: tuple[torch.device, ...] = check_devices(devices)
         else:
             self.devices = (check_device("cpu" if device is None else device),)
-        self._placement = make_placement(self.devices)
+        self._placement = Placement(self.devices)
+        if self._placement.cuda:
+            # torch reads it at the first cuBLAS call in this process: set it before any.
+            ensure_cublas_workspace()
 
     def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
         """``[fn(t) for t in tasks]``."""
         run = placed(self._placement, fn)
-        with cuda_determinism(self._placement is not None and self._placement.cuda):
+        with cuda_determinism(self._placement.cuda):
             return [run(task) for task in tasks]
 
     @property
     def placements(self) -> dict[tuple[int, int], int]:
         """How often each ``(client id, device index)``'s data was moved (empty on the CPU)."""
-        return {} if self._placement is None else dict(self._placement.placements)
+        return dict(self._placement.placements)
 
     def close(self) -> None:
         """Release what was placed on the devices."""
-        if self._placement is not None:
-            self._placement.clear()
+        self._placement.clear()
 
     def __repr__(self) -> str:
         if self.devices == (torch.device("cpu"),):

@@ -9,8 +9,8 @@ from typing import TypeVar
 import torch
 
 from .._validators import check_int_at_least
-from ..devices import DeviceLike, check_devices, cuda_determinism
-from ._placement import make_placement, placed
+from ..devices import DeviceLike, check_devices, cuda_determinism, ensure_cublas_workspace
+from ._placement import Placement, placed
 from .base import ClosingContext
 
 __all__ = ["Threads"]
@@ -46,7 +46,10 @@ class Threads(ClosingContext):
     def __init__(self, workers: int, *, devices: Sequence[DeviceLike] = ("cpu",)) -> None:
         self.workers = check_int_at_least("workers", workers, 1)
         self.devices = check_devices(devices)
-        self._placement = make_placement(self.devices)
+        self._placement = Placement(self.devices)
+        if self._placement.cuda:
+            # torch reads it at the first cuBLAS call in this process: set it before any.
+            ensure_cublas_workspace()
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="blazefl-fn"
         )
@@ -65,7 +68,7 @@ class Threads(ClosingContext):
             raise RuntimeError("this Threads executor is closed")
         run = placed(self._placement, fn)
         # Process-wide switches: held by the calling thread while every task runs.
-        with cuda_determinism(self._placement is not None and self._placement.cuda):
+        with cuda_determinism(self._placement.cuda):
             futures: list[Future[R]] = [self._pool.submit(run, task) for task in tasks]
             try:
                 return [future.result() for future in futures]
@@ -78,15 +81,14 @@ class Threads(ClosingContext):
     @property
     def placements(self) -> dict[tuple[int, int], int]:
         """How often each ``(client id, device index)``'s data was moved (empty on the CPU)."""
-        return {} if self._placement is None else dict(self._placement.placements)
+        return dict(self._placement.placements)
 
     def close(self) -> None:
         """Stop the threads (waits for running tasks) and release placed data; idempotent."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        if self._placement is not None:
-            self._placement.clear()
+        self._placement.clear()
 
     def __repr__(self) -> str:
         if self.devices == (torch.device("cpu"),):
