@@ -14,7 +14,7 @@ LINT_PATHS := $(wildcard blazefl_fn tests examples benchmarks)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,ray]"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -34,6 +34,7 @@ from .data.datasets import TensorDataset as TensorDataset
 from .executors.base import Executor as Executor
 from .executors.processes import Processes as Processes
 from .executors.processes import WorkerError as WorkerError
+from .executors.ray_pool import Ray as Ray
 from .executors.sequential import Sequential as Sequential
 from .executors.threads import Threads as Threads
 from .keys import Key as Key
@@ -92,6 +93,7 @@ __all__ = [
     "MetricsLog",
     "Processes",
     "ProximalTerm",
+    "Ray",
     "RoundEvent",
     "RoundReport",
     "RunConfig",

@@ -92,7 +92,21 @@ def _parser(*, only_given: bool = False) -> _Parser:
         "--workers",
         type=int,
         default=defaults.workers,
-        help="threads or processes running clients (ignored by sequential)",
+        help="threads, processes or Ray actors running clients (ignored by sequential)",
+    )
+    run.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        default=defaults.ray_address,
+        help="with --executor ray: join the Ray cluster at ADDR (host:port or auto) and leave "
+        "it running; default: start a local Ray instance for this run",
+    )
+    run.add_argument(
+        "--ray-node-ip",
+        metavar="IP",
+        default=defaults.ray_node_ip,
+        help="with --executor ray: this machine's Ray node IP (e.g. a loopback address to keep "
+        "a single-machine cluster off the network)",
     )
     run.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     run.add_argument(
@@ -370,6 +384,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
         "partition": config.partition,
         "executor": config.executor,
         "workers": config.workers,
+        "ray_address": config.ray_address,
         "device": config.device,
         "server_device": config.server_device,
         "accuracy": result.accuracy,

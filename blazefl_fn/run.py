@@ -52,6 +52,7 @@ from .data.transforms import (
 from .devices import check_device, cuda_determinism, parse_devices, to_device, uses_cuda
 from .executors.base import Executor
 from .executors.processes import Processes
+from .executors.ray_pool import Ray
 from .executors.sequential import Sequential
 from .executors.threads import Threads
 from .keys import Key
@@ -107,7 +108,7 @@ DISTILLATION = ("dsfl", "scarlet")
 DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
 DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
 PARTITIONS = ("iid", "dirichlet", "shards", "inner-dirichlet")
-EXECUTORS = ("sequential", "threads", "processes")
+EXECUTORS = ("sequential", "threads", "processes", "ray")
 MODELS = ("auto", "logreg", "mlp", "cnn")
 
 
@@ -136,6 +137,11 @@ def _one_device(_instance: object, attribute: attrs.Attribute[Any], value: objec
         check_device(value)
     except ValueError as exc:
         raise ValueError(f"{attribute.name}: {exc}") from None
+
+
+def _optional_text(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{attribute.name} must be a non-empty string, got {value!r}")
 
 
 @attrs.frozen(kw_only=True)
@@ -170,6 +176,8 @@ class RunConfig:
     threads: int = attrs.field(default=1, validator=int_at_least(1))
     device: str = attrs.field(default="cpu", converter=_resolve_auto, validator=_device_list)
     server_device: str = attrs.field(default="cpu", validator=_one_device)
+    ray_address: str | None = attrs.field(default=None, validator=_optional_text)
+    ray_node_ip: str | None = attrs.field(default=None, validator=_optional_text)
     eval_every: int = attrs.field(default=1, validator=int_at_least(1))
     synthetic_alpha: float = attrs.field(default=1.0, validator=finite_number(positive=False))
     synthetic_beta: float = attrs.field(default=1.0, validator=finite_number(positive=False))
@@ -463,6 +471,14 @@ def make_executor(config: RunConfig) -> Executor:
         return Threads(config.workers, devices=devices)
     if config.executor == "processes":
         return Processes(config.workers, threads=config.threads, devices=devices)
+    if config.executor == "ray":
+        return Ray(
+            config.ray_address,
+            config.workers,
+            threads=config.threads,
+            devices=devices,
+            node_ip_address=config.ray_node_ip,
+        )
     return Sequential(devices=devices)
 
 
@@ -490,7 +506,16 @@ def run_rounds(
 # Settings that change how a run is executed or observed but not the bits it computes: a
 # checkpoint may be resumed with different values of these.
 RESUMABLE_CHANGES = frozenset(
-    {"executor", "workers", "rounds", "eval_every", "target_accuracy", "eval_clients"}
+    {
+        "executor",
+        "workers",
+        "rounds",
+        "eval_every",
+        "target_accuracy",
+        "eval_clients",
+        "ray_address",
+        "ray_node_ip",
+    }
 )
 
 

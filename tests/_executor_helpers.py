@@ -79,3 +79,14 @@ def pid_update(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
         params={"w": downlink.params["w"] + data},
         metrics={"pid": float(os.getpid()), "cuda": float(task.device.type == "cuda")},
     )
+
+
+def fail_for_odd_clients(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
+    if task.client_id % 2:
+        raise ValueError(f"client {task.client_id} refuses")
+    return pid_update(downlink, data, task)
+
+
+def sleep_forever_update(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
+    time.sleep(3600)
+    return pid_update(downlink, data, task)

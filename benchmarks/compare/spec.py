@@ -14,7 +14,7 @@ FRAMEWORKS = ("bare", "blazefl_fn", "flower", "blazefl")
 # Modes per framework, in table order. "sequential" is the P = 1 reference only.
 MODES: dict[str, tuple[str, ...]] = {
     "bare": ("sequential", "threads", "processes"),
-    "blazefl_fn": ("sequential", "threads", "processes"),
+    "blazefl_fn": ("sequential", "threads", "processes", "ray"),
     "flower": ("ray",),
     "blazefl": ("threads", "processes"),
 }

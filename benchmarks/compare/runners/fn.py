@@ -1,11 +1,13 @@
-"""blazefl_fn's FedAvg with its own executors: ``sequential``, ``threads`` or ``processes``.
+"""blazefl_fn's FedAvg with its own executors: ``sequential``, ``threads``, ``processes``, ``ray``.
 
 Uses the public API only: ``fedavg`` + ``LocalSGD``, ``ClientData`` views onto one
 ``TensorDataset``, ``make_round`` / ``run_rounds``, ``intra_op_threads``. The model is
 ``blazefl_fn.models.cnn((3, 32, 32), 10)`` itself (or the benchmark's ResNet-18); the run starts
 from the shared initial parameters. Start-up (imports, data, the executor's construction, which
-for ``processes`` spawns the workers, and ``make_round``, which for ``processes`` sends the client
-data into shared memory once) happens before ``loop_start``.
+for ``processes`` spawns the workers and for ``ray`` starts a local Ray instance and its actors,
+and ``make_round``, which for ``processes`` sends the client data into shared memory once and for
+``ray`` puts it in Ray's object store once) happens before ``loop_start``. Ray's node binds
+127.0.0.2 (loopback: Ray replaces 127.0.0.1 itself by the machine's network address).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def _executor(case: Case) -> fl.Executor:
         return fl.Threads(case.parallelism)
     if case.mode == "processes":
         return fl.Processes(case.parallelism, threads=case.threads)
+    if case.mode == "ray":
+        return fl.Ray(workers=case.parallelism, threads=case.threads, node_ip_address="127.0.0.2")
     raise SystemExit(f"blazefl_fn: unknown mode {case.mode!r}")
 
 

@@ -1,0 +1,134 @@
+"""A two-node Ray cluster on this machine (loopback only): the same bits, and a node's death.
+
+The fixture runs ``ray start --head`` on 127.0.0.2 and a second node on 127.0.0.3, each with one
+CPU, so the executor's two actors land on different nodes; it ``ray stop``s everything after.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import _executor_helpers as helpers
+import pytest
+import torch
+from _ray_helpers import ENV, HEAD_IP, NODE_IP, ray_pids, wait_until_gone
+
+from benchmarks.gpu_check import tiny_federation
+from blazefl_fn import tree
+from blazefl_fn.executors import Ray, Sequential, WorkerError
+from blazefl_fn.jobs import ClientContext, ClientJob, ClientTask
+from blazefl_fn.keys import Key
+from blazefl_fn.records import Downlink
+from blazefl_fn.reproducibility import intra_op_threads
+from blazefl_fn.round import make_round
+from blazefl_fn.run import RunConfig, load_federation, make_algorithm, model_factory, run_rounds
+
+ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install -e '.[ray]'")
+
+pytestmark = pytest.mark.slow
+
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _ray_cli(*args: str) -> None:
+    subprocess.run([RAY_CLI, *args], env={**os.environ, **ENV}, check=True,
+                   capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, Any]]:
+    """``{"address": ..., "node_port": ...}`` of a running head + one worker node."""
+    before = ray_pids()
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    port, node_port = _free_port(HEAD_IP), _free_port(NODE_IP)
+    try:
+        _ray_cli("start", "--head", f"--port={port}", f"--node-ip-address={HEAD_IP}",
+                 "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats")  # fmt: skip
+        _ray_cli("start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={NODE_IP}",
+                 "--num-cpus=1", f"--node-manager-port={node_port}")  # fmt: skip
+        yield {"address": f"{HEAD_IP}:{port}", "node_port": node_port}
+    finally:
+        subprocess.run([RAY_CLI, "stop", "--force"], env={**os.environ, **ENV},
+                       capture_output=True, check=False, timeout=120)  # fmt: skip
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        assert wait_until_gone(ray_pids() - before) == set()
+
+
+def _digest(algorithm: Any, clients: Any, executor: Any) -> str:
+    key = Key.from_seed(0)
+    with intra_op_threads(1):
+        state, _ = run_rounds(
+            make_round(algorithm, clients, executor), algorithm.init(key.fold_in("init")), key, 2
+        )
+    return tree.digest(state.params)
+
+
+def _raylet_of(node_port: int) -> int:
+    out = subprocess.run(["pgrep", "-af", "raylet"], capture_output=True, text=True,
+                         check=False).stdout  # fmt: skip
+    for line in out.splitlines():
+        if f"--node_manager_port={node_port}" in line:
+            return int(line.split()[0])
+    raise AssertionError(f"no raylet with node manager port {node_port}:\n{out}")
+
+
+def test_two_nodes_give_the_sequential_bits_and_the_cluster_is_left_running(
+    cluster: dict[str, Any],
+) -> None:
+    federation = tiny_federation()
+    config = RunConfig(
+        algorithm="scarlet", dataset="mnist", data_dir="-", clients=8, clients_per_round=5,
+        batch_size=8, lr=0.05, public_size=40, public_per_round=12,
+    )  # fmt: skip
+    scarlet = make_algorithm(config, federation.model_fn, 8, federation.data)
+    plain = RunConfig(clients=8, clients_per_round=6, batch_size=5)
+    data = load_federation(plain, Key.from_seed(0).fold_in("data"))
+    fedavg = make_algorithm(plain, model_factory(plain, data), 8, data)
+    with Sequential() as sequential:
+        expected = [
+            _digest(scarlet, federation.data.clients, sequential),
+            _digest(fedavg, data.clients, sequential),
+        ]
+    with Ray(cluster["address"], workers=2, node_ip_address=HEAD_IP) as executor:
+        nodes = {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        assert nodes == {HEAD_IP, NODE_IP}
+        got = [
+            _digest(scarlet, federation.data.clients, executor),
+            _digest(fedavg, data.clients, executor),
+        ]
+    assert got == expected
+    assert not ray.is_initialized()  # this process disconnected...
+    assert _raylet_of(cluster["node_port"]) > 0  # ...and the cluster runs on
+
+
+def test_a_node_killed_mid_round_is_a_worker_error_within_10_s(cluster: dict[str, Any]) -> None:
+    downlink = Downlink(round=5, params={"w": torch.zeros(4)})
+    job = ClientJob(ClientContext(helpers.sleep_forever_update, [0.0] * 4), downlink)
+    tasks = [ClientTask(k, 5, Key.from_seed(k)) for k in range(4)]
+    with Ray(cluster["address"], workers=2, node_ip_address=HEAD_IP) as executor:
+        raylet = _raylet_of(cluster["node_port"])
+        threading.Timer(1.0, os.kill, (raylet, signal.SIGKILL)).start()
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=r"died .* while running client \d in round 5"):
+            executor.map(job, tasks)
+        assert time.monotonic() - start < 10
