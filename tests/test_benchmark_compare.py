@@ -93,6 +93,17 @@ def test_only_narrows_frameworks_workloads_and_modes() -> None:
         cli.parse_only("W9", ["W1"])
 
 
+def test_the_ray_mode_runs_only_when_named() -> None:
+    work = dataclasses.replace(W1, parallelism=(2,))
+    dirs = {work.data_id: "/a"}
+    every = {c.label for c in cli.plan([work], cli.parse_only(None, ["W1"]), 1, dirs)}
+    assert "blazefl_fn:ray" not in every
+    assert "blazefl_fn:processes" in every
+    named = cli.parse_only("blazefl_fn:ray,bare", ["W1"])
+    labels = {c.label for c in cli.plan([work], named, 1, dirs)}
+    assert labels == {"blazefl_fn:ray", "bare:threads", "bare:processes"}
+
+
 def test_set_overrides_one_or_every_workload() -> None:
     out = override(DEFAULT, "W1.rounds=7")
     assert out["W1"].rounds == 7

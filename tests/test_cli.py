@@ -109,7 +109,7 @@ def _write_bad_mnist(directory: Path) -> Path:
         (["partition", "--data-dir", "x", "--clients", "0"], 2, "clients must be an integer >= 1"),
         (["run", "--algorithm", "fedsgd"], 2, "invalid choice: 'fedsgd'"),
         (["run", "--dataset", "cifar7"], 2, "invalid choice: 'cifar7'"),
-        (["run", "--executor", "ray"], 2, "invalid choice: 'ray'"),
+        (["run", "--executor", "dask"], 2, "invalid choice: 'dask'"),
         (["run", "--dataset", "mnist"], 2, "dataset 'mnist' needs a data directory"),
         (["run", "--bogus"], 2, "unrecognized arguments: --bogus"),
         (

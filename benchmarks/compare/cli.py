@@ -9,6 +9,8 @@
 ``--only`` takes workload names (W1, W1-e5, W1-resnet18, W0), frameworks (bare, blazefl_fn,
 flower, blazefl) and ``framework:mode`` tokens; each kind given narrows the selection. At
 P = 1 the bare loop and blazefl_fn run ``sequential`` only, unless a mode is named.
+``blazefl_fn:ray`` (the Ray executor) runs only when named, e.g.
+``--only W1,W0,bare,blazefl_fn:ray,flower``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from . import envs, report
 from .execute import REPO_ROOT, Run, run_case
-from .spec import FRAMEWORKS, MODES, Case, Workload
+from .spec import FRAMEWORKS, MODES, ON_REQUEST, Case, Workload
 from .workloads import DEFAULT, QUICK, override
 
 __all__ = ["main", "plan"]
@@ -85,6 +87,8 @@ def plan(
                     named = label in selection.modes
                     narrowed = bool(selection.frameworks or selection.modes)
                     if narrowed and framework not in selection.frameworks and not named:
+                        continue
+                    if label in ON_REQUEST and not named:
                         continue
                     if mode == "sequential" and p != 1:
                         continue

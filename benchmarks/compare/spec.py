@@ -18,6 +18,9 @@ MODES: dict[str, tuple[str, ...]] = {
     "flower": ("ray",),
     "blazefl": ("threads", "processes"),
 }
+# Modes that run only when named in ``--only`` (``blazefl_fn:ray`` starts a Ray instance per
+# run, ~20 s of start-up on 2 cores).
+ON_REQUEST = frozenset({"blazefl_fn:ray"})
 RESULT_PREFIX = "RESULT "
 
 
