@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from ._validators import finite_number, int_at_least, one_of
+from ._validators import Validator, finite_number, int_at_least, one_of
 from .algorithms.compose import (
     Aggregate,
     compose,
@@ -121,22 +121,18 @@ def _resolve_auto(value: str) -> str:
     return value
 
 
-def _device_list(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
-    try:
-        parse_devices(value)
-    except ValueError as exc:
-        raise ValueError(f"{attribute.name}: {exc}") from None
+def _devices_field(parse: Callable[[str], object]) -> Validator:
+    """A device-string field checked by ``parse`` (its message prefixed with the field)."""
 
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{attribute.name}: {exc}") from None
 
-def _one_device(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str):
-        raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
-    try:
-        check_device(value)
-    except ValueError as exc:
-        raise ValueError(f"{attribute.name}: {exc}") from None
+    return check
 
 
 def _optional_text(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -174,8 +170,10 @@ class RunConfig:
     executor: str = attrs.field(default="sequential", validator=one_of(EXECUTORS))
     workers: int = attrs.field(default=2, validator=int_at_least(1))
     threads: int = attrs.field(default=1, validator=int_at_least(1))
-    device: str = attrs.field(default="cpu", converter=_resolve_auto, validator=_device_list)
-    server_device: str = attrs.field(default="cpu", validator=_one_device)
+    device: str = attrs.field(
+        default="cpu", converter=_resolve_auto, validator=_devices_field(parse_devices)
+    )
+    server_device: str = attrs.field(default="cpu", validator=_devices_field(check_device))
     ray_address: str | None = attrs.field(default=None, validator=_optional_text)
     ray_node_ip: str | None = attrs.field(default=None, validator=_optional_text)
     eval_every: int = attrs.field(default=1, validator=int_at_least(1))
