@@ -167,37 +167,27 @@ def run_round(
     # A server on CUDA aggregates with deterministic kernels too (clients get them from the
     # executor); on the CPU this does nothing.
     with cuda_determinism(any(t.is_cuda for t in state.params.values())):
-        return _run_round(algorithm, clients, executor, state, key)
-
-
-def _run_round(
-    algorithm: Algorithm[Data],
-    clients: Sequence[Data],
-    executor: Executor,
-    state: ServerState,
-    key: Key,
-) -> tuple[ServerState, RoundReport]:
-    start = time.perf_counter()
-    ids = _check_ids(algorithm.sample(state, key.fold_in("sample")), len(clients))
-    downlink = algorithm.broadcast(state)
-    inputs = _client_inputs(algorithm, state, ids)
-    tasks = [
-        ClientTask(cid, state.round, key.fold_in(cid), given.message, given.state)
-        for cid, given in zip(ids, inputs, strict=True)
-    ]
-    job = ClientJob(ClientContext(algorithm.client_update, clients), downlink)
-    uplinks = executor.map(job, tasks)
-    new_state = algorithm.aggregate(state, uplinks)
-    report = RoundReport(
-        round=state.round,
-        clients=ids,
-        num_examples=sum(u.num_examples for u in uplinks),
-        train_metrics=_mean_metrics(uplinks),
-        bytes_down=nbytes(downlink.params) * len(ids) + sum(nbytes(t.message) for t in tasks),
-        bytes_up=sum(nbytes(u.params) for u in uplinks),
-        seconds=time.perf_counter() - start,
-    )
-    return new_state, report
+        start = time.perf_counter()
+        ids = _check_ids(algorithm.sample(state, key.fold_in("sample")), len(clients))
+        downlink = algorithm.broadcast(state)
+        inputs = _client_inputs(algorithm, state, ids)
+        tasks = [
+            ClientTask(cid, state.round, key.fold_in(cid), given.message, given.state)
+            for cid, given in zip(ids, inputs, strict=True)
+        ]
+        job = ClientJob(ClientContext(algorithm.client_update, clients), downlink)
+        uplinks = executor.map(job, tasks)
+        new_state = algorithm.aggregate(state, uplinks)
+        report = RoundReport(
+            round=state.round,
+            clients=ids,
+            num_examples=sum(u.num_examples for u in uplinks),
+            train_metrics=_mean_metrics(uplinks),
+            bytes_down=nbytes(downlink.params) * len(ids) + sum(nbytes(t.message) for t in tasks),
+            bytes_up=sum(nbytes(u.params) for u in uplinks),
+            seconds=time.perf_counter() - start,
+        )
+        return new_state, report
 
 
 def on_server(algorithm: Algorithm[Data], device: torch.device) -> Algorithm[Data]:

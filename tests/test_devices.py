@@ -492,3 +492,24 @@ def test_a_device_named_twice_holds_one_copy_of_the_client_update() -> None:
     assert first.client_update is second.client_update
     assert first.client_update.weights.device == meta
     assert first.clients is not second.clients  # each index places its own clients
+
+
+@pytest.mark.parametrize("sticky", [False, True])
+def test_task_queues_give_a_worker_only_its_devices_clients_in_task_order(sticky: bool) -> None:
+    from blazefl_fn.executors._placement import TaskQueues
+
+    tasks = [ClientTask(k, 0, Key.from_seed(k)) for k in (5, 0, 7, 2, 9, 4, 11)]
+    queues = TaskQueues(tasks, 3, 2, sticky)  # 3 workers share 2 devices
+    taken: dict[int, list[int]] = {w: [] for w in range(3)}
+    for worker in (0, 1, 2) * len(tasks):
+        index = queues.take(worker)
+        if index is not None:
+            taken[worker].append(index)
+    assert sorted(i for got in taken.values() for i in got) == list(range(len(tasks)))
+    for worker, got in taken.items():
+        assert got == sorted(got)
+        for index in got:
+            client = tasks[index].client_id
+            assert client % 2 in owned_groups(worker, 3, 2)
+            if sticky:
+                assert worker == worker_for(client, 3, 2)

@@ -16,7 +16,7 @@ without relying on the GIL.
 from __future__ import annotations
 
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar, cast, overload
 
@@ -27,7 +27,16 @@ from ..devices import device_for, to_device, uses_cuda
 from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
 from ..records import Uplink
 
-__all__ = ["PlacedJob", "Placement", "owned_groups", "placed", "server_device", "worker_for"]
+__all__ = [
+    "PlacedJob",
+    "Placement",
+    "TaskQueues",
+    "owned_groups",
+    "placed",
+    "server_device",
+    "uplink_on",
+    "worker_for",
+]
 
 Data = TypeVar("Data")
 T = TypeVar("T")
@@ -79,6 +88,42 @@ def worker_for(client_id: int, workers: int, num_devices: int) -> int:
     index = client_id % num_devices
     owners = [w for w in range(workers) if index in owned_groups(w, workers, num_devices)]
     return owners[(client_id // num_devices) % len(owners)]
+
+
+class TaskQueues:
+    """A map's task indices queued for a pool's workers (`Processes` workers, `Ray` actors).
+
+    Client tasks queue by their device index, and a worker takes only its devices' clients
+    (`owned_groups`), lowest task index first; other work goes to any worker. With CUDA
+    devices a client also stays with one worker among those sharing its device
+    (`worker_for`), so its data is placed on the GPU once.
+    """
+
+    def __init__(self, tasks: Sequence[object], workers: int, num_devices: int, sticky: bool):
+        self._pending: dict[int, deque[int]] = {}
+        for index, task in enumerate(tasks):
+            if not isinstance(task, ClientTask):
+                group = -1
+            elif sticky:
+                group = -2 - worker_for(task.client_id, workers, num_devices)
+            else:
+                group = task.client_id % num_devices
+            self._pending.setdefault(group, deque()).append(index)
+        self._owned = [owned_groups(w, workers, num_devices) | {-1, -2 - w} for w in range(workers)]
+
+    def take(self, worker: int) -> int | None:
+        """The next task index for ``worker`` (removed from the queues), or None."""
+        queues = [q for g, q in self._pending.items() if g in self._owned[worker] and q]
+        if not queues:
+            return None
+        return min(queues, key=lambda q: q[0]).popleft()
+
+
+def uplink_on(uplink: Uplink, device: torch.device) -> Uplink:
+    """``uplink`` with its parameters and stored state on ``device``."""
+    return attrs.evolve(
+        uplink, params=to_device(uplink.params, device), state=to_device(uplink.state, device)
+    )
 
 
 class Placement:
@@ -217,10 +262,6 @@ class PlacedJob(Generic[Data]):
         if device == self.server:
             return uplink
         try:
-            return attrs.evolve(
-                uplink,
-                params=to_device(uplink.params, self.server),
-                state=to_device(uplink.state, self.server),
-            )
+            return uplink_on(uplink, self.server)
         except Exception as exc:
             raise ClientError(task.client_id, task.round, exc) from exc

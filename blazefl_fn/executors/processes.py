@@ -36,13 +36,13 @@ import attrs
 import torch
 
 from .._validators import check_int_at_least
-from ..devices import DeviceLike, check_devices, ensure_cublas_workspace, to_device, uses_cuda
+from ..devices import DeviceLike, check_devices, ensure_cublas_workspace, uses_cuda
 from ..jobs import ClientContext, ClientJob, ClientTask
 from ..records import Uplink
 from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
 from . import _worker
 from ._errors import rebuild_error
-from ._placement import owned_groups, server_device, worker_for
+from ._placement import TaskQueues, server_device, uplink_on
 from .base import ClosingContext
 
 __all__ = ["Processes", "WorkerError"]
@@ -395,35 +395,16 @@ class Processes(ClosingContext):
         self, tasks: Sequence[Any], sends: list[tuple[Any, ...]], slot_bytes: int
     ) -> tuple[list[Any], BaseException | None]:
         """Results in task order and the first task failure in task order, if any."""
-        # Client tasks queue by their device index; a worker takes only its devices' clients
-        # (lowest task index first). Other work (group -1) goes to any worker.
-        # On CUDA a client also stays with one worker among those sharing its device, so
-        # its data is placed on the GPU once (group -2 - worker).
-        pending: dict[int, deque[int]] = {}
-        workers, groups = len(self._workers), len(self.devices)
-        sticky = uses_cuda(self.devices)
-        for index, task in enumerate(tasks):
-            if not isinstance(task, ClientTask):
-                group = -1
-            elif sticky:
-                group = -2 - worker_for(task.client_id, workers, groups)
-            else:
-                group = task.client_id % groups
-            pending.setdefault(group, deque()).append(index)
+        queues = TaskQueues(tasks, len(self._workers), len(self.devices), uses_cuda(self.devices))
         results: list[Any] = [None] * len(tasks)
         failures: dict[int, BaseException] = {}
-        owned = {
-            id(w.conn): owned_groups(i, workers, groups) | {-1, -2 - i}
-            for i, w in enumerate(self._workers)
-        }
+        number = {id(w.conn): i for i, w in enumerate(self._workers)}
 
         def feed(worker: _Worker) -> None:
-            mine = owned[id(worker.conn)]
             while not failures and len(worker.inflight) < _DEPTH:
-                queues = [q for g, q in pending.items() if g in mine and q]
-                if not queues:
+                index = queues.take(number[id(worker.conn)])
+                if index is None:
                     return
-                index = min(queues, key=lambda q: q[0]).popleft()
                 worker.inflight.append(index)
                 self._send(worker, ForkingPickler.dumps(sends[index]))
 
@@ -492,9 +473,4 @@ def _to_server(results: list[Any], device: torch.device) -> list[Any]:
     """Uplinks (which come back through CPU shared memory) on the server's ``device``."""
     if device.type == "cpu":
         return results
-    return [
-        attrs.evolve(r, params=to_device(r.params, device), state=to_device(r.state, device))
-        if isinstance(r, Uplink)
-        else r
-        for r in results
-    ]
+    return [uplink_on(r, device) if isinstance(r, Uplink) else r for r in results]

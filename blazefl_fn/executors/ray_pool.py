@@ -22,7 +22,6 @@ import contextlib
 import importlib
 import logging
 import os
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -32,7 +31,7 @@ from .._validators import check_int_at_least
 from ..devices import cuda_determinism
 from ..jobs import ClientContext, ClientJob, ClientTask
 from ._errors import error_reply, rebuild_error
-from ._placement import Placement, owned_groups, placed
+from ._placement import Placement, TaskQueues, placed
 from .base import ClosingContext
 from .processes import WorkerError
 
@@ -170,6 +169,7 @@ class Ray(ClosingContext):
         if devices is None:
             devices = ("cuda",) if num_gpus_per_worker > 0 else ("cpu",)
         self.devices = _syntax_devices(devices)
+        self._cuda = any(torch.device(d).type == "cuda" for d in self.devices)
         self.threads = threads
         self.address = address
         self._ray = _import_ray()
@@ -339,14 +339,7 @@ class Ray(ClosingContext):
     def _run(self, tasks: Sequence[Any]) -> tuple[list[Any], BaseException | None]:
         """Results in task order and the first task failure in task order, if any."""
         ray = self._ray
-        groups = len(self.devices)
-        pending: dict[int, deque[int]] = {}
-        for index, task in enumerate(tasks):
-            group = task.client_id % groups if isinstance(task, ClientTask) else -1
-            pending.setdefault(group, deque()).append(index)
-        owned = [
-            owned_groups(i, len(self._actors), groups) | {-1} for i in range(len(self._actors))
-        ]
+        queues = TaskQueues(tasks, len(self._actors), len(self.devices), self._cuda)
         chunk = max(1, min(_MAX_CHUNK, len(tasks) // (len(self._actors) * _CALLS_PER_ACTOR)))
         inflight: dict[Any, tuple[int, list[int]]] = {}  # ref -> (actor, task indices)
         load = [0] * len(self._actors)
@@ -357,10 +350,10 @@ class Ray(ClosingContext):
             while not failures and load[actor] < _DEPTH:
                 indices: list[int] = []
                 while len(indices) < chunk:
-                    queues = [q for g, q in pending.items() if g in owned[actor] and q]
-                    if not queues:
+                    index = queues.take(actor)
+                    if index is None:
                         break
-                    indices.append(min(queues, key=lambda q: q[0]).popleft())
+                    indices.append(index)
                 if not indices:
                     return
                 ref = self._actors[actor].run.remote(indices, [tasks[i] for i in indices])
