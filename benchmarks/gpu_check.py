@@ -9,9 +9,12 @@ Cases (CIFAR-shaped random tensors from a key; FedAvg, every client each round, 
 Each case runs on ``--device`` with Sequential, Threads(2), Threads(4) and Processes(2),
 ``--repeats`` times (interleaved), then once on the CPU (Threads over half the cores, one round)
 for comparison. Afterwards every shipped algorithm runs a few tiny rounds on ``--device`` with
-Sequential, Threads(2) and Processes(2) and with the server's model on the device too. The
-script prints tables and exits 1 if any case or algorithm gave more than one digest on the
-device, or an in-process executor did not give its GPU memory back.
+Sequential, Threads(2) and Processes(2) and with the server's model on the device too. Last,
+`benchmarks.vectorized` times `Vectorized` against Sequential and Threads on the device (W1,
+W0, the MNIST MLP, Synthetic(1,1); chunks 10, 100, all), each run twice. The script prints
+tables and exits 1 if any case or algorithm gave more than one digest on the device, an
+in-process executor did not give its GPU memory back, or a vectorised run did not repeat
+its bits.
 
     python -m benchmarks.gpu_check                       # on cuda: under 5 minutes on one GPU
     python -m benchmarks.gpu_check --device cpu --tiny   # the smoke test the suite runs
@@ -31,6 +34,7 @@ import attrs
 import torch
 
 import blazefl_fn as fl
+from benchmarks import vectorized
 from benchmarks.compare.models import resnet18
 from benchmarks.executors import cifar_shaped
 from blazefl_fn.data import ClientData, FederatedDataset, TensorDataset
@@ -259,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         help="algorithms of the sweep, comma-separated ('' skips it)",
     )
     parser.add_argument("--executors", default=",".join(EXECUTORS), help="name:workers,...")
+    parser.add_argument(
+        "--vectorized",
+        default="W1,W0,mnist-mlp,synthetic",
+        help="cases of benchmarks.vectorized to run on the device ('' skips them)",
+    )
     args = parser.parse_args(argv)
     try:
         device = check_device(args.device)
@@ -293,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
         if names:
             print()
             ok = print_algorithms(algorithm_digests(device, 2, names), device) and ok
+    if args.vectorized:
+        print("\nVectorized against the per-client executors (benchmarks.vectorized):")
+        flags = ["--device", str(device), "--repeats", "2", "--cases", args.vectorized]
+        ok = vectorized.main(flags + (["--tiny"] if args.tiny else [])) == 0 and ok
     print(f"\ngpu_check: {'OK' if ok else 'FAILED'} in {time.perf_counter() - start:.1f} s")
     return 0 if ok else 1
 

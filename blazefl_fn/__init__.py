@@ -37,6 +37,10 @@ from .executors.processes import WorkerError as WorkerError
 from .executors.ray_pool import Ray as Ray
 from .executors.sequential import Sequential as Sequential
 from .executors.threads import Threads as Threads
+from .executors.vectorized import PerClientFallback as PerClientFallback
+from .executors.vectorized import Vectorized as Vectorized
+from .jobs import ChunkError as ChunkError
+from .jobs import VectorizedUpdate as VectorizedUpdate
 from .keys import Key as Key
 from .local import Distillation as Distillation
 from .local import GradientHook as GradientHook
@@ -45,6 +49,7 @@ from .local import ProximalTerm as ProximalTerm
 from .local import evaluate as evaluate
 from .local import evaluate_clients as evaluate_clients
 from .local import train_local as train_local
+from .local_chunk import train_local_chunk as train_local_chunk
 from .metrics_log import MetricsLog as MetricsLog
 from .metrics_log import read_metrics as read_metrics
 from .records import Downlink as Downlink
@@ -77,6 +82,7 @@ __all__ = [
     "Algorithm",
     "Callback",
     "CheckpointWriter",
+    "ChunkError",
     "ClientData",
     "ClientError",
     "ClientInput",
@@ -91,6 +97,7 @@ __all__ = [
     "LocalSGD",
     "LoopResult",
     "MetricsLog",
+    "PerClientFallback",
     "Processes",
     "ProximalTerm",
     "Ray",
@@ -103,6 +110,8 @@ __all__ = [
     "TensorDataset",
     "Threads",
     "Uplink",
+    "Vectorized",
+    "VectorizedUpdate",
     "WorkerError",
     "aggregators",
     "build_module",
@@ -132,6 +141,7 @@ __all__ = [
     "server_transforms",
     "simulate",
     "train_local",
+    "train_local_chunk",
     "tree",
     "trimmed_mean_fedavg",
     "uniform_sampler",

@@ -108,6 +108,21 @@ def _parser(*, only_given: bool = False) -> _Parser:
         help="with --executor ray: this machine's Ray node IP (e.g. a loopback address to keep "
         "a single-machine cluster off the network)",
     )
+    run.add_argument(
+        "--chunk",
+        type=int,
+        metavar="N",
+        default=defaults.chunk,
+        help="with --executor vectorized: clients trained per vectorised step (default: all "
+        "sampled clients, or as many as --max-bytes allows)",
+    )
+    run.add_argument(
+        "--max-bytes",
+        type=int,
+        metavar="B",
+        default=defaults.max_bytes,
+        help="with --executor vectorized: a memory budget for one chunk, in bytes",
+    )
     run.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     run.add_argument(
         "--device",
@@ -384,6 +399,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
         "partition": config.partition,
         "executor": config.executor,
         "workers": config.workers,
+        "chunk": config.chunk,
         "ray_address": config.ray_address,
         "device": config.device,
         "server_device": config.server_device,

@@ -9,7 +9,7 @@ send the context once per pool and only the downlink and `ClientTask`s per round
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import attrs
 import torch
@@ -18,9 +18,18 @@ from .keys import Key
 from .records import Downlink, Uplink
 from .tree import Params
 
-__all__ = ["ClientContext", "ClientError", "ClientJob", "ClientTask", "ClientUpdate"]
+__all__ = [
+    "ChunkError",
+    "ClientContext",
+    "ClientError",
+    "ClientJob",
+    "ClientTask",
+    "ClientUpdate",
+    "VectorizedUpdate",
+]
 
 Data = TypeVar("Data")
+Data_contra = TypeVar("Data_contra", contravariant=True)
 
 
 @attrs.frozen(eq=False)
@@ -52,6 +61,32 @@ class ClientTask:
 ClientUpdate = Callable[[Downlink, Data, ClientTask], Uplink]
 
 
+@runtime_checkable
+class VectorizedUpdate(Protocol[Data_contra]):
+    """A client update that can also train a whole chunk of clients in one vectorised pass.
+
+    `blazefl_fn.executors.Vectorized` calls `update_chunk` for updates with these two methods
+    (the LocalSGD family: `blazefl_fn.algorithms.fedavg.LocalSGDUpdate`) and runs any other
+    update one client at a time. ``update_chunk`` must give, per task, what the update's
+    ``__call__`` gives up to float rounding.
+    """
+
+    def update_chunk(
+        self, downlink: Downlink, data: Sequence[Data_contra], tasks: Sequence[ClientTask]
+    ) -> list[Uplink]:
+        """The uplinks of ``tasks`` (in order), client ``i`` training on ``data[i]``."""
+        ...
+
+    def client_bytes(self, downlink: Downlink, data: Data_contra) -> int:
+        """About how many bytes one client like ``data`` adds to a chunk at its peak.
+
+        Raises:
+            ValueError: this update cannot be vectorised (e.g. a dropout layer); the message
+                says why.
+        """
+        ...
+
+
 class ClientError(RuntimeError):
     """A client's update raised; the original exception is chained as ``__cause__``."""
 
@@ -61,6 +96,25 @@ class ClientError(RuntimeError):
         )
         self.client_id = client_id
         self.round_index = round_index
+
+
+class ChunkError(ClientError):
+    """A vectorised chunk of clients failed; ``client_id`` is its first client."""
+
+    def __init__(self, client_ids: Sequence[int], round_index: int, cause: BaseException) -> None:
+        RuntimeError.__init__(
+            self,
+            f"the chunk of clients {_id_span(client_ids)} failed in round {round_index}: "
+            f"{type(cause).__name__}: {cause}",
+        )
+        self.client_id = client_ids[0]
+        self.client_ids = tuple(client_ids)
+        self.round_index = round_index
+
+
+def _id_span(ids: Sequence[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:5])
+    return f"[{shown}{', ...' if len(ids) > 5 else ''}] ({len(ids)} clients)"
 
 
 @attrs.frozen(eq=False)

@@ -94,7 +94,8 @@ class LocalSGD:
 _scratch = threading.local()
 
 
-def _working_copy(template: torch.nn.Module) -> torch.nn.Module:
+def working_copy(template: torch.nn.Module) -> torch.nn.Module:
+    """This thread's private copy of ``template`` (reused across calls; see `_scratch`)."""
     if _has_hidden_state(template):
         return copy.deepcopy(template)
     cache: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] | None = getattr(
@@ -116,7 +117,7 @@ def _has_hidden_state(module: torch.nn.Module) -> bool:
 
 
 def _load(template: torch.nn.Module, params: Params) -> torch.nn.Module:
-    module = _working_copy(template)
+    module = working_copy(template)
     # load_state_dict copies values into the module's own tensors: `params` stays untouched.
     # strict=True (the default) guarantees every entry is overwritten.
     module.load_state_dict(params)

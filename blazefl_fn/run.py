@@ -55,6 +55,7 @@ from .executors.processes import Processes
 from .executors.ray_pool import Ray
 from .executors.sequential import Sequential
 from .executors.threads import Threads
+from .executors.vectorized import Vectorized
 from .keys import Key
 from .local import Distillation, LocalSGD, evaluate, evaluate_clients
 from .models import cnn, logistic_regression, mlp
@@ -108,7 +109,7 @@ DISTILLATION = ("dsfl", "scarlet")
 DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
 DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
 PARTITIONS = ("iid", "dirichlet", "shards", "inner-dirichlet")
-EXECUTORS = ("sequential", "threads", "processes", "ray")
+EXECUTORS = ("sequential", "threads", "processes", "ray", "vectorized")
 MODELS = ("auto", "logreg", "mlp", "cnn")
 
 
@@ -176,6 +177,12 @@ class RunConfig:
     server_device: str = attrs.field(default="cpu", validator=_devices_field(check_device))
     ray_address: str | None = attrs.field(default=None, validator=_optional_text)
     ray_node_ip: str | None = attrs.field(default=None, validator=_optional_text)
+    chunk: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(int_at_least(1))
+    )
+    max_bytes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(int_at_least(1))
+    )
     eval_every: int = attrs.field(default=1, validator=int_at_least(1))
     synthetic_alpha: float = attrs.field(default=1.0, validator=finite_number(positive=False))
     synthetic_beta: float = attrs.field(default=1.0, validator=finite_number(positive=False))
@@ -252,6 +259,12 @@ class RunConfig:
                     f"public_per_round ({self.public_per_round}) exceeds public_size "
                     f"({self.public_size})"
                 )
+        if self.executor != "vectorized" and (self.chunk, self.max_bytes) != (None, None):
+            raise ValueError(
+                f"chunk and max_bytes apply to the vectorized executor, not to {self.executor!r}"
+            )
+        if self.executor == "vectorized" and "," in self.device:
+            raise ValueError(f"the vectorized executor trains on one device, got {self.device!r}")
         if self.augment and not self.dataset.startswith("cifar"):
             raise ValueError(
                 f"augment (random crop + horizontal flip) applies to cifar10 and cifar100, "
@@ -460,6 +473,9 @@ def _distillation_algorithm(
 def make_executor(config: RunConfig) -> Executor:
     """The executor ``config.executor`` names, with ``config.workers`` workers.
 
+    ``vectorized`` trains ``config.chunk`` clients per step on ``config.device`` (one device),
+    its chunk bounded by ``config.max_bytes``.
+
     Clients train on ``config.device`` (client ``k`` on the ``k % n``-th of its ``n``
     devices). Process workers use ``config.threads`` intra-op threads, like the driving
     process, so every executor computes the same bits.
@@ -469,6 +485,8 @@ def make_executor(config: RunConfig) -> Executor:
         return Threads(config.workers, devices=devices)
     if config.executor == "processes":
         return Processes(config.workers, threads=config.threads, devices=devices)
+    if config.executor == "vectorized":
+        return Vectorized(config.chunk, device=devices[0], max_bytes=config.max_bytes)
     if config.executor == "ray":
         return Ray(
             config.ray_address,
@@ -513,8 +531,19 @@ RESUMABLE_CHANGES = frozenset(
         "eval_clients",
         "ray_address",
         "ray_node_ip",
+        # Compared by `check_resumable` as part of how the executor rounds (`_arithmetic`).
+        "chunk",
+        "max_bytes",
     }
 )
+
+
+def _arithmetic(config: RunConfig) -> str:
+    """How clients' float arithmetic is grouped: the per-client executors all agree bit for
+    bit; vectorised training rounds otherwise, and may differ by chunk size."""
+    if config.executor != "vectorized":
+        return "per-client"
+    return f"executor='vectorized' chunk={config.chunk!r} max_bytes={config.max_bytes!r}"
 
 
 def config_dict(config: RunConfig) -> dict[str, Any]:
@@ -547,6 +576,11 @@ def check_resumable(stored: RunConfig, requested: RunConfig) -> None:
         for name in old
         if name not in RESUMABLE_CHANGES and old[name] != new[name]
     ]
+    if _arithmetic(stored) != _arithmetic(requested):
+        diffs.append(
+            f"{_arithmetic(stored)} (requested {_arithmetic(requested)}): vectorised training "
+            "rounds differently from per-client training"
+        )
     if diffs:
         raise ValueError(
             "the checkpoint was written by a run with other settings: " + ", ".join(diffs)

@@ -35,7 +35,8 @@ def test_gpu_check_runs_on_the_cpu_and_finds_one_digest_per_case(
 
     status = gpu_check.main(
         ["--device", "cpu", "--tiny", "--repeats", "1",
-         "--executors", "sequential:1,processes:2", "--algorithms", "scarlet"]
+         "--executors", "sequential:1,processes:2", "--algorithms", "scarlet",
+         "--vectorized", "synthetic"]
     )  # fmt: skip
     out = capsys.readouterr().out
     assert status == 0, out
@@ -43,7 +44,23 @@ def test_gpu_check_runs_on_the_cpu_and_finds_one_digest_per_case(
     assert "resnet18: one digest on the device: yes (1)" in out
     assert "| scarlet |" in out
     assert "| NO |" not in out
+    assert "| synthetic | vectorized:all |" in out
     assert "gpu_check: OK" in out
+
+
+def test_vectorized_benchmark_prints_its_table(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import vectorized
+
+    status = vectorized.main(
+        ["--tiny", "--repeats", "2", "--cases", "W1,synthetic",
+         "--executors", "sequential,threads:2,vectorized:3,vectorized:all"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0, out
+    for row in ("| W1 | sequential | ", "| W1 | vectorized:3 | ", "| synthetic | threads:2 | "):
+        assert row in out
+    assert "NOT repeatable" not in out
+    assert "vectorized: OK" in out
 
 
 def test_gpu_check_refuses_a_device_this_machine_lacks(capsys: pytest.CaptureFixture[str]) -> None:

@@ -142,3 +142,61 @@ def test_gpu_memory_left_after_a_run_does_not_grow_with_its_rounds() -> None:
     simulate(attrs.evolve(config, rounds=6))
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == after_one
+
+
+LOCAL_SGD = [a for a in ALGORITHMS if a not in DISTILLATION]
+
+
+@pytest.mark.parametrize("server", ["cpu", "cuda"])
+def test_vectorized_on_the_gpu_repeats_its_bits_and_stays_near_sequential(server: str) -> None:
+    for algorithm in LOCAL_SGD:
+        base = attrs.evolve(BASE, algorithm=algorithm, device="cuda", server_device=server)
+        vectorized = attrs.evolve(base, executor="vectorized", chunk=4)
+        first, second = simulate(vectorized), simulate(vectorized)
+        assert first.params_sha256 == second.params_sha256, algorithm
+        reference = simulate(base).state.params
+        diff = max(
+            float((first.state.params[n].cpu() - reference[n].cpu()).abs().max()) for n in reference
+        )
+        assert diff < 1e-4, (algorithm, diff)
+
+
+def test_vectorized_places_data_once_syncs_rarely_and_releases_memory() -> None:
+    from blazefl_fn.algorithms.fedavg import fedavg
+    from blazefl_fn.executors import Vectorized
+    from blazefl_fn.round import make_round
+
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    base = TensorDataset(torch.randn(6 * 40, 3, 32, 32), torch.arange(6 * 40) % 10)
+    clients = [ClientData(base, torch.arange(i * 40, (i + 1) * 40)) for i in range(6)]
+    algorithm = fedavg(
+        lambda: cnn((3, 32, 32), 10), num_clients=6, clients_per_round=6,
+        local=LocalSGD(batch_size=10),
+    )  # fmt: skip
+    key = Key.from_seed(0)
+    state = algorithm.init(key)
+    with Vectorized(chunk=3, device="cuda") as executor:
+        round_fn = make_round(algorithm, clients, executor)
+        state, _ = round_fn(state, key.fold_in(0))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                state, _ = round_fn(state, key.fold_in(1))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert set(executor.placements.values()) == {1}
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) < 4 * 2, [str(w.message) for w in syncs]  # 4 steps per chunk
+    del state, round_fn
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == start
+
+
+def test_vectorized_refuses_a_chunk_over_the_free_gpu_memory() -> None:
+    from blazefl_fn.executors import Vectorized
+
+    free, _ = torch.cuda.mem_get_info()
+    with pytest.raises(ValueError, match="bytes free; pass a smaller chunk"):
+        Vectorized(chunk=2, device="cuda").chunk_size(free, 2)

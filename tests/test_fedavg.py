@@ -265,10 +265,10 @@ def test_reused_working_copies_do_not_leak_between_clients() -> None:
 
 
 def test_modules_with_state_outside_the_state_dict_are_copied_every_time() -> None:
-    from blazefl_fn.local import _working_copy  # pyright: ignore[reportPrivateUsage]
+    from blazefl_fn.local import working_copy
 
     plain = torch.nn.Linear(2, 2)
-    assert _working_copy(plain) is _working_copy(plain)
+    assert working_copy(plain) is working_copy(plain)
     hidden = torch.nn.Linear(2, 2)
     hidden.register_buffer("steps", torch.zeros(1), persistent=False)
-    assert _working_copy(hidden) is not _working_copy(hidden)
+    assert working_copy(hidden) is not working_copy(hidden)

@@ -10,6 +10,7 @@ import torch
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import LocalSGD, train_local
+from ..local_chunk import client_bytes, train_local_chunk
 from ..records import Downlink, ServerState, Uplink
 from ..reproducibility import ModelFactory, build_module, build_template
 from ..round import Algorithm, ClientTask, uniform_sampler
@@ -47,7 +48,9 @@ class _InitFromModel:
 class LocalSGDUpdate:
     """The client stage: local SGD from the downlink parameters; uplinks the new parameters.
 
-    A record rather than a closure, so it can be sent to worker processes.
+    A record rather than a closure, so it can be sent to worker processes. It is a
+    `blazefl_fn.jobs.VectorizedUpdate`: `blazefl_fn.executors.Vectorized` trains a chunk of
+    clients in one step with `update_chunk`.
     """
 
     template: torch.nn.Module
@@ -58,6 +61,21 @@ class LocalSGDUpdate:
         return Uplink(
             client_id=task.client_id, num_examples=len(data), params=params, metrics=metrics
         )
+
+    def update_chunk(
+        self, downlink: Downlink, data: Sequence[ClientData], tasks: Sequence[ClientTask]
+    ) -> list[Uplink]:
+        """What ``__call__`` gives for each task, trained as one chunk (`train_local_chunk`)."""
+        keys = [task.key for task in tasks]
+        trained = train_local_chunk(self.template, downlink.params, data, keys, self.config)
+        return [
+            Uplink(client_id=task.client_id, num_examples=len(d), params=params, metrics=metrics)
+            for task, d, (params, metrics) in zip(tasks, data, trained, strict=True)
+        ]
+
+    def client_bytes(self, downlink: Downlink, data: ClientData) -> int:
+        """About how many bytes one client adds to a chunk (`local_chunk.client_bytes`)."""
+        return client_bytes(self.template, downlink.params, data, self.config)
 
 
 def fedavg(

@@ -1,0 +1,316 @@
+"""Local SGD for a chunk of clients at once: stacked parameters, one `torch.func` step for all.
+
+`train_local_chunk` computes what `blazefl_fn.local.train_local` computes for each client of a
+chunk, in one vectorised step per local step instead of one small step per client:
+
+- each client's batches come from its own key, exactly as `ClientData.batches` orders them
+  (the same permutations, drawn in the same sequence), and augmentation draws from the client
+  key's ``"augment"`` child batch by batch, as on the per-client path;
+- clients of unequal sizes are padded and masked: a padded row adds nothing to its client's
+  loss, and a client whose data is used up (or that has none) stops changing, so its step and
+  example counts are exact;
+- gradient hooks (FedProx's `ProximalTerm`) run per client through ``vmap``.
+
+The results equal the per-client path's up to float rounding (a batched kernel sums in another
+order), not bit for bit; for a given device and chunk they are bitwise reproducible.
+
+Layers whose training draws randomness or writes state (dropout, BatchNorm's running
+statistics) are refused with a `ValueError` naming the layer: their per-client semantics cannot
+be kept inside one vectorised step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import cast
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap  # pyright: ignore[reportUnknownVariableType]
+from torch.nn import functional as F
+
+from .data.datasets import ClientData
+from .keys import Key
+from .local import LocalSGD, working_copy
+from .tree import Params
+
+__all__ = ["check_vectorizable", "client_bytes", "train_local_chunk"]
+
+# Layers that either draw from torch's global RNG in training (dropout) or update buffers in
+# place (running statistics): neither has a per-client meaning inside one vmapped step.
+_STOCHASTIC: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
+)  # fmt: skip
+_STATEFUL: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+)  # fmt: skip
+
+
+def check_vectorizable(template: nn.Module) -> None:
+    """Refuse a model whose training cannot be vectorised over clients.
+
+    Raises:
+        ValueError: a dropout layer with ``p > 0``, or a BatchNorm/InstanceNorm layer that
+            tracks running statistics (the message names the layer).
+
+    Example:
+        >>> check_vectorizable(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        >>> try:
+        ...     check_vectorizable(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
+        ... except ValueError as error:
+        ...     print(str(error)[:60])
+        vectorised training cannot run layer '1' (Dropout(p=0.5, inp
+    """
+    # torch leaves named_modules' generator partly unannotated.
+    layers = cast(list[tuple[str, nn.Module]], list(template.named_modules()))  # pyright: ignore[reportUnknownArgumentType]
+    for name, layer in layers:
+        reason = None
+        if isinstance(layer, _STOCHASTIC) and cast(float, getattr(layer, "p", 0.0)) > 0:
+            reason = "dropout draws from torch's global RNG"
+        elif isinstance(layer, _STATEFUL) and getattr(layer, "track_running_stats", False):
+            reason = "its running statistics would be shared by every client of a chunk"
+        if reason is not None:
+            raise ValueError(
+                f"vectorised training cannot run layer {name!r} ({layer}): {reason}; train "
+                "this model with a per-client executor (sequential, threads, processes, ray)"
+            )
+
+
+def _trainable(module: nn.Module) -> list[str]:
+    return [name for name, p in module.named_parameters() if p.requires_grad]
+
+
+def _device_of(params: Params) -> torch.device:
+    for tensor in params.values():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def client_bytes(template: nn.Module, params: Params, data: ClientData, config: LocalSGD) -> int:
+    """About how many bytes one client adds to a vectorised chunk at its peak.
+
+    Four copies of the trainable parameters (the stacked value, its gradient, the stepped
+    value and one temporary), one padded batch, a copy of the client's examples, and the
+    activations that autograd saves for one batch, measured by running one batch of ``data``
+    (or of zeros shaped like it) through the model.
+
+    Raises:
+        ValueError: the model cannot be vectorised (`check_vectorizable`).
+    """
+    check_vectorizable(template)
+    module = working_copy(template)
+    module.train()
+    names = set(_trainable(module))
+    trainable = sum(t.numel() * t.element_size() for n, t in params.items() if n in names)
+    rows = data.indices[: config.batch_size]
+    x = data.base.x[rows]
+    if x.shape[0] < config.batch_size:
+        x = x.new_zeros((config.batch_size, *x.shape[1:]))
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stacked = {n: t.detach().requires_grad_(n in names) for n, t in params.items()}
+        out = functional_call(module, stacked, (x,))
+        y = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        F.cross_entropy(out, y, reduction="none")
+    row = x[0].numel() * x.element_size() + 8  # one example and its label
+    # The batch's inputs, labels and row indices, plus the chunk's copy of the client's rows
+    # (`_pool`, when clients do not share one base dataset, as on a GPU).
+    data_bytes = config.batch_size * (row + 8) + len(data) * row
+    return 4 * trainable + data_bytes + saved
+
+
+def _schedule(
+    clients: Sequence[ClientData], keys: Sequence[Key], config: LocalSGD
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Every client's batches as positions into its own indices: ``(C, S, B)``, a mask, steps.
+
+    The permutations are drawn from each client's generator in the order `ClientData.batches`
+    draws them (one per epoch), so the batches are the per-client path's batches.
+    """
+    size = config.batch_size
+    steps = [config.epochs * math.ceil(len(d) / size) for d in clients]
+    longest = max(steps, default=0)
+    positions = torch.zeros(len(clients), longest, size, dtype=torch.int64)
+    valid = torch.zeros(len(clients), longest, size, dtype=torch.bool)
+    for c, (data, key) in enumerate(zip(clients, keys, strict=True)):
+        n = len(data)
+        if n == 0:
+            continue
+        generator = key.torch_generator()
+        per_epoch = math.ceil(n / size)
+        order = torch.zeros(config.epochs, per_epoch * size, dtype=torch.int64)
+        mask = torch.zeros(config.epochs, per_epoch * size, dtype=torch.bool)
+        for epoch in range(config.epochs):
+            order[epoch, :n] = torch.randperm(n, generator=generator)
+            mask[epoch, :n] = True
+        positions[c, : steps[c]] = order.view(-1, size)
+        valid[c, : steps[c]] = mask.view(-1, size)
+    return positions, valid, steps
+
+
+def _pool(
+    clients: Sequence[ClientData],
+    positions: torch.Tensor,
+    valid: torch.Tensor,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk's examples as ``(x, y)`` plus each batch row's index into them ``(C, S, B)``.
+
+    Clients that index one shared base dataset are read from it in place (the executors place
+    it on the device once); otherwise their rows are first gathered into one tensor for the
+    chunk.
+    """
+    offsets = torch.tensor([0, *(len(d) for d in clients)]).cumsum(0)[:-1]
+    # Padding rows read the chunk's first example (masked out of the loss).
+    flat = torch.where(valid, positions + offsets[:, None, None], 0)
+    base = clients[0].base
+    if all(d.base is base for d in clients):
+        indices = torch.cat([d.indices.to(device) for d in clients])
+        return base.x.to(device), base.y.to(device), indices[flat.to(device)]
+    x = torch.cat([d.base.x[d.indices] for d in clients]).to(device)
+    y = torch.cat([d.base.y[d.indices] for d in clients]).to(device)
+    return x, y, flat.to(device)
+
+
+def train_local_chunk(
+    template: nn.Module,
+    params: Params,
+    clients: Sequence[ClientData],
+    keys: Sequence[Key],
+    config: LocalSGD,
+) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
+    """`train_local` for every client of a chunk at once, from the same starting ``params``.
+
+    Args:
+        template: the architecture (loaded with each client's stacked parameters in turn by
+            ``torch.func.functional_call``; never written into).
+        params: the starting parameters (the downlink), on the device to train on.
+        clients: the chunk's data, on that device too.
+        keys: each client's key (batch order and augmentation), as `train_local` takes it.
+        config: local training hyperparameters.
+
+    Returns:
+        Per client, in order: its trained parameters and ``{"loss": mean training loss}``
+        (``nan`` for a client without data, whose parameters come back unchanged).
+
+    Raises:
+        ValueError: the model cannot be vectorised (`check_vectorizable`), or ``clients``
+            and ``keys`` differ in length.
+
+    Example:
+        >>> import torch
+        >>> from blazefl_fn.data.datasets import TensorDataset
+        >>> net = nn.Linear(3, 2)
+        >>> base = TensorDataset(torch.randn(12, 3), torch.arange(12) % 2)
+        >>> clients = [ClientData(base, torch.arange(0, 5)), ClientData(base, torch.arange(5, 12))]
+        >>> keys = [Key.from_seed(0).fold_in(c) for c in range(2)]
+        >>> params = {k: v.detach() for k, v in net.state_dict().items()}
+        >>> out = train_local_chunk(net, params, clients, keys, LocalSGD(batch_size=4))
+        >>> [sorted(p) for p, _ in out]
+        [['bias', 'weight'], ['bias', 'weight']]
+    """
+    if len(clients) != len(keys):
+        raise ValueError(f"got {len(clients)} clients but {len(keys)} keys")
+    check_vectorizable(template)
+    if not clients:
+        return []
+    device = _device_of(params)
+    module = working_copy(template)
+    module.train()
+    names = _trainable(module)
+    fixed = {n: t for n, t in params.items() if n not in names}
+    count = len(clients)
+    stacked = {n: params[n].detach().expand(count, *params[n].shape).clone() for n in names}
+    positions, valid, steps = _schedule(clients, keys, config)
+    x_pool, y_pool, rows = _pool(clients, positions, valid, device)
+    counts = valid.sum(dim=2)  # (C, S): every batch's real size
+    per_step: list[list[int]] = counts.T.numpy().tolist()
+    masks = valid.to(device=device, dtype=torch.float32)
+    sizes = counts.to(device)
+    augments = [k.fold_in("augment").torch_generator() for k in keys] if config.transform else []
+
+    def logits_of(trainable: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(module, {**fixed, **trainable}, (x,))
+
+    # vmap of the forward pass only; one ordinary backward then gives every client's gradient
+    # (clients' losses do not share parameters, so the gradient of their sum is each one's
+    # own), which costs far less Python per step than vmap of grad.
+    forward = vmap(logits_of, randomness="error")
+    hooked = [vmap(hook, in_dims=(0, 0, None), randomness="error") for hook in config.hooks]
+    totals = torch.zeros(count, dtype=torch.float64, device=device)
+    for t in range(max(steps, default=0)):
+        x = x_pool[rows[:, t]]
+        if config.transform is not None:
+            x = _augment(x, per_step[t], augments, config.transform)
+        losses, grads = _losses_and_grads(forward, stacked, x, y_pool[rows[:, t]], masks[:, t])
+        active = None if all(s > t for s in steps) else (sizes[:, t] > 0)
+        stacked = {
+            n: _stepped(stacked[n], grads[n], params[n], hooked, config.lr, active) for n in names
+        }
+        totals = totals + losses.detach().to(torch.float64) * sizes[:, t]
+    seen: list[int] = valid.sum(dim=(1, 2)).numpy().tolist()
+    means: list[float] = (totals.cpu() / torch.tensor(seen, dtype=torch.float64)).numpy().tolist()
+    trained = [
+        {n: (stacked[n][c] if n in stacked else params[n]) for n in params} for c in range(count)
+    ]
+    return [(tree, {"loss": means[c] if seen[c] else math.nan}) for c, tree in enumerate(trained)]
+
+
+def _losses_and_grads(
+    forward: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+    stacked: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each client's mean loss over its real rows ``(C,)``, and its gradient (stacked)."""
+    leaves = {n: t.detach().requires_grad_(True) for n, t in stacked.items()}
+    with torch.enable_grad():
+        logits = forward(leaves, x)
+        rows = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
+        losses = (rows.view(mask.shape) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+    return losses.detach(), dict(zip(leaves, grads, strict=True))
+
+
+def _augment(
+    x: torch.Tensor,
+    sizes: list[int],
+    generators: list[torch.Generator],
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+) -> torch.Tensor:
+    # One call per client with its real batch, drawing from its own generator, exactly as
+    # the per-client path does; padded rows are zeros (masked out of the loss).
+    outs: list[torch.Tensor | None] = [
+        transform(x[c, :n], generators[c]) if n else None for c, n in enumerate(sizes)
+    ]
+    first = next(o for o in outs if o is not None)
+    padded = first.new_zeros((len(sizes), x.shape[1], *first.shape[1:]))
+    for c, out in enumerate(outs):
+        if out is not None:
+            padded[c, : out.shape[0]] = out
+    return padded
+
+
+def _stepped(
+    value: torch.Tensor,
+    grad: torch.Tensor,
+    anchor: torch.Tensor,
+    hooks: list[Callable[..., torch.Tensor]],
+    lr: float,
+    active: torch.Tensor | None,
+) -> torch.Tensor:
+    for hook in hooks:
+        grad = hook(value, grad, anchor)
+    new = value.add(grad, alpha=-lr)
+    if active is None:
+        return new
+    return torch.where(active.view(-1, *([1] * (value.dim() - 1))), new, value)
