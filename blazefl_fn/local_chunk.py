@@ -33,17 +33,20 @@ from torch.nn import functional as F
 from .data.datasets import ClientData
 from .keys import Key
 from .local import LocalSGD, working_copy
-from .tree import Params
+from .tree import Params, trees_equal
 
 __all__ = ["check_vectorizable", "client_bytes", "train_local_chunk"]
 
-# Layers that either draw from torch's global RNG in training (dropout) or update buffers in
-# place (running statistics): neither has a per-client meaning inside one vmapped step.
+# Layers whose training has no per-client meaning inside one vmapped step: dropout draws from
+# torch's global RNG; BatchNorm mixes the rows of a batch (padded rows included) and updates
+# running statistics in place; InstanceNorm is per row, but its running statistics are not.
 _STOCHASTIC: tuple[type[nn.Module], ...] = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
 )  # fmt: skip
-_STATEFUL: tuple[type[nn.Module], ...] = (
+_BATCH_MIXING: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+)  # fmt: skip
+_RUNNING_STATS: tuple[type[nn.Module], ...] = (
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
 )  # fmt: skip
 
@@ -52,8 +55,11 @@ def check_vectorizable(template: nn.Module) -> None:
     """Refuse a model whose training cannot be vectorised over clients.
 
     Raises:
-        ValueError: a dropout layer with ``p > 0``, or a BatchNorm/InstanceNorm layer that
-            tracks running statistics (the message names the layer).
+        ValueError: a dropout layer with ``p > 0``, a BatchNorm layer, or an InstanceNorm
+            layer that tracks running statistics (the message names the layer).
+
+    A custom layer that mixes the rows of a batch is not detected: in a partial batch it
+    would see the padding rows, so train such a model with a per-client executor.
 
     Example:
         >>> check_vectorizable(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
@@ -69,7 +75,9 @@ def check_vectorizable(template: nn.Module) -> None:
         reason = None
         if isinstance(layer, _STOCHASTIC) and cast(float, getattr(layer, "p", 0.0)) > 0:
             reason = "dropout draws from torch's global RNG"
-        elif isinstance(layer, _STATEFUL) and getattr(layer, "track_running_stats", False):
+        elif isinstance(layer, _BATCH_MIXING):
+            reason = "it normalises over the rows of a padded batch"
+        elif isinstance(layer, _RUNNING_STATS) and getattr(layer, "track_running_stats", False):
             reason = "its running statistics would be shared by every client of a chunk"
         if reason is not None:
             raise ValueError(
@@ -78,8 +86,15 @@ def check_vectorizable(template: nn.Module) -> None:
             )
 
 
-def _trainable(module: nn.Module) -> list[str]:
-    return [name for name, p in module.named_parameters() if p.requires_grad]
+def _trainable(module: nn.Module) -> dict[str, str]:
+    """Every state-dict name of a trainable parameter -> the name it is trained under.
+
+    A parameter tied to another (one tensor under two names) is trained once, under the
+    first name `named_parameters` gives it, and returned under every name.
+    """
+    canonical = {id(p): n for n, p in module.named_parameters() if p.requires_grad}
+    entries = module.state_dict(keep_vars=True).items()
+    return {n: canonical[id(t)] for n, t in entries if id(t) in canonical}
 
 
 def _device_of(params: Params) -> torch.device:
@@ -102,12 +117,15 @@ def client_bytes(template: nn.Module, params: Params, data: ClientData, config: 
     check_vectorizable(template)
     module = working_copy(template)
     module.train()
-    names = set(_trainable(module))
+    names = set(_trainable(module).values())
     trainable = sum(t.numel() * t.element_size() for n, t in params.items() if n in names)
     rows = data.indices[: config.batch_size]
     x = data.base.x[rows]
     if x.shape[0] < config.batch_size:
         x = x.new_zeros((config.batch_size, *x.shape[1:]))
+    if config.transform is not None:
+        # Only the shape and dtype of the result matter; a key of its own, never the client's.
+        x = config.transform(x, Key.from_seed(0).fold_in("probe").torch_generator())
     saved = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -116,8 +134,8 @@ def client_bytes(template: nn.Module, params: Params, data: ClientData, config: 
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        stacked = {n: t.detach().requires_grad_(n in names) for n, t in params.items()}
-        out = functional_call(module, stacked, (x,))
+        probe = {n: t.detach().clone().requires_grad_(n in names) for n, t in params.items()}
+        out = functional_call(module, _untied(probe, _trainable(module)), (x,))
         y = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         F.cross_entropy(out, y, reduction="none")
     row = x[0].numel() * x.element_size() + 8  # one example and its label
@@ -225,8 +243,10 @@ def train_local_chunk(
     device = _device_of(params)
     module = working_copy(template)
     module.train()
-    names = _trainable(module)
-    fixed = {n: t for n, t in params.items() if n not in names}
+    aliases = _trainable(module)
+    names = list(dict.fromkeys(aliases.values()))
+    # Copies: a model that writes into a buffer in forward must not write into the downlink.
+    fixed = {n: t.detach().clone() for n, t in params.items() if n not in aliases}
     count = len(clients)
     stacked = {n: params[n].detach().expand(count, *params[n].shape).clone() for n in names}
     positions, valid, steps = _schedule(clients, keys, config)
@@ -238,13 +258,13 @@ def train_local_chunk(
     augments = [k.fold_in("augment").torch_generator() for k in keys] if config.transform else []
 
     def logits_of(trainable: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(module, {**fixed, **trainable}, (x,))
+        return functional_call(module, {**fixed, **trainable}, (x,))  # ties follow `trainable`
 
     # vmap of the forward pass only; one ordinary backward then gives every client's gradient
     # (clients' losses do not share parameters, so the gradient of their sum is each one's
     # own), which costs far less Python per step than vmap of grad.
     forward = vmap(logits_of, randomness="error")
-    hooked = [vmap(hook, in_dims=(0, 0, None), randomness="error") for hook in config.hooks]
+    hooks = [_ChunkHook(hook) for hook in config.hooks]
     totals = torch.zeros(count, dtype=torch.float64, device=device)
     for t in range(max(steps, default=0)):
         x = x_pool[rows[:, t]]
@@ -253,13 +273,16 @@ def train_local_chunk(
         losses, grads = _losses_and_grads(forward, stacked, x, y_pool[rows[:, t]], masks[:, t])
         active = None if all(s > t for s in steps) else (sizes[:, t] > 0)
         stacked = {
-            n: _stepped(stacked[n], grads[n], params[n], hooked, config.lr, active) for n in names
+            n: _stepped(n, stacked[n], grads[n], params[n], hooks, config.lr, active) for n in names
         }
         totals = totals + losses.detach().to(torch.float64) * sizes[:, t]
+    _check_buffers_untouched(fixed, params)
     seen: list[int] = valid.sum(dim=(1, 2)).numpy().tolist()
     means: list[float] = (totals.cpu() / torch.tensor(seen, dtype=torch.float64)).numpy().tolist()
+    # New tensors per client, as `train_local` returns: no client's uplink holds the chunk.
     trained = [
-        {n: (stacked[n][c] if n in stacked else params[n]) for n in params} for c in range(count)
+        {n: (stacked[aliases[n]][c] if n in aliases else params[n]).clone() for n in params}
+        for c in range(count)
     ]
     return [(tree, {"loss": means[c] if seen[c] else math.nan}) for c, tree in enumerate(trained)]
 
@@ -270,14 +293,15 @@ def _losses_and_grads(
     x: torch.Tensor,
     y: torch.Tensor,
     mask: torch.Tensor,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """Each client's mean loss over its real rows ``(C,)``, and its gradient (stacked)."""
     leaves = {n: t.detach().requires_grad_(True) for n, t in stacked.items()}
     with torch.enable_grad():
         logits = forward(leaves, x)
         rows = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
         losses = (rows.view(mask.shape) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        grads = torch.autograd.grad(losses.sum(), list(leaves.values()))
+        # A parameter the forward pass does not use has no gradient (None), as per client.
+        grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
     return losses.detach(), dict(zip(leaves, grads, strict=True))
 
 
@@ -301,16 +325,58 @@ def _augment(
 
 
 def _stepped(
+    name: str,
     value: torch.Tensor,
-    grad: torch.Tensor,
+    grad: torch.Tensor | None,
     anchor: torch.Tensor,
-    hooks: list[Callable[..., torch.Tensor]],
+    hooks: list[_ChunkHook],
     lr: float,
     active: torch.Tensor | None,
 ) -> torch.Tensor:
+    if grad is None:
+        return value  # `train_local` skips a parameter without a gradient, hooks included
     for hook in hooks:
-        grad = hook(value, grad, anchor)
+        grad = hook(name, value, grad, anchor)
     new = value.add(grad, alpha=-lr)
     if active is None:
         return new
     return torch.where(active.view(-1, *([1] * (value.dim() - 1))), new, value)
+
+
+class _ChunkHook:
+    """A `GradientHook` over stacked clients: ``vmap`` of it, or a loop where ``vmap`` fails.
+
+    ``vmap`` cannot run a hook with data-dependent control flow (``if grad.norm() > c``);
+    such a hook is then called once per client, as on the per-client path (slower, same
+    values). The choice is made per parameter name, the first time it is met.
+    """
+
+    def __init__(self, hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
+        self._hook = hook
+        self._mapped = vmap(hook, in_dims=(0, 0, None), randomness="error")
+        self._looped: set[str] = set()
+
+    def __call__(
+        self, name: str, value: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor
+    ) -> torch.Tensor:
+        if name not in self._looped:
+            try:
+                return self._mapped(value, grad, anchor)
+            except RuntimeError:
+                self._looped.add(name)
+        return torch.stack([self._hook(v, g, anchor) for v, g in zip(value, grad, strict=True)])
+
+
+def _untied(tree: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``tree`` without the second names of tied parameters (`functional_call` ties them)."""
+    return {n: t for n, t in tree.items() if aliases.get(n, n) == n}
+
+
+def _check_buffers_untouched(copies: Params, params: Params) -> None:
+    """Refuse a model that wrote into a buffer during training (its value is per client)."""
+    changed = [n for n, t in copies.items() if not trees_equal({n: t}, {n: params[n]})]
+    if changed:
+        raise ValueError(
+            f"the model wrote into {changed} during training; vectorised training keeps one "
+            "copy of each buffer for the whole chunk: train it with a per-client executor"
+        )

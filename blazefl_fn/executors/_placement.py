@@ -23,11 +23,13 @@ from typing import Any, Generic, TypeVar, cast, overload
 import attrs
 import torch
 
-from ..devices import device_for, to_device, uses_cuda
+from ..devices import device_for, ensure_cublas_workspace, to_device, uses_cuda
 from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
 from ..records import Uplink
+from .base import ClosingContext
 
 __all__ = [
+    "InProcess",
     "PlacedJob",
     "Placement",
     "TaskQueues",
@@ -265,3 +267,25 @@ class PlacedJob(Generic[Data]):
             return uplink_on(uplink, self.server)
         except Exception as exc:
             raise ClientError(task.client_id, task.round, exc) from exc
+
+
+class InProcess(ClosingContext):
+    """Base of the executors that run clients in this process: one `Placement` of devices.
+
+    ``close`` releases what was placed; subclasses that hold more (a thread pool) extend it.
+    """
+
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        self._placement = Placement(devices)
+        if self._placement.cuda:
+            # torch reads it at the first cuBLAS call in this process: set it before any.
+            ensure_cublas_workspace()
+
+    @property
+    def placements(self) -> dict[tuple[int, int], int]:
+        """How often each ``(client id, device index)``'s data was moved (empty on the CPU)."""
+        return dict(self._placement.placements)
+
+    def close(self) -> None:
+        """Release what was placed on the devices."""
+        self._placement.clear()

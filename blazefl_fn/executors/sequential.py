@@ -7,15 +7,8 @@ from typing import TypeVar
 
 import torch
 
-from ..devices import (
-    DeviceLike,
-    check_device,
-    check_devices,
-    cuda_determinism,
-    ensure_cublas_workspace,
-)
-from ._placement import Placement, placed
-from .base import ClosingContext
+from ..devices import DeviceLike, check_device, check_devices, cuda_determinism
+from ._placement import InProcess, placed
 
 __all__ = ["Sequential"]
 
@@ -23,7 +16,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class Sequential(ClosingContext):
+class Sequential(InProcess):
     """Runs tasks one after another in the calling thread; the reference for every executor.
 
     Args:
@@ -54,25 +47,13 @@ class Sequential(ClosingContext):
             self.devices: tuple[torch.device, ...] = check_devices(devices)
         else:
             self.devices = (check_device("cpu" if device is None else device),)
-        self._placement = Placement(self.devices)
-        if self._placement.cuda:
-            # torch reads it at the first cuBLAS call in this process: set it before any.
-            ensure_cublas_workspace()
+        super().__init__(self.devices)
 
     def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
         """``[fn(t) for t in tasks]``."""
         run = placed(self._placement, fn)
         with cuda_determinism(self._placement.cuda):
             return [run(task) for task in tasks]
-
-    @property
-    def placements(self) -> dict[tuple[int, int], int]:
-        """How often each ``(client id, device index)``'s data was moved (empty on the CPU)."""
-        return dict(self._placement.placements)
-
-    def close(self) -> None:
-        """Release what was placed on the devices."""
-        self._placement.clear()
 
     def __repr__(self) -> str:
         if self.devices == (torch.device("cpu"),):

@@ -9,9 +9,8 @@ from typing import TypeVar
 import torch
 
 from .._validators import check_int_at_least
-from ..devices import DeviceLike, check_devices, cuda_determinism, ensure_cublas_workspace
-from ._placement import Placement, placed
-from .base import ClosingContext
+from ..devices import DeviceLike, check_devices, cuda_determinism
+from ._placement import InProcess, placed
 
 __all__ = ["Threads"]
 
@@ -19,7 +18,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class Threads(ClosingContext):
+class Threads(InProcess):
     """Maps tasks over ``workers`` threads; nothing is copied or serialized.
 
     Torch kernels release the GIL, so clients overlap on several cores; on free-threaded
@@ -46,10 +45,7 @@ class Threads(ClosingContext):
     def __init__(self, workers: int, *, devices: Sequence[DeviceLike] = ("cpu",)) -> None:
         self.workers = check_int_at_least("workers", workers, 1)
         self.devices = check_devices(devices)
-        self._placement = Placement(self.devices)
-        if self._placement.cuda:
-            # torch reads it at the first cuBLAS call in this process: set it before any.
-            ensure_cublas_workspace()
+        super().__init__(self.devices)
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="blazefl-fn"
         )
@@ -78,17 +74,12 @@ class Threads(ClosingContext):
                 wait(futures)
                 raise
 
-    @property
-    def placements(self) -> dict[tuple[int, int], int]:
-        """How often each ``(client id, device index)``'s data was moved (empty on the CPU)."""
-        return dict(self._placement.placements)
-
     def close(self) -> None:
         """Stop the threads (waits for running tasks) and release placed data; idempotent."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        self._placement.clear()
+        super().close()
 
     def __repr__(self) -> str:
         if self.devices == (torch.device("cpu"),):

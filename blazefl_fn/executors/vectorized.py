@@ -10,11 +10,10 @@ import attrs
 import torch
 
 from .._validators import check_int_at_least
-from ..devices import DeviceLike, check_device, cuda_determinism, ensure_cublas_workspace, to_device
+from ..devices import DeviceLike, check_device, cuda_determinism, to_device
 from ..jobs import ChunkError, ClientError, ClientJob, ClientTask, VectorizedUpdate
 from ..records import Uplink
-from ._placement import Placement, placed, server_device, uplink_on
-from .base import ClosingContext
+from ._placement import InProcess, placed, server_device, uplink_on
 
 __all__ = ["PerClientFallback", "Vectorized"]
 
@@ -28,13 +27,14 @@ class PerClientFallback(UserWarning):
     """`Vectorized` met a client update it cannot vectorise and runs it one client at a time."""
 
 
-class Vectorized(ClosingContext):
+class Vectorized(InProcess):
     """Trains ``chunk`` clients at once: stacked parameters, one vectorised step for all.
 
     For a client update that is a `blazefl_fn.jobs.VectorizedUpdate` (the LocalSGD family:
     FedAvg, FedProx, FedAvgM, FedAdam/Yogi/Adagrad, the robust aggregators) each chunk of
-    sampled clients, in client order, trains together with `torch.func` (``vmap`` of
-    ``grad``), each client on its own batches from its own key. Any other client update
+    sampled clients, in client order, trains together: ``torch.func.vmap`` of the forward
+    pass over the stacked parameters, then one backward pass, each client on its own batches
+    from its own key. Any other client update
     (DS-FL, SCARLET, user code) runs one client at a time, with a `PerClientFallback` warning
     the first time. Aggregation is unchanged.
 
@@ -78,11 +78,8 @@ class Vectorized(ClosingContext):
             None if max_bytes is None else check_int_at_least("max_bytes", max_bytes, 1)
         )
         self.device = check_device(device)
-        self._placement = Placement((self.device,))
         self._warned: set[type] = set()
-        if self._placement.cuda:
-            # torch reads it at the first cuBLAS call in this process: set it before any.
-            ensure_cublas_workspace()
+        super().__init__((self.device,))
 
     def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
         """``[fn(t) for t in tasks]``; a vectorisable client job runs chunk by chunk.
@@ -110,7 +107,7 @@ class Vectorized(ClosingContext):
             ValueError: one client, or the requested chunk, exceeds ``max_bytes`` (or the
                 GPU's free memory).
         """
-        size = self.chunk if self.chunk is not None else max(tasks, 1)
+        size = min(self.chunk or tasks, tasks) or 1  # a chunk never exceeds the map
         budget = self.max_bytes
         if budget is not None and self.chunk is None:
             if per_client > budget:
@@ -126,6 +123,11 @@ class Vectorized(ClosingContext):
             )
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
+            # What torch's caching allocator holds but does not use is free for this chunk
+            # (after round 1 the cache holds the previous chunk's peak).
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(
+                self.device
+            )
             if need > free:
                 raise ValueError(
                     f"a chunk of {size} clients needs about {need} bytes but {self.device} has "
@@ -147,9 +149,14 @@ class Vectorized(ClosingContext):
             clients = [context.clients[t.client_id] for t in tasks]
         except Exception as exc:
             raise ClientError(first.client_id, first.round, exc) from exc
-        # Outside the error wrapping: a model that cannot be vectorised is the caller's error.
         largest = max(clients, key=_size)
-        size = self.chunk_size(update.client_bytes(downlink, largest), len(tasks))
+        try:
+            per_client = update.client_bytes(downlink, largest)
+        except ValueError:
+            raise  # a model that cannot be vectorised: the caller's error, said as it is
+        except Exception as exc:
+            raise ChunkError([t.client_id for t in tasks], first.round, exc) from exc
+        size = self.chunk_size(per_client, len(tasks))
         uplinks: list[Uplink] = []
         for start in range(0, len(tasks), size):
             part = [self._on_device(t) for t in tasks[start : start + size]]
@@ -185,15 +192,6 @@ class Vectorized(ClosingContext):
             PerClientFallback,
             stacklevel=3,
         )
-
-    @property
-    def placements(self) -> dict[tuple[int, int], int]:
-        """How often each ``(client id, device index)``'s data was moved (empty on the CPU)."""
-        return dict(self._placement.placements)
-
-    def close(self) -> None:
-        """Release what was placed on the device."""
-        self._placement.clear()
 
     def __repr__(self) -> str:
         return f"Vectorized(chunk={self.chunk}, device={str(self.device)!r})"
