@@ -51,6 +51,7 @@ class Checkpoint:
 
     state: ServerState
     config: Mapping[str, Any]
+    numerics: Mapping[str, Any] = attrs.field(factory=dict[str, Any])
 
 
 def _path(location: str | os.PathLike[str]) -> Path:
@@ -120,7 +121,10 @@ def _rebuild(template: object, leaves: list[object], at: list[int]) -> object:
 
 
 def save_checkpoint(
-    location: str | os.PathLike[str], state: ServerState, config: Mapping[str, Any]
+    location: str | os.PathLike[str],
+    state: ServerState,
+    config: Mapping[str, Any],
+    numerics: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``state`` and ``config`` atomically to ``location`` (a directory or a file path).
 
@@ -129,6 +133,8 @@ def save_checkpoint(
             path of the file itself.
         state: the server state to save; its tensors are copied, not mutated.
         config: the run's configuration, JSON-serialisable.
+        numerics: how the run computed (`blazefl_fn.portable.numerics`: portable or not, the
+            CPU capability in use), JSON-serialisable; stored for the record.
 
     Returns:
         The path of the checkpoint file.
@@ -156,6 +162,7 @@ def save_checkpoint(
         "format": _FORMAT,
         "version": _VERSION,
         "config": json.dumps(dict(config), sort_keys=True),
+        "numerics": json.dumps(dict(numerics or {}), sort_keys=True),
         "round": state.round,
         "params": {name: t.detach().to("cpu", copy=True) for name, t in state.params.items()},
         "params_sha256": digest(state.params),
@@ -251,7 +258,8 @@ def load_checkpoint(location: str | os.PathLike[str], aux_template: object = Non
     if not isinstance(round_index, int) or round_index < 0:
         raise ValueError(f"checkpoint {path}: bad round {round_index!r}")
     state = ServerState(params=params, round=round_index, aux=cast(Any, aux))
-    return Checkpoint(state=state, config=json.loads(data["config"]))
+    numerics = json.loads(data.get("numerics", "{}"))
+    return Checkpoint(state=state, config=json.loads(data["config"]), numerics=numerics)
 
 
 class CheckpointWriter(Callback):
@@ -261,21 +269,27 @@ class CheckpointWriter(Callback):
         location: the checkpoint directory (or file path ending in ``.pt``).
         every: rounds between checkpoints (>= 1).
         config: the run's configuration, stored with every checkpoint.
+        numerics: how the run computes (portable or not, CPU capability), stored too.
     """
 
     def __init__(
-        self, location: str | os.PathLike[str], every: int, config: Mapping[str, Any]
+        self,
+        location: str | os.PathLike[str],
+        every: int,
+        config: Mapping[str, Any],
+        numerics: Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(every, bool) or every < 1:
             raise ValueError(f"checkpoint every must be an integer >= 1, got {every!r}")
         self.location = location
         self.every = every
         self.config = dict(config)
+        self.numerics = dict(numerics or {})
         self.saved_round: int | None = None
         self._rounds = 0
 
     def _save(self, state: ServerState) -> None:
-        save_checkpoint(self.location, state, self.config)
+        save_checkpoint(self.location, state, self.config, self.numerics)
         self.saved_round = state.round
 
     def on_begin(self, state: ServerState, rounds: int) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import attrs
 
+from . import portable
 from .checkpoint import read_config
 from .data.partition import partition_report
 from .keys import Key
@@ -124,6 +126,13 @@ def _parser(*, only_given: bool = False) -> _Parser:
         help="with --executor vectorized: a memory budget for one chunk, in bytes",
     )
     run.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
+    run.add_argument(
+        "--portable",
+        action="store_true",
+        default=defaults.portable,
+        help="portable numerics: pin the CPU kernels to their baseline paths, so the run gives "
+        "the same bits on any x86-64 CPU (slower; see the README)",
+    )
     run.add_argument(
         "--device",
         default=defaults.device,
@@ -369,7 +378,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     progress = sys.stderr if args.json else sys.stdout
     callbacks: list[Callback] = [progress_callback(progress, quiet=args.quiet)]
     if args.metrics is not None:
-        callbacks.append(MetricsLog(args.metrics))
+        callbacks.append(MetricsLog(args.metrics, portable.numerics(config.portable)))
     checkpoint_dir = args.checkpoint_dir if args.checkpoint_dir is not None else args.resume
     try:
         result = simulate(
@@ -403,6 +412,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
         "ray_address": config.ray_address,
         "device": config.device,
         "server_device": config.server_device,
+        **result.numerics,
         "accuracy": result.accuracy,
         "metrics": dict(result.metrics),
         "loss": result.loss,
@@ -449,6 +459,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _DataError as exc:
         print(f"{PROG}: error: {exc.__cause__}", file=sys.stderr)
         return 1
+    if args.command == "run" and config.portable and not portable.pinned():
+        if argv is None:
+            # The kernel libraries read their pins once, at their first kernel: start afresh
+            # with the pins in the environment, whatever it held for them.
+            os.execve(
+                sys.executable,
+                [sys.executable, "-m", "blazefl_fn", *sys.argv[1:]],
+                portable.with_pins(os.environ),
+            )
+        try:
+            portable.enable()  # called in-process: refused if a kernel already ran
+        except RuntimeError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.command == "plot":
             return _plot(args)

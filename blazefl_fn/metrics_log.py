@@ -84,11 +84,15 @@ class MetricsLog(Callback):
     """Appends one JSON line per round to ``path`` and flushes it.
 
     At the start of a loop it keeps only the records of rounds the starting state has completed
-    (none for a fresh run), so a resumed run neither loses nor repeats a round.
+    (none for a fresh run), so a resumed run neither loses nor repeats a round. ``numerics``
+    (how the run computes: `blazefl_fn.portable.numerics`) is written into every record.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], numerics: Mapping[str, object] | None = None
+    ) -> None:
         self.path = Path(path)
+        self.numerics = dict(numerics or {})
         self._file: IO[str] | None = None
 
     def on_begin(self, state: ServerState, rounds: int) -> None:
@@ -105,7 +109,7 @@ class MetricsLog(Callback):
         if self._file is None:
             raise RuntimeError("MetricsLog.on_round_end called before on_begin")
         report = event.report
-        record = {
+        record: dict[str, object] = {
             "round": event.state.round,
             "clients": list(report.clients),
             "num_examples": report.num_examples,
@@ -116,6 +120,8 @@ class MetricsLog(Callback):
             "seconds": round(report.seconds, 6),
             "wall": round(event.elapsed, 6),
         }
+        if self.numerics:
+            record["numerics"] = self.numerics
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 

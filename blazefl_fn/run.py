@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 import torch
 
+from . import portable
 from ._validators import Validator, finite_number, int_at_least, one_of
 from .algorithms.compose import (
     Aggregate,
@@ -151,7 +152,8 @@ class RunConfig:
     ``device`` is where clients train (``cpu``, ``cuda``, ``cuda:0,cuda:1`` or ``auto``: every
     visible GPU, else the CPU, stored as the list it resolves to); ``server_device`` is where
     the global model lives, is aggregated and evaluated. Both must exist on the machine that
-    runs the config.
+    runs the config. ``portable`` pins the CPU kernels to their baseline paths
+    (`blazefl_fn.portable`): the same bits on any x86-64 CPU model, at a cost in speed.
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -177,6 +179,7 @@ class RunConfig:
     server_device: str = attrs.field(default="cpu", validator=_devices_field(check_device))
     ray_address: str | None = attrs.field(default=None, validator=_optional_text)
     ray_node_ip: str | None = attrs.field(default=None, validator=_optional_text)
+    portable: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     chunk: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(int_at_least(1))
     )
@@ -284,6 +287,7 @@ class RunResult:
     wall_seconds: float
     metrics: Mapping[str, float] = attrs.field(factory=dict[str, float])
     stopped_early: bool = False
+    numerics: Mapping[str, object] = attrs.field(factory=dict[str, object])
 
 
 def _channel_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -634,6 +638,8 @@ def simulate(
     """
     if isinstance(checkpoint_every, bool) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    if config.portable:
+        portable.enable()  # before the first kernel of the run
     start = time.perf_counter()
     if resume is not None:
         check_resumable(config_from_dict(read_config(resume)), config)
@@ -671,7 +677,14 @@ def _simulate(
     )
     observers = list(callbacks)
     if checkpoint_dir is not None:
-        observers.append(CheckpointWriter(checkpoint_dir, checkpoint_every, config_dict(config)))
+        observers.append(
+            CheckpointWriter(
+                checkpoint_dir,
+                checkpoint_every,
+                config_dict(config),
+                numerics=portable.numerics(config.portable),
+            )
+        )
     early_stop = (
         None if config.target_accuracy is None else EarlyStop("accuracy", config.target_accuracy)
     )
@@ -695,4 +708,5 @@ def _simulate(
         wall_seconds=time.perf_counter() - start,
         metrics=dict(loop.metrics),
         stopped_early=loop.stopped_early,
+        numerics=portable.numerics(config.portable),
     )

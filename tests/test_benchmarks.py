@@ -68,3 +68,13 @@ def test_gpu_check_refuses_a_device_this_machine_lacks(capsys: pytest.CaptureFix
 
     assert gpu_check.main(["--device", "tpu"]) == 2
     assert "gpu_check: error: malformed device 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_portable_benchmark_prints_both_modes(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import portable
+
+    assert portable.main(["--clients", "2", "--samples", "20", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| sequential | native |" in out
+    assert "| sequential | portable | DEFAULT |" in out

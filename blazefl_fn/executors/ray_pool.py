@@ -27,6 +27,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 
+from .. import portable
 from .._validators import check_int_at_least
 from ..devices import cuda_determinism
 from ..jobs import ClientContext, ClientJob, ClientTask
@@ -184,11 +185,15 @@ class Ray(ClosingContext):
             self.workers = (
                 workers if workers is not None else self._default_workers(num_cpus_per_worker)
             )
+            # A portable driver makes portable actors: the pins must be in their environment
+            # before they import torch (a cluster started elsewhere does not have them).
+            pins = {"runtime_env": {"env_vars": dict(portable.PINS)}} if portable.pinned() else {}
             actor = self._ray.remote(
                 num_cpus=num_cpus_per_worker,
                 num_gpus=num_gpus_per_worker,
                 max_restarts=0,
                 max_task_retries=0,
+                **pins,
             )(_Actor)
             self._actors = [actor.remote(threads, self.devices) for _ in range(self.workers)]
             self.pids: list[int] = self._ray.get(

@@ -1,0 +1,142 @@
+"""Portable numerics: one digest whatever the CPU capability and the kernel variables say."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blazefl_fn import portable
+from blazefl_fn.checkpoint import load_checkpoint
+from blazefl_fn.cli import main
+from blazefl_fn.metrics_log import read_metrics
+from blazefl_fn.run import RunConfig, check_resumable
+
+HERE = Path(__file__).parent
+
+# Golden values: the same on every x86-64 CPU under --portable. The default job's is the
+# digest the README shows for `make run ARGS=--portable`.
+DEFAULT_JOB = "2198855cf4190cb6696232314c38d81cca5fd5949b5c849fcc51efa481c78a85"
+CNN_JOB = "4caad4fcffc9efecd76a84a26b161cfa069a42c35c1cd8cae378686a80045a39"
+
+
+def _capabilities() -> list[str]:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return ["default", "avx2"] + (["avx512"] if "avx512f" in flags else [])
+
+
+def _env(capability: str) -> dict[str, str]:
+    # The user's environment asks for native kernels everywhere; the mode must override it.
+    conflicting = {
+        "ATEN_CPU_CAPABILITY": capability,
+        "MKL_CBWR": "AVX2",
+        "MKL_DYNAMIC": "TRUE",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    }
+    return {**os.environ, **conflicting}
+
+
+def _cli_digest(capability: str, executor: str) -> str:
+    argv = [sys.executable, "-m", "blazefl_fn", "run", "--json", "--quiet", "--portable",
+            "--executor", executor]  # fmt: skip
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=600, check=False, env=_env(capability)
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["portable"] is True
+    assert result["cpu_capability"] == "DEFAULT"
+    return str(result["params_sha256"])
+
+
+def _cnn_digest(capability: str, executor: str) -> str:
+    argv = [sys.executable, str(HERE / "_portable_job.py"), executor, "--portable"]
+    done = subprocess.run(
+        argv, capture_output=True, text=True, timeout=600, check=False, env=_env(capability)
+    )
+    assert done.returncode == 0, done.stderr
+    digest, capability_used = done.stdout.split()
+    assert capability_used == "DEFAULT"
+    return digest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["sequential", "threads", "processes"])
+def test_portable_runs_give_the_golden_digests_whatever_the_environment(executor: str) -> None:
+    for capability in _capabilities():
+        assert _cli_digest(capability, executor) == DEFAULT_JOB, capability
+        assert _cnn_digest(capability, executor) == CNN_JOB, capability
+
+
+@pytest.mark.slow
+def test_native_runs_differ_by_capability_so_the_pins_matter() -> None:
+    # Without --portable the bits follow the CPU capability (what the mode exists to fix).
+    digests = set()
+    for capability in ("default", "avx2"):
+        argv = [sys.executable, str(HERE / "_portable_job.py"), "sequential"]
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=True)
+        digests.add(done.stdout.split()[0])
+    assert len(digests) == 2
+    assert CNN_JOB not in digests
+
+
+def test_pins_override_the_environment() -> None:
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "PATH": "/bin"}
+    pinned = portable.with_pins(env)
+    assert portable.pinned(pinned)
+    assert not portable.pinned(env)
+    assert pinned["PATH"] == "/bin"
+    assert pinned["ATEN_CPU_CAPABILITY"] == "default"
+
+
+def test_enable_after_a_kernel_ran_is_refused_with_instructions() -> None:
+    code = (
+        "import torch; torch.ones(4).add(1)\n"
+        "from blazefl_fn import portable\n"
+        "try:\n    portable.enable()\nexcept RuntimeError as e:\n    print(e)\n"
+    )
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert "must be enabled before torch runs its first kernel" in done.stdout
+    assert "already uses AVX2 kernels" in done.stdout
+    assert "ATEN_CPU_CAPABILITY=default" in done.stdout
+
+
+def test_resume_refuses_to_mix_portable_and_native() -> None:
+    with pytest.raises(ValueError, match=r"portable=False \(requested True\)"):
+        check_resumable(RunConfig(), RunConfig(portable=True))
+    with pytest.raises(ValueError, match=r"portable=True \(requested False\)"):
+        check_resumable(RunConfig(portable=True), RunConfig())
+
+
+def test_json_metrics_and_checkpoint_record_the_numerics(tmp_path: Path) -> None:
+    metrics, checkpoint = tmp_path / "m.jsonl", tmp_path / "ck"
+    argv = [sys.executable, "-m", "blazefl_fn", "run", "--json", "--quiet", "--portable",
+            "--rounds", "2", "--metrics", str(metrics),
+            "--checkpoint-dir", str(checkpoint)]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    recorded = {"portable": True, "cpu_capability": "DEFAULT"}
+    assert {k: result[k] for k in recorded} == recorded
+    assert all(r["numerics"] == recorded for r in read_metrics(metrics))
+    loaded = load_checkpoint(checkpoint)
+    assert dict(loaded.numerics) == recorded
+    assert loaded.config["portable"] is True
+
+
+def test_a_native_run_records_its_capability(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--json", "--quiet", "--rounds", "1", "--clients", "4",
+                 "--clients-per-round", "2"]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["portable"] is False
+    assert result["cpu_capability"] == portable.cpu_capability()
