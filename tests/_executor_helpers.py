@@ -90,3 +90,9 @@ def fail_for_odd_clients(downlink: Downlink, data: float, task: ClientTask) -> U
 def sleep_forever_update(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
     time.sleep(3600)
     return pid_update(downlink, data, task)
+
+
+def kernel_capability(_: int) -> str:
+    """The ATen CPU capability of the process that runs this (after one kernel)."""
+    torch.ones(2).add(1)
+    return str(torch.backends.cpu.get_cpu_capability())

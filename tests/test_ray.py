@@ -234,3 +234,18 @@ def test_ray_settings_may_change_on_resume() -> None:
     from blazefl_fn.run import check_resumable
 
     check_resumable(RunConfig(), attrs.evolve(RunConfig(), executor="ray", ray_address="auto"))
+
+
+def test_a_portable_driver_gives_its_actors_the_pins(
+    session: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The session's Ray instance started without the pins (a cluster started elsewhere):
+    # the actors must receive them through their runtime environment.
+    from blazefl_fn import portable
+
+    with Ray(workers=1) as native:
+        assert native.map(helpers.kernel_capability, [0]) != ["DEFAULT"]
+    for name, value in portable.PINS.items():
+        monkeypatch.setenv(name, value)
+    with Ray(workers=1) as pinned:
+        assert pinned.map(helpers.kernel_capability, [0]) == ["DEFAULT"]
