@@ -73,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
                      "--samples", str(args.samples), "--rounds", str(args.rounds)]  # fmt: skip
             done = subprocess.run(
                 [sys.executable, "-m", "benchmarks.portable", *flags],
-                capture_output=True, text=True, check=True,
+                capture_output=True, text=True, check=False,
             )  # fmt: skip
+            if done.returncode != 0:
+                print(f"portable: the {mode} run failed:\n{done.stderr}", file=sys.stderr)
+                return 1
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print("\n| executor | mode | ATen capability | round s | vs native | digest |")
     print("|---|---|---|---:|---:|---|")

@@ -131,7 +131,7 @@ def _parser(*, only_given: bool = False) -> _Parser:
         action="store_true",
         default=defaults.portable,
         help="portable numerics: pin the CPU kernels to their baseline paths, so the run gives "
-        "the same bits on any x86-64 CPU (slower; see the README)",
+        "the same bits on any x86-64 CPU model (slower; CPU only; see the README)",
     )
     run.add_argument(
         "--device",
@@ -378,7 +378,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     progress = sys.stderr if args.json else sys.stdout
     callbacks: list[Callback] = [progress_callback(progress, quiet=args.quiet)]
     if args.metrics is not None:
-        callbacks.append(MetricsLog(args.metrics, portable.numerics(config.portable)))
+        callbacks.append(MetricsLog(args.metrics, portable.numerics()))
     checkpoint_dir = args.checkpoint_dir if args.checkpoint_dir is not None else args.resume
     try:
         result = simulate(
@@ -439,7 +439,12 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit status."""
+    """Entry point; returns the process exit status.
+
+    With ``argv=None`` it is the process's command line (``sys.argv``): ``run --portable``
+    then starts the process again with the portable pins (`os.execve`) when they are missing.
+    Given an ``argv`` list, it pins this process instead, refusing if a kernel already ran.
+    """
     try:
         args = _parser().parse_args(argv)
         if args.command == "run":
@@ -461,13 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "run" and config.portable and not portable.pinned():
         if argv is None:
-            # The kernel libraries read their pins once, at their first kernel: start afresh
-            # with the pins in the environment, whatever it held for them.
-            os.execve(
-                sys.executable,
-                [sys.executable, "-m", "blazefl_fn", *sys.argv[1:]],
-                portable.with_pins(os.environ),
-            )
+            # The process's own command line: the kernel libraries read their pins once, at
+            # their first kernel, so start afresh (same PID, same command and interpreter
+            # flags) with the pins in the environment, whatever it held for them.
+            os.execve(sys.executable, sys.orig_argv, portable.with_pins(os.environ))
         try:
             portable.enable()  # called in-process: refused if a kernel already ran
         except RuntimeError as exc:

@@ -153,7 +153,8 @@ class RunConfig:
     visible GPU, else the CPU, stored as the list it resolves to); ``server_device`` is where
     the global model lives, is aggregated and evaluated. Both must exist on the machine that
     runs the config. ``portable`` pins the CPU kernels to their baseline paths
-    (`blazefl_fn.portable`): the same bits on any x86-64 CPU model, at a cost in speed.
+    (`blazefl_fn.portable`): the same bits on x86-64 CPUs of any model, at a cost in speed
+    (CPU devices only).
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -265,6 +266,13 @@ class RunConfig:
         if self.executor != "vectorized" and (self.chunk, self.max_bytes) != (None, None):
             raise ValueError(
                 f"chunk and max_bytes apply to the vectorized executor, not to {self.executor!r}"
+            )
+        if self.portable and uses_cuda(
+            (*parse_devices(self.device), check_device(self.server_device))
+        ):
+            raise ValueError(
+                "portable numerics pin CPU kernels only; a run on "
+                f"device={self.device!r} server_device={self.server_device!r} cannot be portable"
             )
         if self.executor == "vectorized" and "," in self.device:
             raise ValueError(f"the vectorized executor trains on one device, got {self.device!r}")
@@ -682,7 +690,7 @@ def _simulate(
                 checkpoint_dir,
                 checkpoint_every,
                 config_dict(config),
-                numerics=portable.numerics(config.portable),
+                numerics=portable.numerics(),
             )
         )
     early_stop = (
@@ -708,5 +716,5 @@ def _simulate(
         wall_seconds=time.perf_counter() - start,
         metrics=dict(loop.metrics),
         stopped_early=loop.stopped_early,
-        numerics=portable.numerics(config.portable),
+        numerics=portable.numerics(),
     )

@@ -200,3 +200,10 @@ def test_vectorized_refuses_a_chunk_over_the_free_gpu_memory() -> None:
     free, _ = torch.cuda.mem_get_info()
     with pytest.raises(ValueError, match="bytes free; pass a smaller chunk"):
         Vectorized(chunk=2, device="cuda").chunk_size(free, 2)
+
+
+def test_a_portable_run_refuses_cuda_devices() -> None:
+    with pytest.raises(ValueError, match="pin CPU kernels only"):
+        RunConfig(portable=True, device="cuda")
+    with pytest.raises(ValueError, match="pin CPU kernels only"):
+        RunConfig(portable=True, server_device="cuda")

@@ -96,17 +96,36 @@ def test_pins_override_the_environment() -> None:
 
 def test_enable_after_a_kernel_ran_is_refused_with_instructions() -> None:
     code = (
-        "import torch; torch.ones(4).add(1)\n"
+        "import os, torch; torch.ones(4).add(1)\n"
         "from blazefl_fn import portable\n"
         "try:\n    portable.enable()\nexcept RuntimeError as e:\n    print(e)\n"
+        "print(os.environ.get('MKL_CBWR'), os.environ.get('ONEDNN_MAX_CPU_ISA'))\n"
     )
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
-    assert "must be enabled before torch runs its first kernel" in done.stdout
-    assert "already uses AVX2 kernels" in done.stdout
-    assert "ATEN_CPU_CAPABILITY=default" in done.stdout
+    message, restored = done.stdout.strip().splitlines()
+    assert "must be enabled before torch runs its first kernel" in message
+    assert "already uses AVX2 kernels" in message
+    assert "ATEN_CPU_CAPABILITY=default" in message
+    # Refused: the environment is as it was, so later workers are not pinned behind our back.
+    assert restored == "AVX2 None"
+
+
+def test_cli_in_process_portable_after_a_kernel_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import torch
+
+    torch.ones(2).add(1)  # this (test) process has run kernels: too late to pin it
+    before = {name: os.environ.get(name) for name in portable.PINS}
+    assert main(["run", "--portable", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blazefl-fn: error: portable numerics must be enabled before")
+    assert len(err.strip().splitlines()) == 1
+    assert {name: os.environ.get(name) for name in portable.PINS} == before
 
 
 def test_resume_refuses_to_mix_portable_and_native() -> None:
@@ -118,7 +137,9 @@ def test_resume_refuses_to_mix_portable_and_native() -> None:
 
 def test_json_metrics_and_checkpoint_record_the_numerics(tmp_path: Path) -> None:
     metrics, checkpoint = tmp_path / "m.jsonl", tmp_path / "ck"
-    argv = [sys.executable, "-m", "blazefl_fn", "run", "--json", "--quiet", "--portable",
+    # Through the console script this time (the golden tests use python -m blazefl_fn).
+    script = Path(sys.executable).parent / "blazefl-fn"
+    argv = [str(script), "run", "--json", "--quiet", "--portable",
             "--rounds", "2", "--metrics", str(metrics),
             "--checkpoint-dir", str(checkpoint)]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
@@ -132,9 +153,7 @@ def test_json_metrics_and_checkpoint_record_the_numerics(tmp_path: Path) -> None
     assert loaded.config["portable"] is True
 
 
-def test_a_native_run_records_its_capability(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_native_run_records_its_capability(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "--json", "--quiet", "--rounds", "1", "--clients", "4",
                  "--clients-per-round", "2"]) == 0  # fmt: skip
     result = json.loads(capsys.readouterr().out)
