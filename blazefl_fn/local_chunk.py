@@ -117,7 +117,8 @@ def client_bytes(template: nn.Module, params: Params, data: ClientData, config: 
     check_vectorizable(template)
     module = working_copy(template)
     module.train()
-    names = set(_trainable(module).values())
+    aliases = _trainable(module)
+    names = set(aliases.values())
     trainable = sum(t.numel() * t.element_size() for n, t in params.items() if n in names)
     rows = data.indices[: config.batch_size]
     x = data.base.x[rows]
@@ -135,7 +136,7 @@ def client_bytes(template: nn.Module, params: Params, data: ClientData, config: 
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         probe = {n: t.detach().clone().requires_grad_(n in names) for n, t in params.items()}
-        out = functional_call(module, _untied(probe, _trainable(module)), (x,))
+        out = functional_call(module, _untied(probe, aliases), (x,))
         y = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         F.cross_entropy(out, y, reduction="none")
     row = x[0].numel() * x.element_size() + 8  # one example and its label
