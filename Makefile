@@ -14,7 +14,7 @@ LINT_PATHS := $(wildcard blazefl_fn tests examples benchmarks)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[dev,ray]"
+	$(BIN)/pip install --quiet -e ".[dev,ray]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
-	$(BIN)/pyright blazefl_fn
+	$(BIN)/pyright blazefl_fn examples
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

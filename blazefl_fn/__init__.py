@@ -8,9 +8,13 @@ Example:
 """
 
 from . import aggregators as aggregators
+from . import algorithms as algorithms
+from . import client_stages as client_stages
+from . import client_state as client_state
 from . import data as data
 from . import devices as devices
 from . import server_transforms as server_transforms
+from . import stochastic as stochastic
 from . import tree as tree
 from .algorithms.compose import Aggregate as Aggregate
 from .algorithms.compose import compose as compose
@@ -24,6 +28,9 @@ from .algorithms.compose import krum_fedavg as krum_fedavg
 from .algorithms.compose import trimmed_mean_fedavg as trimmed_mean_fedavg
 from .algorithms.dsfl import dsfl as dsfl
 from .algorithms.fedavg import fedavg as fedavg
+from .algorithms.feddyn import feddyn as feddyn
+from .algorithms.fednova import fednova as fednova
+from .algorithms.scaffold import scaffold as scaffold
 from .algorithms.scarlet import scarlet as scarlet
 from .checkpoint import CheckpointWriter as CheckpointWriter
 from .checkpoint import load_checkpoint as load_checkpoint
@@ -40,6 +47,8 @@ from .executors.threads import Threads as Threads
 from .executors.vectorized import PerClientFallback as PerClientFallback
 from .executors.vectorized import Vectorized as Vectorized
 from .jobs import ChunkError as ChunkError
+from .jobs import GlobalRNGError as GlobalRNGError
+from .jobs import MissingStage as MissingStage
 from .jobs import VectorizedUpdate as VectorizedUpdate
 from .keys import Key as Key
 from .local import Distillation as Distillation
@@ -50,13 +59,20 @@ from .local import evaluate as evaluate
 from .local import evaluate_clients as evaluate_clients
 from .local import train_local as train_local
 from .local_chunk import train_local_chunk as train_local_chunk
+from .local_training import LocalResult as LocalResult
+from .local_training import LocalTraining as LocalTraining
+from .local_training import Trained as Trained
+from .local_training import train as train
+from .local_training import trainable_names as trainable_names
 from .metrics_log import MetricsLog as MetricsLog
 from .metrics_log import read_metrics as read_metrics
 from .records import Downlink as Downlink
 from .records import RoundReport as RoundReport
 from .records import ServerState as ServerState
 from .records import Uplink as Uplink
+from .reproducibility import ModelFactory as ModelFactory
 from .reproducibility import build_module as build_module
+from .reproducibility import build_template as build_template
 from .round import Algorithm as Algorithm
 from .round import ClientError as ClientError
 from .round import ClientInput as ClientInput
@@ -74,6 +90,7 @@ from .runner import EarlyStop as EarlyStop
 from .runner import LoopResult as LoopResult
 from .runner import RoundEvent as RoundEvent
 from .runner import run_loop as run_loop
+from .stochastic import KeyedDropout as KeyedDropout
 
 __version__ = "0.1.0"
 
@@ -92,11 +109,17 @@ __all__ = [
     "EarlyStop",
     "Executor",
     "FederatedDataset",
+    "GlobalRNGError",
     "GradientHook",
     "Key",
+    "KeyedDropout",
+    "LocalResult",
     "LocalSGD",
+    "LocalTraining",
     "LoopResult",
     "MetricsLog",
+    "MissingStage",
+    "ModelFactory",
     "PerClientFallback",
     "Processes",
     "ProximalTerm",
@@ -109,12 +132,17 @@ __all__ = [
     "ServerState",
     "TensorDataset",
     "Threads",
+    "Trained",
     "Uplink",
     "Vectorized",
     "VectorizedUpdate",
     "WorkerError",
     "aggregators",
+    "algorithms",
     "build_module",
+    "build_template",
+    "client_stages",
+    "client_state",
     "compose",
     "data",
     "devices",
@@ -125,7 +153,9 @@ __all__ = [
     "fedadam",
     "fedavg",
     "fedavgm",
+    "feddyn",
     "fedmedian",
+    "fednova",
     "fedprox",
     "fedyogi",
     "krum_fedavg",
@@ -137,11 +167,15 @@ __all__ = [
     "run_round",
     "run_rounds",
     "save_checkpoint",
+    "scaffold",
     "scarlet",
     "server_transforms",
     "simulate",
+    "stochastic",
+    "train",
     "train_local",
     "train_local_chunk",
+    "trainable_names",
     "tree",
     "trimmed_mean_fedavg",
     "uniform_sampler",

@@ -98,22 +98,118 @@ def _flatten(obj: object, where: str, leaves: list[object]) -> str:
     )
 
 
-def _rebuild(template: object, leaves: list[object], at: list[int]) -> object:
-    """``template``'s structure with its leaves replaced, in order, by ``leaves``."""
-    if isinstance(template, (torch.Tensor, *_Scalar)):
-        value = leaves[at[0]]
-        at[0] += 1
+class _Mismatch(Exception):
+    """The stored aux structure does not fit the algorithm's."""
+
+
+class _BadLeaf(Exception):
+    """A stored tensor leaf differs from the template's in shape or dtype (its index)."""
+
+
+_Node = tuple[str, list[tuple[str, "_Node"]]]
+
+
+def _parse(text: str) -> _Node:
+    """The tree a `_flatten` description stands for: ``(kind, [(name, child), ...])`` with
+    kinds ``T``, ``S``, ``{}`` (mapping), ``()`` (sequence) and ``<Name>`` (attrs record)."""
+    node, end = _parse_at(text, 0)
+    if end != len(text):
+        raise _Mismatch
+    return node
+
+
+def _parse_at(text: str, i: int) -> tuple[_Node, int]:
+    # A leaf is one letter: "T" followed by a separator, not a record named "T...".
+    if text.startswith(("T", "S"), i) and text[i + 1 : i + 2] in ("", ",", "}", ")", ">"):
+        return (text[i], []), i + 1
+    if text.startswith("{", i):
+        return _children(text, i + 1, "}", "{}", named=True)
+    if text.startswith("(", i):
+        return _children(text, i + 1, ")", "()", named=False)
+    bracket = text.find("<", i)
+    if bracket <= i:
+        raise _Mismatch
+    return _children(text, bracket + 1, ">", f"<{text[i:bracket]}>", named=True)
+
+
+def _children(text: str, i: int, close: str, kind: str, *, named: bool) -> tuple[_Node, int]:
+    children: list[tuple[str, _Node]] = []
+    while i < len(text) and text[i] != close:
+        name = ""
+        if named:
+            colon = text.find(":", i)
+            if colon < 0:
+                raise _Mismatch
+            name, i = text[i:colon], colon + 1
+        child, i = _parse_at(text, i)
+        children.append((name, child))
+        if i < len(text) and text[i] == ",":
+            i += 1
+    if i >= len(text):
+        raise _Mismatch
+    return (kind, children), i + 1
+
+
+def _take(leaves: list[object], at: list[int]) -> object:
+    if at[0] >= len(leaves):
+        raise _Mismatch
+    value = leaves[at[0]]
+    at[0] += 1
+    return value
+
+
+def _fit(template: object, node: _Node, leaves: list[object], at: list[int]) -> object:
+    """The stored aux state: ``template``'s structure filled with ``leaves``, except that an
+    empty mapping in the template (a client that had not taken part yet) takes whatever
+    tensors the checkpoint stored there."""
+    kind, children = node
+    if isinstance(template, torch.Tensor):
+        index = at[0]
+        value = _take(leaves, at)
+        if kind != "T":
+            raise _Mismatch
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.shape != template.shape
+            or value.dtype != template.dtype
+        ):
+            raise _BadLeaf(index)
         return value
+    if isinstance(template, _Scalar):
+        if kind != "S":
+            raise _Mismatch
+        return _take(leaves, at)
     if isinstance(template, Mapping):
         mapping = cast(Mapping[str, object], template)
-        rebuilt = {n: _rebuild(mapping[n], leaves, at) for n in sorted(mapping)}
+        if kind != "{}":
+            raise _Mismatch
+        if not mapping:
+            out: dict[str, object] = {}
+            for name, (child_kind, _) in children:
+                value = _take(leaves, at)
+                if child_kind != "T" or not isinstance(value, torch.Tensor):
+                    raise _Mismatch
+                out[name] = value
+            return out
+        if [n for n, _ in children] != sorted(mapping, key=str):
+            raise _Mismatch
+        rebuilt = {n: _fit(mapping[n], child, leaves, at) for n, child in children}
         return {n: rebuilt[n] for n in mapping}
-    if isinstance(template, tuple):
-        return tuple(_rebuild(v, leaves, at) for v in cast(tuple[object, ...], template))
-    if isinstance(template, list):
-        return [_rebuild(v, leaves, at) for v in cast(list[object], template)]
+    if isinstance(template, tuple | list):
+        items = cast(tuple[object, ...] | list[object], template)
+        if kind != "()" or len(children) != len(items):
+            raise _Mismatch
+        values = [_fit(v, child, leaves, at) for v, (_, child) in zip(items, children, strict=True)]
+        return tuple(values) if isinstance(template, tuple) else values
     fields = attrs.fields(type(template))
-    values = {f.name: _rebuild(getattr(template, f.name), leaves, at) for f in fields}
+    if kind != f"<{type(template).__qualname__}>" or [n for n, _ in children] != [
+        f.name for f in fields
+    ]:
+        raise _Mismatch
+    values = {
+        f.name: _fit(getattr(template, f.name), child, leaves, at)
+        for f, (_, child) in zip(fields, children, strict=True)
+    }
     return attrs.evolve(template, **values)
 
 
@@ -242,18 +338,26 @@ def load_checkpoint(location: str | os.PathLike[str], aux_template: object = Non
     expected_leaves: list[object] = []
     expected = _flatten(template, "aux", expected_leaves)
     stored = data.get("aux_structure")
-    if stored != expected:
+    raw_leaves = data.get("aux_leaves")
+    leaves = cast(list[object], raw_leaves) if isinstance(raw_leaves, list) else None
+    try:
+        if leaves is None:
+            raise _Mismatch
+        if not isinstance(stored, str):
+            raise _Mismatch
+        at = [0]
+        aux = _fit(template, _parse(stored), leaves, at)
+        if at[0] != len(leaves):
+            raise _Mismatch
+    except _Mismatch:
         raise ValueError(
             f"checkpoint {path}: its algorithm state has structure {stored!r}, the algorithm "
             f"expects {expected!r}"
-        )
-    leaves = cast(list[object], data.get("aux_leaves"))
-    for i, (got, want) in enumerate(zip(leaves, expected_leaves, strict=False)):
-        if isinstance(want, torch.Tensor) and (
-            not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype
-        ):
-            raise ValueError(f"checkpoint {path}: aux leaf {i} has the wrong shape or dtype")
-    aux = _rebuild(template, leaves, [0])
+        ) from None
+    except _BadLeaf as exc:
+        raise ValueError(
+            f"checkpoint {path}: aux leaf {exc} has the wrong shape or dtype"
+        ) from None
     round_index = data.get("round")
     if not isinstance(round_index, int) or round_index < 0:
         raise ValueError(f"checkpoint {path}: bad round {round_index!r}")

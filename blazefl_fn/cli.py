@@ -174,8 +174,8 @@ def _parser(*, only_given: bool = False) -> _Parser:
         "--server-lr",
         type=float,
         default=defaults.server_lr,
-        help="fedavgm/fedadam/fedyogi/fedadagrad server learning rate "
-        "(default 1.0, 0.01, 0.01, 0.1)",
+        help="fedavgm/fedadam/fedyogi/fedadagrad/scaffold server learning rate "
+        "(default 1.0, 0.01, 0.01, 0.1, 1.0)",
     )
     algo.add_argument(
         "--server-momentum",
@@ -209,6 +209,18 @@ def _parser(*, only_given: bool = False) -> _Parser:
         type=float,
         default=defaults.clip_norm,
         help="clip each client's update to this L2 norm before aggregating (any algorithm)",
+    )
+    algo.add_argument(
+        "--feddyn-alpha",
+        type=float,
+        default=defaults.feddyn_alpha,
+        help="feddyn: weight of the dynamic regulariser (> 0)",
+    )
+    algo.add_argument(
+        "--local-momentum",
+        type=float,
+        default=defaults.local_momentum,
+        help="fednova: momentum of local SGD, in [0, 1)",
     )
     kd = run.add_argument_group("distillation (dsfl, scarlet)")
     kd.add_argument(

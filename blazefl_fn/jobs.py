@@ -8,7 +8,8 @@ send the context once per pool and only the downlink and `ClientTask`s per round
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Generator, Sequence
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import attrs
@@ -25,7 +26,10 @@ __all__ = [
     "ClientJob",
     "ClientTask",
     "ClientUpdate",
+    "GlobalRNGError",
+    "MissingStage",
     "VectorizedUpdate",
+    "global_rng_guard",
 ]
 
 Data = TypeVar("Data")
@@ -117,12 +121,87 @@ def _id_span(ids: Sequence[int]) -> str:
     return f"[{shown}{', ...' if len(ids) > 5 else ''}] ({len(ids)} clients)"
 
 
+class MissingStage(KeyError):
+    """A client looked up a message or stored state that no ``dispatch`` stage provides."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "missing stage"
+
+
+class _Undispatched(dict[str, torch.Tensor]):
+    """The empty message or state of a client whose algorithm has no ``dispatch`` stage."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__()
+        self.what = what
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        raise MissingStage(
+            f"the client looked up {key!r} in its {self.what}, but the algorithm has no "
+            "dispatch stage, so clients receive no message or stored state "
+            "(set Algorithm.dispatch; see blazefl_fn.client_state)"
+        )
+
+
+class GlobalRNGError(RuntimeError):
+    """A client update drew from (or reseeded) torch's global random number generator."""
+
+
+_RNG_ADVICE = (
+    "torch's global RNG state changed during the client's update, so its bits depend on the "
+    "executor and on other clients. Likely causes: nn.Dropout (use "
+    "blazefl_fn.stochastic.KeyedDropout), or torch.rand/randn/randperm/manual_seed without a "
+    "generator (draw from task.key.torch_generator()). To accept nondeterminism, build the "
+    "algorithm with allow_global_rng=True."
+)
+
+
+def _rng_states(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+@contextlib.contextmanager
+def global_rng_guard(enabled: bool, device: torch.device) -> Generator[None]:
+    """Raise `GlobalRNGError` if the block changed torch's global RNG (CPU, and ``device``'s).
+
+    Example:
+        >>> with global_rng_guard(True, torch.device("cpu")):
+        ...     _ = torch.rand(1)
+        Traceback (most recent call last):
+        ...
+        blazefl_fn.jobs.GlobalRNGError: torch's global RNG state changed ...
+    """
+    if not enabled:
+        yield
+        return
+    before = _rng_states(device)
+    yield
+    after = _rng_states(device)
+    if len(before) != len(after) or any(
+        not torch.equal(a, b) for a, b in zip(before, after, strict=False)
+    ):
+        raise GlobalRNGError(_RNG_ADVICE)
+
+
 @attrs.frozen(eq=False)
 class ClientContext(Generic[Data]):
-    """What stays the same for a whole run: the client update and all clients' data."""
+    """What stays the same for a whole run: the client update and all clients' data.
+
+    Attributes:
+        client_update: one client's work.
+        clients: every client's data, by id.
+        dispatched: the algorithm has a ``dispatch`` stage; without one, a client that looks
+            up a message or state entry fails with `MissingStage` naming the missing stage.
+        check_global_rng: fail a client that changes torch's global RNG (`GlobalRNGError`).
+    """
 
     client_update: ClientUpdate[Data]
     clients: Sequence[Data]
+    dispatched: bool = True
+    check_global_rng: bool = True
 
 
 @attrs.frozen(eq=False)
@@ -139,11 +218,17 @@ class ClientJob(Generic[Data]):
         """The task's uplink.
 
         Raises:
-            ClientError: the update raised, or returned an uplink naming another client.
+            ClientError: the update raised (e.g. `MissingStage`, `GlobalRNGError`), or
+                returned an uplink naming another client.
         """
         data = self.context.clients[task.client_id]
+        if not self.context.dispatched and not task.state and not task.message:
+            task = attrs.evolve(
+                task, message=_Undispatched("message"), state=_Undispatched("stored state")
+            )
         try:
-            uplink = self.context.client_update(self.downlink, data, task)
+            with global_rng_guard(self.context.check_global_rng, task.device):
+                uplink = self.context.client_update(self.downlink, data, task)
         except Exception as exc:
             raise ClientError(task.client_id, task.round, exc) from exc
         if uplink.client_id != task.client_id:

@@ -6,21 +6,22 @@ template or into the parameter tensors they are given, and they are safe to run 
 
 from __future__ import annotations
 
-import copy
 import math
-import threading
-import weakref
 from collections.abc import Sequence
-from typing import Protocol
 
 import attrs
 import torch
 from torch.nn import functional as F
 
+from ._module_copy import accumulate, load_params, mean_loss, sgd_step
+from ._module_copy import working_copy as working_copy
 from ._validators import finite_number, int_at_least
+from .client_stages import GradientHook, chain, from_hook
 from .data.datasets import ClientData, TensorDataset
 from .data.transforms import Transform
 from .keys import Key
+from .local_training import LocalTraining, train
+from .stochastic import keyed_rng
 from .tree import Params, from_module
 
 __all__ = [
@@ -33,20 +34,8 @@ __all__ = [
     "evaluate_clients",
     "predict_probs",
     "train_local",
+    "working_copy",
 ]
-
-
-class GradientHook(Protocol):
-    """Changes a parameter's gradient before each local SGD step (e.g. a proximal term).
-
-    Called with the parameter's current value, its gradient and its value at the start of
-    local training (the downlink); returns the gradient to step with. It must not write into
-    its arguments, and must be picklable to run in worker processes.
-    """
-
-    def __call__(
-        self, param: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor
-    ) -> torch.Tensor: ...
 
 
 @attrs.frozen
@@ -71,6 +60,9 @@ class ProximalTerm:
 class LocalSGD:
     """Hyperparameters of local training: plain mini-batch SGD (no momentum) on cross-entropy.
 
+    FedAvg's local training; `training` gives it as the general `LocalTraining` (the hooks
+    become a `chain` of `from_hook` stages).
+
     Attributes:
         transform: an optional augmentation applied to every training batch, drawing from the
             client key's ``"augment"`` child; it must be picklable to run in worker processes.
@@ -83,47 +75,16 @@ class LocalSGD:
     transform: Transform | None = None
     hooks: tuple[GradientHook, ...] = attrs.field(default=(), converter=tuple)
 
-
-# One private working copy of each template per thread. ``copy.deepcopy`` of a module costs
-# ~0.65 ms for the small CNN (26 ms for ResNet-18) and holds the GIL, which dominated rounds of
-# many tiny clients; a copy is instead reused by the next call in the same thread. Reuse cannot
-# change results: `_load` overwrites every entry of the state dict (all parameters and
-# persistent buffers), gradients are cleared after every step, and modules with state outside
-# the state dict (non-persistent buffers) are never reused. Weak keys: a template that is no
-# longer used elsewhere is not kept alive by this cache.
-_scratch = threading.local()
-
-
-def working_copy(template: torch.nn.Module) -> torch.nn.Module:
-    """This thread's private copy of ``template`` (reused across calls; see `_scratch`)."""
-    if _has_hidden_state(template):
-        return copy.deepcopy(template)
-    cache: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] | None = getattr(
-        _scratch, "modules", None
-    )
-    if cache is None:
-        cache = weakref.WeakKeyDictionary()
-        _scratch.modules = cache
-    module = cache.get(template)
-    if module is None:
-        module = copy.deepcopy(template)
-        cache[template] = module
-    return module
-
-
-def _has_hidden_state(module: torch.nn.Module) -> bool:
-    kept = module.state_dict(keep_vars=True)
-    return any(name not in kept for name, _ in module.named_buffers())
-
-
-def _load(template: torch.nn.Module, params: Params) -> torch.nn.Module:
-    module = working_copy(template)
-    # load_state_dict copies values into the module's own tensors: `params` stays untouched.
-    # strict=True (the default) guarantees every entry is overwritten.
-    module.load_state_dict(params)
-    for p in module.parameters():
-        p.grad = None
-    return module
+    def training(self) -> LocalTraining:
+        """This configuration as a `LocalTraining` (what `train_local` runs)."""
+        optimizer = chain(*(from_hook(h) for h in self.hooks)) if self.hooks else None
+        return LocalTraining(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            optimizer=optimizer,
+            augment=self.transform,
+        )
 
 
 def train_local(
@@ -138,31 +99,10 @@ def train_local(
     Returns:
         The trained parameters (new tensors) and ``{"loss": mean training loss}`` over every
         example seen (``nan`` if the client has no data; its parameters are returned unchanged).
+        `blazefl_fn.local_training.train` gives the number of steps too.
     """
-    module = _load(template, params)
-    module.train()
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    generator = key.torch_generator()
-    augment = key.fold_in("augment").torch_generator() if config.transform else None
-    anchors = [p.detach().clone() for p in trainable] if config.hooks else []
-    loss_sum: torch.Tensor | None = None
-    seen = 0
-    for _ in range(config.epochs):
-        for batch, y in data.batches(config.batch_size, generator):
-            x = (
-                batch
-                if augment is None or config.transform is None
-                else config.transform(batch, augment)
-            )
-            loss = F.cross_entropy(module(x), y)
-            loss.backward()  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
-            if config.hooks:
-                _hooked_step(trainable, anchors, config.hooks, config.lr)
-            else:
-                _sgd_step(trainable, config.lr)
-            loss_sum = _accumulate(loss_sum, loss, int(y.shape[0]))
-            seen += int(y.shape[0])
-    return from_module(module), {"loss": _mean(loss_sum, seen)}
+    trained = train(template, params, data, key, config.training())
+    return trained.params, {"loss": trained.result.loss}
 
 
 @attrs.frozen
@@ -205,24 +145,25 @@ def distill(
     """
     if x.shape[0] != soft_labels.shape[0]:
         raise ValueError(f"x has {x.shape[0]} rows but soft_labels has {soft_labels.shape[0]}")
-    module = _load(template, params)
+    module = load_params(template, params)
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
     generator = key.torch_generator()
     loss_sum: torch.Tensor | None = None
     seen = 0
-    for _ in range(config.epochs):
-        # Drawn on the CPU and then moved: every device distills on the same batches.
-        order = torch.randperm(x.shape[0], generator=generator).to(x.device)
-        for start in range(0, x.shape[0], config.batch_size):
-            rows = order[start : start + config.batch_size]
-            log_probs = F.log_softmax(module(x[rows]), dim=1)
-            loss = F.kl_div(log_probs, soft_labels[rows], reduction="batchmean")
-            loss.backward()  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
-            _sgd_step(trainable, config.lr)
-            loss_sum = _accumulate(loss_sum, loss, int(rows.shape[0]))
-            seen += int(rows.shape[0])
-    return from_module(module), {"distill_loss": _mean(loss_sum, seen)}
+    with keyed_rng(key.fold_in("dropout")):
+        for _ in range(config.epochs):
+            # Drawn on the CPU and then moved: every device distills on the same batches.
+            order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+            for start in range(0, x.shape[0], config.batch_size):
+                rows = order[start : start + config.batch_size]
+                log_probs = F.log_softmax(module(x[rows]), dim=1)
+                loss = F.kl_div(log_probs, soft_labels[rows], reduction="batchmean")
+                loss.backward()  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
+                sgd_step(trainable, config.lr)
+                loss_sum = accumulate(loss_sum, loss, int(rows.shape[0]))
+                seen += int(rows.shape[0])
+    return from_module(module), {"distill_loss": mean_loss(loss_sum, seen)}
 
 
 def predict_probs(
@@ -237,7 +178,7 @@ def predict_probs(
         >>> predict_probs(net, params, torch.randn(4, 2)).sum(dim=1).allclose(torch.ones(4))
         True
     """
-    module = _load(template, params)
+    module = load_params(template, params)
     module.eval()
     with torch.inference_mode():
         if x.shape[0] == 0:
@@ -250,45 +191,6 @@ def predict_probs(
     return torch.cat(rows).clone()
 
 
-def _accumulate(total: torch.Tensor | None, loss: torch.Tensor, count: int) -> torch.Tensor:
-    # Summed on the loss's device in float64, read once per client by `_mean`: a ``float()``
-    # per batch would stall a GPU at every step. Same bits as summing Python floats: float64
-    # holds a float32 exactly, and each product and sum rounds as a Python float's would.
-    term = loss.detach().to(torch.float64) * count
-    return term if total is None else total + term
-
-
-def _mean(total: torch.Tensor | None, count: int) -> float:
-    return float(total) / count if total is not None and count else math.nan
-
-
-def _sgd_step(parameters: list[torch.nn.Parameter], lr: float) -> None:
-    # ``p -= lr * grad``, the arithmetic of torch.optim.SGD without momentum. Not using
-    # torch.optim here saves its per-step overhead and a one-off ~2 s import of torch._dynamo
-    # that its constructor triggers in every fresh process.
-    with torch.no_grad():
-        for p in parameters:
-            if p.grad is not None:
-                p.add_(p.grad, alpha=-lr)
-                p.grad = None
-
-
-def _hooked_step(
-    parameters: list[torch.nn.Parameter],
-    anchors: list[torch.Tensor],
-    hooks: tuple[GradientHook, ...],
-    lr: float,
-) -> None:
-    with torch.no_grad():
-        for p, anchor in zip(parameters, anchors, strict=True):
-            if p.grad is not None:
-                grad = p.grad
-                for hook in hooks:
-                    grad = hook(p.detach(), grad, anchor)
-                p.add_(grad, alpha=-lr)
-                p.grad = None
-
-
 def evaluate(
     template: torch.nn.Module, params: Params, data: TensorDataset, batch_size: int = 1000
 ) -> dict[str, float]:
@@ -299,7 +201,7 @@ def evaluate(
     """
     if len(data) == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    module = _load(template, params)
+    module = load_params(template, params)
     module.eval()
     loss_sum = 0.0
     correct = 0

@@ -30,9 +30,11 @@ from torch import nn
 from torch.func import functional_call, vmap  # pyright: ignore[reportUnknownVariableType]
 from torch.nn import functional as F
 
+from ._module_copy import working_copy
 from .data.datasets import ClientData
 from .keys import Key
-from .local import LocalSGD, working_copy
+from .local import LocalSGD
+from .stochastic import KeyedDropout
 from .tree import Params, trees_equal
 
 __all__ = ["check_vectorizable", "client_bytes", "train_local_chunk"]
@@ -41,7 +43,8 @@ __all__ = ["check_vectorizable", "client_bytes", "train_local_chunk"]
 # torch's global RNG; BatchNorm mixes the rows of a batch (padded rows included) and updates
 # running statistics in place; InstanceNorm is per row, but its running statistics are not.
 _STOCHASTIC: tuple[type[nn.Module], ...] = (
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    KeyedDropout,
 )  # fmt: skip
 _BATCH_MIXING: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
@@ -74,7 +77,11 @@ def check_vectorizable(template: nn.Module) -> None:
     for name, layer in layers:
         reason = None
         if isinstance(layer, _STOCHASTIC) and cast(float, getattr(layer, "p", 0.0)) > 0:
-            reason = "dropout draws from torch's global RNG"
+            reason = (
+                "keyed dropout draws one client's generator per step, not a chunk's"
+                if isinstance(layer, KeyedDropout)
+                else "dropout draws from torch's global RNG"
+            )
         elif isinstance(layer, _BATCH_MIXING):
             reason = "it normalises over the rows of a padded batch"
         elif isinstance(layer, _RUNNING_STATS) and getattr(layer, "track_running_stats", False):

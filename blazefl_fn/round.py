@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic
 
 import attrs
 import torch
+from typing_extensions import TypeVar
 
 from .devices import cuda_determinism, to_device
 from .executors.base import Executor, Preparing
@@ -40,9 +41,12 @@ __all__ = [
 ]
 
 Data = TypeVar("Data")
+# The algorithm's own server state (`ServerState.aux`); a bare ``Algorithm[Data]`` or
+# ``RoundFn`` leaves it open.
+A = TypeVar("A", default=object)
 
 Sampler = Callable[[ServerState, Key], Sequence[int]]
-RoundFn = Callable[[ServerState, Key], tuple[ServerState, RoundReport]]
+RoundFn = Callable[[ServerState[A], Key], tuple[ServerState[A], RoundReport]]
 
 
 @attrs.frozen(eq=False)
@@ -58,12 +62,16 @@ class ClientInput:
     state: Params = attrs.field(factory=dict[str, torch.Tensor])
 
 
-Dispatch = Callable[[ServerState, Sequence[int]], Sequence[ClientInput]]
+Dispatch = Callable[[ServerState[A], Sequence[int]], Sequence[ClientInput]]
 
 
 @attrs.frozen
-class Algorithm(Generic[Data]):
+class Algorithm(Generic[Data, A]):
     """An FL algorithm as pure stages; `run_round` wires them together.
+
+    Generic in the clients' data type ``Data`` and in the server state's ``aux`` type ``A``
+    (``Algorithm[ClientData, ScaffoldState]``), so that pyright checks each stage against the
+    state the others make.
 
     Attributes:
         name: a short identifier, e.g. ``"fedavg"``.
@@ -76,16 +84,23 @@ class Algorithm(Generic[Data]):
         dispatch: optional; each sampled client's own `ClientInput` (its message and stored
             state), given the ids in ascending order. Algorithms whose clients keep state
             between rounds (DS-FL's local models, SCARLET's caches) keep it in the server
-            state's ``aux``, hand it out here and collect it from ``Uplink.state``.
+            state's ``aux``, hand it out here and collect it from ``Uplink.state``
+            (`blazefl_fn.client_state`). Without it, clients receive no message or state: a
+            client that looks one up fails with `MissingStage`, and clients that return state
+            fail the round, since nothing would keep it.
+        allow_global_rng: let client updates draw from torch's global generator (e.g.
+            ``nn.Dropout``). Off by default: every executor then checks that a client left
+            the global RNG untouched, because such draws differ between executors and runs.
     """
 
     name: str
-    init: Callable[[Key], ServerState]
+    init: Callable[[Key], ServerState[A]]
     sample: Sampler
-    broadcast: Callable[[ServerState], Downlink]
+    broadcast: Callable[[ServerState[A]], Downlink]
     client_update: ClientUpdate[Data]
-    aggregate: Callable[[ServerState, Sequence[Uplink]], ServerState]
-    dispatch: Dispatch | None = None
+    aggregate: Callable[[ServerState[A], Sequence[Uplink]], ServerState[A]]
+    dispatch: Dispatch[A] | None = None
+    allow_global_rng: bool = False
 
 
 def uniform_sampler(num_clients: int, clients_per_round: int) -> Sampler:
@@ -137,7 +152,7 @@ def _mean_metrics(uplinks: Sequence[Uplink]) -> dict[str, float]:
 
 
 def _client_inputs(
-    algorithm: Algorithm[Data], state: ServerState, ids: tuple[int, ...]
+    algorithm: Algorithm[Data, A], state: ServerState[A], ids: tuple[int, ...]
 ) -> Sequence[ClientInput]:
     if algorithm.dispatch is None:
         return [ClientInput()] * len(ids)
@@ -150,19 +165,42 @@ def _client_inputs(
     return inputs
 
 
+def _check_kept(algorithm: Algorithm[Data, A], uplinks: Sequence[Uplink], round_index: int) -> None:
+    if algorithm.dispatch is not None:
+        return
+    stateful = [u.client_id for u in uplinks if u.state]
+    if stateful:
+        raise ValueError(
+            f"{algorithm.name}: clients {stateful[:5]} returned stored state in round "
+            f"{round_index}, but the algorithm has no dispatch stage to keep it and hand it "
+            "back; add one (Algorithm.dispatch, see blazefl_fn.client_state)"
+        )
+
+
+def _context(algorithm: Algorithm[Data, A], clients: Sequence[Data]) -> ClientContext[Data]:
+    return ClientContext(
+        algorithm.client_update,
+        clients,
+        dispatched=algorithm.dispatch is not None,
+        check_global_rng=not algorithm.allow_global_rng,
+    )
+
+
 def run_round(
-    algorithm: Algorithm[Data],
+    algorithm: Algorithm[Data, A],
     clients: Sequence[Data],
     executor: Executor,
-    state: ServerState,
+    state: ServerState[A],
     key: Key,
-) -> tuple[ServerState, RoundReport]:
+) -> tuple[ServerState[A], RoundReport]:
     """Run round ``state.round`` with ``key`` (the round key) and return the next state.
 
     Raises:
-        ClientError: a client's update raised (the first failing client in id order).
-        ValueError: the sampler returned duplicate or out-of-range ids, or ``dispatch``
-            returned a number of inputs other than the number of sampled clients.
+        ClientError: a client's update raised (the first failing client in id order), or
+            changed torch's global RNG state (`GlobalRNGError`).
+        ValueError: the sampler returned duplicate or out-of-range ids, ``dispatch``
+            returned a number of inputs other than the number of sampled clients, or
+            clients returned stored state to an algorithm without ``dispatch``.
     """
     # A server on CUDA aggregates with deterministic kernels too (clients get them from the
     # executor); on the CPU this does nothing.
@@ -175,8 +213,9 @@ def run_round(
             ClientTask(cid, state.round, key.fold_in(cid), given.message, given.state)
             for cid, given in zip(ids, inputs, strict=True)
         ]
-        job = ClientJob(ClientContext(algorithm.client_update, clients), downlink)
+        job = ClientJob(_context(algorithm, clients), downlink)
         uplinks = executor.map(job, tasks)
+        _check_kept(algorithm, uplinks, state.round)
         new_state = algorithm.aggregate(state, uplinks)
         report = RoundReport(
             round=state.round,
@@ -190,7 +229,7 @@ def run_round(
         return new_state, report
 
 
-def on_server(algorithm: Algorithm[Data], device: torch.device) -> Algorithm[Data]:
+def on_server(algorithm: Algorithm[Data, A], device: torch.device) -> Algorithm[Data, A]:
     """``algorithm`` with its server stages' tensors on ``device`` (where the state lives).
 
     The server stages (``sample``, ``broadcast``, ``aggregate``, ``dispatch``) are placed with
@@ -217,7 +256,9 @@ def on_server(algorithm: Algorithm[Data], device: torch.device) -> Algorithm[Dat
     return attrs.evolve(algorithm, **placed)
 
 
-def make_round(algorithm: Algorithm[Data], clients: Sequence[Data], executor: Executor) -> RoundFn:
+def make_round(
+    algorithm: Algorithm[Data, A], clients: Sequence[Data], executor: Executor
+) -> RoundFn[A]:
     """The round of ``algorithm`` over ``clients`` as ``(state, key) -> (state, report)``.
 
     An executor with a ``prepare`` method (`Processes`) receives the clients' data here, once,
@@ -226,9 +267,9 @@ def make_round(algorithm: Algorithm[Data], clients: Sequence[Data], executor: Ex
 
     if isinstance(executor, Preparing):
         # Ship the clients' data before the first round rather than inside it.
-        executor.prepare(ClientContext(algorithm.client_update, clients))
+        executor.prepare(_context(algorithm, clients))
 
-    def round_fn(state: ServerState, key: Key) -> tuple[ServerState, RoundReport]:
+    def round_fn(state: ServerState[A], key: Key) -> tuple[ServerState[A], RoundReport]:
         return run_round(algorithm, clients, executor, state, key)
 
     return round_fn

@@ -34,6 +34,9 @@ from .algorithms.compose import (
 )
 from .algorithms.dsfl import dsfl
 from .algorithms.fedavg import fedavg
+from .algorithms.feddyn import feddyn
+from .algorithms.fednova import fednova
+from .algorithms.scaffold import scaffold
 from .algorithms.scarlet import scarlet
 from .checkpoint import CheckpointWriter, load_checkpoint, read_config
 from .data.cifar import load_cifar10, load_cifar100
@@ -62,7 +65,7 @@ from .local import Distillation, LocalSGD, evaluate, evaluate_clients
 from .models import cnn, logistic_regression, mlp
 from .records import RoundReport, ServerState
 from .reproducibility import ModelFactory, build_module, intra_op_threads
-from .round import Algorithm, RoundFn, make_round, on_server
+from .round import A, Algorithm, RoundFn, make_round, on_server
 from .runner import Callback, EarlyStop, run_loop
 from .tree import digest
 
@@ -75,6 +78,7 @@ __all__ = [
     "MODELS",
     "PARTITIONS",
     "RESUMABLE_CHANGES",
+    "UNCLIPPED",
     "RunConfig",
     "RunResult",
     "check_resumable",
@@ -101,13 +105,24 @@ ALGORITHMS = (
     "fedmedian",
     "trimmed-mean",
     "krum",
+    "scaffold",
+    "feddyn",
+    "fednova",
     "dsfl",
     "scarlet",
 )
 # Algorithms that share soft labels on a public set held out of the training data.
 DISTILLATION = ("dsfl", "scarlet")
 # The server learning rate each server-optimizer algorithm uses when none is given.
-DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
+DEFAULT_SERVER_LR = {
+    "fedavgm": 1.0,
+    "fedadam": 0.01,
+    "fedyogi": 0.01,
+    "fedadagrad": 0.1,
+    "scaffold": 1.0,
+}
+# Algorithms with their own server arithmetic: update clipping does not apply to them.
+UNCLIPPED = ("scaffold", "feddyn", "fednova", "dsfl", "scarlet")
 DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
 PARTITIONS = ("iid", "dirichlet", "shards", "inner-dirichlet")
 EXECUTORS = ("sequential", "threads", "processes", "ray", "vectorized")
@@ -214,6 +229,8 @@ class RunConfig:
     clip_norm: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(finite_number(positive=True))
     )
+    feddyn_alpha: float = attrs.field(default=0.01, validator=finite_number(positive=True))
+    local_momentum: float = attrs.field(default=0.0, validator=finite_number(positive=False))
     public_size: int = attrs.field(default=10000, validator=int_at_least(1))
     public_per_round: int = attrs.field(default=1000, validator=int_at_least(1))
     era_temperature: float = attrs.field(default=0.1, validator=finite_number(positive=True))
@@ -228,7 +245,7 @@ class RunConfig:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
             )
-        for name in ("server_momentum", "beta1", "beta2"):
+        for name in ("server_momentum", "beta1", "beta2", "local_momentum"):
             if not getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.trim_beta < 0.5:
@@ -243,6 +260,16 @@ class RunConfig:
                 raise ValueError(
                     f"krum_m ({self.krum_m}) exceeds clients_per_round ({self.clients_per_round})"
                 )
+        if self.clip_norm is not None and self.algorithm in UNCLIPPED:
+            raise ValueError(
+                f"clip_norm clips updates of the FedAvg family; {self.algorithm} aggregates "
+                "by its own rule, so it does not apply"
+            )
+        if self.local_momentum != 0.0 and self.algorithm != "fednova":
+            raise ValueError(
+                f"local_momentum applies to fednova (its normaliser accounts for it), not to "
+                f"{self.algorithm}"
+            )
         if self.dataset != "synthetic" and self.data_dir is None:
             raise ValueError(
                 f"dataset {self.dataset!r} needs a data directory (data_dir / --data-dir)"
@@ -404,7 +431,7 @@ def make_algorithm(
     model_fn: ModelFactory,
     num_clients: int,
     data: FederatedDataset | None = None,
-) -> Algorithm[ClientData]:
+) -> Algorithm[ClientData, Any]:
     """The algorithm ``config.algorithm`` names, with the config's hyperparameters.
 
     Raises:
@@ -426,6 +453,13 @@ def make_algorithm(
         return _distillation_algorithm(config, model_fn, data, common)
     if name == "fedavg" and config.clip_norm is None:
         return fedavg(model_fn, **common)
+    if name == "scaffold":
+        lr = config.server_lr if config.server_lr is not None else DEFAULT_SERVER_LR[name]
+        return scaffold(model_fn, **common, server_lr=lr)
+    if name == "feddyn":
+        return feddyn(model_fn, **common, alpha=config.feddyn_alpha)
+    if name == "fednova":
+        return fednova(model_fn, **common, momentum=config.local_momentum)
     if name == "fedavg":
         return compose(
             "fedavg", model_fn, **common, aggregate=Aggregate(clip_norm=config.clip_norm)
@@ -511,19 +545,40 @@ def make_executor(config: RunConfig) -> Executor:
 
 
 def run_rounds(
-    round_fn: RoundFn,
-    state: ServerState,
+    round_fn: RoundFn[A],
+    state: ServerState[A],
     run_key: Key,
     rounds: int,
-    on_round: Callable[[ServerState, RoundReport], None] | None = None,
-) -> tuple[ServerState, tuple[RoundReport, ...]]:
-    """Apply ``round_fn`` ``rounds`` times, round ``t`` with key ``run_key.fold_in(t)``.
+    on_round: Callable[[ServerState[A], RoundReport], None] | None = None,
+) -> tuple[ServerState[A], tuple[RoundReport, ...]]:
+    """Run rounds until ``state.round == rounds``, round ``t`` with key ``run_key.fold_in(t)``.
 
-    Because the key of a round depends only on its index, a run that stops after round ``t``
-    and continues from that state gives the same bits as an uninterrupted run.
+    ``rounds`` is the total the run should have completed, as in `run_loop`: a state restored
+    at round ``t`` runs ``rounds - t`` more. Because the key of a round depends only on its
+    index, a run that stops after round ``t`` and continues from that state gives the same bits
+    as an uninterrupted one.
+
+    Raises:
+        ValueError: ``rounds`` is below ``state.round``.
+
+    Example:
+        >>> import blazefl_fn as fl
+        >>> config = RunConfig(clients=4, clients_per_round=2)
+        >>> key = fl.Key.from_seed(0)
+        >>> data = load_federation(config, key.fold_in("data"))
+        >>> algo = fl.fedavg(model_factory(config, data), num_clients=4, clients_per_round=2,
+        ...                  local=fl.LocalSGD())
+        >>> with fl.Sequential() as ex:
+        ...     round_fn = fl.make_round(algo, data.clients, ex)
+        ...     state, reports = run_rounds(round_fn, algo.init(key), key, rounds=2)
+        ...     state, more = run_rounds(round_fn, state, key, rounds=3)  # one more
+        >>> state.round, len(reports), len(more)
+        (3, 2, 1)
     """
+    if rounds < state.round:
+        raise ValueError(f"rounds={rounds} is below the state's completed rounds {state.round}")
     reports: list[RoundReport] = []
-    for _ in range(rounds):
+    while state.round < rounds:
         state, report = round_fn(state, run_key.fold_in(state.round))
         reports.append(report)
         if on_round is not None:

@@ -11,12 +11,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Generic
 
 import attrs
+from typing_extensions import TypeVar
 
 from .keys import Key
 from .records import RoundReport, ServerState
 from .round import RoundFn
+
+A = TypeVar("A", default=object)
+# Covariant, as `ServerState`'s: a result of any algorithm is a ``LoopResult[object]``.
+A_co = TypeVar("A_co", covariant=True, default=object)
 
 __all__ = ["Callback", "EarlyStop", "LoopResult", "RoundEvent", "run_loop"]
 
@@ -97,7 +103,7 @@ class EarlyStop:
 
 
 @attrs.frozen(eq=False)
-class LoopResult:
+class LoopResult(Generic[A_co]):
     """The outcome of `run_loop`.
 
     Attributes:
@@ -107,15 +113,15 @@ class LoopResult:
         stopped_early: the `EarlyStop` target was reached before ``rounds``.
     """
 
-    state: ServerState
+    state: ServerState[A_co]
     reports: tuple[RoundReport, ...]
     metrics: Mapping[str, float]
     stopped_early: bool
 
 
 def run_loop(
-    round_fn: RoundFn,
-    state: ServerState,
+    round_fn: RoundFn[A],
+    state: ServerState[A],
     run_key: Key,
     rounds: int,
     *,
@@ -123,7 +129,7 @@ def run_loop(
     eval_every: int = 1,
     callbacks: Sequence[Callback] = (),
     early_stop: EarlyStop | None = None,
-) -> LoopResult:
+) -> LoopResult[A]:
     """Run rounds until ``state.round == rounds``, evaluating every ``eval_every`` rounds.
 
     A round is evaluated when ``state.round % eval_every == 0`` and after the last round. If the

@@ -8,6 +8,7 @@ require the same names; results keep the name order of the first argument.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import attrs
@@ -17,17 +18,22 @@ __all__ = [
     "Params",
     "TreeSpec",
     "add",
+    "add_weighted",
     "clone",
     "digest",
     "flatten",
     "from_module",
     "map_params",
     "nbytes",
+    "pack",
     "scale",
+    "select",
+    "split_packed",
     "sub",
     "tree_spec",
     "trees_equal",
     "unflatten",
+    "unpack",
     "weighted_mean",
     "weighted_sum",
 ]
@@ -71,6 +77,41 @@ def add(a: Params, b: Params) -> dict[str, torch.Tensor]:
     """``a + b`` name by name."""
     _check_same_names(a, b)
     return {name: a[name] + b[name] for name in a}
+
+
+def add_weighted(
+    base: Params, trees: Sequence[Params], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """``base + sum_i weights[i] * trees[i]`` (weights of any sign), over ``base``'s names.
+
+    Accumulated in float64 in list order and rounded once to ``base``'s dtypes, so a server
+    step of many small client terms loses nothing to intermediate rounding.
+
+    Raises:
+        ValueError: ``trees`` and ``weights`` differ in length, a weight is not finite, or a
+            tree lacks one of ``base``'s names.
+
+    Example:
+        >>> import torch
+        >>> add_weighted({"w": torch.tensor([1.0])}, [{"w": torch.tensor([2.0])}], [-0.5])
+        {'w': tensor([0.])}
+    """
+    if len(trees) != len(weights):
+        raise ValueError(f"got {len(trees)} trees but {len(weights)} weights")
+    checked = [float(w) for w in weights]
+    if not all(math.isfinite(w) for w in checked):
+        raise ValueError(f"weights must be finite, got {list(weights)}")
+    for t in trees:
+        missing = sorted(set(base) - set(t))
+        if missing:
+            raise ValueError(f"a tree lacks the names {missing}")
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in base.items():
+        acc = tensor.detach().to(torch.float64, copy=True)
+        for t, w in zip(trees, checked, strict=True):
+            acc.add_(t[name].detach().to(torch.float64), alpha=w)
+        out[name] = acc.to(tensor.dtype)
+    return out
 
 
 def sub(a: Params, b: Params) -> dict[str, torch.Tensor]:
@@ -141,6 +182,78 @@ def weighted_mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str
         dtype = trees[0][name].dtype
         out[name] = acc.to(dtype) if dtype.is_floating_point else acc.round().to(dtype)
     return out
+
+
+def select(params: Params, names: Sequence[str] | frozenset[str]) -> dict[str, torch.Tensor]:
+    """The entries of ``params`` named in ``names`` (in ``params``' order), not copied.
+
+    Raises:
+        ValueError: a name is not in ``params``.
+
+    Example:
+        >>> import torch
+        >>> select({"w": torch.ones(1), "running_mean": torch.zeros(1)}, ["w"])
+        {'w': tensor([1.])}
+    """
+    missing = sorted(set(names) - set(params))
+    if missing:
+        raise ValueError(f"names not in the tree: {missing}")
+    wanted = set(names)
+    return {name: t for name, t in params.items() if name in wanted}
+
+
+# Separates a part's name from an entry's name in `pack`; never part of a module's names.
+_SEP = "/"
+
+
+def pack(parts: Mapping[str, Params]) -> dict[str, torch.Tensor]:
+    """Several named trees as one (``{"c": {"w": t}}`` -> ``{"c/w": t}``), e.g. one message.
+
+    The tensors are not copied; `unpack` and `split_packed` invert it.
+
+    Raises:
+        ValueError: a part's name is empty or contains ``"/"``.
+
+    Example:
+        >>> import torch
+        >>> msg = pack({"params": {"w": torch.ones(1)}, "c": {"w": torch.zeros(1)}})
+        >>> sorted(msg), unpack(msg, "c")
+        (['c/w', 'params/w'], {'w': tensor([0.])})
+    """
+    out: dict[str, torch.Tensor] = {}
+    for part, tree in parts.items():
+        if not part or _SEP in part:
+            raise ValueError(f"a packed part's name must be non-empty without '/', got {part!r}")
+        for name, tensor in tree.items():
+            out[f"{part}{_SEP}{name}"] = tensor
+    return out
+
+
+def unpack(packed: Params, part: str) -> dict[str, torch.Tensor]:
+    """The tree `pack` stored under ``part`` (empty if there is none).
+
+    Raises:
+        ValueError: ``part`` contains ``"/"``.
+    """
+    if _SEP in part:
+        raise ValueError(f"a packed part's name has no '/', got {part!r}")
+    prefix = part + _SEP
+    return {name[len(prefix) :]: t for name, t in packed.items() if name.startswith(prefix)}
+
+
+def split_packed(packed: Params) -> dict[str, dict[str, torch.Tensor]]:
+    """Every part of a `pack`ed tree, by part name.
+
+    Raises:
+        ValueError: an entry has no ``"part/"`` prefix (the tree was not packed).
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in packed.items():
+        part, sep, rest = name.partition(_SEP)
+        if not sep or not part:
+            raise ValueError(f"entry {name!r} is not packed (no 'part/' prefix)")
+        parts.setdefault(part, {})[rest] = tensor
+    return parts
 
 
 def trees_equal(a: Params, b: Params) -> bool:

@@ -29,7 +29,7 @@ import blazefl_fn as fl
 class Trace(fl.Callback):
     """Collects accuracy and bytes of every round."""
 
-    rows: list[dict[str, float]] = attrs.field(factory=list)
+    rows: list[dict[str, float]] = attrs.field(factory=list[dict[str, float]])
 
     def on_round_end(self, event: fl.RoundEvent) -> None:
         before = self.rows[-1] if self.rows else {"down": 0.0, "up": 0.0}
@@ -45,7 +45,7 @@ class Trace(fl.Callback):
 
 
 def _args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--data-dir", required=True, help="directory of the MNIST IDX files")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--clients", type=int, default=20)

@@ -96,3 +96,9 @@ def kernel_capability(_: int) -> str:
     """The ATen CPU capability of the process that runs this (after one kernel)."""
     torch.ones(2).add(1)
     return str(torch.backends.cpu.get_cpu_capability())
+
+
+def reads_stored_state(downlink: Downlink, data: object, task: ClientTask) -> Uplink:
+    """A stateful client update: reads its stored state (needs a dispatch stage)."""
+    kept = task.state["1.weight"]
+    return Uplink(task.client_id, 1, dict(downlink.params), state={"1.weight": kept})

@@ -64,3 +64,10 @@ def test_dsfl_vs_scarlet_example_reports_fewer_bytes_for_scarlet(
     text = capsys.readouterr().out
     assert "MB total" in text
     assert out.read_text(encoding="utf-8").strip() == text.strip()
+
+
+def test_scaffold_from_stages_is_the_shipped_scaffold(capsys: pytest.CaptureFixture[str]) -> None:
+    example = _load("scaffold_from_stages")
+    digests = example.main(["--rounds", "4"])
+    assert digests["my-scaffold"] == digests["fl.scaffold"]
+    assert "params_sha256" in capsys.readouterr().out

@@ -13,12 +13,27 @@ from .compose import trimmed_mean_fedavg as trimmed_mean_fedavg
 from .dsfl import DSFLState as DSFLState
 from .dsfl import dsfl as dsfl
 from .fedavg import LocalSGDUpdate as LocalSGDUpdate
+from .fedavg import ModelInit as ModelInit
+from .fedavg import TrainUpdate as TrainUpdate
 from .fedavg import broadcast_params as broadcast_params
 from .fedavg import fedavg as fedavg
 from .fedavg import mean_by_examples as mean_by_examples
+from .feddyn import FedDynState as FedDynState
+from .feddyn import FedDynUpdate as FedDynUpdate
+from .feddyn import dynamic as dynamic
+from .feddyn import feddyn as feddyn
+from .feddyn import feddyn_dispatch as feddyn_dispatch
+from .fednova import fednova as fednova
+from .fednova import normalizer as normalizer
 from .label_cache import CacheSignal as CacheSignal
 from .label_cache import SoftLabelCache as SoftLabelCache
 from .label_cache import is_fresh as is_fresh
+from .scaffold import ScaffoldState as ScaffoldState
+from .scaffold import ScaffoldUpdate as ScaffoldUpdate
+from .scaffold import corrected as corrected
+from .scaffold import scaffold as scaffold
+from .scaffold import scaffold_broadcast as scaffold_broadcast
+from .scaffold import scaffold_dispatch as scaffold_dispatch
 from .scarlet import ScarletState as ScarletState
 from .scarlet import scarlet as scarlet
 from .soft_labels import enhanced_era as enhanced_era
@@ -28,24 +43,39 @@ __all__ = [
     "Aggregate",
     "CacheSignal",
     "DSFLState",
+    "FedDynState",
+    "FedDynUpdate",
     "LocalSGDUpdate",
+    "ModelInit",
+    "ScaffoldState",
+    "ScaffoldUpdate",
     "ScarletState",
     "SoftLabelCache",
+    "TrainUpdate",
     "broadcast_params",
     "compose",
+    "corrected",
     "dsfl",
+    "dynamic",
     "enhanced_era",
     "era",
     "fedadagrad",
     "fedadam",
     "fedavg",
     "fedavgm",
+    "feddyn",
+    "feddyn_dispatch",
     "fedmedian",
+    "fednova",
     "fedprox",
     "fedyogi",
     "is_fresh",
     "krum_fedavg",
     "mean_by_examples",
+    "normalizer",
+    "scaffold",
+    "scaffold_broadcast",
+    "scaffold_dispatch",
     "scarlet",
     "trimmed_mean_fedavg",
 ]

@@ -19,12 +19,17 @@ krum          local SGD                           Krum / Multi-Krum (f, m)
 
 Any of them takes ``clip_norm``: each client's delta (its parameters minus the global ones) is
 clipped to that global L2 norm before aggregation.
+
+Buffers (BatchNorm's running statistics and batch counters) are not parameters: by default
+(``Aggregate(buffers="mean")``) clipping, the aggregator and the server optimizer act on the
+trainable parameters only, and every buffer becomes the example-weighted mean of the clients'.
+``buffers="with_params"`` treats them as parameters (the behaviour before this policy).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import attrs
 
@@ -32,6 +37,7 @@ from ..aggregators import Aggregator, clip_by_norm, krum, mean, median, trimmed_
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import LocalSGD, ProximalTerm
+from ..local_training import trainable_names
 from ..records import ServerState, Uplink
 from ..reproducibility import ModelFactory, build_module, build_template
 from ..round import Algorithm, uniform_sampler
@@ -45,7 +51,8 @@ from ..server_transforms import (
     server_step,
     yogi,
 )
-from ..tree import from_module
+from ..tree import from_module, select
+from ._stateful import merge_buffers
 from .fedavg import LocalSGDUpdate, broadcast_params
 
 __all__ = [
@@ -66,10 +73,12 @@ __all__ = [
 class _Init:
     model_fn: ModelFactory
     server: ServerTransform[Any] | None
+    trainable: tuple[str, ...] | None = None
 
     def __call__(self, key: Key) -> ServerState:
         params = from_module(build_module(self.model_fn, key))
-        aux: object = {} if self.server is None else self.server.init(params)
+        stepped = params if self.trainable is None else select(params, self.trainable)
+        aux: object = {} if self.server is None else self.server.init(stepped)
         return ServerState(params=params, aux=aux)
 
 
@@ -82,6 +91,12 @@ class Aggregate:
         server: a server transform on ``aggregated - global`` whose state lives in
             ``ServerState.aux``; None takes the aggregate as the new global parameters.
         clip_norm: clip each client's delta to this global L2 norm first; None does not clip.
+        buffers: ``"mean"``: clipping, the aggregator and the server step see only the
+            ``trainable`` entries, and the others (BatchNorm statistics, counters) become the
+            example-weighted mean of the clients'; ``"with_params"``: every entry is treated
+            as a parameter.
+        trainable: the names of the trainable parameters (`compose` fills it in from the
+            model); None treats every entry as a parameter.
 
     If every sampled client has zero examples, the state only advances its round.
     """
@@ -89,22 +104,35 @@ class Aggregate:
     aggregator: Aggregator = mean
     server: ServerTransform[Any] | None = None
     clip_norm: float | None = None
+    buffers: Literal["mean", "with_params"] = attrs.field(
+        default="mean", validator=attrs.validators.in_(("mean", "with_params"))
+    )
+    trainable: tuple[str, ...] | None = None
+
+    def stepped_names(self) -> tuple[str, ...] | None:
+        """The entries clipping, aggregation and the server step act on (None: all)."""
+        return self.trainable if self.buffers == "mean" else None
 
     def __call__(self, state: ServerState, uplinks: Sequence[Uplink]) -> ServerState:
         weights = [u.num_examples for u in uplinks]
         if sum(weights) == 0:
             return attrs.evolve(state, round=state.round + 1)
-        trees = [u.params for u in uplinks]
+        names = self.stepped_names()
+        full = [u.params for u in uplinks]
+        trees = full if names is None else [select(t, names) for t in full]
+        current = state.params if names is None else select(state.params, names)
         if self.clip_norm is not None:
             clip = self.clip_norm
             trees = [
-                apply_updates(state.params, clip_by_norm(round_delta(t, state.params), clip))
-                for t in trees
+                apply_updates(current, clip_by_norm(round_delta(t, current), clip)) for t in trees
             ]
         aggregated = self.aggregator(trees, weights)
-        if self.server is None:
-            return attrs.evolve(state, params=aggregated, round=state.round + 1)
-        params, aux = server_step(self.server, state.params, aggregated, cast(Any, state.aux))
+        aux = state.aux
+        if self.server is not None:
+            aggregated, aux = server_step(self.server, current, aggregated, cast(Any, aux))
+        params = (
+            aggregated if names is None else merge_buffers(aggregated, state.params, full, weights)
+        )
         return ServerState(params=params, round=state.round + 1, aux=aux)
 
 
@@ -132,12 +160,15 @@ def compose(
         >>> type(algo.init(Key.from_seed(0)).aux).__name__
         'MomentumState'
     """
+    template = build_template(model_fn)
+    if aggregate.trainable is None:
+        aggregate = attrs.evolve(aggregate, trainable=trainable_names(template, aliases=True))
     return Algorithm(
         name=name,
-        init=_Init(model_fn, aggregate.server),
+        init=_Init(model_fn, aggregate.server, aggregate.stepped_names()),
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=broadcast_params,
-        client_update=LocalSGDUpdate(build_template(model_fn), local),
+        client_update=LocalSGDUpdate(template, local),
         aggregate=aggregate,
     )
 

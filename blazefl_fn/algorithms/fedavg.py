@@ -11,12 +11,20 @@ from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import LocalSGD, train_local
 from ..local_chunk import client_bytes, train_local_chunk
+from ..local_training import LocalTraining, train
 from ..records import Downlink, ServerState, Uplink
 from ..reproducibility import ModelFactory, build_module, build_template
 from ..round import Algorithm, ClientTask, uniform_sampler
 from ..tree import from_module, weighted_mean
 
-__all__ = ["LocalSGDUpdate", "broadcast_params", "fedavg", "mean_by_examples"]
+__all__ = [
+    "LocalSGDUpdate",
+    "ModelInit",
+    "TrainUpdate",
+    "broadcast_params",
+    "fedavg",
+    "mean_by_examples",
+]
 
 
 def broadcast_params(state: ServerState) -> Downlink:
@@ -37,7 +45,9 @@ def mean_by_examples(state: ServerState, uplinks: Sequence[Uplink]) -> ServerSta
 
 
 @attrs.frozen
-class _InitFromModel:
+class ModelInit:
+    """An ``init`` stage: the model's initial parameters from the key, an empty ``aux``."""
+
     model_fn: ModelFactory
 
     def __call__(self, key: Key) -> ServerState:
@@ -78,6 +88,33 @@ class LocalSGDUpdate:
         return client_bytes(self.template, downlink.params, data, self.config)
 
 
+@attrs.frozen
+class TrainUpdate:
+    """A client stage for any `LocalTraining`: uplinks the trained parameters and its steps.
+
+    Example:
+        >>> from blazefl_fn.client_stages import momentum
+        >>> from blazefl_fn.models import logistic_regression
+        >>> training = LocalTraining(optimizer=momentum(0.9))
+        >>> TrainUpdate(logistic_regression((4,), 2), training).training.lr
+        0.01
+    """
+
+    template: torch.nn.Module
+    training: LocalTraining
+
+    def __call__(self, downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
+        """Train from the downlink's parameters with the client's key."""
+        trained = train(self.template, downlink.params, data, task.key, self.training)
+        return Uplink(
+            client_id=task.client_id,
+            num_examples=len(data),
+            params=trained.params,
+            metrics={"loss": trained.result.loss},
+            steps=trained.result.steps,
+        )
+
+
 def fedavg(
     model_fn: ModelFactory,
     *,
@@ -109,7 +146,7 @@ def fedavg(
     template = build_template(model_fn)
     return Algorithm(
         name="fedavg",
-        init=_InitFromModel(model_fn),
+        init=ModelInit(model_fn),
         sample=sample,
         broadcast=broadcast_params,
         client_update=LocalSGDUpdate(template, local),

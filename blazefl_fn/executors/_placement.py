@@ -146,7 +146,7 @@ class Placement:
         # Memos are per device, not per index: a list that names one GPU twice places the
         # client update there once (the per-index contexts share it).
         self._memos: dict[torch.device, dict[int, Any]] = {}
-        self._contexts: dict[tuple[int, int, int], ClientContext[Any]] = {}
+        self._contexts: dict[tuple[int, int, bool, bool, int], ClientContext[Any]] = {}
 
     def job(self, job: ClientJob[Data]) -> PlacedJob[Data]:
         """``job`` as a callable that runs each task on its client's device."""
@@ -157,13 +157,19 @@ class Placement:
         # Keyed by what the context holds, like `Processes`: a new ClientContext wrapping the
         # same update and data (one per round) is not placed again.
         device = self.devices[index]
-        key = (id(context.client_update), id(context.clients), index)
+        key = (
+            id(context.client_update),
+            id(context.clients),
+            context.dispatched,
+            context.check_global_rng,
+            index,
+        )
         with self._lock:
             placed = self._contexts.get(key)
             if placed is None:
                 update = to_device(context.client_update, device, self._memo(device))
                 clients = _PlacedClients(self, context.clients, index)
-                placed = ClientContext(update, clients)
+                placed = attrs.evolve(context, client_update=update, clients=clients)
                 # The original context is kept alive by the placed one, so its ids stay unique.
                 self._contexts[key] = placed
         return placed

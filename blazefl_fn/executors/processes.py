@@ -151,7 +151,7 @@ class Processes(ClosingContext):
         # How many times a client context was sent to a worker (once per worker per context).
         self.context_sends = 0
         self._workers: list[_Worker] = []
-        self._contexts: dict[tuple[int, int], tuple[int, ClientContext[Any]]] = {}
+        self._contexts: dict[tuple[int, int, bool, bool], tuple[int, ClientContext[Any]]] = {}
         self._buffers: dict[str, torch.Tensor] = {}
         # The largest uplink (parameters + stored state) seen that did not fit its slot.
         self._result_bytes = 0
@@ -325,7 +325,12 @@ class Processes(ClosingContext):
     def _context_key(self, context: ClientContext[Any]) -> int:
         # Keyed by the identity of what a context holds, so a new ClientContext wrapping the
         # same update and data (one per round) is not sent again.
-        identity = (id(context.client_update), id(context.clients))
+        identity = (
+            id(context.client_update),
+            id(context.clients),
+            context.dispatched,
+            context.check_global_rng,
+        )
         known = self._contexts.get(identity)
         if known is None:
             known = (len(self._contexts), context)

@@ -177,7 +177,7 @@ class Ray(ClosingContext):
         self._started = False
         self._closed = False
         self._actors: list[Any] = []
-        self._contexts: dict[tuple[int, int], tuple[int, ClientContext[Any]]] = {}
+        self._contexts: dict[tuple[int, int, bool, bool], tuple[int, ClientContext[Any]]] = {}
         # How many times a client context was sent to the actors (once per context).
         self.context_sends = 0
         try:
@@ -317,7 +317,12 @@ class Ray(ClosingContext):
     def _context_key(self, context: ClientContext[Any]) -> int:
         # Keyed by the identity of what a context holds, as in `Processes`: the ClientContext
         # made each round around the same update and data is not sent again.
-        identity = (id(context.client_update), id(context.clients))
+        identity = (
+            id(context.client_update),
+            id(context.clients),
+            context.dispatched,
+            context.check_global_rng,
+        )
         known = self._contexts.get(identity)
         if known is None:
             key = len(self._contexts)

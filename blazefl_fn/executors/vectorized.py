@@ -11,7 +11,14 @@ import torch
 
 from .._validators import check_int_at_least
 from ..devices import DeviceLike, check_device, cuda_determinism, to_device
-from ..jobs import ChunkError, ClientError, ClientJob, ClientTask, VectorizedUpdate
+from ..jobs import (
+    ChunkError,
+    ClientError,
+    ClientJob,
+    ClientTask,
+    VectorizedUpdate,
+    global_rng_guard,
+)
 from ..records import Uplink
 from ._placement import InProcess, placed, server_device, uplink_on
 
@@ -162,7 +169,8 @@ class Vectorized(InProcess):
             part = [self._on_device(t) for t in tasks[start : start + size]]
             ids = [t.client_id for t in part]
             try:
-                out = update.update_chunk(downlink, clients[start : start + size], part)
+                with global_rng_guard(context.check_global_rng, self.device):
+                    out = update.update_chunk(downlink, clients[start : start + size], part)
                 if [u.client_id for u in out] != ids:
                     raise ValueError(
                         f"update_chunk returned uplinks for {[u.client_id for u in out]}"

@@ -1,0 +1,269 @@
+"""The client side as stages: `train`, gradient transforms, loss terms, and packed trees."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blazefl_fn import tree
+from blazefl_fn.client_stages import (
+    InnerProduct,
+    ProximalLoss,
+    StepInput,
+    add_proximal,
+    add_trees,
+    chain,
+    from_hook,
+    identity,
+    momentum,
+)
+from blazefl_fn.data.datasets import ClientData, TensorDataset
+from blazefl_fn.keys import Key
+from blazefl_fn.local import LocalSGD, ProximalTerm, train_local
+from blazefl_fn.local_training import LocalTraining, train, trainable_names
+from blazefl_fn.models import mlp
+from blazefl_fn.reproducibility import build_module
+
+KEY = Key.from_seed(3)
+
+
+def _client(n: int = 37, seed: int = 0) -> ClientData:
+    g = torch.Generator().manual_seed(seed)
+    base = TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return ClientData(base, torch.arange(n))
+
+
+def _model() -> torch.nn.Module:
+    return build_module(lambda: mlp((6,), 3, hidden=(8,)), Key.from_seed(1))
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return tree.from_module(module)
+
+
+def test_train_without_stages_is_train_local_bit_for_bit() -> None:
+    model, data = _model(), _client()
+    config = LocalSGD(epochs=2, batch_size=5, lr=0.1)
+    expected, metrics = train_local(model, _params(model), data, KEY, config)
+    out = train(model, _params(model), data, KEY, LocalTraining(epochs=2, batch_size=5, lr=0.1))
+    assert tree.trees_equal(out.params, expected)
+    assert out.result.loss == metrics["loss"]
+    assert out.result.examples == 37
+    assert out.result.steps == 2 * math.ceil(37 / 5)
+
+
+def test_identity_stage_and_zero_trees_give_plain_sgd_bits() -> None:
+    """With zero variates, SCAFFOLD's corrected step is FedAvg's, bit for bit."""
+    model, data = _model(), _client()
+    plain = train(model, _params(model), data, KEY, LocalTraining(lr=0.1))
+    names = trainable_names(model)
+    zeros = {n: torch.zeros_like(_params(model)[n]) for n in names}
+    for optimizer in (identity(), add_trees(plus=("c",), minus=("c_i",))):
+        out = train(
+            model, _params(model), data, KEY, LocalTraining(lr=0.1, optimizer=optimizer),
+            trees={"c": zeros, "c_i": zeros},
+        )  # fmt: skip
+        assert tree.trees_equal(out.params, plain.params)
+
+
+def test_proximal_stage_equals_the_proximal_hook_bit_for_bit() -> None:
+    model, data = _model(), _client()
+    hooked, _ = train_local(
+        model, _params(model), data, KEY, LocalSGD(lr=0.1, hooks=(ProximalTerm(0.3),))
+    )
+    staged = train(
+        model, _params(model), data, KEY, LocalTraining(lr=0.1, optimizer=add_proximal(0.3))
+    )
+    wrapped = train(
+        model, _params(model), data, KEY,
+        LocalTraining(lr=0.1, optimizer=chain(from_hook(ProximalTerm(0.3)))),
+    )  # fmt: skip
+    assert tree.trees_equal(staged.params, hooked)
+    assert tree.trees_equal(wrapped.params, hooked)
+
+
+def test_proximal_loss_term_matches_the_proximal_gradient_stage() -> None:
+    """The same regulariser as a loss term (autograd) and as a gradient stage (closed form)."""
+    model, data = _model(), _client()
+    as_stage = train(
+        model, _params(model), data, KEY, LocalTraining(lr=0.1, optimizer=add_proximal(0.5))
+    )
+    as_loss = train(
+        model, _params(model), data, KEY, LocalTraining(lr=0.1, loss_terms=(ProximalLoss(0.5),))
+    )
+    for name in as_stage.params:
+        assert torch.allclose(as_stage.params[name], as_loss.params[name], atol=1e-6)
+
+
+def test_momentum_stage_is_torch_sgd_with_momentum_bit_for_bit() -> None:
+    """An independent reference: torch.optim.SGD(momentum=beta) on the same batches."""
+    model, data = _model(), _client()
+    out = train(
+        model,
+        _params(model),
+        data,
+        KEY,
+        LocalTraining(epochs=2, batch_size=5, lr=0.1, optimizer=momentum(0.9)),
+    )
+    ref = build_module(lambda: mlp((6,), 3, hidden=(8,)), Key.from_seed(1))
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    generator = KEY.torch_generator()
+    for _ in range(2):
+        for x, y in data.batches(5, generator):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ref(x), y).backward()  # pyright: ignore[reportUnknownMemberType]
+            opt.step()
+    assert tree.trees_equal(out.params, _params(ref))
+    # The state is the momentum buffer, by name: it can be kept as client state.
+    assert sorted(out.optimizer_state) == sorted(trainable_names(model))
+
+
+def test_optimizer_state_carries_over_between_calls() -> None:
+    model, data = _model(), _client()
+    training = LocalTraining(lr=0.1, optimizer=momentum(0.5))
+    first = train(model, _params(model), data, KEY, training)
+    fresh = train(model, first.params, data, KEY, training)
+    carried = train(model, first.params, data, KEY, training, optimizer_state=first.optimizer_state)
+    assert not tree.trees_equal(fresh.params, carried.params)
+    with pytest.raises(ValueError, match="optimizer_state was given but training has no optimizer"):
+        train(
+            model, first.params, data, KEY, LocalTraining(), optimizer_state=first.optimizer_state
+        )
+
+
+def test_train_never_writes_into_its_inputs() -> None:
+    model, data = _model(), _client()
+    params = _params(model)
+    before = tree.digest(params)
+    trees = {"c": {n: torch.ones_like(params[n]) for n in trainable_names(model)}}
+    train(model, params, data, KEY, LocalTraining(optimizer=add_trees(plus=("c",))), trees=trees)
+    assert tree.digest(params) == before
+    assert all(bool((t == 1).all()) for t in trees["c"].values())
+
+
+def test_an_empty_client_takes_no_step() -> None:
+    model = _model()
+    out = train(model, _params(model), _client(0), KEY, LocalTraining(optimizer=momentum(0.9)))
+    assert out.result.steps == 0
+    assert math.isnan(out.result.loss)
+    assert tree.trees_equal(out.params, _params(model))
+
+
+def test_a_missing_tree_is_named() -> None:
+    model = _model()
+    with pytest.raises(KeyError, match="no tree 'c' was supplied to local training"):
+        train(
+            model, _params(model), _client(), KEY, LocalTraining(optimizer=add_trees(plus=("c",)))
+        )
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: momentum(1.0), "momentum beta must be in"),
+        (lambda: momentum(-0.1), "momentum beta must be in"),
+        (lambda: add_trees(), "at least one tree name"),
+        (lambda: add_proximal(-1.0), "mu must be a finite number >= 0"),
+        (lambda: InnerProduct("h", math.inf), "weight must be a finite number"),
+    ],
+)
+def test_bad_stage_arguments_are_refused(make: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()  # type: ignore[operator]
+
+
+floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(floats, min_size=1, max_size=6), st.lists(floats, min_size=1, max_size=6))
+def test_adding_and_subtracting_one_tree_leaves_the_gradient_bits(
+    g: list[float], c: list[float]
+) -> None:
+    n = min(len(g), len(c))
+    grads = {"w": torch.tensor(g[:n])}
+    ctree = {"w": torch.tensor(c[:n])}
+    inputs = StepInput(params=grads, anchor=grads, trees={"c": ctree}, step=0)
+    out, _ = add_trees(plus=("c",), minus=("c",)).update(grads, {}, inputs)
+    assert torch.equal(out["w"], grads["w"] + 0.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(floats, min_size=1, max_size=5), st.floats(0.0, 0.99), st.integers(1, 6))
+def test_chained_momentum_keeps_its_state_under_its_index(
+    g: list[float], beta: float, steps: int
+) -> None:
+    grads = {"w": torch.tensor(g)}
+    opt = chain(add_proximal(0.0), momentum(beta))
+    inputs = StepInput(params=grads, anchor=grads, trees={}, step=0)
+    state = opt.init(grads)
+    alone = momentum(beta)
+    alone_state = alone.init(grads)
+    for _ in range(steps):
+        out, state = opt.update(grads, state, inputs)
+        expected, alone_state = alone.update(grads, alone_state, inputs)
+        assert torch.equal(out["w"], expected["w"])
+    assert sorted(state) == ["1/w"]
+    assert torch.equal(tree.unpack(state, "1")["w"], alone_state["w"])
+
+
+def test_inner_product_and_proximal_loss_values() -> None:
+    w = {
+        "a": torch.tensor([1.0, 2.0], requires_grad=True),
+        "b": torch.tensor([3.0], requires_grad=True),
+    }
+    anchor = {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([1.0])}
+    h = {"a": torch.tensor([2.0, -1.0]), "b": torch.tensor([0.5])}
+    inputs = StepInput(params=w, anchor=anchor, trees={"h": h}, step=0)
+    assert float(ProximalLoss(2.0)(w, inputs).detach()) == pytest.approx(1 + 4 + 4)  # (2/2) * 9
+    assert float(InnerProduct("h", -1.0)(w, inputs).detach()) == pytest.approx(-(2 - 2 + 1.5))
+
+
+# -- packing named trees ------------------------------------------------------------------------
+
+names = st.text("abcdefgh.", min_size=1, max_size=6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.dictionaries(
+        st.text("xyz", min_size=1, max_size=3),
+        st.dictionaries(names, st.integers(0, 9), max_size=3),
+        max_size=3,
+    )
+)
+def test_pack_then_split_gives_back_every_part(parts: dict[str, dict[str, int]]) -> None:
+    trees = {p: {n: torch.tensor([v]) for n, v in t.items()} for p, t in parts.items()}
+    packed = tree.pack(trees)
+    split = tree.split_packed(packed)
+    assert {p: t for p, t in trees.items() if t} == split
+    for part, t in trees.items():
+        assert tree.unpack(packed, part) == t
+
+
+def test_pack_refuses_ambiguous_part_names_and_split_refuses_unpacked_trees() -> None:
+    with pytest.raises(ValueError, match="without '/'"):
+        tree.pack({"a/b": {}})
+    with pytest.raises(ValueError, match="without '/'"):
+        tree.pack({"": {}})
+    with pytest.raises(ValueError, match="is not packed"):
+        tree.split_packed({"w": torch.ones(1)})
+    with pytest.raises(ValueError, match="has no '/'"):
+        tree.unpack({}, "a/b")
+
+
+def test_add_weighted_rounds_once_and_checks_its_arguments() -> None:
+    base = {"w": torch.tensor([1.0], dtype=torch.float32)}
+    small = [{"w": torch.tensor([1e-8])} for _ in range(1000)]
+    # Each 1e-8 alone rounds away in float32; their float64 sum (1e-5) does not.
+    assert float(tree.add_weighted(base, small, [1.0] * 1000)["w"]) == pytest.approx(1.00001)
+    with pytest.raises(ValueError, match="got 1 trees but 2 weights"):
+        tree.add_weighted(base, small[:1], [1.0, 2.0])
+    with pytest.raises(ValueError, match="weights must be finite"):
+        tree.add_weighted(base, small[:1], [math.nan])
+    with pytest.raises(ValueError, match="lacks the names"):
+        tree.add_weighted(base, [{"v": torch.ones(1)}], [1.0])
