@@ -106,68 +106,42 @@ class _BadLeaf(Exception):
     """A stored tensor leaf differs from the template's in shape or dtype (its index)."""
 
 
-_Node = tuple[str, list[tuple[str, "_Node"]]]
+@attrs.define
+class _Reader:
+    """A cursor over a stored `_flatten` description and its leaves, walked along the
+    algorithm's template (so the template, not the file, bounds the recursion)."""
 
+    text: str
+    leaves: list[object]
+    pos: int = 0
+    taken: int = 0
 
-def _parse(text: str) -> _Node:
-    """The tree a `_flatten` description stands for: ``(kind, [(name, child), ...])`` with
-    kinds ``T``, ``S``, ``{}`` (mapping), ``()`` (sequence) and ``<Name>`` (attrs record)."""
-    node, end = _parse_at(text, 0)
-    if end != len(text):
-        raise _Mismatch
-    return node
-
-
-def _parse_at(text: str, i: int) -> tuple[_Node, int]:
-    # A leaf is one letter: "T" followed by a separator, not a record named "T...".
-    if text.startswith(("T", "S"), i) and text[i + 1 : i + 2] in ("", ",", "}", ")", ">"):
-        return (text[i], []), i + 1
-    if text.startswith("{", i):
-        return _children(text, i + 1, "}", "{}", named=True)
-    if text.startswith("(", i):
-        return _children(text, i + 1, ")", "()", named=False)
-    bracket = text.find("<", i)
-    if bracket <= i:
-        raise _Mismatch
-    return _children(text, bracket + 1, ">", f"<{text[i:bracket]}>", named=True)
-
-
-def _children(text: str, i: int, close: str, kind: str, *, named: bool) -> tuple[_Node, int]:
-    children: list[tuple[str, _Node]] = []
-    while i < len(text) and text[i] != close:
-        name = ""
-        if named:
-            colon = text.find(":", i)
-            if colon < 0:
-                raise _Mismatch
-            name, i = text[i:colon], colon + 1
-        child, i = _parse_at(text, i)
-        children.append((name, child))
-        if i < len(text) and text[i] == ",":
-            i += 1
-    if i >= len(text):
-        raise _Mismatch
-    return (kind, children), i + 1
-
-
-def _take(leaves: list[object], at: list[int]) -> object:
-    if at[0] >= len(leaves):
-        raise _Mismatch
-    value = leaves[at[0]]
-    at[0] += 1
-    return value
-
-
-def _fit(template: object, node: _Node, leaves: list[object], at: list[int]) -> object:
-    """The stored aux state: ``template``'s structure filled with ``leaves``, except that an
-    empty mapping in the template (a client that had not taken part yet) takes whatever
-    tensors the checkpoint stored there."""
-    kind, children = node
-    if isinstance(template, torch.Tensor):
-        index = at[0]
-        value = _take(leaves, at)
-        if kind != "T":
+    def expect(self, token: str) -> None:
+        if not self.text.startswith(token, self.pos):
             raise _Mismatch
+        self.pos += len(token)
+
+    def peek(self, token: str) -> bool:
+        return self.text.startswith(token, self.pos)
+
+    def leaf(self) -> object:
+        if self.taken >= len(self.leaves):
+            raise _Mismatch
+        self.taken += 1
+        return self.leaves[self.taken - 1]
+
+
+def _fit(template: object, reader: _Reader, *, client_state: bool = False) -> object:
+    """The stored aux state: ``template``'s structure filled with the stored leaves.
+
+    One exception to "the same structure": an empty mapping inside a tuple or list (a
+    client's stored state, empty until it first takes part, `blazefl_fn.client_state`) takes
+    the tensors the checkpoint stored there.
+    """
+    if isinstance(template, torch.Tensor):
+        reader.expect("T")
+        index = reader.taken
+        value = reader.leaf()
         if (
             not isinstance(value, torch.Tensor)
             or value.shape != template.shape
@@ -176,41 +150,57 @@ def _fit(template: object, node: _Node, leaves: list[object], at: list[int]) -> 
             raise _BadLeaf(index)
         return value
     if isinstance(template, _Scalar):
-        if kind != "S":
-            raise _Mismatch
-        return _take(leaves, at)
+        reader.expect("S")
+        return reader.leaf()
     if isinstance(template, Mapping):
         mapping = cast(Mapping[str, object], template)
-        if kind != "{}":
-            raise _Mismatch
-        if not mapping:
-            out: dict[str, object] = {}
-            for name, (child_kind, _) in children:
-                value = _take(leaves, at)
-                if child_kind != "T" or not isinstance(value, torch.Tensor):
-                    raise _Mismatch
-                out[name] = value
-            return out
-        if [n for n, _ in children] != sorted(mapping, key=str):
-            raise _Mismatch
-        rebuilt = {n: _fit(mapping[n], child, leaves, at) for n, child in children}
+        reader.expect("{")
+        if not mapping and client_state:
+            return _client_tree(reader)
+        names = sorted(mapping, key=str)
+        rebuilt: dict[str, object] = {}
+        for k, name in enumerate(names):
+            reader.expect(f"{name}:" if k == 0 else f",{name}:")
+            rebuilt[name] = _fit(mapping[name], reader)
+        reader.expect("}")
         return {n: rebuilt[n] for n in mapping}
     if isinstance(template, tuple | list):
         items = cast(tuple[object, ...] | list[object], template)
-        if kind != "()" or len(children) != len(items):
-            raise _Mismatch
-        values = [_fit(v, child, leaves, at) for v, (_, child) in zip(items, children, strict=True)]
+        reader.expect("(")
+        values: list[object] = []
+        for k, item in enumerate(items):
+            if k:
+                reader.expect(",")
+            values.append(_fit(item, reader, client_state=True))
+        reader.expect(")")
         return tuple(values) if isinstance(template, tuple) else values
     fields = attrs.fields(type(template))
-    if kind != f"<{type(template).__qualname__}>" or [n for n, _ in children] != [
-        f.name for f in fields
-    ]:
-        raise _Mismatch
-    values = {
-        f.name: _fit(getattr(template, f.name), child, leaves, at)
-        for f, (_, child) in zip(fields, children, strict=True)
-    }
-    return attrs.evolve(template, **values)
+    reader.expect(f"{type(template).__qualname__}<")
+    values_by_name: dict[str, object] = {}
+    for k, f in enumerate(fields):
+        reader.expect(f"{f.name}:" if k == 0 else f",{f.name}:")
+        values_by_name[f.name] = _fit(getattr(template, f.name), reader)
+    reader.expect(">")
+    return attrs.evolve(template, **values_by_name)
+
+
+def _client_tree(reader: _Reader) -> dict[str, torch.Tensor]:
+    """The ``name:T,...}`` rest of a stored client tree (after its ``{``)."""
+    out: dict[str, torch.Tensor] = {}
+    while not reader.peek("}"):
+        if out:
+            reader.expect(",")
+        end = reader.text.find(":T", reader.pos)
+        if end <= reader.pos:
+            raise _Mismatch
+        name = reader.text[reader.pos : end]
+        reader.pos = end + 2
+        value = reader.leaf()
+        if not isinstance(value, torch.Tensor) or name in out:
+            raise _Mismatch
+        out[name] = value
+    reader.expect("}")
+    return out
 
 
 # -- save / load ------------------------------------------------------------------------------
@@ -345,9 +335,9 @@ def load_checkpoint(location: str | os.PathLike[str], aux_template: object = Non
             raise _Mismatch
         if not isinstance(stored, str):
             raise _Mismatch
-        at = [0]
-        aux = _fit(template, _parse(stored), leaves, at)
-        if at[0] != len(leaves):
+        reader = _Reader(stored, leaves)
+        aux = _fit(template, reader)
+        if reader.pos != len(stored) or reader.taken != len(leaves):
             raise _Mismatch
     except _Mismatch:
         raise ValueError(

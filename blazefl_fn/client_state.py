@@ -32,8 +32,8 @@ def initial_states(num_clients: int) -> ClientStates:
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    empty: dict[str, torch.Tensor] = {}
-    return (empty,) * num_clients
+    # One dict per client (not one shared): nothing writes into them, but nothing could leak.
+    return tuple(dict[str, torch.Tensor]() for _ in range(num_clients))
 
 
 def dispatch_states(states: ClientStates, ids: Sequence[int]) -> list[ClientInput]:

@@ -151,16 +151,22 @@ _RNG_ADVICE = (
     "torch's global RNG state changed during the client's update, so its bits depend on the "
     "executor and on other clients. Likely causes: nn.Dropout (use "
     "blazefl_fn.stochastic.KeyedDropout), or torch.rand/randn/randperm/manual_seed without a "
-    "generator (draw from task.key.torch_generator()). To accept nondeterminism, build the "
-    "algorithm with allow_global_rng=True."
+    "generator (draw from task.key.torch_generator()). Under Threads the draw may be another "
+    "client's, running at the same time. To accept nondeterminism, set "
+    "attrs.evolve(algorithm, allow_global_rng=True)."
 )
 
 
-def _rng_states(device: torch.device) -> list[torch.Tensor]:
-    states = [torch.random.get_rng_state()]
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, ...]:
     if device.type == "cuda" and torch.cuda.is_initialized():
-        states.append(torch.cuda.get_rng_state(device))
-    return states
+        return (torch.random.get_rng_state(), torch.cuda.get_rng_state(device))
+    return (torch.random.get_rng_state(),)
+
+
+def _rng_changed(before: tuple[torch.Tensor, ...], device: torch.device) -> bool:
+    # Only the generators that existed before: CUDA initialised during the block is no draw.
+    after = _rng_states(device)
+    return any(not torch.equal(a, b) for a, b in zip(before, after, strict=False))
 
 
 @contextlib.contextmanager
@@ -179,10 +185,7 @@ def global_rng_guard(enabled: bool, device: torch.device) -> Generator[None]:
         return
     before = _rng_states(device)
     yield
-    after = _rng_states(device)
-    if len(before) != len(after) or any(
-        not torch.equal(a, b) for a, b in zip(before, after, strict=False)
-    ):
+    if _rng_changed(before, device):
         raise GlobalRNGError(_RNG_ADVICE)
 
 
@@ -226,9 +229,12 @@ class ClientJob(Generic[Data]):
             task = attrs.evolve(
                 task, message=_Undispatched("message"), state=_Undispatched("stored state")
             )
+        # Inline rather than `global_rng_guard`: this runs once per client, on the hot path.
+        before = _rng_states(task.device) if self.context.check_global_rng else None
         try:
-            with global_rng_guard(self.context.check_global_rng, task.device):
-                uplink = self.context.client_update(self.downlink, data, task)
+            uplink = self.context.client_update(self.downlink, data, task)
+            if before is not None and _rng_changed(before, task.device):
+                raise GlobalRNGError(_RNG_ADVICE)
         except Exception as exc:
             raise ClientError(task.client_id, task.round, exc) from exc
         if uplink.client_id != task.client_id:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Generic
+from typing import Any, Generic
 
 import attrs
 import torch
@@ -41,9 +41,10 @@ __all__ = [
 ]
 
 Data = TypeVar("Data")
-# The algorithm's own server state (`ServerState.aux`); a bare ``Algorithm[Data]`` or
-# ``RoundFn`` leaves it open.
-A = TypeVar("A", default=object)
+# The algorithm's own server state (`ServerState.aux`). A bare ``Algorithm[Data]`` or
+# ``RoundFn`` leaves it open (Any): it accepts an algorithm of any aux type, as it did before
+# the parameter existed; annotate ``Algorithm[Data, MyAux]`` to have it checked.
+A = TypeVar("A", default=Any)
 
 Sampler = Callable[[ServerState, Key], Sequence[int]]
 RoundFn = Callable[[ServerState[A], Key], tuple[ServerState[A], RoundReport]]
@@ -89,8 +90,9 @@ class Algorithm(Generic[Data, A]):
             client that looks one up fails with `MissingStage`, and clients that return state
             fail the round, since nothing would keep it.
         allow_global_rng: let client updates draw from torch's global generator (e.g.
-            ``nn.Dropout``). Off by default: every executor then checks that a client left
-            the global RNG untouched, because such draws differ between executors and runs.
+            ``nn.Dropout``): ``attrs.evolve(algorithm, allow_global_rng=True)``. Off by
+            default: every executor then checks that a client left the global RNG untouched,
+            because such draws differ between executors and runs.
     """
 
     name: str

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Generic
+from typing import Any, Generic
 
 import attrs
 from typing_extensions import TypeVar
@@ -20,7 +20,7 @@ from .keys import Key
 from .records import RoundReport, ServerState
 from .round import RoundFn
 
-A = TypeVar("A", default=object)
+A = TypeVar("A", default=Any)
 # Covariant, as `ServerState`'s: a result of any algorithm is a ``LoopResult[object]``.
 A_co = TypeVar("A_co", covariant=True, default=object)
 

@@ -74,12 +74,24 @@ def test_clipping_ignores_running_statistics_by_default() -> None:
 def test_buffers_are_the_weighted_mean_and_counters_round() -> None:
     state = _state()
     uplinks = [_client(state, 0, 0.1, 1.0, 30), _client(state, 1, 0.1, 5.0, 10)]
-    new = Aggregate(aggregator=fl.aggregators.median, trainable=TRAINABLE)(state, uplinks)
+    new = Aggregate(trainable=TRAINABLE)(state, uplinks)
     mean_shift = (30 * 1.0 + 10 * 5.0) / 40
     assert torch.allclose(new.params["2.running_mean"], state.params["2.running_mean"] + mean_shift)
     counter = new.params["2.num_batches_tracked"]
     assert counter.dtype == torch.int64
     assert int(counter) == round((30 * 10 + 10 * 20) / 40)
+
+
+def test_a_robust_aggregator_stays_robust_for_the_statistics() -> None:
+    state = _state()
+    honest = [_client(state, i, 0.1, 1.0, 10) for i in range(4)]
+    attacker = _client(state, 4, 0.1, 1e6, 10)
+    new = Aggregate(aggregator=fl.aggregators.median, trainable=TRAINABLE)(
+        state, [*honest, attacker]
+    )
+    assert torch.allclose(new.params["2.running_var"], state.params["2.running_var"] + 1.0)
+    averaged = Aggregate(trainable=TRAINABLE)(state, [*honest, attacker])
+    assert float(averaged.params["2.running_var"].min()) > 1e5  # the mean is not robust
 
 
 def test_fedadam_steps_parameters_only_and_keeps_no_moments_for_buffers() -> None:
@@ -119,7 +131,7 @@ def test_a_model_without_buffers_aggregates_as_before() -> None:
     model_fn = functools.partial(logistic_regression, data.input_shape, data.num_classes)
     local = fl.LocalSGD(batch_size=8, lr=0.05)
     digests = []
-    for buffers in ("mean", "with_params"):
+    for buffers in ("aggregate", "with_params"):
         algo = compose(
             "x", model_fn, num_clients=6, clients_per_round=3, local=local,
             aggregate=Aggregate(server=adam(0.1), clip_norm=0.5, buffers=buffers),

@@ -177,6 +177,53 @@ def test_checkpoint_refuses_other_aux_structure(tmp_path: Path) -> None:
         load_checkpoint(tmp_path, aux_template=other)
 
 
+def _local_record() -> type:
+    @attrs.frozen
+    class Local:  # qualname "_local_record.<locals>.Local": a "<" inside the name
+        m: dict[str, torch.Tensor]
+        clients: tuple[dict[str, torch.Tensor], ...]
+
+    return Local
+
+
+def test_client_states_that_appear_during_a_run_are_restored(tmp_path: Path) -> None:
+    local = _local_record()
+    template = local({"a:b": torch.zeros(2)}, ({}, {}, {}))  # keys may hold ":"
+    kept = {"1.weight": torch.ones(2, 3), "1.bias": torch.zeros(2)}
+    state = ServerState({"w": torch.ones(1)}, aux=local({"a:b": torch.ones(2)}, ({}, kept, {})))
+    save_checkpoint(tmp_path, state, {})
+    aux = load_checkpoint(tmp_path, aux_template=template).state.aux
+    assert isinstance(aux, local)
+    assert aux.clients[0] == {}
+    assert aux.clients[1].keys() == kept.keys()
+    assert all(torch.equal(aux.clients[1][n], kept[n]) for n in kept)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"zz": torch.tensor(3.0)},  # a top-level empty aux takes nothing
+        {"c": ({"w": 1},)},  # a client tree of scalars
+    ],
+)
+def test_only_client_trees_may_fill_an_empty_mapping(stored: object, tmp_path: Path) -> None:
+    template = {} if "zz" in stored else {"c": ({},)}  # type: ignore[operator]
+    save_checkpoint(tmp_path, ServerState({"w": torch.ones(1)}, aux=stored), {})
+    with pytest.raises(ValueError, match="algorithm state has structure"):
+        load_checkpoint(tmp_path, aux_template=template)
+
+
+def test_a_hostile_structure_is_refused_not_a_crash(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, ServerState({"w": torch.ones(1)}, aux={"c": ({},)}), {})
+    path = tmp_path / CHECKPOINT_NAME
+    data = torch.load(path, weights_only=True)
+    for text in ("(" * 100_000 + ")" * 100_000, "{c:({x:T,x:T})}", "{c:({:T})}", "{c:({x"):
+        data["aux_structure"] = text
+        torch.save(data, path)
+        with pytest.raises(ValueError, match="algorithm state has structure"):
+            load_checkpoint(tmp_path, aux_template={"c": ({},)})
+
+
 def test_truncated_and_missing_checkpoints_are_refused(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path, ServerState(params={"w": torch.ones(100)}, round=2), {})
     data = path.read_bytes()

@@ -21,9 +21,11 @@ Any of them takes ``clip_norm``: each client's delta (its parameters minus the g
 clipped to that global L2 norm before aggregation.
 
 Buffers (BatchNorm's running statistics and batch counters) are not parameters: by default
-(``Aggregate(buffers="mean")``) clipping, the aggregator and the server optimizer act on the
-trainable parameters only, and every buffer becomes the example-weighted mean of the clients'.
-``buffers="with_params"`` treats them as parameters (the behaviour before this policy).
+(``Aggregate(buffers="aggregate")``) clipping and the server optimizer act on the trainable
+parameters only, and the buffers are combined on their own: floating-point ones by the same
+aggregator (so the weighted mean under ``mean``, and a robust aggregator stays robust for
+them too), integer counters by the rounded weighted mean. ``buffers="with_params"`` treats them
+as parameters (the behaviour before this policy).
 """
 
 from __future__ import annotations
@@ -91,10 +93,10 @@ class Aggregate:
         server: a server transform on ``aggregated - global`` whose state lives in
             ``ServerState.aux``; None takes the aggregate as the new global parameters.
         clip_norm: clip each client's delta to this global L2 norm first; None does not clip.
-        buffers: ``"mean"``: clipping, the aggregator and the server step see only the
-            ``trainable`` entries, and the others (BatchNorm statistics, counters) become the
-            example-weighted mean of the clients'; ``"with_params"``: every entry is treated
-            as a parameter.
+        buffers: ``"aggregate"``: clipping and the server step see only the ``trainable``
+            entries; the others (BatchNorm statistics) are combined by ``aggregator`` on their
+            own, integer counters by the rounded weighted mean. ``"with_params"``: every entry
+            is treated as a parameter.
         trainable: the names of the trainable parameters (`compose` fills it in from the
             model); None treats every entry as a parameter.
 
@@ -104,14 +106,14 @@ class Aggregate:
     aggregator: Aggregator = mean
     server: ServerTransform[Any] | None = None
     clip_norm: float | None = None
-    buffers: Literal["mean", "with_params"] = attrs.field(
-        default="mean", validator=attrs.validators.in_(("mean", "with_params"))
+    buffers: Literal["aggregate", "with_params"] = attrs.field(
+        default="aggregate", validator=attrs.validators.in_(("aggregate", "with_params"))
     )
     trainable: tuple[str, ...] | None = None
 
     def stepped_names(self) -> tuple[str, ...] | None:
         """The entries clipping, aggregation and the server step act on (None: all)."""
-        return self.trainable if self.buffers == "mean" else None
+        return self.trainable if self.buffers == "aggregate" else None
 
     def __call__(self, state: ServerState, uplinks: Sequence[Uplink]) -> ServerState:
         weights = [u.num_examples for u in uplinks]
@@ -130,10 +132,9 @@ class Aggregate:
         aux = state.aux
         if self.server is not None:
             aggregated, aux = server_step(self.server, current, aggregated, cast(Any, aux))
-        params = (
-            aggregated if names is None else merge_buffers(aggregated, state.params, full, weights)
-        )
-        return ServerState(params=params, round=state.round + 1, aux=aux)
+        if names is not None:
+            aggregated = merge_buffers(aggregated, state.params, full, weights, self.aggregator)
+        return ServerState(params=aggregated, round=state.round + 1, aux=aux)
 
 
 def compose(

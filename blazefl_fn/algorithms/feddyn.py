@@ -10,7 +10,8 @@ client ``k``'s gradient state (zero before it first takes part):
    ``theta <- mean_k(theta_k) - h / alpha`` (uniform means over the sampled clients, as in the
    paper's Algorithm 1).
 
-``h`` stays the mean of every client's ``g_k`` over the whole federation (clients that never
+A sampled client without data counts in the mean with ``theta_k = theta``. ``h`` stays the
+mean of every client's ``g_k`` over the whole federation (clients that never
 took part count as zero). The state covers the trainable parameters; buffers (BatchNorm
 statistics) are averaged weighted by examples.
 """

@@ -14,7 +14,10 @@ step size:
    clients, as in the paper's Algorithm 1).
 
 Variates cover the trainable parameters; buffers (BatchNorm statistics) are averaged weighted by
-examples. Under full participation ``c`` stays the mean of the clients' ``c_i``.
+examples. Under full participation ``c`` stays the mean of the clients' ``c_i``. A sampled
+client without data counts in the means with ``y_i = x`` and no change of ``c_i``. Option II's
+``(x - y_i) / (K * lr)`` is the mean step direction of plain SGD; with ``LocalSGD.hooks`` (e.g. a
+proximal term) it is the mean of the hooked directions instead.
 """
 
 from __future__ import annotations
