@@ -159,7 +159,8 @@ def train(
     # Views of the live parameters: the stages read current values without copying them.
     current = {n: p.detach() for n, p in named} if staged else {}
     anchor = {n: p.detach().clone() for n, p in named} if staged else {}
-    live = {n: p for n, p in named}
+    live = {n: p for n, p in named} if training.loss_terms else {}
+    plain = [p for _, p in named]
     state: dict[str, torch.Tensor] = {}
     if training.optimizer is not None:
         state = (
@@ -178,13 +179,15 @@ def train(
                     else training.augment(batch, augment)
                 )
                 loss = F.cross_entropy(module(x), y)
-                inputs = StepInput(params=current, anchor=anchor, trees=trees, step=steps)
                 total = loss
-                for term in training.loss_terms:
-                    total = total + term(live, inputs)
+                inputs = None
+                if staged:  # the plain SGD path builds nothing per step
+                    inputs = StepInput(params=current, anchor=anchor, trees=trees, step=steps)
+                    for term in training.loss_terms:
+                        total = total + term(live, inputs)
                 total.backward()  # pyright: ignore[reportUnknownMemberType]  # untyped in torch
-                if training.optimizer is None:
-                    sgd_step([p for _, p in named], training.lr)
+                if training.optimizer is None or inputs is None:
+                    sgd_step(plain, training.lr)
                 else:
                     state = _staged_step(named, training.optimizer, state, inputs, training.lr)
                 loss_sum = accumulate(loss_sum, loss, int(y.shape[0]))

@@ -97,7 +97,7 @@ class FedDynUpdate:
     template: torch.nn.Module
     training: LocalTraining
     alpha: float = attrs.field(validator=finite_number(positive=True))
-    names: tuple[str, ...] = ()
+    names: tuple[str, ...]
 
     def __call__(self, downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
         """Train from the downlink; upload the model, keep ``g_k - alpha (theta_k - theta)``."""

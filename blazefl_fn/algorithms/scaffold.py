@@ -136,7 +136,7 @@ class ScaffoldUpdate:
 class _Aggregate:
     num_clients: int
     server_lr: float = attrs.field(validator=finite_number(positive=True))
-    names: tuple[str, ...] = ()
+    names: tuple[str, ...]
 
     def __call__(
         self, state: ServerState[ScaffoldState], uplinks: Sequence[Uplink]
