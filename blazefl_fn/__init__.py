@@ -1,6 +1,6 @@
 """blazefl_fn: fast, deterministic federated-learning simulation built from pure functions.
 
-Example:
+Examples:
     >>> import blazefl_fn as fl
     >>> result = fl.simulate(fl.RunConfig(rounds=1, clients=4, clients_per_round=2))
     >>> result.reports[0].clients

@@ -27,7 +27,7 @@ so algorithms can swap them freely. The shared conventions:
 Aggregators that take hyperparameters are frozen attrs records (`TrimmedMean`, `Krum`) and the
 others plain module functions, so every aggregator can be pickled to a worker process.
 
-Example:
+Examples:
     >>> import torch
     >>> trees = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 100.0)]
     >>> median(trees, [1, 1, 1])
@@ -176,7 +176,7 @@ def mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str, torch.T
             weight, or all weights zero.
         TypeError: a weight that is not a real number, or a tree that is not name -> tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> mean([{"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}], [3, 1])
         {'w': tensor([1.])}
@@ -198,7 +198,7 @@ def median(trees: Sequence[Params], weights: Sequence[float]) -> dict[str, torch
             weight, or all weights zero.
         TypeError: a weight that is not a real number, or a tree that is not name -> tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> trees = [{"w": torch.tensor([v, -v])} for v in (4.0, 1.0, 2.0, 9.0)]
         >>> median(trees, [1, 1, 1, 1])
@@ -248,7 +248,7 @@ class TrimmedMean:
 
         ``beta`` is read as the decimal it prints as, so ``0.29 * 100`` trims 29.
 
-        Example:
+        Examples:
             >>> TrimmedMean(0.29).trimmed(100), TrimmedMean(0.2).trimmed(9)
             (29, 1)
         """
@@ -280,7 +280,7 @@ def trimmed_mean(beta: float) -> TrimmedMean:
     Raises:
         ValueError: ``beta`` is not in ``[0, 0.5)``; when called, as `median`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> trees = [{"w": torch.tensor([v])} for v in (-50.0, 1.0, 2.0, 3.0, 1e9)]
         >>> trimmed_mean(0.2)(trees, [1.0] * 5)
@@ -318,7 +318,7 @@ def global_norm(tree: Params) -> float:
     Raises:
         ValueError: an entry holds a NaN or an infinity.
 
-    Example:
+    Examples:
         >>> import torch
         >>> global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0]), "n": torch.tensor(7)})
         5.0
@@ -355,7 +355,7 @@ def clip_by_norm(tree: Params, max_norm: float) -> dict[str, torch.Tensor]:
         ValueError: ``max_norm`` is not a finite number > 0, or the tree holds NaN/inf.
         TypeError: ``max_norm`` is not a real number.
 
-    Example:
+    Examples:
         >>> import torch
         >>> clip_by_norm({"w": torch.tensor([3.0, 4.0])}, 1.0)
         {'w': tensor([0.6000, 0.8000])}
@@ -405,7 +405,7 @@ def krum_scores(trees: Sequence[Params], f: int) -> list[float]:
     Raises:
         ValueError: ``f < 0``, ``n <= 2f + 2``, or the structures differ.
 
-    Example:
+    Examples:
         >>> import torch
         >>> trees = [{"w": torch.tensor([v])} for v in (0.0, 1.0, 3.0, 10.0)]
         >>> krum_scores(trees, 0)
@@ -450,7 +450,7 @@ class Krum:
         Raises:
             ValueError: ``n <= 2f + 2`` or ``m > n``.
 
-        Example:
+        Examples:
             >>> import torch
             >>> trees = [{"w": torch.tensor([v])} for v in (0.0, 1.0, 3.0, 10.0)]
             >>> Krum(f=0, m=2).select(trees)
@@ -505,7 +505,7 @@ def krum(f: int, m: int = 1) -> Krum:
         ValueError: ``f < 0`` or ``m < 1``; when called, ``n <= 2f + 2`` (naming n and f),
             ``m > n``, or as `median`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> trees = [{"w": torch.tensor([v])} for v in (0.0, 1.0, 3.0, 10.0)]
         >>> krum(f=0)(trees, [1, 1, 1, 1])

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+"""The file name a checkpoint has inside its directory."""
 _FORMAT = "blazefl_fn.checkpoint"
 _VERSION = 1
 
@@ -229,7 +230,7 @@ def save_checkpoint(
         TypeError: ``config`` is not JSON-serialisable or ``state.aux`` holds other types.
         OSError: the file could not be written (any temporary file is removed).
 
-    Example:
+    Examples:
         >>> import tempfile, torch
         >>> state = ServerState(params={"w": torch.ones(2)}, round=3)
         >>> with tempfile.TemporaryDirectory() as d:

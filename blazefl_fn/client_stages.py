@@ -134,7 +134,7 @@ class _Chain:
 def chain(*stages: GradientTransform) -> GradientTransform:
     """The stages applied in order; the state holds each stage's under its index.
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = chain(add_proximal(0.5), momentum(0.9))
         >>> w, g = {"w": torch.tensor([3.0])}, {"w": torch.tensor([1.0])}
@@ -277,7 +277,7 @@ class LossTerm(Protocol):
 class ProximalLoss:
     """``mu/2 * ||w - anchor||^2`` over every trainable parameter (FedProx's, FedDyn's term).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = {"w": torch.tensor([3.0], requires_grad=True)}
         >>> inputs = StepInput(params=w, anchor={"w": torch.tensor([1.0])}, trees={}, step=0)
@@ -296,7 +296,7 @@ class ProximalLoss:
 class InnerProduct:
     """``weight * <tree, w>`` for the supplied tree ``name`` (FedDyn's linear term has -1).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = {"w": torch.tensor([3.0], requires_grad=True)}
         >>> inputs = StepInput(params=w, anchor=w, trees={"h": {"w": torch.tensor([2.0])}}, step=0)

@@ -39,7 +39,7 @@ def initial_states(num_clients: int) -> ClientStates:
 def dispatch_states(states: ClientStates, ids: Sequence[int]) -> list[ClientInput]:
     """Each sampled client's stored tree, as its `ClientInput` (a ``dispatch`` stage's result).
 
-    Example:
+    Examples:
         >>> import torch
         >>> kept = Uplink(1, 5, {}, state={"c": torch.ones(1)})
         >>> states = collect_states(initial_states(3), [kept])

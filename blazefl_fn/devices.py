@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 DeviceLike = str | torch.device
+"""A device as torch accepts it: ``"cpu"``, ``"cuda:1"`` or a ``torch.device``."""
 T = TypeVar("T")
 
 # Values of CUBLAS_WORKSPACE_CONFIG under which cuBLAS is deterministic (CUDA docs).
@@ -69,7 +70,7 @@ def check_device(device: object) -> torch.device:
         TypeError: ``device`` is not a str or `torch.device`.
         ValueError: malformed, not a CPU or CUDA device, no CUDA, or an index past the count.
 
-    Example:
+    Examples:
         >>> check_device("cpu")
         device(type='cpu')
     """
@@ -124,7 +125,7 @@ def parse_devices(spec: str) -> tuple[torch.device, ...]:
     Raises:
         ValueError: malformed, or naming a device this machine does not have.
 
-    Example:
+    Examples:
         >>> parse_devices("cpu")
         (device(type='cpu'),)
     """
@@ -142,7 +143,7 @@ def parse_devices(spec: str) -> tuple[torch.device, ...]:
 def device_for(client_id: int, devices: Sequence[torch.device]) -> torch.device:
     """The device client ``client_id`` runs on: ``devices[client_id % len(devices)]``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> device_for(5, (torch.device("cpu"), torch.device("cpu"))).type
         'cpu'
@@ -208,7 +209,7 @@ def to_device(obj: T, device: torch.device, memo: MutableMapping[int, Any] | Non
         memo: ``id -> placed object``; an object met twice (a dataset shared by every client)
             is moved once. Keep one memo per device for as long as the placed objects live.
 
-    Example:
+    Examples:
         >>> import torch
         >>> tree = {"w": torch.ones(2), "n": 3}
         >>> to_device(tree, torch.device("cpu"))["w"] is tree["w"]

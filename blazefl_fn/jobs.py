@@ -63,6 +63,7 @@ class ClientTask:
 
 
 ClientUpdate = Callable[[Downlink, Data, ClientTask], Uplink]
+"""One client's work in a round: ``(downlink, data, task) -> uplink``, pure in its arguments."""
 
 
 @runtime_checkable
@@ -176,7 +177,7 @@ def _rng_changed(before: tuple[torch.Tensor, ...], device: torch.device) -> bool
 def global_rng_guard(enabled: bool, device: torch.device) -> Generator[None]:
     """Raise `GlobalRNGError` if the block changed torch's global RNG (CPU, and ``device``'s).
 
-    Example:
+    Examples:
         >>> with global_rng_guard(True, torch.device("cpu")):
         ...     _ = torch.rand(1)
         Traceback (most recent call last):

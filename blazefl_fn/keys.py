@@ -53,7 +53,7 @@ def _check_bits(_instance: object, _attribute: object, value: object) -> None:
 class Key:
     """A 128-bit node of the key tree; frozen, hashable and picklable.
 
-    Example:
+    Examples:
         >>> root = Key.from_seed(0)
         >>> round_key = root.fold_in(3)
         >>> a, b = round_key.split(2)
@@ -116,7 +116,7 @@ class Key:
     def permutation(self, n: int) -> list[int]:
         """A uniform random permutation of ``range(n)`` (Fisher-Yates over the bit stream).
 
-        Example:
+        Examples:
             >>> sorted(Key.from_seed(1).permutation(5))
             [0, 1, 2, 3, 4]
         """

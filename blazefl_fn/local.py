@@ -42,7 +42,7 @@ __all__ = [
 class ProximalTerm:
     """FedProx's proximal term ``mu/2 * ||w - w_global||^2``: adds ``mu * (w - w_global)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ProximalTerm(0.5)(torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([1.0]))
         tensor([2.])
@@ -134,7 +134,7 @@ def distill(
     Raises:
         ValueError: ``x`` and ``soft_labels`` differ in length.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Linear(2, 3)
         >>> params = {k: v.detach() for k, v in net.state_dict().items()}
@@ -171,7 +171,7 @@ def predict_probs(
 ) -> torch.Tensor:
     """``softmax(model(x))`` of ``template`` loaded with ``params``, as float32 rows.
 
-    Example:
+    Examples:
         >>> import torch
         >>> net = torch.nn.Linear(2, 3)
         >>> params = {k: v.detach() for k, v in net.state_dict().items()}

@@ -64,7 +64,7 @@ def check_vectorizable(template: nn.Module) -> None:
     A custom layer that mixes the rows of a batch is not detected: in a partial batch it
     would see the padding rows, so train such a model with a per-client executor.
 
-    Example:
+    Examples:
         >>> check_vectorizable(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
         >>> try:
         ...     check_vectorizable(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)))
@@ -231,7 +231,7 @@ def train_local_chunk(
         ValueError: the model cannot be vectorised (`check_vectorizable`), or ``clients``
             and ``keys`` differ in length.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.data.datasets import TensorDataset
         >>> net = nn.Linear(3, 2)

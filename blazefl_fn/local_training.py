@@ -41,7 +41,7 @@ class LocalTraining:
         augment: an optional augmentation of every training batch, drawing from the client
             key's ``"augment"`` child; picklable to run in worker processes.
 
-    Example:
+    Examples:
         >>> from blazefl_fn.client_stages import add_trees, chain, momentum
         >>> scaffold_like = LocalTraining(lr=0.1, optimizer=chain(
         ...     add_trees(plus=("c",), minus=("c_i",)), momentum(0.9)))
@@ -96,7 +96,7 @@ def trainable_names(module: torch.nn.Module, *, aliases: bool = False) -> tuple[
     name the ``state_dict`` has for them); frozen parameters and buffers never. The optimizer
     stages see exactly the names without aliases.
 
-    Example:
+    Examples:
         >>> trainable_names(torch.nn.BatchNorm1d(2))
         ('weight', 'bias')
     """
@@ -137,7 +137,7 @@ def train(
     Raises:
         ValueError: ``optimizer_state`` given without an optimizer.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.client_stages import add_proximal
         >>> from blazefl_fn.data.datasets import ClientData, TensorDataset

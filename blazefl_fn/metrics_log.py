@@ -68,7 +68,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         FileNotFoundError: ``path`` does not exist.
         ValueError: a complete line is not a JSON object with an integer ``round``.
 
-    Example:
+    Examples:
         >>> import tempfile, pathlib
         >>> with tempfile.TemporaryDirectory() as d:
         ...     p = pathlib.Path(d, "m.jsonl")

@@ -17,7 +17,7 @@ __all__ = ["cnn", "logistic_regression", "mlp"]
 def logistic_regression(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Multinomial logistic regression (the model of the FedProx synthetic benchmark).
 
-    Example:
+    Examples:
         >>> import torch
         >>> logistic_regression((60,), 10)(torch.zeros(4, 60)).shape
         torch.Size([4, 10])

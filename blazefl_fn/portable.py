@@ -19,7 +19,7 @@ Out of scope: GPUs (a portable config refuses CUDA devices), other torch, numpy 
 versions, other CPU architectures (ARM), and float64 model arithmetic (glibc picks FMA or
 non-FMA versions of its float64 ``exp``/``log``/``pow`` by CPU; the pins cover float32 models).
 
-Example:
+Examples:
     >>> sorted(PINS)
     ['ATEN_CPU_CAPABILITY', 'MKL_CBWR', 'MKL_DYNAMIC', 'ONEDNN_MAX_CPU_ISA']
 """
@@ -42,6 +42,7 @@ PINS: Mapping[str, str] = MappingProxyType(
         "ONEDNN_MAX_CPU_ISA": "SSE41",  # oneDNN: the baseline instruction set
     }
 )
+"""The environment variables portable mode sets, and their values (read-only)."""
 
 
 def pinned(environ: Mapping[str, str] | None = None) -> bool:

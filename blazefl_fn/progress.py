@@ -19,7 +19,7 @@ def _fmt(value: float | None) -> str:
 class LineProgress(Callback):
     """Writes one line per round to ``out``: round, clients, train loss, test metrics, seconds.
 
-    Example:
+    Examples:
         >>> import io
         >>> from blazefl_fn.records import RoundReport
         >>> out = io.StringIO()

@@ -46,7 +46,7 @@ class ServerState(Generic[Aux]):
             tensors, scalars, str-keyed mappings, tuples, lists and attrs records. Annotate
             a stage with ``ServerState[MyAux]`` and pyright checks every use of ``aux``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> state: ServerState[dict[str, torch.Tensor]] = ServerState({}, aux={"m": torch.ones(1)})
         >>> state.aux["m"]

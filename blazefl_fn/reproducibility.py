@@ -19,6 +19,7 @@ from .keys import Key
 __all__ = ["ModelFactory", "build_module", "build_template", "intra_op_threads"]
 
 ModelFactory = Callable[[], torch.nn.Module]
+"""Builds a fresh model from no arguments, e.g. ``functools.partial(mlp, (784,), 10)``."""
 
 
 # A template only fixes the architecture; its values are always overwritten by a state.
@@ -36,7 +37,7 @@ def build_module(model_fn: ModelFactory, key: Key) -> torch.nn.Module:
     Not thread-safe (it swaps the process-global generator state): call it from the driving
     thread, never inside a client update.
 
-    Example:
+    Examples:
         >>> import torch
         >>> a = build_module(lambda: torch.nn.Linear(2, 2), Key.from_seed(0))
         >>> b = build_module(lambda: torch.nn.Linear(2, 2), Key.from_seed(0))

@@ -48,6 +48,7 @@ A = TypeVar("A", default=Any)
 
 Sampler = Callable[[ServerState, Key], Sequence[int]]
 RoundFn = Callable[[ServerState[A], Key], tuple[ServerState[A], RoundReport]]
+"""One round as a pure function, ``(state, key) -> (next state, report)``; see `make_round`."""
 
 
 @attrs.frozen(eq=False)
@@ -111,7 +112,7 @@ def uniform_sampler(num_clients: int, clients_per_round: int) -> Sampler:
     Raises:
         ValueError: ``num_clients < 1`` or ``clients_per_round`` not in ``[1, num_clients]``.
 
-    Example:
+    Examples:
         >>> from blazefl_fn.records import ServerState
         >>> sample = uniform_sampler(100, 3)
         >>> len(set(sample(ServerState(params={}), Key.from_seed(0))))
@@ -238,7 +239,7 @@ def on_server(algorithm: Algorithm[Data, A], device: torch.device) -> Algorithm[
     `blazefl_fn.devices.to_device`; ``init`` is kept (place the state it makes), and so is
     ``client_update``, which the executor places on each client's device.
 
-    Example:
+    Examples:
         >>> import functools, torch
         >>> from blazefl_fn.algorithms.fedavg import fedavg
         >>> from blazefl_fn.local import LocalSGD

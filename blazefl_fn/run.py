@@ -111,9 +111,9 @@ ALGORITHMS = (
     "dsfl",
     "scarlet",
 )
-# Algorithms that share soft labels on a public set held out of the training data.
+"""The algorithm names `RunConfig` and ``--algorithm`` accept."""
 DISTILLATION = ("dsfl", "scarlet")
-# The server learning rate each server-optimizer algorithm uses when none is given.
+"""Algorithms that share soft labels on a public set held out of the training data."""
 DEFAULT_SERVER_LR = {
     "fedavgm": 1.0,
     "fedadam": 0.01,
@@ -121,12 +121,17 @@ DEFAULT_SERVER_LR = {
     "fedadagrad": 0.1,
     "scaffold": 1.0,
 }
-# Algorithms with their own server arithmetic: update clipping does not apply to them.
+"""The server learning rate each server-optimizer algorithm uses when none is given."""
 UNCLIPPED = ("scaffold", "feddyn", "fednova", "dsfl", "scarlet")
+"""Algorithms with their own server arithmetic: update clipping (``clip_norm``) does not apply."""
 DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
+"""The dataset names `RunConfig` and ``--dataset`` accept."""
 PARTITIONS = ("iid", "dirichlet", "shards", "inner-dirichlet")
+"""How image datasets can be split over clients (``--partition``)."""
 EXECUTORS = ("sequential", "threads", "processes", "ray", "vectorized")
+"""The executor names `RunConfig` and ``--executor`` accept."""
 MODELS = ("auto", "logreg", "mlp", "cnn")
+"""The model names `RunConfig` and ``--model`` accept (``auto`` picks one per dataset)."""
 
 
 def _resolve_auto(value: str) -> str:
@@ -561,7 +566,7 @@ def run_rounds(
     Raises:
         ValueError: ``rounds`` is below ``state.round``.
 
-    Example:
+    Examples:
         >>> import blazefl_fn as fl
         >>> config = RunConfig(clients=4, clients_per_round=2)
         >>> key = fl.Key.from_seed(0)
@@ -586,8 +591,6 @@ def run_rounds(
     return state, tuple(reports)
 
 
-# Settings that change how a run is executed or observed but not the bits it computes: a
-# checkpoint may be resumed with different values of these.
 RESUMABLE_CHANGES = frozenset(
     {
         "executor",
@@ -603,6 +606,8 @@ RESUMABLE_CHANGES = frozenset(
         "max_bytes",
     }
 )
+"""Settings that change how a run is executed or observed but not the bits it computes: a
+checkpoint may be resumed with different values of these."""
 
 
 def _arithmetic(config: RunConfig) -> str:
@@ -694,7 +699,7 @@ def simulate(
             checkpoint.
         FileNotFoundError: a data file or the checkpoint is missing.
 
-    Example:
+    Examples:
         >>> result = simulate(RunConfig(rounds=2, clients=5, clients_per_round=2))
         >>> len(result.reports), len(result.params_sha256)
         (2, 64)

@@ -49,7 +49,7 @@ class RoundEvent:
 class Callback:
     """Hooks into `run_loop`; every method is a no-op unless overridden.
 
-    Example:
+    Examples:
         >>> class Count(Callback):
         ...     rounds = 0
         ...     def on_round_end(self, event: RoundEvent) -> None:
@@ -150,7 +150,7 @@ def run_loop(
         ValueError: ``rounds < state.round``, ``eval_every < 1``, or an ``early_stop`` without
             ``evaluate``.
 
-    Example:
+    Examples:
         >>> import blazefl_fn as fl
         >>> from blazefl_fn.run import RunConfig, load_federation, model_factory
         >>> config = RunConfig(clients=4, clients_per_round=2)

@@ -23,7 +23,7 @@ values otherwise.
 their delta is an int64 difference that every transform passes through unscaled, and no state
 is kept for them.
 
-Example:
+Examples:
     >>> import torch
     >>> params = {"w": torch.tensor([1.0, 2.0])}
     >>> aggregated = {"w": torch.tensor([2.0, 0.0])}
@@ -106,7 +106,7 @@ def round_delta(aggregated: Params, params: Params) -> dict[str, torch.Tensor]:
         ValueError: the trees differ in names or shapes.
         TypeError: an entry is complex.
 
-    Example:
+    Examples:
         >>> import torch
         >>> round_delta({"w": torch.tensor([3.0]), "n": torch.tensor(5)},
         ...             {"w": torch.tensor([1.0]), "n": torch.tensor(2)})
@@ -136,7 +136,7 @@ def apply_updates(params: Params, updates: Params) -> dict[str, torch.Tensor]:
         ValueError: the trees differ in names or shapes.
         TypeError: a floating update for a non-floating entry, or a complex entry.
 
-    Example:
+    Examples:
         >>> import torch
         >>> apply_updates({"w": torch.tensor([1.0])}, {"w": torch.tensor([0.5])})
         {'w': tensor([1.5000])}
@@ -166,7 +166,7 @@ def server_step(
     """One server step: ``params + transform(aggregated - params)``; returns the new params
     and the transform's new state.
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = sgd(0.5)
         >>> server_step(opt, {"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])},
@@ -258,7 +258,7 @@ def sgd(lr: float) -> SGD:
     Raises:
         ValueError: ``lr`` is not a finite number > 0.
 
-    Example:
+    Examples:
         >>> import torch
         >>> sgd(0.5).update({"w": torch.tensor([2.0])}, EmptyState(), {"w": torch.zeros(1)})[0]
         {'w': tensor([1.])}
@@ -308,7 +308,7 @@ def momentum(lr: float, beta: float = 0.9) -> Momentum:
     Raises:
         ValueError: ``lr`` is not a finite number > 0, or ``beta`` not in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = momentum(lr=1.0, beta=0.5)
         >>> state = opt.init({"w": torch.zeros(1)})
@@ -456,7 +456,7 @@ def adam(lr: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3) -> Ada
         ValueError: ``lr`` or ``tau`` is not a finite number > 0, or ``b1``/``b2`` not in
             ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = adam(lr=0.1, tau=1.0)
         >>> delta, params = {"w": torch.tensor([2.0])}, {"w": torch.zeros(1)}
@@ -479,7 +479,7 @@ def yogi(lr: float, b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3) -> Yog
         ValueError: ``lr`` or ``tau`` is not a finite number > 0, or ``b1``/``b2`` not in
             ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = yogi(lr=0.1, tau=1.0)
         >>> delta, params = {"w": torch.tensor([2.0])}, {"w": torch.zeros(1)}
@@ -503,7 +503,7 @@ def adagrad(lr: float, tau: float = 1e-3, b1: float = 0.0) -> Adagrad:
     Raises:
         ValueError: ``lr`` or ``tau`` is not a finite number > 0, or ``b1`` not in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = adagrad(lr=0.1, tau=1.0)
         >>> delta, params = {"w": torch.tensor([2.0])}, {"w": torch.zeros(1)}
@@ -563,7 +563,7 @@ def chain(*transforms: ServerTransform[Any]) -> Chain:
     Raises:
         TypeError: an argument has no ``init``/``update``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> opt = chain(sgd(0.5), momentum(lr=2.0, beta=0.0))
         >>> opt.update({"w": torch.tensor([3.0])}, opt.init({"w": torch.zeros(1)}), {})[0]

@@ -49,7 +49,7 @@ _current: ContextVar[_Generators | None] = ContextVar("blazefl_fn_keyed_rng", de
 def keyed_rng(key: Key) -> Generator[None]:
     """Make ``key`` the source of `KeyedDropout` draws in this thread for the ``with`` block.
 
-    Example:
+    Examples:
         >>> import torch
         >>> layer = KeyedDropout(0.5)
         >>> with keyed_rng(Key.from_seed(0)):
@@ -91,7 +91,7 @@ def dropout(
     Raises:
         ValueError: ``p`` not in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> out = dropout(torch.ones(4), 0.5, Key.from_seed(0).torch_generator())
         >>> sorted(set(out.tolist())) in ([0.0, 2.0], [0.0], [2.0])

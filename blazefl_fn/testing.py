@@ -14,7 +14,7 @@ dtype's epsilon, scaled by the largest magnitude among the inputs and outputs at
 coordinate (so cancellation near zero is judged against the inputs' size). For integer entries
 ``ulps`` counts whole units.
 
-Example:
+Examples:
     >>> from hypothesis import given, settings
     >>> from blazefl_fn import aggregators, testing
     >>> def my_median(trees, weights):  # the aggregator under test
@@ -111,7 +111,7 @@ class ClientBatch:
     def positive(self) -> list[int]:
         """Indices of the clients with a positive weight.
 
-        Example:
+        Examples:
             >>> ClientBatch(trees=({}, {}, {}), weights=(0.0, 2.0, 1.0)).positive()
             [1, 2]
         """
@@ -133,7 +133,7 @@ class Corrupted:
     def honest(self) -> list[int]:
         """Indices of the positive-weight clients that were not replaced.
 
-        Example:
+        Examples:
             >>> batch = ClientBatch(trees=({}, {}, {}), weights=(1.0, 0.0, 1.0))
             >>> Corrupted(batch=batch, replaced=(0,)).honest()
             [2]
@@ -215,7 +215,7 @@ def tree_structures(
     Raises:
         ValueError: ``dtypes`` is empty or a size limit is negative.
 
-    Example:
+    Examples:
         >>> from hypothesis import given, settings
         >>> @settings(max_examples=5, deadline=None)
         ... @given(tree_structures(max_entries=2))
@@ -253,7 +253,7 @@ def trees_like(
     dtype's whole finite range). Hypothesis draws each value, so zeros, ``-0.0``, subnormals
     and the bounds all occur and failures shrink.
 
-    Example:
+    Examples:
         >>> from hypothesis import given, settings
         >>> structure = TreeStructure(entries=(("w", (2,), torch.float16),))
         >>> @settings(max_examples=5, deadline=None)
@@ -273,7 +273,7 @@ def params_trees(
 ) -> st.SearchStrategy[dict[str, torch.Tensor]]:
     """Parameter trees: of ``structure`` if given, else of a drawn `tree_structures`.
 
-    Example:
+    Examples:
         >>> from hypothesis import given, settings
         >>> @settings(max_examples=5, deadline=None)
         ... @given(params_trees(dtypes=[torch.float32]))
@@ -336,7 +336,7 @@ def client_batches(
     Raises:
         ValueError: ``min_clients < 1`` or ``max_clients < min_clients``.
 
-    Example:
+    Examples:
         >>> from hypothesis import given, settings
         >>> @settings(max_examples=5, deadline=None)
         ... @given(client_batches(min_clients=2, max_clients=3))
@@ -394,7 +394,7 @@ def adversarial_replacements(batch: ClientBatch, k: int) -> st.SearchStrategy[Co
     Raises:
         ValueError: ``k < 0``.
 
-    Example:
+    Examples:
         >>> from hypothesis import given, settings
         >>> strategy = client_batches(min_clients=3).flatmap(
         ...     lambda b: adversarial_replacements(b, 1))
@@ -489,7 +489,7 @@ def check_structure_preserved(
     Raises:
         AssertionError: naming the offending entry.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import mean
         >>> check_structure_preserved(mean, [{"w": torch.ones(2)}, {"w": torch.zeros(2)}], [1, 1])
@@ -528,7 +528,7 @@ def check_deterministic(agg: Aggregator, trees: Sequence[Params], weights: Seque
     Raises:
         AssertionError: the digests differ.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import median
         >>> check_deterministic(median, [{"w": torch.ones(2)}, {"w": torch.zeros(2)}], [1, 1])
@@ -551,7 +551,7 @@ def check_identity_on_equal(
     Raises:
         AssertionError: naming the first differing coordinate.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import mean
         >>> check_identity_on_equal(mean, {"w": torch.tensor([0.1, -3.0])}, [1, 2, 5])
@@ -584,7 +584,7 @@ def check_permutation_invariance(
         AssertionError: naming the permutation and the first differing coordinate.
         ValueError: a permutation is not one of ``range(len(trees))``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import median
         >>> trees = [{"w": torch.tensor([float(v)])} for v in (3, 1, 2)]
@@ -623,7 +623,7 @@ def check_honest_bounds(
         AssertionError: naming the first coordinate outside the range.
         ValueError: ``honest`` is empty or out of range.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import median
         >>> trees = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 1e30)]
@@ -664,7 +664,7 @@ def check_coordinate_bounds(
     Raises:
         AssertionError: naming the first coordinate outside the range.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import mean
         >>> trees = [{"w": torch.tensor([v])} for v in (1.0, 2.0, 1e30)]
@@ -690,7 +690,7 @@ def check_weight_scaling(
         AssertionError: naming the first differing coordinate.
         ValueError: ``factor`` is not a finite number > 0.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import mean
         >>> trees = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])}]
@@ -745,7 +745,7 @@ def check_zero_weight_client(
     Raises:
         AssertionError: naming where the client was added and the differing coordinate.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import median
         >>> trees = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])}]
@@ -782,7 +782,7 @@ def check_weight_two_equals_two_copies(
         AssertionError: naming the first differing coordinate.
         ValueError: ``index`` is out of range.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import mean
         >>> trees = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])}]
@@ -824,7 +824,7 @@ def check_affine_equivariance(
         AssertionError: naming the first differing coordinate.
         ValueError: ``a`` or ``b`` is not finite.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import median
         >>> trees = [{"w": torch.tensor([v])} for v in (1.0, 5.0, 2.0)]
@@ -867,7 +867,7 @@ def check_selects_an_input(
     Raises:
         AssertionError: the result matches no input.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import krum
         >>> trees = [{"w": torch.tensor([v])} for v in (1.0, 5.0, 2.0)]
@@ -884,7 +884,7 @@ def check_rejects_all_zero_weights(agg: Aggregator, trees: Sequence[Params]) -> 
     Raises:
         AssertionError: the aggregator returned or raised something else.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.aggregators import mean
         >>> check_rejects_all_zero_weights(mean, [{"w": torch.ones(1)}])

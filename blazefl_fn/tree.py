@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 Params = Mapping[str, torch.Tensor]
+"""A parameter tree: tensors by name, as in a ``state_dict``; functions never write into one."""
 
 # Offsets in a flat buffer are multiples of this, so every entry can be viewed as its own dtype.
 _ALIGN = 64
@@ -55,7 +56,7 @@ def map_params(
 ) -> dict[str, torch.Tensor]:
     """Apply ``fn`` to every tensor.
 
-    Example:
+    Examples:
         >>> import torch
         >>> map_params(lambda t: t * 2, {"w": torch.ones(2)})
         {'w': tensor([2., 2.])}
@@ -91,7 +92,7 @@ def add_weighted(
         ValueError: ``trees`` and ``weights`` differ in length, a weight is not finite, or a
             tree lacks one of ``base``'s names.
 
-    Example:
+    Examples:
         >>> import torch
         >>> add_weighted({"w": torch.tensor([1.0])}, [{"w": torch.tensor([2.0])}], [-0.5])
         {'w': tensor([0.])}
@@ -167,7 +168,7 @@ def weighted_mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str
         ValueError: no trees, mismatched names or lengths, a negative or non-finite weight, or
             all weights zero.
 
-    Example:
+    Examples:
         >>> import torch
         >>> weighted_mean([{"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}], [3, 1])
         {'w': tensor([1.])}
@@ -190,7 +191,7 @@ def select(params: Params, names: Sequence[str] | frozenset[str]) -> dict[str, t
     Raises:
         ValueError: a name is not in ``params``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> select({"w": torch.ones(1), "running_mean": torch.zeros(1)}, ["w"])
         {'w': tensor([1.])}
@@ -214,7 +215,7 @@ def pack(parts: Mapping[str, Params]) -> dict[str, torch.Tensor]:
     Raises:
         ValueError: a part's name is empty or contains ``"/"``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> msg = pack({"params": {"w": torch.ones(1)}, "c": {"w": torch.zeros(1)}})
         >>> sorted(msg), unpack(msg, "c")
@@ -331,7 +332,7 @@ def flatten(params: Params, out: torch.Tensor | None = None) -> tuple[torch.Tens
     Raises:
         ValueError: ``out`` is not a 1-D uint8 tensor of at least ``spec.nbytes`` bytes.
 
-    Example:
+    Examples:
         >>> import torch
         >>> buf, spec = flatten({"a": torch.ones(2), "b": torch.arange(3)})
         >>> unflatten(buf, spec)["b"]

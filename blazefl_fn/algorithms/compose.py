@@ -151,7 +151,7 @@ def compose(
     Raises:
         ValueError: ``clients_per_round`` is not in ``[1, num_clients]``.
 
-    Example:
+    Examples:
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
         >>> from blazefl_fn.server_transforms import momentum

@@ -182,7 +182,7 @@ def dsfl(
         ValueError: an empty public set, ``public_per_round`` not in ``[1, len(public)]``,
             ``clients_per_round`` not in ``[1, num_clients]``, or a bad temperature.
 
-    Example:
+    Examples:
         >>> import functools, torch
         >>> from blazefl_fn.models import mlp
         >>> algo = dsfl(functools.partial(mlp, (4,), 3), public=torch.randn(50, 4),

@@ -92,7 +92,7 @@ class LocalSGDUpdate:
 class TrainUpdate:
     """A client stage for any `LocalTraining`: uplinks the trained parameters and its steps.
 
-    Example:
+    Examples:
         >>> from blazefl_fn.client_stages import momentum
         >>> from blazefl_fn.models import logistic_regression
         >>> training = LocalTraining(optimizer=momentum(0.9))
@@ -134,7 +134,7 @@ def fedavg(
     Raises:
         ValueError: ``clients_per_round`` is not in ``[1, num_clients]``.
 
-    Example:
+    Examples:
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = fedavg(functools.partial(logistic_regression, (60,), 10),

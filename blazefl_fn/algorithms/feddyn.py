@@ -75,7 +75,7 @@ def dynamic(training: LocalTraining, alpha: float) -> LocalTraining:
 
     The linear term reads the tree ``"grad"`` (``g_k``).
 
-    Example:
+    Examples:
         >>> len(dynamic(LocalTraining(), 0.01).loss_terms)
         2
     """
@@ -150,7 +150,7 @@ def feddyn(
     Raises:
         ValueError: ``clients_per_round`` not in ``[1, num_clients]``, or ``alpha <= 0``.
 
-    Example:
+    Examples:
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = feddyn(functools.partial(logistic_regression, (60,), 10),

@@ -36,7 +36,7 @@ __all__ = ["fednova", "normalizer"]
 def normalizer(steps: int, rho: float = 0.0) -> float:
     """FedNova's ``||a||_1`` for ``steps`` local steps of SGD with momentum ``rho``.
 
-    Example:
+    Examples:
         >>> normalizer(5), round(normalizer(2, 0.5), 6)
         (5.0, 2.5)
     """
@@ -82,7 +82,7 @@ def fednova(
         ValueError: ``clients_per_round`` not in ``[1, num_clients]``, ``momentum`` not in
             ``[0, 1)``, or ``local`` has gradient hooks (their normaliser is not FedNova's).
 
-    Example:
+    Examples:
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = fednova(functools.partial(logistic_regression, (60,), 10),

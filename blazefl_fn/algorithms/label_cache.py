@@ -35,7 +35,7 @@ class CacheSignal(enum.IntEnum):
 def is_fresh(produced: torch.Tensor, now: int, duration: int) -> torch.Tensor:
     """Which entries produced in rounds ``produced`` may be used in round ``now``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> is_fresh(torch.tensor([-1, 4, 5, 7]), now=7, duration=3)
         tensor([False, False,  True,  True])

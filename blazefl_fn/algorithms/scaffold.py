@@ -88,7 +88,7 @@ def scaffold_dispatch(state: ServerState[ScaffoldState], ids: Sequence[int]) -> 
 def corrected(training: LocalTraining) -> LocalTraining:
     """``training`` stepping along ``g + c - c_i`` (then through its own optimizer, if any).
 
-    Example:
+    Examples:
         >>> corrected(LocalTraining()).optimizer is not None
         True
     """
@@ -166,7 +166,7 @@ def scaffold(
     Raises:
         ValueError: ``clients_per_round`` not in ``[1, num_clients]``, or a bad ``server_lr``.
 
-    Example:
+    Examples:
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = scaffold(functools.partial(logistic_regression, (60,), 10),

@@ -278,7 +278,7 @@ def scarlet(
             ``clients_per_round`` not in ``[1, num_clients]``, a negative ``cache_duration``
             or a bad exponent.
 
-    Example:
+    Examples:
         >>> import functools, torch
         >>> from blazefl_fn.models import mlp
         >>> algo = scarlet(functools.partial(mlp, (4,), 3), public=torch.randn(50, 4),

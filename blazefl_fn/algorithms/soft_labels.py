@@ -25,7 +25,7 @@ def mean_soft_labels(client_probs: Sequence[torch.Tensor]) -> torch.Tensor:
     Raises:
         ValueError: no clients, or the tensors differ in shape.
 
-    Example:
+    Examples:
         >>> import torch
         >>> mean_soft_labels([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]])])
         tensor([[0.7500, 0.2500]])
@@ -51,7 +51,7 @@ def era(probs: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     Raises:
         ValueError: ``temperature`` is not a finite number > 0, or ``probs`` is not 2-D float.
 
-    Example:
+    Examples:
         >>> import torch
         >>> era(torch.tensor([[0.6, 0.4]]), temperature=0.1)
         tensor([[0.8808, 0.1192]])
@@ -73,7 +73,7 @@ def enhanced_era(probs: torch.Tensor, exponent: float = 2.0) -> torch.Tensor:
         ValueError: ``exponent`` is not a finite number > 0, ``probs`` is not 2-D float, or it
             has a negative entry or a row summing to 0.
 
-    Example:
+    Examples:
         >>> import torch
         >>> enhanced_era(torch.tensor([[0.6, 0.4]]), exponent=2.0)
         tensor([[0.6923, 0.3077]])
@@ -92,7 +92,7 @@ def enhanced_era(probs: torch.Tensor, exponent: float = 2.0) -> torch.Tensor:
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """The Shannon entropy (nats) of each row, with ``0 log 0 = 0``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
         tensor([0.6931, 0.0000])

@@ -50,9 +50,13 @@ __all__ = [
 ]
 
 CIFAR10_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+"""Where the CIFAR-10 python-version archive is published."""
 CIFAR10_PYTHON_MD5 = "c58f30108f718f92721af3b95e74349a"
+"""The MD5 of that archive as its publisher lists it (pass it as ``md5=`` to `download`)."""
 CIFAR100_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+"""Where the CIFAR-100 python-version archive is published."""
 CIFAR100_PYTHON_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+"""The MD5 of that archive as its publisher lists it (pass it as ``md5=`` to `download`)."""
 
 _PIXELS = 3 * 32 * 32
 _CHUNK = 1 << 20

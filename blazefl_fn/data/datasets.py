@@ -44,7 +44,7 @@ class ClientData:
 
     The base tensors are never copied per client; a batch gathers its rows on demand.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.keys import Key
         >>> base = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
@@ -88,7 +88,7 @@ class ClientData:
     def gathered(self, device: torch.device) -> ClientData:
         """A compact copy on ``device``: only this client's rows, indexed ``0..n-1`` in order.
 
-        Example:
+        Examples:
             >>> import torch
             >>> from blazefl_fn.keys import Key
             >>> base = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))

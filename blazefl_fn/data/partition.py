@@ -210,7 +210,7 @@ def iid(num_samples: int, num_clients: int, key: Key) -> Partition:
     Raises:
         ValueError: ``num_samples < 1``, ``num_clients < 1`` or more clients than samples.
 
-    Example:
+    Examples:
         >>> from blazefl_fn.keys import Key
         >>> p = iid(10, 3, Key.from_seed(0))
         >>> len(p), p.sizes
@@ -284,7 +284,7 @@ def dirichlet(
         ValueError: An argument is out of range, ``min_size * num_clients > n``, or no attempt
             in ``max_tries`` met ``min_size``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from blazefl_fn.keys import Key
         >>> labels = torch.arange(200) % 4

@@ -94,7 +94,7 @@ def synthetic(
     Raises:
         ValueError: An argument is out of range.
 
-    Example:
+    Examples:
         >>> from blazefl_fn.keys import Key
         >>> fd = synthetic(0.5, 0.5, num_clients=3, key=Key.from_seed(0))
         >>> fd.name, len(fd.clients), fd.input_shape, fd.num_classes

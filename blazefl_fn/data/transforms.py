@@ -15,7 +15,7 @@ note that torchvision draws from torch's *global* RNG, so such a transform is no
 blazefl_fn's determinism guarantee (its output depends on thread scheduling and on whatever
 else touched the global RNG).
 
-Example:
+Examples:
     >>> import torch
     >>> t = cifar_train_transform()
     >>> x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -53,11 +53,16 @@ __all__ = [
 ]
 
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+"""A batch augmentation ``(batch, generator) -> new batch``; it draws only from the generator."""
 
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+"""CIFAR-10's per-channel mean of the training images in ``[0, 1]``."""
 CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
+"""CIFAR-10's per-channel standard deviation of the training images in ``[0, 1]``."""
 CIFAR100_MEAN: tuple[float, float, float] = (0.5071, 0.4865, 0.4409)
+"""CIFAR-100's per-channel mean of the training images in ``[0, 1]``."""
 CIFAR100_STD: tuple[float, float, float] = (0.2673, 0.2564, 0.2762)
+"""CIFAR-100's per-channel standard deviation of the training images in ``[0, 1]``."""
 
 
 def _check_4d(x: torch.Tensor) -> None:

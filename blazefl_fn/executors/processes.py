@@ -121,7 +121,7 @@ class Processes(ClosingContext):
     Raises:
         ValueError: a bad argument.
 
-    Example:
+    Examples:
         >>> import operator, functools
         >>> with Processes(2) as ex:
         ...     ex.map(functools.partial(operator.mul, 3), [1, 2, 3])

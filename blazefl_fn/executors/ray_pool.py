@@ -137,7 +137,7 @@ class Ray(ClosingContext):
         ValueError: a bad argument.
         WorkerError: the actors could not be started.
 
-    Example:
+    Examples:
         >>> with Ray(workers=2) as ex:  # doctest: +SKIP
         ...     ex.map(lambda x: x * x, [1, 2, 3])
         [1, 4, 9]

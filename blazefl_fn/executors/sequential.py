@@ -32,7 +32,7 @@ class Sequential(InProcess):
     Raises:
         ValueError: a device that does not exist here, or both arguments.
 
-    Example:
+    Examples:
         >>> with Sequential() as ex:
         ...     ex.map(lambda x: x * x, [1, 2, 3])
         [1, 4, 9]

@@ -36,7 +36,7 @@ class Threads(InProcess):
     Raises:
         ValueError: ``workers < 1`` or a device that does not exist here.
 
-    Example:
+    Examples:
         >>> with Threads(2) as ex:
         ...     ex.map(lambda x: x * x, [1, 2, 3])
         [1, 4, 9]

@@ -67,7 +67,7 @@ class Vectorized(InProcess):
             from `map`: a model that cannot be vectorised (dropout, BatchNorm), a chunk over
             ``max_bytes`` or over the GPU's free memory.
 
-    Example:
+    Examples:
         >>> with Vectorized(chunk=4) as ex:
         ...     ex.map(lambda x: x * x, [1, 2, 3])
         [1, 4, 9]

@@ -1,0 +1,83 @@
+"""The tutorials under docs/tutorials run as written: their code blocks, in order, as one script.
+
+A user copies a page's ``python`` blocks into one file and runs it; so does this test, in a
+fresh interpreter (worker processes are spawned and import that file again, as they would for
+the user). The pages' own asserts check what the text claims (one digest on every executor,
+the hand-built DS-FL equal to the shipped one, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from _ray_helpers import ENV as RAY_ENV
+from _ray_helpers import ray_pids, wait_until_gone
+
+TUTORIALS = Path(__file__).resolve().parents[1] / "docs" / "tutorials"
+# The four pages the documentation promises; a new page is picked up by the glob below.
+EXPECTED = {"quickstart", "dsfl", "reproducibility", "property-testing"}
+_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def code_of(page: Path) -> str:
+    """The page's ``python`` code blocks joined in order (other blocks are output or shell)."""
+    return "\n".join(_BLOCK.findall(page.read_text()))
+
+
+def test_the_promised_tutorials_exist_and_have_code() -> None:
+    pages = {p.stem: p for p in TUTORIALS.glob("*.md")}
+    assert set(pages) >= EXPECTED, sorted(pages)
+    for page in pages.values():
+        assert code_of(page).count("\n") >= 10, f"{page.name} has (almost) no code"
+
+
+def test_the_block_extractor_keeps_only_python_blocks(tmp_path: Path) -> None:
+    page = tmp_path / "p.md"
+    page.write_text("x\n```python\na = 1\n```\n```text\nout\n```\n```python\nb = a\n```\n")
+    assert code_of(page) == "a = 1\n\nb = a\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.stem for p in TUTORIALS.glob("*.md")))
+def test_tutorial_runs(name: str, tmp_path: Path) -> None:
+    script = tmp_path / f"{name.replace('-', '_')}.py"
+    script.write_text(code_of(TUTORIALS / f"{name}.md"))
+    env = {**os.environ, **RAY_ENV}
+    before = ray_pids()
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{name}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert not wait_until_gone(ray_pids() - before), "the tutorial left Ray processes behind"
+
+
+PYRIGHT = Path(sys.executable).parent / "pyright"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PYRIGHT.exists(), reason="pyright is installed by the dev extra")
+def test_tutorial_code_type_checks_as_user_code(tmp_path: Path) -> None:
+    """The pages teach the typed surface: their code passes pyright strict from outside the repo."""
+    names = sorted(p.stem for p in TUTORIALS.glob("*.md"))
+    for name in names:
+        (tmp_path / f"{name.replace('-', '_')}.py").write_text(code_of(TUTORIALS / f"{name}.md"))
+    (tmp_path / "pyrightconfig.json").write_text(json.dumps({"typeCheckingMode": "strict"}))
+    done = subprocess.run(
+        [str(PYRIGHT), "--outputjson", "--pythonpath", sys.executable, "."],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    report = json.loads(done.stdout)
+    assert report["summary"]["filesAnalyzed"] == len(names)
+    errors = [
+        f"{Path(d['file']).name}:{d['range']['start']['line'] + 1}: {d['message']}"
+        for d in report["generalDiagnostics"]
+        if d["severity"] == "error"
+    ]
+    assert not errors, "\n".join(errors)
