@@ -1,31 +1,57 @@
 """MkDocs hooks for the API reference: each package page lists what the package re-exports.
 
 A line ``<!-- exports: blazefl_fn.data -->`` in a page becomes a table of that package's
-``__all__``: each name links to the entry of the module that defines it (the first public
-module on its import chain), with the first line of its docstring. Computed at build time
-with griffe, so the tables cannot fall out of step with the code.
+``__all__``: each name links to the entry of the object it re-exports, on the page of the
+public module that defines it, with the first paragraph of its docstring. Computed at build
+time with griffe, so the tables cannot fall out of step with the code.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import re
+from pathlib import Path
 from typing import Any
 
 import griffe
 
 _MARKER = re.compile(r"^<!-- exports: (?P<module>[\w.]+) -->$", re.MULTILINE)
+_ROOT = Path(__file__).resolve().parent
 
 
 @functools.cache
 def _package() -> griffe.Module:
-    loaded = griffe.load("blazefl_fn", search_paths=["."], resolve_aliases=True)
+    loaded = griffe.load("blazefl_fn", search_paths=[str(_ROOT)], resolve_aliases=True)
     assert isinstance(loaded, griffe.Module)
     return loaded
 
 
 def _public(path: str) -> bool:
     return not any(part.startswith("_") for part in path.split("."))
+
+
+def module_named(path: str) -> griffe.Module:
+    """The griffe module at dotted ``path`` (``blazefl_fn`` or below)."""
+    package = _package()
+    found = package if path == package.path else package[path.split(".", 1)[1]]
+    assert isinstance(found, griffe.Module), path
+    return found
+
+
+def export(module_path: str, name: str) -> griffe.Object | griffe.Alias:
+    """What ``module_path`` exports as ``name``.
+
+    griffe lists a submodule and a re-exported function of the same name (``algorithms.dsfl``
+    the module, ``algorithms.dsfl`` the function) under one key, the submodule; the runtime
+    attribute says which one ``__all__`` means.
+    """
+    member = module_named(module_path).members[name]
+    runtime = getattr(importlib.import_module(module_path), name)
+    if member.is_module and not inspect.ismodule(runtime):
+        member = member.members[name]
+    return member
 
 
 def documented_path(obj: griffe.Object | griffe.Alias) -> str:
@@ -42,19 +68,19 @@ def documented_path(obj: griffe.Object | griffe.Alias) -> str:
 
 def _summary(obj: griffe.Object | griffe.Alias) -> str:
     target = obj.final_target if isinstance(obj, griffe.Alias) else obj
-    text = target.docstring.value.strip().splitlines()[0] if target.docstring else ""
-    return text.replace("|", "\\|")
+    if not target.docstring:
+        return ""
+    paragraph = target.docstring.value.strip().split("\n\n", 1)[0]
+    return " ".join(paragraph.split()).replace("|", "\\|")
 
 
 def exports_table(module_path: str) -> str:
     """The Markdown table of ``module_path``'s ``__all__``."""
-    package = _package()
-    module = package if module_path == package.path else package[module_path.split(".", 1)[1]]
     rows = ["| name | what |", "|---|---|"]
-    for export in module.exports or ():
+    for entry in module_named(module_path).exports or ():
         # griffe keeps an ``__all__`` entry built from another module's as an expression.
-        name = export if isinstance(export, str) else export.name
-        member = module.members[name]
+        name = entry if isinstance(entry, str) else entry.name
+        member = export(module_path, name)
         rows.append(f"| [`{name}`][{documented_path(member)}] | {_summary(member)} |")
     return "\n".join(rows)
 

@@ -606,8 +606,9 @@ RESUMABLE_CHANGES = frozenset(
         "max_bytes",
     }
 )
-"""Settings that change how a run is executed or observed but not the bits it computes: a
-checkpoint may be resumed with different values of these."""
+"""Settings a checkpoint may be resumed with different values of: how a run is executed or
+observed. They do not change the bits, except that a vectorized run's chunking (``executor``,
+``chunk``, ``max_bytes``) is checked separately, since it groups the arithmetic."""
 
 
 def _arithmetic(config: RunConfig) -> str:

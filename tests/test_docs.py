@@ -9,6 +9,7 @@ a warning would not: that each name in each public module's ``__all__`` has a re
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import pkgutil
 import subprocess
@@ -45,14 +46,28 @@ def reference_page(name: str) -> Path:
     return ROOT / "docs" / "reference" / Path(*rel).with_suffix(".md")
 
 
-def inventory(site: Path) -> set[str]:
-    """The Python names in a Sphinx-style ``objects.inv`` (four header lines, then zlib)."""
+def reference_html(name: str) -> str:
+    """The site path of ``name``'s reference page (``use_directory_urls: false``)."""
+    return reference_page(name).relative_to(ROOT / "docs").with_suffix(".html").as_posix()
+
+
+def rendered_entries(site: Path) -> dict[str, str]:
+    """Name -> page of every object a page renders, from the site's ``objects.inv``.
+
+    The inventory is Sphinx's format: four header lines, then zlib-compressed lines
+    ``name domain:role priority uri display``. Priority 1 marks the object's own entry;
+    mkdocstrings also lists aliases (priority 2) that point at an entry rendered elsewhere.
+    """
     data = (site / "objects.inv").read_bytes()
     start = 0
     for _ in range(4):
         start = data.index(b"\n", start) + 1
-    lines = zlib.decompress(data[start:]).decode().splitlines()
-    return {line.split(" ", 1)[0] for line in lines if " py:" in line}
+    entries: dict[str, str] = {}
+    for line in zlib.decompress(data[start:]).decode().splitlines():
+        name, role, priority, uri = line.split(" ", 4)[:4]
+        if role.startswith("py:") and priority == "1":
+            entries[name] = uri.split("#", 1)[0]
+    return entries
 
 
 @pytest.fixture(scope="module")
@@ -80,36 +95,48 @@ def test_every_public_module_has_a_reference_page_in_the_nav() -> None:
 
 
 def test_every_public_name_has_a_rendered_entry(site: Path) -> None:
-    rendered = inventory(site)
-    package = griffe.load("blazefl_fn", search_paths=[str(ROOT)], resolve_aliases=True)
-    assert isinstance(package, griffe.Module)
+    rendered = rendered_entries(site)
     missing: list[str] = []
     for name in public_modules():
-        module = importlib.import_module(name)
-        exports: list[str] = list(module.__all__)
+        exports: list[str] = list(importlib.import_module(name).__all__)
         assert exports, f"{name} has an empty __all__"
         for export in exports:
             if is_package(name):
                 # Package pages link each export to the entry of the module defining it.
-                member = package if name == "blazefl_fn" else package[name.split(".", 1)[1]]
-                path = mkdocs_hooks.documented_path(member.members[export])
-            else:
-                path = f"{name}.{export}"
-            if path not in rendered:
-                missing.append(path)
+                path = mkdocs_hooks.documented_path(mkdocs_hooks.export(name, export))
+                if path not in rendered:
+                    missing.append(f"{name}.{export} (-> {path})")
+            elif rendered.get(f"{name}.{export}") != reference_html(name):
+                missing.append(f"{name}.{export}")
     assert not missing, f"no rendered entry for {missing}"
 
 
+def test_package_tables_link_each_name_to_the_object_it_is() -> None:
+    # A submodule and a function can share a name (algorithms.dsfl); the table must link the
+    # function that `from blazefl_fn.algorithms import dsfl` gives.
+    for name in public_modules():
+        if not is_package(name):
+            continue
+        module = importlib.import_module(name)
+        for export in module.__all__:
+            runtime = getattr(module, export)
+            path = mkdocs_hooks.documented_path(mkdocs_hooks.export(name, export))
+            if inspect.ismodule(runtime):
+                assert path == runtime.__name__, (name, export, path)
+            elif inspect.isclass(runtime) or inspect.isfunction(runtime):
+                assert path.endswith("." + runtime.__qualname__), (name, export, path)
+                owner = path.removesuffix("." + runtime.__qualname__)
+                if not runtime.__module__.rsplit(".", 1)[-1].startswith("_"):
+                    assert owner == runtime.__module__, (name, export, path)
+
+
 def test_every_public_name_has_a_docstring() -> None:
-    package = griffe.load("blazefl_fn", search_paths=[str(ROOT)], resolve_aliases=True)
-    assert isinstance(package, griffe.Module)
     undocumented: list[str] = []
     for name in public_modules():
-        module = package if name == "blazefl_fn" else package[name.split(".", 1)[1]]
-        if not module.docstring:
+        if not mkdocs_hooks.module_named(name).docstring:
             undocumented.append(name)
         for export in importlib.import_module(name).__all__:
-            member = module.members[export]
+            member = mkdocs_hooks.export(name, export)
             target = member.final_target if isinstance(member, griffe.Alias) else member
             if not target.docstring:
                 undocumented.append(f"{name}.{export}")

@@ -37,6 +37,15 @@ def test_the_promised_tutorials_exist_and_have_code() -> None:
         assert code_of(page).count("\n") >= 10, f"{page.name} has (almost) no code"
 
 
+def test_every_python_looking_block_is_extracted() -> None:
+    # A block the regex misses (indented under a list, ```py, ```python title=...) would render
+    # but never run: refuse such pages rather than let their code rot.
+    for page in TUTORIALS.glob("*.md"):
+        text = page.read_text()
+        fences = re.findall(r"^\s*```\s*py", text, re.MULTILINE)
+        assert len(fences) == len(_BLOCK.findall(text)), f"{page.name}: a python block is skipped"
+
+
 def test_the_block_extractor_keeps_only_python_blocks(tmp_path: Path) -> None:
     page = tmp_path / "p.md"
     page.write_text("x\n```python\na = 1\n```\n```text\nout\n```\n```python\nb = a\n```\n")
