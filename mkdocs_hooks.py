@@ -28,8 +28,14 @@ def _package() -> griffe.Module:
     return loaded
 
 
-def _public(path: str) -> bool:
+def is_public(path: str) -> bool:
+    """Whether no component of the dotted ``path`` starts with ``_``."""
     return not any(part.startswith("_") for part in path.split("."))
+
+
+def resolved(obj: griffe.Object | griffe.Alias) -> griffe.Object:
+    """The object at the end of ``obj``'s chain of re-exports."""
+    return obj.final_target if isinstance(obj, griffe.Alias) else obj
 
 
 def module_named(path: str) -> griffe.Module:
@@ -59,7 +65,7 @@ def documented_path(obj: griffe.Object | griffe.Alias) -> str:
     chosen = obj.path
     current: griffe.Object | griffe.Alias = obj
     while True:
-        if _public(current.path):
+        if is_public(current.path):
             chosen = current.path
         if not isinstance(current, griffe.Alias):
             return chosen
@@ -67,7 +73,7 @@ def documented_path(obj: griffe.Object | griffe.Alias) -> str:
 
 
 def _summary(obj: griffe.Object | griffe.Alias) -> str:
-    target = obj.final_target if isinstance(obj, griffe.Alias) else obj
+    target = resolved(obj)
     if not target.docstring:
         return ""
     paragraph = target.docstring.value.strip().split("\n\n", 1)[0]

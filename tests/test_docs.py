@@ -17,7 +17,6 @@ import sys
 import zlib
 from pathlib import Path
 
-import griffe
 import pytest
 
 import blazefl_fn
@@ -30,7 +29,7 @@ def public_modules() -> list[str]:
     """Every importable module of the package whose dotted path has no ``_`` component."""
     names = ["blazefl_fn"]
     for info in pkgutil.walk_packages(blazefl_fn.__path__, "blazefl_fn."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
+        if mkdocs_hooks.is_public(info.name):
             names.append(info.name)
     return names
 
@@ -136,8 +135,6 @@ def test_every_public_name_has_a_docstring() -> None:
         if not mkdocs_hooks.module_named(name).docstring:
             undocumented.append(name)
         for export in importlib.import_module(name).__all__:
-            member = mkdocs_hooks.export(name, export)
-            target = member.final_target if isinstance(member, griffe.Alias) else member
-            if not target.docstring:
+            if not mkdocs_hooks.resolved(mkdocs_hooks.export(name, export)).docstring:
                 undocumented.append(f"{name}.{export}")
     assert not undocumented, f"public names without a docstring: {undocumented}"

@@ -23,6 +23,12 @@ TUTORIALS = Path(__file__).resolve().parents[1] / "docs" / "tutorials"
 # The four pages the documentation promises; a new page is picked up by the glob below.
 EXPECTED = {"quickstart", "dsfl", "reproducibility", "property-testing"}
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+PAGES = sorted(TUTORIALS.glob("*.md"))
+
+
+def script_name(page: Path) -> str:
+    """The file a user would save the page's code as (a module name: no hyphens)."""
+    return page.stem.replace("-", "_") + ".py"
 
 
 def code_of(page: Path) -> str:
@@ -31,7 +37,7 @@ def code_of(page: Path) -> str:
 
 
 def test_the_promised_tutorials_exist_and_have_code() -> None:
-    pages = {p.stem: p for p in TUTORIALS.glob("*.md")}
+    pages = {p.stem: p for p in PAGES}
     assert set(pages) >= EXPECTED, sorted(pages)
     for page in pages.values():
         assert code_of(page).count("\n") >= 10, f"{page.name} has (almost) no code"
@@ -40,7 +46,7 @@ def test_the_promised_tutorials_exist_and_have_code() -> None:
 def test_every_python_looking_block_is_extracted() -> None:
     # A block the regex misses (indented under a list, ```py, ```python title=...) would render
     # but never run: refuse such pages rather than let their code rot.
-    for page in TUTORIALS.glob("*.md"):
+    for page in PAGES:
         text = page.read_text()
         fences = re.findall(r"^\s*```\s*py", text, re.MULTILINE)
         assert len(fences) == len(_BLOCK.findall(text)), f"{page.name}: a python block is skipped"
@@ -53,10 +59,11 @@ def test_the_block_extractor_keeps_only_python_blocks(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(p.stem for p in TUTORIALS.glob("*.md")))
-def test_tutorial_runs(name: str, tmp_path: Path) -> None:
-    script = tmp_path / f"{name.replace('-', '_')}.py"
-    script.write_text(code_of(TUTORIALS / f"{name}.md"))
+@pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+def test_tutorial_runs(page: Path, tmp_path: Path) -> None:
+    name = page.stem
+    script = tmp_path / script_name(page)
+    script.write_text(code_of(page))
     env = {**os.environ, **RAY_ENV}
     before = ray_pids()
     done = subprocess.run(
@@ -74,16 +81,15 @@ PYRIGHT = Path(sys.executable).parent / "pyright"
 @pytest.mark.skipif(not PYRIGHT.exists(), reason="pyright is installed by the dev extra")
 def test_tutorial_code_type_checks_as_user_code(tmp_path: Path) -> None:
     """The pages teach the typed surface: their code passes pyright strict from outside the repo."""
-    names = sorted(p.stem for p in TUTORIALS.glob("*.md"))
-    for name in names:
-        (tmp_path / f"{name.replace('-', '_')}.py").write_text(code_of(TUTORIALS / f"{name}.md"))
+    for page in PAGES:
+        (tmp_path / script_name(page)).write_text(code_of(page))
     (tmp_path / "pyrightconfig.json").write_text(json.dumps({"typeCheckingMode": "strict"}))
     done = subprocess.run(
         [str(PYRIGHT), "--outputjson", "--pythonpath", sys.executable, "."],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     report = json.loads(done.stdout)
-    assert report["summary"]["filesAnalyzed"] == len(names)
+    assert report["summary"]["filesAnalyzed"] == len(PAGES)
     errors = [
         f"{Path(d['file']).name}:{d['range']['start']['line'] + 1}: {d['message']}"
         for d in report["generalDiagnostics"]
