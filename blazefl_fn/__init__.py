@@ -49,6 +49,7 @@ from .executors.vectorized import Vectorized as Vectorized
 from .jobs import ChunkError as ChunkError
 from .jobs import GlobalRNGError as GlobalRNGError
 from .jobs import MissingStage as MissingStage
+from .jobs import NonFiniteError as NonFiniteError
 from .jobs import VectorizedUpdate as VectorizedUpdate
 from .keys import Key as Key
 from .local import Distillation as Distillation
@@ -120,6 +121,7 @@ __all__ = [
     "MetricsLog",
     "MissingStage",
     "ModelFactory",
+    "NonFiniteError",
     "PerClientFallback",
     "Processes",
     "ProximalTerm",

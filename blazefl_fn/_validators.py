@@ -11,31 +11,60 @@ import attrs
 Validator = Callable[[object, "attrs.Attribute[Any]", object], None]
 
 
-def int_at_least(low: int) -> Validator:
-    """An int (not a bool) ``>= low``."""
+def int_at_least(low: int, high: int | None = None) -> Validator:
+    """An int (not a bool) ``>= low`` and, given ``high``, ``<= high``."""
+    bound = f">= {low}" if high is None else f"in [{low}, {_integer(high)}]"
 
     def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{attribute.name} must be an integer >= {low}, got {value!r}")
+        ok = (
+            not isinstance(value, bool)
+            and isinstance(value, int)
+            and value >= low
+            and (high is None or value <= high)
+        )
+        if not ok:
+            raise ValueError(f"{attribute.name} must be an integer {bound}, got {value!r}")
 
     return check
 
 
-def finite_number(*, positive: bool) -> Validator:
-    """A finite int or float (not a bool), ``> 0`` if ``positive`` else ``>= 0``."""
-    bound = "> 0" if positive else ">= 0"
+def _integer(value: int) -> str:
+    """``value`` as people write it: ``2**128 - 1`` rather than 39 digits."""
+    if value >= 2**32 and (value + 1) & value == 0:
+        return f"2**{value.bit_length()} - 1"
+    return str(value)
+
+
+def finite_number(*, positive: bool, high: float | None = None) -> Validator:
+    """A finite int or float (not a bool), ``> 0`` if ``positive`` else ``>= 0``, and
+    ``<= high`` given ``high``. ``-0.0`` counts as negative: pass it through `plus_zero`."""
+    if high is None:
+        bound = "> 0" if positive else ">= 0"
+    else:
+        bound = f"in {'(' if positive else '['}0, {high:g}]"
 
     def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
         ok = (
             not isinstance(value, bool)
             and isinstance(value, int | float)
             and math.isfinite(value)
-            and (value > 0 if positive else value >= 0)
+            and (value > 0 if positive else value >= 0 and math.copysign(1.0, value) > 0)
+            and (high is None or value <= high)
         )
         if not ok:
             raise ValueError(f"{attribute.name} must be a finite number {bound}, got {value!r}")
 
     return check
+
+
+def plus_zero(value: float) -> float:
+    """``-0.0`` as ``0.0`` (the same number; libraries that check the sign bit refuse it).
+
+    Anything else passes unchanged, to the field's validator.
+    """
+    if isinstance(value, float) and value == 0.0:
+        return 0.0
+    return value
 
 
 def one_of(options: tuple[str, ...]) -> Validator:

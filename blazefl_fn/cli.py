@@ -1,341 +1,45 @@
 """The ``blazefl-fn`` command line (also ``python -m blazefl_fn``).
 
-Errors in flags or data exit with status 2 (usage) or 1 (data, run) and one line on stderr,
-never a traceback.
+Every error is one line ``blazefl-fn: error: ...`` on stderr, never a traceback (unless
+``--debug`` or ``BLAZEFL_FN_DEBUG=1`` asks for one), and the exit status says what kind:
+
+- 1: a missing or malformed file (data, checkpoint, metrics log);
+- 2: a bad flag or value;
+- 3: the run failed: a client raised, a worker died, training diverged (NaN or Inf), or an
+  unexpected error;
+- 130: interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+import traceback
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import cast
 
 import attrs
 
 from . import portable
-from .checkpoint import read_config
+from ._cli_flags import OVERSUBSCRIPTION, PROG, UsageError, build_parser
+from .checkpoint import CHECKPOINT_NAME, read_config
 from .data.partition import partition_report
 from .keys import Key
 from .metrics_log import MetricsLog
 from .plot import plot_runs
 from .progress import progress_callback
-from .run import (
-    ALGORITHMS,
-    DATASETS,
-    EXECUTORS,
-    MODELS,
-    PARTITIONS,
-    RunConfig,
-    config_from_dict,
-    load_central,
-    simulate,
-    split,
-)
+from .run import RunConfig, check_memory, config_from_dict, load_central, simulate, split
 from .runner import Callback
 
 __all__ = ["main"]
 
-PROG = "blazefl-fn"
-
-
-class UsageError(Exception):
-    """A bad command line; reported as one line with exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # argparse prints the whole usage block; one line is easier to read and to grep.
-        raise UsageError(message)
-
-
-class _Suppressed:
-    """Stands in for `RunConfig` defaults so that only flags given on the command line parse."""
-
-    def __getattr__(self, name: str) -> str:
-        return argparse.SUPPRESS
-
-
-def _parser(*, only_given: bool = False) -> _Parser:
-    parser = _Parser(prog=PROG, description="Fast, deterministic federated-learning simulation.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = commands.add_parser(
-        "run",
-        help="run a federated simulation",
-        description="Run a federated simulation and report test accuracy.",
-    )
-    defaults: Any = _Suppressed() if only_given else RunConfig()
-    run.add_argument("--algorithm", choices=ALGORITHMS, default=defaults.algorithm)
-    run.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
-    run.add_argument(
-        "--data-dir",
-        default=defaults.data_dir,
-        help="directory of the dataset files (MNIST IDX, CIFAR python or binary)",
-    )
-    run.add_argument(
-        "--model",
-        choices=MODELS,
-        default=defaults.model,
-        help="auto: logreg on synthetic, mlp on mnist",
-    )
-    run.add_argument("--clients", type=int, default=defaults.clients, help="clients in total")
-    run.add_argument(
-        "--clients-per-round", type=int, default=defaults.clients_per_round, metavar="K"
-    )
-    run.add_argument("--rounds", type=int, default=defaults.rounds)
-    run.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
-    run.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    run.add_argument("--lr", type=float, default=defaults.lr, help="local SGD learning rate")
-    run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--executor", choices=EXECUTORS, default=defaults.executor)
-    run.add_argument(
-        "--workers",
-        type=int,
-        default=defaults.workers,
-        help="threads, processes or Ray actors running clients (ignored by sequential)",
-    )
-    run.add_argument(
-        "--ray-address",
-        metavar="ADDR",
-        default=defaults.ray_address,
-        help="with --executor ray: join the Ray cluster at ADDR (host:port or auto) and leave "
-        "it running; default: start a local Ray instance for this run",
-    )
-    run.add_argument(
-        "--ray-node-ip",
-        metavar="IP",
-        default=defaults.ray_node_ip,
-        help="with --executor ray: this machine's Ray node IP (e.g. a loopback address to keep "
-        "a single-machine cluster off the network)",
-    )
-    run.add_argument(
-        "--chunk",
-        type=int,
-        metavar="N",
-        default=defaults.chunk,
-        help="with --executor vectorized: clients trained per vectorised step (default: all "
-        "sampled clients, or as many as --max-bytes allows)",
-    )
-    run.add_argument(
-        "--max-bytes",
-        type=int,
-        metavar="B",
-        default=defaults.max_bytes,
-        help="with --executor vectorized: a memory budget for one chunk, in bytes",
-    )
-    run.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
-    run.add_argument(
-        "--portable",
-        action="store_true",
-        default=defaults.portable,
-        help="portable numerics: pin the CPU kernels to their baseline paths, so the run gives "
-        "the same bits on any x86-64 CPU model (slower; CPU only; see the README)",
-    )
-    run.add_argument(
-        "--device",
-        default=defaults.device,
-        metavar="DEVICES",
-        help="where clients train: cpu, cuda, cuda:0,cuda:1 (client k on the k%%n-th), or auto "
-        "(every visible GPU, else cpu)",
-    )
-    run.add_argument(
-        "--server-device",
-        default=defaults.server_device,
-        metavar="DEVICE",
-        help="where the global model is aggregated and evaluated (cpu, cuda, cuda:1, ...)",
-    )
-    run.add_argument(
-        "--eval-every", type=int, default=defaults.eval_every, help="test every N rounds"
-    )
-    _add_partition_flags(run, defaults)
-    run.add_argument(
-        "--augment",
-        action="store_true",
-        default=defaults.augment,
-        help="CIFAR recipe: random crop (padding 4) and horizontal flip, from the client's key",
-    )
-    run.add_argument(
-        "--synthetic-alpha",
-        type=float,
-        default=defaults.synthetic_alpha,
-        help="Synthetic(alpha, beta): model heterogeneity",
-    )
-    run.add_argument(
-        "--synthetic-beta",
-        type=float,
-        default=defaults.synthetic_beta,
-        help="Synthetic(alpha, beta): data heterogeneity",
-    )
-    algo = run.add_argument_group("algorithm hyperparameters")
-    algo.add_argument("--mu", type=float, default=defaults.mu, help="fedprox: proximal term weight")
-    algo.add_argument(
-        "--server-lr",
-        type=float,
-        default=defaults.server_lr,
-        help="fedavgm/fedadam/fedyogi/fedadagrad/scaffold server learning rate "
-        "(default 1.0, 0.01, 0.01, 0.1, 1.0)",
-    )
-    algo.add_argument(
-        "--server-momentum",
-        type=float,
-        default=defaults.server_momentum,
-        help="fedavgm: server momentum",
-    )
-    algo.add_argument(
-        "--beta1", type=float, default=defaults.beta1, help="fedadam/fedyogi: first moment"
-    )
-    algo.add_argument(
-        "--beta2", type=float, default=defaults.beta2, help="fedadam/fedyogi: second moment"
-    )
-    algo.add_argument(
-        "--tau", type=float, default=defaults.tau, help="fedadam/fedyogi/fedadagrad: adaptivity"
-    )
-    algo.add_argument(
-        "--trim-beta",
-        type=float,
-        default=defaults.trim_beta,
-        help="trimmed-mean: fraction trimmed from each end",
-    )
-    algo.add_argument(
-        "--krum-f", type=int, default=defaults.krum_f, help="krum: Byzantine clients tolerated"
-    )
-    algo.add_argument(
-        "--krum-m", type=int, default=defaults.krum_m, help="krum: clients averaged (Multi-Krum)"
-    )
-    algo.add_argument(
-        "--clip-norm",
-        type=float,
-        default=defaults.clip_norm,
-        help="clip each client's update to this L2 norm before aggregating (any algorithm)",
-    )
-    algo.add_argument(
-        "--feddyn-alpha",
-        type=float,
-        default=defaults.feddyn_alpha,
-        help="feddyn: weight of the dynamic regulariser (> 0)",
-    )
-    algo.add_argument(
-        "--local-momentum",
-        type=float,
-        default=defaults.local_momentum,
-        help="fednova: momentum of local SGD, in [0, 1)",
-    )
-    kd = run.add_argument_group("distillation (dsfl, scarlet)")
-    kd.add_argument(
-        "--public-size",
-        type=int,
-        default=defaults.public_size,
-        help="training examples held out, labels dropped, as the public set",
-    )
-    kd.add_argument(
-        "--public-per-round",
-        type=int,
-        default=defaults.public_per_round,
-        help="public examples whose soft labels each round uses",
-    )
-    kd.add_argument(
-        "--era-temperature",
-        type=float,
-        default=defaults.era_temperature,
-        help="dsfl: ERA temperature T in softmax(mean / T)",
-    )
-    kd.add_argument(
-        "--cache-duration",
-        type=int,
-        default=defaults.cache_duration,
-        help="scarlet: rounds a cached soft label stays usable (0: no cache)",
-    )
-    kd.add_argument(
-        "--era-exponent",
-        type=float,
-        default=defaults.era_exponent,
-        help="scarlet: Enhanced ERA exponent beta in p**beta / sum(p**beta)",
-    )
-    kd.add_argument("--kd-epochs", type=int, default=defaults.kd_epochs)
-    kd.add_argument("--kd-batch-size", type=int, default=defaults.kd_batch_size)
-    kd.add_argument(
-        "--kd-lr", type=float, default=defaults.kd_lr, help="distillation learning rate"
-    )
-    run.add_argument(
-        "--target-accuracy",
-        type=float,
-        default=defaults.target_accuracy,
-        metavar="A",
-        help="stop early once the test accuracy reaches A",
-    )
-    run.add_argument(
-        "--eval-clients",
-        action="store_true",
-        default=defaults.eval_clients,
-        help="also evaluate the global model on every client's data (mean and 10th percentile)",
-    )
-    run.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object with the final results on stdout (progress goes to stderr)",
-    )
-    run.add_argument("--quiet", action="store_true", help="print no progress")
-    run.add_argument(
-        "--metrics", metavar="FILE", help="append one JSON line per round to FILE (JSON Lines)"
-    )
-    run.add_argument("--checkpoint-dir", metavar="DIR", help="save checkpoints into DIR")
-    run.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=1,
-        metavar="K",
-        help="rounds between checkpoints (also saved after the last round and on Ctrl-C)",
-    )
-    run.add_argument(
-        "--resume",
-        metavar="DIR",
-        help="continue the run checkpointed in DIR (its settings; flags may change only "
-        "executor, workers, rounds, eval-every, target-accuracy, eval-clients)",
-    )
-    plot = commands.add_parser(
-        "plot",
-        help="plot accuracy and loss curves from metrics logs",
-        description="Draw test accuracy, test loss and train loss per round of one or more runs.",
-    )
-    plot.add_argument("logs", nargs="+", metavar="METRICS.jsonl", help="metrics logs (--metrics)")
-    plot.add_argument("-o", "--output", required=True, help="image file (.png, .svg, .pdf)")
-    plot.add_argument("--labels", help="comma-separated legend labels, one per log")
-    part = commands.add_parser(
-        "partition",
-        help="print how a dataset is split over clients",
-        description="Partition a dataset as `run` would and print per-client class counts.",
-    )
-    part.add_argument("--dataset", choices=DATASETS[1:], default="mnist")
-    part.add_argument("--data-dir", required=True, help="directory of the dataset files")
-    part.add_argument("--clients", type=int, default=defaults.clients)
-    part.add_argument("--seed", type=int, default=defaults.seed)
-    _add_partition_flags(part, defaults)
-    part.add_argument("--json", action="store_true", help="print the counts as JSON")
-    return parser
-
-
-def _add_partition_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:
-    parser.add_argument(
-        "--partition",
-        choices=PARTITIONS,
-        default=defaults.partition,
-        help="how image datasets are split over clients (default iid)",
-    )
-    parser.add_argument(
-        "--alpha",
-        type=float,
-        default=defaults.alpha,
-        help="Dirichlet concentration for dirichlet and inner-dirichlet (smaller = more skew)",
-    )
-    parser.add_argument(
-        "--shards-per-client",
-        type=int,
-        default=defaults.shards_per_client,
-        metavar="S",
-        help="label-sorted shards per client for the shards partition",
-    )
+DEBUG_ENV = "BLAZEFL_FN_DEBUG"
+# Exit statuses (see the module docstring).
+_DATA, _USAGE, _RUN, _INTERRUPTED = 1, 2, 3, 130
 
 
 def _partition_config(args: argparse.Namespace) -> RunConfig:
@@ -382,8 +86,33 @@ def _stored_config(resume: str) -> RunConfig:
 
 def _resumed_config(argv: Sequence[str] | None, stored: RunConfig) -> RunConfig:
     """The checkpoint's config with the flags given on the command line applied over it."""
-    given = vars(_parser(only_given=True).parse_args(argv))
+    given = vars(build_parser(only_given=True).parse_args(argv))
     return attrs.evolve(stored, **{k: v for k, v in given.items() if k in _CONFIG_FIELDS})
+
+
+def _check_machine(args: argparse.Namespace, config: RunConfig) -> None:
+    """Refuse settings this machine cannot carry: too many local workers, too many clients."""
+    local = config.executor in ("threads", "processes") or (
+        config.executor == "ray" and config.ray_address is None
+    )
+    cpus = os.cpu_count() or 1
+    if local and config.workers > OVERSUBSCRIPTION * cpus and not args.oversubscribe:
+        raise UsageError(
+            f"--workers {config.workers} is more than {OVERSUBSCRIPTION}x this machine's "
+            f"{cpus} CPUs; pass --oversubscribe to run that many anyway"
+        )
+    check_memory(config)
+
+
+def _checkpoint_stamp(directory: str | None) -> tuple[int, int, int] | None:
+    """Identity of the checkpoint file in ``directory`` (None: there is none)."""
+    if directory is None:
+        return None
+    try:
+        info = (Path(directory) / CHECKPOINT_NAME).stat()
+    except OSError:
+        return None
+    return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
 def _run(args: argparse.Namespace, config: RunConfig) -> int:
@@ -392,6 +121,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     if args.metrics is not None:
         callbacks.append(MetricsLog(args.metrics, portable.numerics()))
     checkpoint_dir = args.checkpoint_dir if args.checkpoint_dir is not None else args.resume
+    before = _checkpoint_stamp(checkpoint_dir)
     try:
         result = simulate(
             config,
@@ -401,14 +131,20 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
             checkpoint_every=args.checkpoint_every,
         )
     except KeyboardInterrupt:
-        if checkpoint_dir is not None:
-            print(
-                f"{PROG}: interrupted; checkpoint saved in {checkpoint_dir} "
-                f"(continue with --resume {checkpoint_dir})",
-                file=sys.stderr,
+        after = _checkpoint_stamp(checkpoint_dir)
+        if checkpoint_dir is None:
+            saved = "nothing was saved (no --checkpoint-dir)"
+        elif after is not None and after != before:
+            saved = (
+                f"checkpoint of the last completed round saved in {checkpoint_dir} "
+                f"(continue with --resume {checkpoint_dir})"
             )
-            return 130
-        raise
+        elif after is not None:
+            saved = f"no round completed; the checkpoint in {checkpoint_dir} is unchanged"
+        else:
+            saved = "no round completed, so no checkpoint was saved"
+        print(f"{PROG}: interrupted; {saved}", file=sys.stderr)
+        return _INTERRUPTED
     summary = {
         "algorithm": config.algorithm,
         "dataset": config.dataset,
@@ -432,15 +168,33 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
         "wall_seconds": round(result.wall_seconds, 3),
         "bytes_up": sum(r.bytes_up for r in result.reports),
         "bytes_down": sum(r.bytes_down for r in result.reports),
+        "skipped_clients": sum(len(r.skipped) for r in result.reports),
     }
     if args.json:
-        print(json.dumps(summary))
+        # Strict JSON: a NaN or an infinity (e.g. the loss of an empty test set) is null.
+        print(json.dumps(json_safe(summary), allow_nan=False))
     else:
         print(
             f"final accuracy {result.accuracy:.4f}  loss {result.loss:.4f}"
             f"  params_sha256 {result.params_sha256}  wall {result.wall_seconds:.1f}s"
         )
     return 0
+
+
+def json_safe(value: object) -> object:
+    """``value`` with every non-finite float replaced by None, for strict JSON.
+
+    Examples:
+        >>> json_safe({"loss": float("nan"), "xs": [1.0, float("inf")], "n": 3})
+        {'loss': None, 'xs': [1.0, None], 'n': 3}
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in cast(dict[object, object], value).items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in cast(Sequence[object], value)]
+    return value
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -450,15 +204,33 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(exc: BaseException) -> str:
+    """``exc``'s message on one line (a worker's message may span several)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def _fail(exc: BaseException, status: int, debug: bool, *, internal: bool = False) -> int:
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    text = _one_line(exc)
+    if internal:
+        text = f"{type(exc).__name__}: {text} (run with --debug for the traceback)"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return status
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit status.
+    """Entry point; returns the process exit status (see the module docstring).
 
     With ``argv=None`` it is the process's command line (``sys.argv``): ``run --portable``
     then starts the process again with the portable pins (`os.execve`) when they are missing.
     Given an ``argv`` list, it pins this process instead, refusing if a kernel already ran.
     """
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        args = _parser().parse_args(argv)
+        args = build_parser().parse_args(argv)
+        debug = debug or bool(getattr(args, "debug", False))
         if args.command == "run":
             if args.checkpoint_every < 1:
                 raise ValueError(
@@ -468,14 +240,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 config = _config(args)
             else:
                 config = _resumed_config(argv, _stored_config(args.resume))
+            _check_machine(args, config)
         else:
             config = _partition_config(args) if args.command == "partition" else RunConfig()
     except (UsageError, ValueError, TypeError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, _USAGE, debug)
     except _DataError as exc:
-        print(f"{PROG}: error: {exc.__cause__}", file=sys.stderr)
-        return 1
+        return _fail(exc.__cause__ or exc, _DATA, debug)
     if args.command == "run" and config.portable and not portable.pinned():
         if argv is None:
             # The process's own command line: the kernel libraries read their pins once, at
@@ -485,16 +256,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             portable.enable()  # called in-process: refused if a kernel already ran
         except RuntimeError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return 2
+            return _fail(exc, _USAGE, debug)
     try:
         if args.command == "plot":
             return _plot(args)
         return _run(args, config) if args.command == "run" else _partition(args, config)
     except (ValueError, OSError, ImportError) as exc:
-        # Bad or missing data files: the loaders' messages name the file and the problem.
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        # Bad or missing files: the loaders' messages name the file and the problem.
+        return _fail(exc, _DATA, debug)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return _INTERRUPTED
+    except RuntimeError as exc:
+        # ClientError, WorkerError, NonFiniteError, GlobalRNGError: their messages name the
+        # client, round and cause.
+        return _fail(exc, _RUN, debug)
+    except Exception as exc:
+        return _fail(exc, _RUN, debug, internal=True)

@@ -9,7 +9,7 @@ send the context once per pool and only the downlink and `ClientTask`s per round
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import attrs
@@ -28,6 +28,7 @@ __all__ = [
     "ClientUpdate",
     "GlobalRNGError",
     "MissingStage",
+    "NonFiniteError",
     "VectorizedUpdate",
     "global_rng_guard",
 ]
@@ -93,11 +94,15 @@ class VectorizedUpdate(Protocol[Data_contra]):
 
 
 class ClientError(RuntimeError):
-    """A client's update raised; the original exception is chained as ``__cause__``."""
+    """A client's update raised; the original exception is chained as ``__cause__``.
+
+    ``round_index`` is 0-based (the `ServerState.round` the round started from); the message
+    counts rounds from 1, as the progress lines and the metrics log do.
+    """
 
     def __init__(self, client_id: int, round_index: int, cause: BaseException) -> None:
         super().__init__(
-            f"client {client_id} failed in round {round_index}: {type(cause).__name__}: {cause}"
+            f"client {client_id} failed in round {round_index + 1}: {type(cause).__name__}: {cause}"
         )
         self.client_id = client_id
         self.round_index = round_index
@@ -109,7 +114,7 @@ class ChunkError(ClientError):
     def __init__(self, client_ids: Sequence[int], round_index: int, cause: BaseException) -> None:
         RuntimeError.__init__(
             self,
-            f"the chunk of clients {_id_span(client_ids)} failed in round {round_index}: "
+            f"the chunk of clients {_id_span(client_ids)} failed in round {round_index + 1}: "
             f"{type(cause).__name__}: {cause}",
         )
         self.client_id = client_ids[0]
@@ -120,6 +125,66 @@ class ChunkError(ClientError):
 def _id_span(ids: Sequence[int]) -> str:
     shown = ", ".join(str(i) for i in ids[:5])
     return f"[{shown}{', ...' if len(ids) > 5 else ''}] ({len(ids)} clients)"
+
+
+class NonFiniteError(RuntimeError):
+    """A round produced NaN or infinite values: in clients' uplinks, or in the new server model.
+
+    Attributes:
+        round_index: the round, 0-based (the message counts from 1).
+        clients: each offending client's id and the entries that were not finite (empty when
+            the server model is the culprit).
+        server: the server model's non-finite entries (empty when clients are the culprit).
+        skipping: the algorithm leaves such clients out (``nonfinite="skip"``), and every
+            sampled client was one.
+    """
+
+    def __init__(
+        self,
+        round_index: int,
+        clients: Mapping[int, Sequence[str]] | None = None,
+        server: Sequence[str] = (),
+        *,
+        skipping: bool = False,
+    ) -> None:
+        self.round_index = round_index
+        self.clients = {cid: tuple(names) for cid, names in (clients or {}).items()}
+        self.server = tuple(server)
+        self.skipping = skipping
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = f"round {self.round_index + 1}"
+        if self.server:
+            return (
+                f"{where}: the aggregated server model has non-finite values (NaN or Inf) in "
+                f"{_names(self.server)}; training diverged (lower the learning rate, clip "
+                "client updates, or use a robust aggregator)"
+            )
+        ids = sorted(self.clients)
+        first = ids[0]
+        if self.skipping:
+            return (
+                f"{where}: every sampled client ({len(ids)}) sent non-finite values (NaN or "
+                f"Inf; client {first}: {_names(self.clients[first])}), so none is left to "
+                "aggregate; local training diverged: lower the learning rate or clip updates"
+            )
+        return (
+            f"{where}: client{'s' if len(ids) > 1 else ''} {_id_list(ids)} sent non-finite "
+            f"values (NaN or Inf; client {first}: {_names(self.clients[first])}); local "
+            "training diverged: lower the learning rate or clip updates, or set "
+            "Algorithm.nonfinite='skip' (CLI: --skip-nonfinite) to leave such clients out"
+        )
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _id_list(ids: Sequence[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:5])
+    return shown + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
 
 
 class MissingStage(KeyError):
@@ -239,7 +304,9 @@ class ClientJob(Generic[Data]):
             uplink = self.context.client_update(self.downlink, data, task)
             if before is not None and _rng_changed(before, task.device):
                 raise GlobalRNGError(_RNG_ADVICE)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
+            # SystemExit too: a client calling sys.exit() must fail its round, not end the
+            # driver (under Sequential and Threads it runs in the driving process).
             raise ClientError(task.client_id, task.round, exc) from exc
         if uplink.client_id != task.client_id:
             wrong = ValueError(f"uplink names client {uplink.client_id}")

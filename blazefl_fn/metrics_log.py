@@ -118,6 +118,7 @@ class MetricsLog(Callback):
             "bytes_up": report.bytes_up,
             "bytes_down": report.bytes_down,
             "seconds": round(report.seconds, 6),
+            "skipped": list(report.skipped),
             "wall": round(event.elapsed, 6),
         }
         if self.numerics:

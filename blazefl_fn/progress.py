@@ -48,6 +48,8 @@ class LineProgress(Callback):
             f"round {event.state.round:>{width}}/{self.total}  clients {len(report.clients)}"
             f"  train_loss {_fmt(report.train_metrics.get('loss'))}"
         )
+        if report.skipped:
+            line += f"  skipped {len(report.skipped)} (non-finite)"
         if event.metrics is not None:
             line += (
                 f"  test_acc {_fmt(event.metrics.get('accuracy'))}"

@@ -106,6 +106,9 @@ class RoundReport:
             message.
         bytes_up: bytes of tensors sent back (the uplinks' ``params``).
         seconds: wall-clock seconds the round took.
+        skipped: sampled clients left out of the aggregate because their uplink held NaN or
+            infinite values (`Algorithm.nonfinite` ``"skip"``); ``num_examples`` and
+            ``train_metrics`` count only the others.
     """
 
     round: int
@@ -115,3 +118,4 @@ class RoundReport:
     bytes_down: int
     bytes_up: int
     seconds: float
+    skipped: tuple[int, ...] = ()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic
+from typing import Any, Generic, Literal
 
 import attrs
 import torch
@@ -23,10 +23,17 @@ from typing_extensions import TypeVar
 
 from .devices import cuda_determinism, to_device
 from .executors.base import Executor, Preparing
-from .jobs import ClientContext, ClientError, ClientJob, ClientTask, ClientUpdate
+from .jobs import (
+    ClientContext,
+    ClientError,
+    ClientJob,
+    ClientTask,
+    ClientUpdate,
+    NonFiniteError,
+)
 from .keys import Key
 from .records import Downlink, RoundReport, ServerState, Uplink
-from .tree import Params, nbytes
+from .tree import Params, nbytes, nonfinite
 
 __all__ = [
     "Algorithm",
@@ -94,6 +101,11 @@ class Algorithm(Generic[Data, A]):
             ``nn.Dropout``): ``attrs.evolve(algorithm, allow_global_rng=True)``. Off by
             default: every executor then checks that a client left the global RNG untouched,
             because such draws differ between executors and runs.
+        nonfinite: what a round does with a client whose uplink (``params`` or ``state``)
+            holds a NaN or an infinity: ``"raise"`` (the default) fails the round with
+            `NonFiniteError` naming the clients; ``"skip"`` leaves them out of the
+            aggregate and lists them in `RoundReport.skipped` (the round still fails if every
+            client is skipped). A non-finite server model after ``aggregate`` always fails.
     """
 
     name: str
@@ -104,6 +116,9 @@ class Algorithm(Generic[Data, A]):
     aggregate: Callable[[ServerState[A], Sequence[Uplink]], ServerState[A]]
     dispatch: Dispatch[A] | None = None
     allow_global_rng: bool = False
+    nonfinite: Literal["raise", "skip"] = attrs.field(
+        default="raise", validator=attrs.validators.in_(("raise", "skip"))
+    )
 
 
 def uniform_sampler(num_clients: int, clients_per_round: int) -> Sampler:
@@ -175,9 +190,25 @@ def _check_kept(algorithm: Algorithm[Data, A], uplinks: Sequence[Uplink], round_
     if stateful:
         raise ValueError(
             f"{algorithm.name}: clients {stateful[:5]} returned stored state in round "
-            f"{round_index}, but the algorithm has no dispatch stage to keep it and hand it "
+            f"{round_index + 1}, but the algorithm has no dispatch stage to keep it and hand it "
             "back; add one (Algorithm.dispatch, see blazefl_fn.client_state)"
         )
+
+
+def _screen(
+    algorithm: Algorithm[Data, A], uplinks: Sequence[Uplink], round_index: int
+) -> tuple[Sequence[Uplink], tuple[int, ...]]:
+    """The uplinks to aggregate and the clients left out for non-finite values."""
+    bad: dict[int, list[str]] = {}
+    for u in uplinks:
+        names = nonfinite(u.params) + [f"state:{n}" for n in nonfinite(u.state)]
+        if names:
+            bad[u.client_id] = names
+    if not bad:
+        return uplinks, ()
+    if algorithm.nonfinite == "raise" or len(bad) == len(uplinks):
+        raise NonFiniteError(round_index, bad, skipping=algorithm.nonfinite == "skip")
+    return [u for u in uplinks if u.client_id not in bad], tuple(sorted(bad))
 
 
 def _context(algorithm: Algorithm[Data, A], clients: Sequence[Data]) -> ClientContext[Data]:
@@ -201,6 +232,8 @@ def run_round(
     Raises:
         ClientError: a client's update raised (the first failing client in id order), or
             changed torch's global RNG state (`GlobalRNGError`).
+        NonFiniteError: clients sent NaN or infinite values (see `Algorithm.nonfinite`), or
+            the new server model has some.
         ValueError: the sampler returned duplicate or out-of-range ids, ``dispatch``
             returned a number of inputs other than the number of sampled clients, or
             clients returned stored state to an algorithm without ``dispatch``.
@@ -217,17 +250,22 @@ def run_round(
             for cid, given in zip(ids, inputs, strict=True)
         ]
         job = ClientJob(_context(algorithm, clients), downlink)
-        uplinks = executor.map(job, tasks)
-        _check_kept(algorithm, uplinks, state.round)
+        sent = executor.map(job, tasks)
+        _check_kept(algorithm, sent, state.round)
+        uplinks, skipped = _screen(algorithm, sent, state.round)
         new_state = algorithm.aggregate(state, uplinks)
+        diverged = nonfinite(new_state.params)
+        if diverged:
+            raise NonFiniteError(state.round, server=diverged)
         report = RoundReport(
             round=state.round,
             clients=ids,
             num_examples=sum(u.num_examples for u in uplinks),
             train_metrics=_mean_metrics(uplinks),
             bytes_down=nbytes(downlink.params) * len(ids) + sum(nbytes(t.message) for t in tasks),
-            bytes_up=sum(nbytes(u.params) for u in uplinks),
+            bytes_up=sum(nbytes(u.params) for u in sent),
             seconds=time.perf_counter() - start,
+            skipped=skipped,
         )
         return new_state, report
 

@@ -19,7 +19,7 @@ import attrs
 import torch
 
 from . import portable
-from ._validators import Validator, finite_number, int_at_least, one_of
+from ._validators import Validator, finite_number, int_at_least, one_of, plus_zero
 from .algorithms.compose import (
     Aggregate,
     compose,
@@ -81,6 +81,7 @@ __all__ = [
     "UNCLIPPED",
     "RunConfig",
     "RunResult",
+    "check_memory",
     "check_resumable",
     "config_dict",
     "config_from_dict",
@@ -133,6 +134,14 @@ EXECUTORS = ("sequential", "threads", "processes", "ray", "vectorized")
 MODELS = ("auto", "logreg", "mlp", "cnn")
 """The model names `RunConfig` and ``--model`` accept (``auto`` picks one per dataset)."""
 
+# Upper bounds of the numeric settings (the CLI's --help and docs/cli.md show them): far above
+# any real run, low enough that a typo (2147483648 clients) fails at parse time, not hours in.
+_COUNT = 10_000_000  # clients, rounds, batch sizes, chunk, public samples, ...
+_EPOCHS = 10_000
+_RATE = 1e4  # learning rates and regularisation weights
+_WORKERS = 4096
+_THREADS = 1024
+
 
 def _resolve_auto(value: str) -> str:
     # Stored resolved, so that a checkpoint records the devices the run really used and a
@@ -184,16 +193,16 @@ class RunConfig:
     dataset: str = attrs.field(default="synthetic", validator=one_of(DATASETS))
     data_dir: str | None = None
     model: str = attrs.field(default="auto", validator=one_of(MODELS))
-    clients: int = attrs.field(default=30, validator=int_at_least(1))
-    clients_per_round: int = attrs.field(default=10, validator=int_at_least(1))
-    rounds: int = attrs.field(default=100, validator=int_at_least(0))
-    local_epochs: int = attrs.field(default=1, validator=int_at_least(1))
-    batch_size: int = attrs.field(default=10, validator=int_at_least(1))
-    lr: float = attrs.field(default=0.01, validator=finite_number(positive=True))
-    seed: int = attrs.field(default=0, validator=int_at_least(0))
+    clients: int = attrs.field(default=30, validator=int_at_least(1, _COUNT))
+    clients_per_round: int = attrs.field(default=10, validator=int_at_least(1, _COUNT))
+    rounds: int = attrs.field(default=100, validator=int_at_least(0, _COUNT))
+    local_epochs: int = attrs.field(default=1, validator=int_at_least(1, _EPOCHS))
+    batch_size: int = attrs.field(default=10, validator=int_at_least(1, _COUNT))
+    lr: float = attrs.field(default=0.01, validator=finite_number(positive=True, high=_RATE))
+    seed: int = attrs.field(default=0, validator=int_at_least(0, 2**128 - 1))
     executor: str = attrs.field(default="sequential", validator=one_of(EXECUTORS))
-    workers: int = attrs.field(default=2, validator=int_at_least(1))
-    threads: int = attrs.field(default=1, validator=int_at_least(1))
+    workers: int = attrs.field(default=2, validator=int_at_least(1, _WORKERS))
+    threads: int = attrs.field(default=1, validator=int_at_least(1, _THREADS))
     device: str = attrs.field(
         default="cpu", converter=_resolve_auto, validator=_devices_field(parse_devices)
     )
@@ -202,48 +211,69 @@ class RunConfig:
     ray_node_ip: str | None = attrs.field(default=None, validator=_optional_text)
     portable: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     chunk: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(int_at_least(1))
+        default=None, validator=attrs.validators.optional(int_at_least(1, _COUNT))
     )
     max_bytes: int | None = attrs.field(
-        default=None, validator=attrs.validators.optional(int_at_least(1))
+        default=None, validator=attrs.validators.optional(int_at_least(1, 2**62))
     )
-    eval_every: int = attrs.field(default=1, validator=int_at_least(1))
-    synthetic_alpha: float = attrs.field(default=1.0, validator=finite_number(positive=False))
-    synthetic_beta: float = attrs.field(default=1.0, validator=finite_number(positive=False))
+    eval_every: int = attrs.field(default=1, validator=int_at_least(1, _COUNT))
+    synthetic_alpha: float = attrs.field(
+        default=1.0, converter=plus_zero, validator=finite_number(positive=False, high=1e3)
+    )
+    synthetic_beta: float = attrs.field(
+        default=1.0, converter=plus_zero, validator=finite_number(positive=False, high=1e3)
+    )
     partition: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(one_of(PARTITIONS))
     )
-    alpha: float = attrs.field(default=0.5, validator=finite_number(positive=True))
-    shards_per_client: int = attrs.field(default=2, validator=int_at_least(1))
+    alpha: float = attrs.field(default=0.5, validator=finite_number(positive=True, high=1e6))
+    shards_per_client: int = attrs.field(default=2, validator=int_at_least(1, _COUNT))
     augment: bool = False
     target_accuracy: float | None = attrs.field(
-        default=None, validator=attrs.validators.optional(finite_number(positive=True))
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1))
     )
     eval_clients: bool = False
-    mu: float = attrs.field(default=0.01, validator=finite_number(positive=False))
+    skip_nonfinite: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    mu: float = attrs.field(
+        default=0.01, converter=plus_zero, validator=finite_number(positive=False, high=_RATE)
+    )
     server_lr: float | None = attrs.field(
-        default=None, validator=attrs.validators.optional(finite_number(positive=True))
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=_RATE))
     )
-    server_momentum: float = attrs.field(default=0.9, validator=finite_number(positive=False))
-    beta1: float = attrs.field(default=0.9, validator=finite_number(positive=False))
-    beta2: float = attrs.field(default=0.99, validator=finite_number(positive=False))
-    tau: float = attrs.field(default=1e-3, validator=finite_number(positive=True))
-    trim_beta: float = attrs.field(default=0.1, validator=finite_number(positive=False))
-    krum_f: int = attrs.field(default=1, validator=int_at_least(0))
-    krum_m: int = attrs.field(default=1, validator=int_at_least(1))
+    server_momentum: float = attrs.field(
+        default=0.9, converter=plus_zero, validator=finite_number(positive=False)
+    )
+    beta1: float = attrs.field(
+        default=0.9, converter=plus_zero, validator=finite_number(positive=False)
+    )
+    beta2: float = attrs.field(
+        default=0.99, converter=plus_zero, validator=finite_number(positive=False)
+    )
+    tau: float = attrs.field(default=1e-3, validator=finite_number(positive=True, high=_RATE))
+    trim_beta: float = attrs.field(
+        default=0.1, converter=plus_zero, validator=finite_number(positive=False)
+    )
+    krum_f: int = attrs.field(default=1, validator=int_at_least(0, _COUNT))
+    krum_m: int = attrs.field(default=1, validator=int_at_least(1, _COUNT))
     clip_norm: float | None = attrs.field(
-        default=None, validator=attrs.validators.optional(finite_number(positive=True))
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1e12))
     )
-    feddyn_alpha: float = attrs.field(default=0.01, validator=finite_number(positive=True))
-    local_momentum: float = attrs.field(default=0.0, validator=finite_number(positive=False))
-    public_size: int = attrs.field(default=10000, validator=int_at_least(1))
-    public_per_round: int = attrs.field(default=1000, validator=int_at_least(1))
-    era_temperature: float = attrs.field(default=0.1, validator=finite_number(positive=True))
-    cache_duration: int = attrs.field(default=10, validator=int_at_least(0))
-    era_exponent: float = attrs.field(default=2.0, validator=finite_number(positive=True))
-    kd_epochs: int = attrs.field(default=1, validator=int_at_least(1))
-    kd_batch_size: int = attrs.field(default=100, validator=int_at_least(1))
-    kd_lr: float = attrs.field(default=0.1, validator=finite_number(positive=True))
+    feddyn_alpha: float = attrs.field(
+        default=0.01, validator=finite_number(positive=True, high=_RATE)
+    )
+    local_momentum: float = attrs.field(
+        default=0.0, converter=plus_zero, validator=finite_number(positive=False)
+    )
+    public_size: int = attrs.field(default=10000, validator=int_at_least(1, _COUNT))
+    public_per_round: int = attrs.field(default=1000, validator=int_at_least(1, _COUNT))
+    era_temperature: float = attrs.field(
+        default=0.1, validator=finite_number(positive=True, high=1e6)
+    )
+    cache_duration: int = attrs.field(default=10, validator=int_at_least(0, _COUNT))
+    era_exponent: float = attrs.field(default=2.0, validator=finite_number(positive=True, high=1e3))
+    kd_epochs: int = attrs.field(default=1, validator=int_at_least(1, _EPOCHS))
+    kd_batch_size: int = attrs.field(default=100, validator=int_at_least(1, _COUNT))
+    kd_lr: float = attrs.field(default=0.1, validator=finite_number(positive=True, high=_RATE))
 
     def __attrs_post_init__(self) -> None:
         if self.clients_per_round > self.clients:
@@ -278,6 +308,11 @@ class RunConfig:
         if self.dataset != "synthetic" and self.data_dir is None:
             raise ValueError(
                 f"dataset {self.dataset!r} needs a data directory (data_dir / --data-dir)"
+            )
+        if self.dataset == "synthetic" and self.model == "cnn":
+            raise ValueError(
+                "model 'cnn' needs image inputs; the synthetic dataset has 60 features "
+                "(use logreg or mlp)"
             )
         if self.dataset == "synthetic" and self.partition is not None:
             raise ValueError(
@@ -380,6 +415,46 @@ def split(config: RunConfig, labels: torch.Tensor, key: Key) -> Partition:
     return inner_dirichlet(labels, config.clients, config.alpha, key)
 
 
+# Measured: 56.1 KiB per client over 2,000 Synthetic(1, 1) clients (60 features, float32
+# inputs and int64 labels, test share included), rounded up for the per-client records.
+_SYNTHETIC_BYTES_PER_CLIENT = 60 * 1024
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory the kernel says are available (Linux), else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(config: RunConfig) -> None:
+    """Refuse a synthetic federation too large for this machine's available memory.
+
+    The Synthetic(alpha, beta) clients are generated up front, about 60 KiB each; a
+    federation whose data would not fit is refused before any is made, with the estimate.
+    Image datasets are split into index views of one training set, so their size does not
+    grow with the number of clients.
+
+    Raises:
+        ValueError: the estimate exceeds the memory available (the message has both).
+    """
+    if config.dataset != "synthetic":
+        return
+    need = config.clients * _SYNTHETIC_BYTES_PER_CLIENT
+    available = _available_memory()
+    if available is not None and need > available:
+        raise ValueError(
+            f"clients={config.clients:,}: the synthetic data would need about "
+            f"{need / 2**30:.1f} GiB (about 60 KiB per client), more than the "
+            f"{available / 2**30:.1f} GiB of memory available; use fewer clients"
+        )
+
+
 def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
     """The federated dataset ``config`` names, built from ``key``.
 
@@ -390,9 +465,10 @@ def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
 
     Raises:
         FileNotFoundError: the data directory or a file in it is missing.
-        ValueError: a data file is malformed, the public set leaves no training data, or the
-            partition cannot be made.
+        ValueError: a data file is malformed, the public set leaves no training data, the
+            partition cannot be made, or the data would not fit in memory (`check_memory`).
     """
+    check_memory(config)
     if config.dataset == "synthetic":
         return synthetic(config.synthetic_alpha, config.synthetic_beta, config.clients, key)
     train, test, classes = load_central(config)
@@ -731,6 +807,8 @@ def _simulate(
     model_fn = model_factory(config, data)
     server = check_device(config.server_device)
     algorithm = on_server(make_algorithm(config, model_fn, len(data.clients), data), server)
+    if config.skip_nonfinite:
+        algorithm = attrs.evolve(algorithm, nonfinite="skip")
     template = build_module(model_fn, run_key.fold_in("template"))
     state = algorithm.init(run_key.fold_in("init"))
     if resume is not None:

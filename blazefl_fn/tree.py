@@ -25,6 +25,7 @@ __all__ = [
     "from_module",
     "map_params",
     "nbytes",
+    "nonfinite",
     "pack",
     "scale",
     "select",
@@ -283,6 +284,22 @@ def digest(params: Params) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
+
+
+def nonfinite(params: Params) -> list[str]:
+    """The names of the floating-point (or complex) entries holding a NaN or an infinity, sorted.
+
+    Examples:
+        >>> import torch
+        >>> nonfinite({"w": torch.tensor([1.0, float("nan")]), "b": torch.zeros(2),
+        ...            "n": torch.tensor([7])})
+        ['w']
+    """
+    return sorted(
+        name
+        for name, t in params.items()
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+    )
 
 
 def nbytes(params: Params) -> int:

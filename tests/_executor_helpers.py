@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -102,3 +103,27 @@ def reads_stored_state(downlink: Downlink, data: object, task: ClientTask) -> Up
     """A stateful client update: reads its stored state (needs a dispatch stage)."""
     kept = task.state["1.weight"]
     return Uplink(task.client_id, 1, dict(downlink.params), state={"1.weight": kept})
+
+
+def nan_for_client_3(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
+    """Client 3's update diverges (a NaN in its parameters); the others are finite."""
+    uplink = noisy_update(downlink, data, task)
+    if task.client_id == 3:
+        w = uplink.params["w"].clone()
+        w[0] = float("nan")
+        return Uplink(task.client_id, uplink.num_examples, {**uplink.params, "w": w})
+    return uplink
+
+
+def exits_for_client_2(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
+    if task.client_id == 2:
+        raise SystemExit(4)
+    return noisy_update(downlink, data, task)
+
+
+def unsendable_for_client_1(downlink: Downlink, data: float, task: ClientTask) -> Uplink:
+    """Client 1's uplink holds a lock in its metrics: a worker cannot pickle it back."""
+    uplink = noisy_update(downlink, data, task)
+    if task.client_id == 1:
+        return Uplink(task.client_id, 1, uplink.params, metrics={"lock": threading.Lock()})  # type: ignore[dict-item]
+    return uplink

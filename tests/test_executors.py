@@ -152,7 +152,7 @@ def test_client_error_names_client_and_round_with_remote_traceback(pool: Process
     algo = _algorithm(helpers.divide_by_zero_for_client_7)
     round_fn = make_round(algo, CLIENTS, pool)
     state = algo.init(Key.from_seed(0))
-    with pytest.raises(ClientError, match="client 7 failed in round 0: ZeroDivisionError") as info:
+    with pytest.raises(ClientError, match="client 7 failed in round 1: ZeroDivisionError") as info:
         round_fn(state, Key.from_seed(0))
     cause = info.value.__cause__
     assert isinstance(cause, ZeroDivisionError)
@@ -179,7 +179,7 @@ def test_a_worker_killed_mid_round_is_reported_and_the_pool_cleaned_up() -> None
     algo = _algorithm(helpers.sigkill_for_client_2)
     start = time.monotonic()
     with pytest.raises(
-        WorkerError, match=r"was killed by SIGKILL while running client 2 in round 0"
+        WorkerError, match=r"was killed by SIGKILL while running client 2 in round 1"
     ):
         make_round(algo, CLIENTS, executor)(algo.init(Key.from_seed(0)), Key.from_seed(0))
     assert time.monotonic() - start < 10
@@ -300,3 +300,67 @@ def test_prepare_on_a_closed_pool_raises() -> None:
     executor.close()
     with pytest.raises(RuntimeError, match="closed"):
         executor.prepare(ClientContext(helpers.square, []))
+
+
+# -- hardening: what an adversarial client or a dead parent does -----------------------------
+
+
+@pytest.mark.parametrize("make", [Sequential, lambda: Threads(2)], ids=["sequential", "threads"])
+def test_a_client_calling_sys_exit_fails_its_round(make: Callable[[], Executor]) -> None:
+    # Before: the bare SystemExit escaped and ended the driving process.
+    with (
+        make() as executor,
+        pytest.raises(ClientError, match=r"client 2 failed in round 1: SystemExit: 4"),
+    ):
+        _rounds(executor, helpers.exits_for_client_2)
+
+
+def test_an_uplink_that_cannot_be_pickled_back_is_a_client_error(pool: Processes) -> None:
+    # Before: "worker process ... exited with code 1", and the pool was gone.
+    with pytest.raises(
+        ClientError, match=r"client 1 failed in round 1: TypeError: its result cannot be sent back"
+    ):
+        _rounds(pool, helpers.unsendable_for_client_1)
+    assert _rounds(pool) == _rounds(Sequential())  # the pool survived
+
+
+@pytest.mark.slow
+def test_workers_exit_silently_within_a_second_of_their_parents_death(tmp_path: Path) -> None:
+    # Before: after a SIGKILL of the driver, workers and their pipes lived up to 6.5 s and
+    # printed BrokenPipe tracebacks. Here every worker is busy in a client when the parent dies.
+    script = tmp_path / "parent.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            sys.path.insert(0, sys.argv[1])
+            import _executor_helpers as helpers
+            from blazefl_fn.executors import Processes
+
+            if __name__ == "__main__":
+                with Processes(2) as pool:
+                    print(*sorted(set(pool.map(helpers.pid, [0, 1, 2, 3]))), flush=True)
+                    pool.map(helpers.sleep_forever, [0, 1])
+            """
+        )
+    )
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(Path(__file__).parent)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) == 2
+        time.sleep(0.5)  # both are inside sleep_forever
+        parent.kill()
+        killed = time.monotonic()
+        _, stderr = parent.communicate(timeout=30)
+        while any(_alive(w) for w in workers) and time.monotonic() - killed < 5:
+            time.sleep(0.05)
+        assert not any(_alive(w) for w in workers)
+        assert time.monotonic() - killed < 1.5
+    finally:
+        parent.kill()
+        parent.communicate()
+    assert stderr == ""  # the workers share the parent's stderr: they printed nothing

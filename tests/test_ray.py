@@ -109,7 +109,7 @@ def _job(update: Any) -> ClientJob[float]:
 
 def test_a_client_error_names_client_and_round_with_the_actors_traceback(pool: Ray) -> None:
     tasks = [ClientTask(k, 3, Key.from_seed(k)) for k in range(6)]
-    with pytest.raises(ClientError, match="client 1 failed in round 3") as info:
+    with pytest.raises(ClientError, match="client 1 failed in round 4") as info:
         pool.map(_job(helpers.fail_for_odd_clients), tasks)
     cause = info.value.__cause__
     assert isinstance(cause, ValueError)
@@ -130,8 +130,8 @@ def test_an_actor_killed_mid_round_is_a_worker_error_within_10_s(session: None) 
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert f"pid {victim}" in message
-    assert "in round 7" in message
-    assert "client 1 in round 7" in message or "client 3 in round 7" in message
+    assert "in round 8" in message
+    assert "client 1 in round 8" in message or "client 3 in round 8" in message
     with pytest.raises(RuntimeError, match="closed"):
         executor.map(helpers.square, [1])
 

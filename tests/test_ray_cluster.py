@@ -129,6 +129,6 @@ def test_a_node_killed_mid_round_is_a_worker_error_within_10_s(cluster: dict[str
         raylet = _raylet_of(cluster["node_port"])
         threading.Timer(1.0, os.kill, (raylet, signal.SIGKILL)).start()
         start = time.monotonic()
-        with pytest.raises(WorkerError, match=r"died .* while running client \d in round 5"):
+        with pytest.raises(WorkerError, match=r"died .* while running client \d in round 6"):
             executor.map(job, tasks)
         assert time.monotonic() - start < 10

@@ -148,7 +148,7 @@ def test_client_exception_names_client_and_round() -> None:
     algo = attrs.evolve(_toy(NUM_CLIENTS), client_update=failing)
     state = attrs.evolve(algo.init(Key.from_seed(0)), round=3)
     with pytest.raises(
-        ClientError, match="client 7 failed in round 3: ZeroDivisionError: boom"
+        ClientError, match="client 7 failed in round 4: ZeroDivisionError: boom"
     ) as info:
         run_round(algo, CLIENTS, Sequential(), state, Key.from_seed(0))
     assert isinstance(info.value.__cause__, ZeroDivisionError)
@@ -160,7 +160,7 @@ def test_uplink_for_the_wrong_client_is_refused() -> None:
         return attrs.evolve(_noisy_update(downlink, data, task), client_id=0)
 
     algo = attrs.evolve(_toy(NUM_CLIENTS), client_update=liar)
-    with pytest.raises(ClientError, match=r"client 1 failed in round 0: .*names client 0"):
+    with pytest.raises(ClientError, match=r"client 1 failed in round 1: .*names client 0"):
         run_round(algo, CLIENTS, Sequential(), algo.init(Key.from_seed(0)), Key.from_seed(0))
 
 

@@ -316,7 +316,7 @@ def test_a_failing_chunk_names_its_clients_and_round() -> None:
     error = caught.value
     assert isinstance(error, ClientError)
     assert str(error) == (
-        "the chunk of clients [0, 1, 2, 3, 4, ...] (6 clients) failed in round 0: "
+        "the chunk of clients [0, 1, 2, 3, 4, ...] (6 clients) failed in round 1: "
         "FloatingPointError: loss became nan"
     )
     assert error.client_ids == (0, 1, 2, 3, 4, 5)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -30,7 +32,7 @@ import attrs
 import torch
 
 from ..devices import cuda_determinism
-from ..jobs import ClientContext, ClientJob, ClientTask
+from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
 from ..records import Downlink, Uplink
 from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
 from ._errors import error_reply
@@ -44,13 +46,38 @@ def main(conn: Connection, threads: int, devices: tuple[str, ...] = ("cpu",)) ->
     sends this worker only clients of the devices it owns.
     """
     # Ctrl-C reaches the whole process group; the parent decides what happens to the pool.
+    # The parent started this process with SIGINT blocked (`processes._sigint_held`), so a
+    # Ctrl-C during start-up is still pending: ignoring before unblocking discards it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    _die_with_parent()
     torch.set_num_threads(threads)
     placement = Placement(tuple(torch.device(d) for d in devices))
-    conn.send(("ready", os.getpid()))
-    # This process does nothing but client work: deterministic kernels for its lifetime.
-    with cuda_determinism(placement.cuda):
-        _serve(conn, placement)
+    try:
+        conn.send(("ready", os.getpid()))
+        # This process does nothing but client work: deterministic kernels for its lifetime.
+        with cuda_determinism(placement.cuda):
+            _serve(conn, placement)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent is gone: nobody is left to tell, so exit without a traceback
+
+
+def _die_with_parent(interval: float = 0.25) -> None:
+    """Exit, silently, within ``interval`` seconds of the parent's death, even mid-client.
+
+    Otherwise a worker busy with a client notices only when it next talks to the pipe. A
+    polling thread rather than Linux's ``PR_SET_PDEATHSIG``, which fires when the parent
+    *thread* that started the worker ends, and a pool may be made in a short-lived thread.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:  # re-parented: the parent is gone
+                os._exit(0)
+
+    threading.Thread(target=watch, name="blazefl_fn-parent-watch", daemon=True).start()
 
 
 def _serve(conn: Connection, placement: Placement) -> None:
@@ -88,7 +115,27 @@ def _serve(conn: Connection, placement: Placement) -> None:
             except Exception as exc:
                 conn.send(error_reply(index, exc))
                 continue
-            conn.send(_ok_reply(index, result, buffers.get("slots"), slot_bytes))
+            reply = _ok_reply(index, result, buffers.get("slots"), slot_bytes)
+            try:
+                # Pickled whole before anything is written, so a failure sends nothing.
+                conn.send(reply)
+            except (BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as exc:
+                conn.send(error_reply(index, _unsendable(task, exc)))
+
+
+def _unsendable(task: object, exc: Exception) -> Exception:
+    """The error for a result that cannot be pickled back to the parent."""
+    cause = TypeError(
+        f"its result cannot be sent back to the driver ({type(exc).__name__}: {exc}); "
+        "uplinks must hold tensors and plain values"
+    )
+    if isinstance(task, ClientTask):
+        error = ClientError(task.client_id, task.round, cause)
+        error.__cause__ = cause
+        return error
+    return cause
 
 
 def _with_inputs(

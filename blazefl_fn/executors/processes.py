@@ -23,9 +23,11 @@ import contextlib
 import multiprocessing as mp
 import pickle
 import signal
+import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
@@ -98,6 +100,34 @@ def _describe_exit(process: BaseProcess) -> str:
     return f"exited with code {code}"
 
 
+@contextlib.contextmanager
+def _sigint_held() -> Generator[None]:
+    """Hold a Ctrl-C back while workers are started; raise it once they all are.
+
+    A Ctrl-C reaches the whole process group: a worker still importing torch would die of it
+    with a traceback before its own handler is set, so workers are born with SIGINT blocked
+    (the mask survives exec; `_worker.main` ignores, then unblocks it). In this process a
+    Ctrl-C must not land inside ``Process.start()`` either, between launching a worker and
+    handing it its start-up data (the worker would fail reading it): it is recorded, and
+    `KeyboardInterrupt` raised after the block, when every started worker can be stopped.
+    Handlers can only be set from the main thread; other threads get the mask alone.
+    """
+    caught: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    handler = (
+        signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum)) if main else None
+    )
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a held Ctrl-C is delivered now
+        if main:
+            signal.signal(signal.SIGINT, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 class Processes(ClosingContext):
     """Maps tasks over a pool of ``workers`` long-lived processes.
 
@@ -161,17 +191,21 @@ class Processes(ClosingContext):
             mp.get_context("spawn") if start_method == "spawn" else mp.get_context("forkserver")
         )
         try:
-            for i in range(workers):
-                parent_end, child_end = context.Pipe(duplex=True)
-                process = context.Process(
-                    target=_worker.main,
-                    args=(child_end, threads, tuple(str(d) for d in self.devices)),
-                    name=f"blazefl-fn-worker-{i}",
-                    daemon=True,
-                )
-                process.start()
-                child_end.close()
-                self._workers.append(_Worker(process, parent_end))
+            # Started here, not inside the first `process.start()`: launching it unblocks
+            # SIGINT in this thread, which would undo `_sigint_held` for the first worker.
+            resource_tracker.ensure_running()
+            with _sigint_held():
+                for i in range(workers):
+                    parent_end, child_end = context.Pipe(duplex=True)
+                    process = context.Process(
+                        target=_worker.main,
+                        args=(child_end, threads, tuple(str(d) for d in self.devices)),
+                        name=f"blazefl-fn-worker-{i}",
+                        daemon=True,
+                    )
+                    process.start()
+                    child_end.close()
+                    self._workers.append(_Worker(process, parent_end))
             self._await_ready()
         except BaseException:
             self._shutdown(graceful=False)
@@ -464,7 +498,7 @@ class Processes(ClosingContext):
         worker.process.join(timeout=5)
         running = [tasks[i] for i in worker.inflight]
         what = ", ".join(
-            f"client {t.client_id} in round {t.round}"
+            f"client {t.client_id} in round {t.round + 1}"
             if isinstance(t, ClientTask)
             else f"task {t!r}"
             for t in running

@@ -399,7 +399,7 @@ class Ray(ClosingContext):
     ) -> WorkerError:
         running = [*indices, *(i for a, chunk in inflight.values() if a == actor for i in chunk)]
         what = ", ".join(
-            f"client {t.client_id} in round {t.round}"
+            f"client {t.client_id} in round {t.round + 1}"
             if isinstance(t, ClientTask)
             else f"task {t!r}"
             for t in (tasks[i] for i in sorted(running))
