@@ -91,6 +91,16 @@ def exports_table(module_path: str) -> str:
     return "\n".join(rows)
 
 
+def flag_ranges_table() -> str:
+    """The Markdown table of the numeric ``run`` flags' accepted values."""
+    from blazefl_fn._cli_flags import flag_ranges  # the hook's only use of it
+
+    rows = ["| flag | accepted values |", "|---|---|"]
+    rows += [f"| `{flag}` | {accepted} |" for flag, accepted in flag_ranges()]
+    return "\n".join(rows)
+
+
 def on_page_markdown(markdown: str, **_: Any) -> str:
-    """Replace every exports marker with its table."""
-    return _MARKER.sub(lambda m: exports_table(m["module"]), markdown)
+    """Replace every exports marker with its table, and the flag-ranges marker with its own."""
+    markdown = _MARKER.sub(lambda m: exports_table(m["module"]), markdown)
+    return markdown.replace("<!-- flag-ranges -->", flag_ranges_table())

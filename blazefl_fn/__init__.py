@@ -33,6 +33,7 @@ from .algorithms.fednova import fednova as fednova
 from .algorithms.scaffold import scaffold as scaffold
 from .algorithms.scarlet import scarlet as scarlet
 from .checkpoint import CheckpointWriter as CheckpointWriter
+from .checkpoint import OutputLockedError as OutputLockedError
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_checkpoint as save_checkpoint
 from .data.datasets import ClientData as ClientData
@@ -122,6 +123,7 @@ __all__ = [
     "MissingStage",
     "ModelFactory",
     "NonFiniteError",
+    "OutputLockedError",
     "PerClientFallback",
     "Processes",
     "ProximalTerm",

@@ -4,8 +4,43 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Generator
 from pathlib import Path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Remove the temporary files of ``path`` left by writers that died (SIGKILL, power loss).
+
+    Only names of exactly this module's pattern (``.STEM.tmp-PID.SUFFIX``) whose PID is not a
+    live process are removed, never anything else. Returns the removed paths.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.stem)}\.tmp-(\d+){re.escape(path.suffix)}")
+    removed: list[Path] = []
+    try:
+        candidates = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = pattern.fullmatch(candidate.name)
+        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            candidate.unlink()
+            removed.append(candidate)
+    return removed
 
 
 @contextlib.contextmanager
@@ -14,8 +49,10 @@ def replaced_atomically(path: Path) -> Generator[Path]:
 
     The target is always either its old content or the complete new file. On any exception
     the temporary file is removed and the exception propagates. The temporary name keeps
-    ``path``'s suffix, so writers that choose a format by suffix still work.
+    ``path``'s suffix, so writers that choose a format by suffix still work. Temporary files
+    of ``path`` left by writers that were killed are removed first (`remove_stale_temps`).
     """
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp

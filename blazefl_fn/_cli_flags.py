@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 from typing import Any, NoReturn
 
+import attrs
+
+from ._validators import documented_range
 from .run import ALGORITHMS, DATASETS, EXECUTORS, MODELS, PARTITIONS, RunConfig
 
 PROG = "blazefl-fn"
@@ -88,6 +91,14 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         default=defaults.ray_node_ip,
         help="with --executor ray: this machine's Ray node IP (e.g. a loopback address to keep "
         "a single-machine cluster off the network)",
+    )
+    run.add_argument(
+        "--client-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=defaults.client_timeout,
+        help="with --executor processes: fail the run (exit 3) when a worker spends longer than "
+        "SECONDS on one client (stuck, stopped); in (0, 1e6]; default: no limit",
     )
     run.add_argument(
         "--chunk",
@@ -286,6 +297,12 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         help="continue the run checkpointed in DIR (its settings; flags may change only "
         "executor, workers, rounds, eval-every, target-accuracy, eval-clients)",
     )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let a fresh run replace the checkpoint in --checkpoint-dir and the --metrics log "
+        "(refused by default)",
+    )
     plot = commands.add_parser(
         "plot",
         help="plot accuracy and loss curves from metrics logs",
@@ -329,3 +346,14 @@ def add_partition_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:
         metavar="S",
         help="label-sorted shards per client for the shards partition",
     )
+
+
+def flag_ranges() -> list[tuple[str, str]]:
+    """``(flag, accepted values)`` for every numeric ``run`` flag, read from `RunConfig`'s
+    validators (the docs print this table, so it cannot drift from the checks)."""
+    rows = [("--checkpoint-every", ">= 1")]
+    for field in attrs.fields(RunConfig):
+        accepted = documented_range(field.validator)
+        if accepted is not None:
+            rows.append((f"--{field.name.replace('_', '-')}", accepted))
+    return sorted(rows)

@@ -11,21 +11,43 @@ import attrs
 Validator = Callable[[object, "attrs.Attribute[Any]", object], None]
 
 
-def int_at_least(low: int, high: int | None = None) -> Validator:
+@attrs.frozen
+class Bounded:
+    """A validator that knows its range (``what`` and ``bound``), so the docs can print it."""
+
+    what: str
+    bound: str
+    test: Callable[[object], bool]
+
+    def __call__(self, _instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not self.test(value):
+            raise ValueError(f"{attribute.name} must be {self.what} {self.bound}, got {value!r}")
+
+
+def documented_range(validator: object) -> str | None:
+    """The range a field's validator accepts, in words (None: not a `Bounded` validator)."""
+    if isinstance(validator, Bounded):
+        return f"{validator.bound}"
+    inner = getattr(validator, "validator", None)  # attrs.validators.optional
+    if inner is not None and inner is not validator:
+        found = documented_range(inner)
+        return None if found is None else f"{found}, or unset"
+    return None
+
+
+def int_at_least(low: int, high: int | None = None) -> Bounded:
     """An int (not a bool) ``>= low`` and, given ``high``, ``<= high``."""
     bound = f">= {low}" if high is None else f"in [{low}, {_integer(high)}]"
 
-    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        ok = (
+    def test(value: object) -> bool:
+        return (
             not isinstance(value, bool)
             and isinstance(value, int)
             and value >= low
             and (high is None or value <= high)
         )
-        if not ok:
-            raise ValueError(f"{attribute.name} must be an integer {bound}, got {value!r}")
 
-    return check
+    return Bounded("an integer", bound, test)
 
 
 def _integer(value: int) -> str:
@@ -35,26 +57,31 @@ def _integer(value: int) -> str:
     return str(value)
 
 
-def finite_number(*, positive: bool, high: float | None = None) -> Validator:
+def finite_number(
+    *, positive: bool, high: float | None = None, below: float | None = None
+) -> Bounded:
     """A finite int or float (not a bool), ``> 0`` if ``positive`` else ``>= 0``, and
-    ``<= high`` given ``high``. ``-0.0`` counts as negative: pass it through `plus_zero`."""
-    if high is None:
-        bound = "> 0" if positive else ">= 0"
+    ``<= high`` given ``high`` (``< below`` given ``below``). ``-0.0`` counts as negative: pass
+    it through `plus_zero`."""
+    opening = "(" if positive else "["
+    if below is not None:
+        bound = f"in {opening}0, {below:g})"
+    elif high is not None:
+        bound = f"in {opening}0, {high:g}]"
     else:
-        bound = f"in {'(' if positive else '['}0, {high:g}]"
+        bound = "> 0" if positive else ">= 0"
 
-    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        ok = (
+    def test(value: object) -> bool:
+        return (
             not isinstance(value, bool)
             and isinstance(value, int | float)
             and math.isfinite(value)
             and (value > 0 if positive else value >= 0 and math.copysign(1.0, value) > 0)
             and (high is None or value <= high)
+            and (below is None or value < below)
         )
-        if not ok:
-            raise ValueError(f"{attribute.name} must be a finite number {bound}, got {value!r}")
 
-    return check
+    return Bounded("a finite number", bound, test)
 
 
 def plus_zero(value: float) -> float:

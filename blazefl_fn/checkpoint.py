@@ -4,8 +4,10 @@ A checkpoint is one file written with `torch.save` and read back with
 ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers, so a
 tampered file cannot run code. It holds the server state (parameters, completed rounds and the
 algorithm's ``aux`` state, flattened to tensors and plain values), the run's configuration as a
-JSON object (the run key is derived from its seed), and the SHA-256 digest of the parameters,
-checked on load.
+JSON object (the run key is derived from its seed), the SHA-256 digest of the parameters, and
+a SHA-256 checksum of the whole content (configuration, round, parameters and aux state), all
+checked before anything is used: an edited or damaged checkpoint is refused with a one-line
+message, never resumed from.
 
 Writes go to a temporary file in the same directory, are flushed and fsynced, then renamed over
 the old checkpoint (`os.replace`), so the file is always either the previous checkpoint or the
@@ -14,6 +16,8 @@ complete new one, never a partial write.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -27,6 +31,8 @@ import attrs
 import torch
 
 from ._atomic import replaced_atomically
+from ._aux_leaves import SCALARS, BadLeaf, Mismatch, Reader, fit, flatten
+from ._locks import OutputLockedError, holding
 from .records import ServerState
 from .runner import Callback, LoopResult, RoundEvent
 from .tree import digest
@@ -35,7 +41,10 @@ __all__ = [
     "CHECKPOINT_NAME",
     "Checkpoint",
     "CheckpointWriter",
+    "OutputLockedError",
+    "check_fresh",
     "load_checkpoint",
+    "locked",
     "read_config",
     "save_checkpoint",
 ]
@@ -43,7 +52,7 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 """The file name a checkpoint has inside its directory."""
 _FORMAT = "blazefl_fn.checkpoint"
-_VERSION = 1
+_VERSION = 2
 
 
 @attrs.frozen(eq=False)
@@ -61,147 +70,60 @@ def _path(location: str | os.PathLike[str]) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
-# -- aux state as leaves ------------------------------------------------------------------------
-
-_Scalar = (int, float, bool, str, type(None))
-
-
-def _flatten(obj: object, where: str, leaves: list[object]) -> str:
-    """Append ``obj``'s leaves to ``leaves``; return a description of its structure."""
-    if isinstance(obj, torch.Tensor):
-        # Copied to the CPU (not cloned where it lies): a GPU state is not doubled on the GPU.
-        leaves.append(obj.detach().to("cpu", copy=True))
-        return "T"
-    if isinstance(obj, _Scalar):
-        leaves.append(obj)
-        return "S"
-    if isinstance(obj, Mapping):
-        mapping = cast(Mapping[object, object], obj)
-        names = sorted(mapping, key=str)
-        if not all(isinstance(n, str) for n in names):
-            raise TypeError(f"aux state at {where}: mapping keys must be str, got {names!r}")
-        inner = ",".join(f"{n}:{_flatten(mapping[n], f'{where}.{n}', leaves)}" for n in names)
-        return "{" + inner + "}"
-    if isinstance(obj, tuple | list):
-        items = cast(tuple[object, ...] | list[object], obj)
-        inner = ",".join(_flatten(v, f"{where}[{i}]", leaves) for i, v in enumerate(items))
-        return "(" + inner + ")"
-    if attrs.has(type(obj)):
-        fields = attrs.fields(type(obj))
-        inner = ",".join(
-            f"{f.name}:{_flatten(getattr(obj, f.name), f'{where}.{f.name}', leaves)}"
-            for f in fields
-        )
-        return f"{type(obj).__qualname__}<{inner}>"
-    raise TypeError(
-        f"aux state at {where}: cannot checkpoint a {type(obj).__name__}; use tensors, plain "
-        f"scalars, str-keyed mappings, tuples, lists and attrs records"
+def _content_sha256(payload: Mapping[str, Any]) -> str:
+    """SHA-256 over everything a checkpoint restores: its header fields and every leaf."""
+    h = hashlib.sha256()
+    header = json.dumps(
+        [payload[k] for k in ("format", "version", "config", "numerics", "round")]
+        + [payload["params_sha256"], payload["aux_structure"]]
     )
+    h.update(header.encode("utf-8"))
+    leaves = cast(list[object], payload["aux_leaves"])
+    tensors = {str(i): v for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)}
+    scalars = [[i, v] for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor)]
+    h.update(digest(tensors).encode("ascii"))
+    h.update(json.dumps(scalars).encode("utf-8"))
+    h.update(digest(cast(dict[str, torch.Tensor], payload["params"])).encode("ascii"))
+    return h.hexdigest()
 
 
-class _Mismatch(Exception):
-    """The stored aux structure does not fit the algorithm's."""
+def _is_directory(location: str | os.PathLike[str]) -> bool:
+    path = Path(location)
+    return path.is_dir() or path.suffix != ".pt"
 
 
-class _BadLeaf(Exception):
-    """A stored tensor leaf differs from the template's in shape or dtype (its index)."""
+def locked(location: str | os.PathLike[str]) -> contextlib.AbstractContextManager[None]:
+    """Hold the checkpoint location's lock: one writer per checkpoint directory or file.
 
-
-@attrs.define
-class _Reader:
-    """A cursor over a stored `_flatten` description and its leaves, walked along the
-    algorithm's template (so the template, not the file, bounds the recursion)."""
-
-    text: str
-    leaves: list[object]
-    pos: int = 0
-    taken: int = 0
-
-    def expect(self, token: str) -> None:
-        if not self.text.startswith(token, self.pos):
-            raise _Mismatch
-        self.pos += len(token)
-
-    def peek(self, token: str) -> bool:
-        return self.text.startswith(token, self.pos)
-
-    def leaf(self) -> object:
-        if self.taken >= len(self.leaves):
-            raise _Mismatch
-        self.taken += 1
-        return self.leaves[self.taken - 1]
-
-
-def _fit(template: object, reader: _Reader, *, client_state: bool = False) -> object:
-    """The stored aux state: ``template``'s structure filled with the stored leaves.
-
-    One exception to "the same structure": an empty mapping inside a tuple or list (a
-    client's stored state, empty until it first takes part, `blazefl_fn.client_state`) takes
-    the tensors the checkpoint stored there.
+    Raises:
+        OutputLockedError: another process holds it (the message names the process).
     """
-    if isinstance(template, torch.Tensor):
-        reader.expect("T")
-        index = reader.taken
-        value = reader.leaf()
-        if (
-            not isinstance(value, torch.Tensor)
-            or value.shape != template.shape
-            or value.dtype != template.dtype
-        ):
-            raise _BadLeaf(index)
-        return value
-    if isinstance(template, _Scalar):
-        reader.expect("S")
-        return reader.leaf()
-    if isinstance(template, Mapping):
-        mapping = cast(Mapping[str, object], template)
-        reader.expect("{")
-        if not mapping and client_state:
-            return _client_tree(reader)
-        names = sorted(mapping, key=str)
-        rebuilt: dict[str, object] = {}
-        for k, name in enumerate(names):
-            reader.expect(f"{name}:" if k == 0 else f",{name}:")
-            rebuilt[name] = _fit(mapping[name], reader)
-        reader.expect("}")
-        return {n: rebuilt[n] for n in mapping}
-    if isinstance(template, tuple | list):
-        items = cast(tuple[object, ...] | list[object], template)
-        reader.expect("(")
-        values: list[object] = []
-        for k, item in enumerate(items):
-            if k:
-                reader.expect(",")
-            values.append(_fit(item, reader, client_state=True))
-        reader.expect(")")
-        return tuple(values) if isinstance(template, tuple) else values
-    fields = attrs.fields(type(template))
-    reader.expect(f"{type(template).__qualname__}<")
-    values_by_name: dict[str, object] = {}
-    for k, f in enumerate(fields):
-        reader.expect(f"{f.name}:" if k == 0 else f",{f.name}:")
-        values_by_name[f.name] = _fit(getattr(template, f.name), reader)
-    reader.expect(">")
-    return attrs.evolve(template, **values_by_name)
+    return holding(location, f"checkpoint {location}", directory=_is_directory(location))
 
 
-def _client_tree(reader: _Reader) -> dict[str, torch.Tensor]:
-    """The ``name:T,...}`` rest of a stored client tree (after its ``{``)."""
-    out: dict[str, torch.Tensor] = {}
-    while not reader.peek("}"):
-        if out:
-            reader.expect(",")
-        end = reader.text.find(":T", reader.pos)
-        if end <= reader.pos:
-            raise _Mismatch
-        name = reader.text[reader.pos : end]
-        reader.pos = end + 2
-        value = reader.leaf()
-        if not isinstance(value, torch.Tensor) or name in out:
-            raise _Mismatch
-        out[name] = value
-    reader.expect("}")
-    return out
+def check_fresh(
+    location: str | os.PathLike[str],
+    resume: str | os.PathLike[str] | None = None,
+    *,
+    overwrite: bool = False,
+) -> None:
+    """Refuse to write checkpoints over one that the run does not continue from.
+
+    A run may write into ``location`` if it holds no checkpoint, if the run resumes from that
+    very checkpoint, or if ``overwrite`` is set.
+
+    Raises:
+        FileExistsError: ``location`` holds a checkpoint this run would replace.
+    """
+    path = Path(location) / CHECKPOINT_NAME if _is_directory(location) else Path(location)
+    if overwrite or not path.exists():
+        return
+    if resume is not None and _path(resume).resolve() == path.resolve():
+        return
+    raise FileExistsError(
+        f"{location} already holds a checkpoint; continue it (--resume {location}) or replace "
+        "it (--overwrite)"
+    )
 
 
 # -- save / load ------------------------------------------------------------------------------
@@ -244,7 +166,7 @@ def save_checkpoint(
         path.mkdir(parents=True, exist_ok=True)
         path = path / CHECKPOINT_NAME
     leaves: list[object] = []
-    structure = _flatten(state.aux, "aux", leaves)
+    structure = flatten(state.aux, "aux", leaves)
     payload = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -256,6 +178,7 @@ def save_checkpoint(
         "aux_structure": structure,
         "aux_leaves": leaves,
     }
+    payload["content_sha256"] = _content_sha256(payload)
     with replaced_atomically(path) as tmp:
         torch.save(payload, tmp)
     return path
@@ -270,7 +193,14 @@ def _read(path: Path) -> dict[str, Any]:
             # below is the message that matters.
             warnings.simplefilter("ignore")
             payload: object = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        ValueError,
+    ) as e:
         # torch's messages run to several sentences; the first says what went wrong.
         text = str(e).strip()
         first = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
@@ -283,7 +213,55 @@ def _read(path: Path) -> dict[str, Any]:
             f"checkpoint {path} has format version {data.get('version')!r}; this blazefl_fn "
             f"reads version {_VERSION}"
         )
+    _check_fields(path, data)
+    if _content_sha256(data) != data["content_sha256"]:
+        raise ValueError(
+            f"checkpoint {path}: its content does not match its checksum (the file was edited "
+            "or damaged)"
+        )
     return data
+
+
+def _json_object(path: Path, data: Mapping[str, Any], field: str) -> dict[str, Any]:
+    try:
+        value: object = json.loads(data[field])
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"checkpoint {path}: field {field!r} is not a JSON object")
+    return cast(dict[str, Any], value)
+
+
+def _check_fields(path: Path, data: Mapping[str, Any]) -> None:
+    """Refuse a payload whose fields are missing or of the wrong type (one line naming it)."""
+    kinds: dict[str, type | tuple[type, ...]] = {
+        "config": str,
+        "numerics": str,
+        "round": int,
+        "params": dict,
+        "params_sha256": str,
+        "aux_structure": str,
+        "aux_leaves": list,
+        "content_sha256": str,
+    }
+    for field, kind in kinds.items():
+        if field not in data:
+            raise ValueError(f"checkpoint {path}: field {field!r} is missing")
+        value: object = data[field]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"checkpoint {path}: field {field!r} has type {type(value).__name__}")
+    if data["round"] < 0:
+        raise ValueError(f"checkpoint {path}: bad round {data['round']!r}")
+    params = cast(dict[object, object], data["params"])
+    for name, value in params.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(f"checkpoint {path}: malformed parameter {name!r}")
+    leaves = cast(list[object], data["aux_leaves"])
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, (torch.Tensor, *SCALARS)):
+            raise ValueError(f"checkpoint {path}: aux leaf {i} is a {type(leaf).__name__}")
+    _json_object(path, data, "config")
+    _json_object(path, data, "numerics")
 
 
 def read_config(location: str | os.PathLike[str]) -> dict[str, Any]:
@@ -294,67 +272,86 @@ def read_config(location: str | os.PathLike[str]) -> dict[str, Any]:
         ValueError: the file is not a readable blazefl_fn checkpoint.
     """
     path = _path(location)
-    config = json.loads(_read(path)["config"])
-    if not isinstance(config, dict):
-        raise ValueError(f"checkpoint {path}: the stored config is not an object")
-    return cast(dict[str, Any], config)
+    return _json_object(path, _read(path), "config")
 
 
-def load_checkpoint(location: str | os.PathLike[str], aux_template: object = None) -> Checkpoint:
-    """Load the checkpoint at ``location`` (a directory or file).
+def load_checkpoint(
+    location: str | os.PathLike[str],
+    aux_template: object = None,
+    params_template: Mapping[str, torch.Tensor] | None = None,
+) -> Checkpoint:
+    """Load the checkpoint at ``location`` (a directory or file), verified before use.
 
     Args:
         location: the checkpoint directory or file.
         aux_template: an ``aux`` value of the algorithm's (e.g. ``algorithm.init(key).aux``),
             whose structure the stored aux state must have; None accepts only an empty aux
             (``{}``).
+        params_template: the model's parameters (e.g. ``algorithm.init(key).params``), whose
+            names, shapes and dtypes the stored ones must have; None checks only their digest.
 
     Raises:
         FileNotFoundError: there is no checkpoint there.
-        ValueError: the file is corrupt or truncated, its parameters do not match their stored
-            digest, or its aux state does not fit ``aux_template``.
+        ValueError: the file is corrupt or truncated, a field is missing or of the wrong type,
+            its content does not match its checksum, its parameters do not fit
+            ``params_template``, or its aux state does not fit ``aux_template``.
     """
     path = _path(location)
     data = _read(path)
-    params = data.get("params")
-    if not isinstance(params, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor)
-        for k, v in cast(dict[object, object], params).items()
-    ):
-        raise ValueError(f"checkpoint {path}: malformed parameters")
-    params = cast(dict[str, torch.Tensor], params)
-    if digest(params) != data.get("params_sha256"):
+    params = cast(dict[str, torch.Tensor], data["params"])
+    if digest(params) != data["params_sha256"]:
         raise ValueError(f"checkpoint {path}: the parameters do not match their stored digest")
+    if params_template is not None:
+        _check_params(path, params, params_template)
     template: object = {} if aux_template is None else aux_template
     expected_leaves: list[object] = []
-    expected = _flatten(template, "aux", expected_leaves)
+    expected = flatten(template, "aux", expected_leaves)
     stored = data.get("aux_structure")
     raw_leaves = data.get("aux_leaves")
     leaves = cast(list[object], raw_leaves) if isinstance(raw_leaves, list) else None
     try:
         if leaves is None:
-            raise _Mismatch
+            raise Mismatch
         if not isinstance(stored, str):
-            raise _Mismatch
-        reader = _Reader(stored, leaves)
-        aux = _fit(template, reader)
+            raise Mismatch
+        reader = Reader(stored, leaves)
+        aux = fit(template, reader)
         if reader.pos != len(stored) or reader.taken != len(leaves):
-            raise _Mismatch
-    except _Mismatch:
+            raise Mismatch
+    except Mismatch:
         raise ValueError(
             f"checkpoint {path}: its algorithm state has structure {stored!r}, the algorithm "
             f"expects {expected!r}"
         ) from None
-    except _BadLeaf as exc:
+    except BadLeaf as exc:
         raise ValueError(
             f"checkpoint {path}: aux leaf {exc} has the wrong shape or dtype"
         ) from None
-    round_index = data.get("round")
-    if not isinstance(round_index, int) or round_index < 0:
-        raise ValueError(f"checkpoint {path}: bad round {round_index!r}")
-    state = ServerState(params=params, round=round_index, aux=cast(Any, aux))
-    numerics = json.loads(data.get("numerics", "{}"))
-    return Checkpoint(state=state, config=json.loads(data["config"]), numerics=numerics)
+    state = ServerState(params=params, round=data["round"], aux=cast(Any, aux))
+    return Checkpoint(
+        state=state,
+        config=_json_object(path, data, "config"),
+        numerics=_json_object(path, data, "numerics"),
+    )
+
+
+def _check_params(
+    path: Path, params: Mapping[str, torch.Tensor], template: Mapping[str, torch.Tensor]
+) -> None:
+    missing = sorted(set(template) - set(params))
+    extra = sorted(set(params) - set(template))
+    if missing or extra:
+        raise ValueError(
+            f"checkpoint {path}: its parameters do not fit the model (missing {missing}, "
+            f"unexpected {extra})"
+        )
+    for name in sorted(template):
+        stored, wanted = params[name], template[name]
+        if stored.shape != wanted.shape or stored.dtype != wanted.dtype:
+            raise ValueError(
+                f"checkpoint {path}: parameter {name!r} is {stored.dtype} "
+                f"{tuple(stored.shape)}, the model's is {wanted.dtype} {tuple(wanted.shape)}"
+            )
 
 
 class CheckpointWriter(Callback):

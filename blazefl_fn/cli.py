@@ -3,7 +3,7 @@
 Every error is one line ``blazefl-fn: error: ...`` on stderr, never a traceback (unless
 ``--debug`` or ``BLAZEFL_FN_DEBUG=1`` asks for one), and the exit status says what kind:
 
-- 1: a missing or malformed file (data, checkpoint, metrics log);
+- 1: a missing, malformed, locked or already existing file (data, checkpoint, metrics log);
 - 2: a bad flag or value;
 - 3: the run failed: a client raised, a worker died, training diverged (NaN or Inf), or an
   unexpected error;
@@ -13,6 +13,7 @@ Every error is one line ``blazefl-fn: error: ...`` on stderr, never a traceback 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import attrs
 
 from . import portable
 from ._cli_flags import OVERSUBSCRIPTION, PROG, UsageError, build_parser
+from ._locks import holding
 from .checkpoint import CHECKPOINT_NAME, read_config
 from .data.partition import partition_report
 from .keys import Key
@@ -80,14 +82,18 @@ class _DataError(Exception):
 def _stored_config(resume: str) -> RunConfig:
     try:
         return config_from_dict(read_config(resume))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:
         raise _DataError from exc
 
 
 def _resumed_config(argv: Sequence[str] | None, stored: RunConfig) -> RunConfig:
     """The checkpoint's config with the flags given on the command line applied over it."""
     given = vars(build_parser(only_given=True).parse_args(argv))
-    return attrs.evolve(stored, **{k: v for k, v in given.items() if k in _CONFIG_FIELDS})
+    changes = {k: v for k, v in given.items() if k in _CONFIG_FIELDS}
+    if changes.get("executor", "processes") != "processes" and "client_timeout" not in changes:
+        # The stored timeout belonged to the processes executor the run leaves.
+        changes["client_timeout"] = None
+    return attrs.evolve(stored, **changes)
 
 
 def _check_machine(args: argparse.Namespace, config: RunConfig) -> None:
@@ -115,11 +121,32 @@ def _checkpoint_stamp(directory: str | None) -> tuple[int, int, int] | None:
     return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
+def _metrics_log(args: argparse.Namespace, stack: contextlib.ExitStack) -> MetricsLog | None:
+    """The ``--metrics`` log, locked for this run; a fresh run refuses to replace records."""
+    if args.metrics is None:
+        return None
+    stack.enter_context(holding(args.metrics, f"metrics log {args.metrics}", directory=False))
+    path = Path(args.metrics)
+    if args.resume is None and not args.overwrite and path.is_file() and path.stat().st_size:
+        raise FileExistsError(
+            f"metrics log {args.metrics} already holds records; continue its run (--resume) or "
+            "replace it (--overwrite)"
+        )
+    return MetricsLog(path, portable.numerics())
+
+
 def _run(args: argparse.Namespace, config: RunConfig) -> int:
-    progress = sys.stderr if args.json else sys.stdout
-    callbacks: list[Callback] = [progress_callback(progress, quiet=args.quiet)]
-    if args.metrics is not None:
-        callbacks.append(MetricsLog(args.metrics, portable.numerics()))
+    with contextlib.ExitStack() as stack:
+        progress = sys.stderr if args.json else sys.stdout
+        callbacks: list[Callback] = [progress_callback(progress, quiet=args.quiet)]
+        log = _metrics_log(args, stack)
+        if log is not None:
+            callbacks.append(log)
+            stack.callback(log.close)
+        return _run_locked(args, config, callbacks)
+
+
+def _run_locked(args: argparse.Namespace, config: RunConfig, callbacks: list[Callback]) -> int:
     checkpoint_dir = args.checkpoint_dir if args.checkpoint_dir is not None else args.resume
     before = _checkpoint_stamp(checkpoint_dir)
     try:
@@ -129,6 +156,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
             resume=args.resume,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=args.checkpoint_every,
+            overwrite=args.overwrite,
         )
     except KeyboardInterrupt:
         after = _checkpoint_stamp(checkpoint_dir)

@@ -7,6 +7,7 @@ federated dataset, ``run_key.fold_in("init")`` the initial model, and round ``t`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -38,7 +39,7 @@ from .algorithms.feddyn import feddyn
 from .algorithms.fednova import fednova
 from .algorithms.scaffold import scaffold
 from .algorithms.scarlet import scarlet
-from .checkpoint import CheckpointWriter, load_checkpoint, read_config
+from .checkpoint import CheckpointWriter, check_fresh, load_checkpoint, locked, read_config
 from .data.cifar import load_cifar10, load_cifar100
 from .data.datasets import ClientData, FederatedDataset, TensorDataset
 from .data.mnist import load_mnist
@@ -209,6 +210,9 @@ class RunConfig:
     server_device: str = attrs.field(default="cpu", validator=_devices_field(check_device))
     ray_address: str | None = attrs.field(default=None, validator=_optional_text)
     ray_node_ip: str | None = attrs.field(default=None, validator=_optional_text)
+    client_timeout: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1e6))
+    )
     portable: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     chunk: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(int_at_least(1, _COUNT))
@@ -241,17 +245,17 @@ class RunConfig:
         default=None, validator=attrs.validators.optional(finite_number(positive=True, high=_RATE))
     )
     server_momentum: float = attrs.field(
-        default=0.9, converter=plus_zero, validator=finite_number(positive=False)
+        default=0.9, converter=plus_zero, validator=finite_number(positive=False, below=1)
     )
     beta1: float = attrs.field(
-        default=0.9, converter=plus_zero, validator=finite_number(positive=False)
+        default=0.9, converter=plus_zero, validator=finite_number(positive=False, below=1)
     )
     beta2: float = attrs.field(
-        default=0.99, converter=plus_zero, validator=finite_number(positive=False)
+        default=0.99, converter=plus_zero, validator=finite_number(positive=False, below=1)
     )
     tau: float = attrs.field(default=1e-3, validator=finite_number(positive=True, high=_RATE))
     trim_beta: float = attrs.field(
-        default=0.1, converter=plus_zero, validator=finite_number(positive=False)
+        default=0.1, converter=plus_zero, validator=finite_number(positive=False, below=0.5)
     )
     krum_f: int = attrs.field(default=1, validator=int_at_least(0, _COUNT))
     krum_m: int = attrs.field(default=1, validator=int_at_least(1, _COUNT))
@@ -262,7 +266,7 @@ class RunConfig:
         default=0.01, validator=finite_number(positive=True, high=_RATE)
     )
     local_momentum: float = attrs.field(
-        default=0.0, converter=plus_zero, validator=finite_number(positive=False)
+        default=0.0, converter=plus_zero, validator=finite_number(positive=False, below=1)
     )
     public_size: int = attrs.field(default=10000, validator=int_at_least(1, _COUNT))
     public_per_round: int = attrs.field(default=1000, validator=int_at_least(1, _COUNT))
@@ -280,11 +284,6 @@ class RunConfig:
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
             )
-        for name in ("server_momentum", "beta1", "beta2", "local_momentum"):
-            if not getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.trim_beta < 0.5:
-            raise ValueError(f"trim_beta must be in [0, 0.5), got {self.trim_beta}")
         if self.algorithm == "krum":
             if self.clients_per_round <= 2 * self.krum_f + 2:
                 raise ValueError(
@@ -330,6 +329,11 @@ class RunConfig:
                     f"public_per_round ({self.public_per_round}) exceeds public_size "
                     f"({self.public_size})"
                 )
+        if self.client_timeout is not None and self.executor != "processes":
+            raise ValueError(
+                f"client_timeout applies to the processes executor, not to {self.executor!r} "
+                "(a thread cannot be stopped; sequential runs in this process)"
+            )
         if self.executor != "vectorized" and (self.chunk, self.max_bytes) != (None, None):
             raise ValueError(
                 f"chunk and max_bytes apply to the vectorized executor, not to {self.executor!r}"
@@ -611,7 +615,12 @@ def make_executor(config: RunConfig) -> Executor:
     if config.executor == "threads":
         return Threads(config.workers, devices=devices)
     if config.executor == "processes":
-        return Processes(config.workers, threads=config.threads, devices=devices)
+        return Processes(
+            config.workers,
+            threads=config.threads,
+            devices=devices,
+            client_timeout=config.client_timeout,
+        )
     if config.executor == "vectorized":
         return Vectorized(config.chunk, device=devices[0], max_bytes=config.max_bytes)
     if config.executor == "ray":
@@ -680,6 +689,7 @@ RESUMABLE_CHANGES = frozenset(
         # Compared by `check_resumable` as part of how the executor rounds (`_arithmetic`).
         "chunk",
         "max_bytes",
+        "client_timeout",
     }
 )
 """Settings a checkpoint may be resumed with different values of: how a run is executed or
@@ -710,6 +720,9 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
+    missing = sorted(known - set(values))
+    if missing:
+        raise ValueError(f"config fields {missing} are missing")
     return RunConfig(**values)
 
 
@@ -758,6 +771,7 @@ def simulate(
     resume: str | os.PathLike[str] | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 1,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run the simulation ``config`` describes, or continue one from a checkpoint.
 
@@ -770,11 +784,16 @@ def simulate(
         checkpoint_dir: write a checkpoint here every ``checkpoint_every`` rounds, after the
             last round, and on KeyboardInterrupt.
         checkpoint_every: rounds between checkpoints (>= 1).
+        overwrite: let a run that does not resume from ``checkpoint_dir``'s checkpoint replace
+            it (otherwise refused).
 
     Raises:
         ValueError: a bad setting, a malformed data file, or a corrupt or mismatching
             checkpoint.
         FileNotFoundError: a data file or the checkpoint is missing.
+        FileExistsError: ``checkpoint_dir`` holds a checkpoint this run would replace.
+        blazefl_fn.OutputLockedError: another process writes ``checkpoint_dir``; it stays
+            locked (``flock``) while this run lasts.
 
     Examples:
         >>> result = simulate(RunConfig(rounds=2, clients=5, clients_per_round=2))
@@ -786,11 +805,16 @@ def simulate(
     if config.portable:
         portable.enable()  # before the first kernel of the run
     start = time.perf_counter()
-    if resume is not None:
-        check_resumable(config_from_dict(read_config(resume)), config)
-    # On CUDA the server's stages and evaluation run with deterministic kernels too.
-    cuda = uses_cuda((*parse_devices(config.device), check_device(config.server_device)))
-    with intra_op_threads(config.threads), cuda_determinism(cuda):
+    with contextlib.ExitStack() as stack:
+        if checkpoint_dir is not None:
+            stack.enter_context(locked(checkpoint_dir))
+            check_fresh(checkpoint_dir, resume, overwrite=overwrite)
+        if resume is not None:
+            check_resumable(config_from_dict(read_config(resume)), config)
+        # On CUDA the server's stages and evaluation run with deterministic kernels too.
+        cuda = uses_cuda((*parse_devices(config.device), check_device(config.server_device)))
+        stack.enter_context(intra_op_threads(config.threads))
+        stack.enter_context(cuda_determinism(cuda))
         return _simulate(config, callbacks, resume, checkpoint_dir, checkpoint_every, start)
 
 
@@ -812,7 +836,7 @@ def _simulate(
     template = build_module(model_fn, run_key.fold_in("template"))
     state = algorithm.init(run_key.fold_in("init"))
     if resume is not None:
-        state = load_checkpoint(resume, aux_template=state.aux).state
+        state = load_checkpoint(resume, aux_template=state.aux, params_template=state.params).state
         if state.round > config.rounds:
             raise ValueError(
                 f"the checkpoint has completed {state.round} rounds, more than rounds="

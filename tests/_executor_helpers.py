@@ -127,3 +127,10 @@ def unsendable_for_client_1(downlink: Downlink, data: float, task: ClientTask) -
     if task.client_id == 1:
         return Uplink(task.client_id, 1, uplink.params, metrics={"lock": threading.Lock()})  # type: ignore[dict-item]
     return uplink
+
+
+def stop_self_on(x: int) -> int:
+    """Task 2 stops its own worker (SIGSTOP), as a debugger or a stuck NFS read would."""
+    if x == 2:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return x

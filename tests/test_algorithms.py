@@ -108,10 +108,13 @@ def test_server_state_survives_checkpoint_resume_bitwise(tmp_path: object) -> No
     [
         ({"algorithm": "krum", "clients_per_round": 4}, "needs clients_per_round > 2\\*krum_f"),
         ({"algorithm": "krum", "krum_m": 7}, "krum_m \\(7\\) exceeds clients_per_round \\(6\\)"),
-        ({"trim_beta": 0.5}, "trim_beta must be in \\[0, 0.5\\), got 0.5"),
-        ({"server_momentum": 1.0}, "server_momentum must be in \\[0, 1\\), got 1.0"),
-        ({"server_lr": 0.0}, "server_lr must be a finite number > 0"),
-        ({"clip_norm": -1.0}, "clip_norm must be a finite number > 0"),
+        ({"trim_beta": 0.5}, r"trim_beta must be a finite number in \[0, 0\.5\), got 0\.5"),
+        (
+            {"server_momentum": 1.0},
+            r"server_momentum must be a finite number in \[0, 1\), got 1\.0",
+        ),
+        ({"server_lr": 0.0}, r"server_lr must be a finite number in \(0, 10000\]"),
+        ({"clip_norm": -1.0}, r"clip_norm must be a finite number in \(0, 1e\+12\]"),
         ({"mu": float("nan")}, "mu must be a finite number"),
     ],
 )

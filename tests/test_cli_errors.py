@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 
 from blazefl_fn import run as run_module
+from blazefl_fn._cli_flags import build_parser, flag_ranges
 from blazefl_fn.cli import json_safe
 from blazefl_fn.run import RunConfig, check_memory
 
@@ -196,3 +199,112 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_fails_the_run_after_client_timeout() -> None:
+    # Before: a worker stopped with SIGSTOP hung the round forever.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blazefl_fn", "run", "--executor", "processes", "--workers", "2",
+         "--rounds", "100000", "--clients-per-round", "30", "--clients", "30",
+         "--client-timeout", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()  # the first round ended: the workers are busy with clients
+        workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
+        assert workers
+        os.kill(workers[0], signal.SIGSTOP)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 3
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert f"worker process {workers[0]} gave no result for client" in lines[0]
+    assert "within client_timeout=2 s" in lines[0]
+    _wait_for(lambda: not _session_alive(proc.pid), 10)  # the stopped worker was killed too
+
+
+def test_client_timeout_needs_the_processes_executor() -> None:
+    done = _cli("run", "--client-timeout", "5")
+    assert done.returncode == 2
+    assert "client_timeout applies to the processes executor" in _one_error_line(done)
+
+
+def _bounds(text: str) -> tuple[float, bool, float | None, bool]:
+    """``(low, low_included, high, high_included)`` of a documented range."""
+    text = text.removesuffix(", or unset")
+    if text.startswith(">"):
+        return float(text.split()[-1]), text.startswith(">="), None, False
+    match = re.fullmatch(r"in ([\[(])(\S+), (.+)([\])])", text)
+    assert match, text
+    high = 2**128 - 1 if match[3] == "2**128 - 1" else float(match[3])
+    return float(match[2]), match[1] == "[", high, match[4] == "]"
+
+
+def _accepts(field: str, value: float) -> bool:
+    kind = next(f for f in attrs.fields(RunConfig) if f.name == field).type
+    typed = int(value) if "int" in str(kind) else float(value)
+    try:
+        attrs.validate(attrs.evolve(RunConfig(), **{field: typed}))
+    except ValueError as exc:
+        return f"{field} must be" not in str(exc)  # refused by another (cross-field) rule
+    return True
+
+
+@pytest.mark.parametrize(("flag", "accepted"), flag_ranges())
+def test_every_documented_flag_range_is_the_range_enforced(flag: str, accepted: str) -> None:
+    # The command-line page prints `flag_ranges()`; this checks each row against the validator.
+    field = flag.removeprefix("--").replace("-", "_")
+    build_parser().parse_args(["run", flag, "1"])  # a real flag (else UsageError)
+    if field == "checkpoint_every":
+        return  # checked by main(), covered by test_cli_resume
+    low, low_in, high, high_in = _bounds(accepted)
+    step = 1 if "integer" in _message(field) else 1e-9 * max(1.0, abs(low))
+    assert _accepts(field, low) == low_in
+    assert not _accepts(field, low - step)
+    if high is not None:
+        assert _accepts(field, high) == high_in
+        assert not _accepts(field, high + max(step, abs(high) * 1e-9))
+
+
+def _message(field: str) -> str:
+    try:
+        RunConfig(**{field: -(10**40)})  # type: ignore[arg-type]
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError(f"{field} accepted -1e40")
+
+
+def test_every_numeric_config_field_has_a_documented_range() -> None:
+    documented = {flag for flag, _ in flag_ranges()}
+    for field in attrs.fields(RunConfig):
+        if str(field.type).replace(" ", "") in ("int", "float", "int|None", "float|None"):
+            assert f"--{field.name.replace('_', '-')}" in documented, field.name
+
+
+def test_a_gzip_bomb_in_the_data_dir_is_one_line_and_status_1(tmp_path: Path) -> None:
+    # Before: a 2 MB .gz was inflated to 2.3 GB (4.3 GB peak) before being refused.
+    import gzip
+    import struct
+
+    def idx(path: Path, dims: tuple[int, ...], data: bytes) -> None:
+        path.write_bytes(struct.pack(f">2xBB{len(dims)}I", 0x08, len(dims), *dims) + data)
+
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        idx(tmp_path / f"{prefix}-labels-idx1-ubyte", (n,), bytes(n))
+        idx(tmp_path / f"{prefix}-images-idx3-ubyte", (n, 28, 28), bytes(n * 784))
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">2xBBIII", 0x08, 3, 20, 28, 28))
+        for _ in range(64):
+            f.write(bytes(1 << 20))  # 64 MiB behind a header that declares 15,680 bytes
+    done = _cli("run", "--dataset", "mnist", "--data-dir", str(tmp_path), "--rounds", "1",
+                "--clients", "2", "--clients-per-round", "2")  # fmt: skip
+    assert done.returncode == 1
+    assert "trailing bytes after the 15680 bytes of data the header declares" in _one_error_line(
+        done
+    )

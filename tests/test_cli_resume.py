@@ -119,7 +119,11 @@ def test_ctrl_c_writes_a_final_checkpoint(tmp_path: Path, uninterrupted: str) ->
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1].startswith("blazefl-fn: interrupted; checkpoint saved in")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith("blazefl-fn: interrupted; checkpoint of the last completed round saved in")
+    )
     saved = load_checkpoint(tmp_path / "ck").state.round
     assert 4 <= saved < ROUNDS
     assert [r["round"] for r in read_metrics(log)][-1] >= saved

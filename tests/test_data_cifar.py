@@ -251,7 +251,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
         ),
         (  # numpy.dtype("O"): object arrays could smuggle arbitrary objects
             b"\x80\x02cnumpy\ndtype\nX\x01\x00\x00\x00O\x85R.",
-            "object dtype",
+            "dtype object is not part of a CIFAR batch",
         ),
     ],
 )
@@ -456,3 +456,82 @@ def test_extract_errors(tmp_path: Path) -> None:
     bad.write_bytes(b"\x1f\x8b garbage")
     with pytest.raises(ValueError, match=r"bad\.tar\.gz: corrupt archive"):
         extract_tar(bad, tmp_path / "out")
+
+
+# -- bounded allocation (issue 21, item 6: a 238-byte batch became 100,000 images) -------------
+
+
+class _Zeros:
+    """Pickles as ``bytes(n)``: n bytes that the file never held."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return (bytes, (self.n,))
+
+
+class _HugeArray:
+    """Pickles as numpy does, but with its data from ``bytes(n)``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        reconstruct = np.zeros(1).__reduce__()[0]  # pyright: ignore[reportUnknownVariableType]
+        state = (1, (100_000, PIXELS), np.dtype("u1"), False, _Zeros(100_000 * PIXELS))
+        return (reconstruct, (np.ndarray, (0,), b"b"), state)
+
+
+class _LabelsFromZeros:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (_Zeros(100_000),))
+
+
+class _DirectArray:
+    """``numpy.ndarray((n, 3072))`` called by the pickle: an allocation of any size."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (np.ndarray, ((100_000, PIXELS),))
+
+
+def test_a_tiny_batch_declaring_100k_images_is_refused_before_allocating(tmp_path: Path) -> None:
+    import tracemalloc
+
+    cifar10_python(tmp_path, n=2, n_test=2)
+    dump(tmp_path / "test_batch", {b"data": _HugeArray(), b"labels": _LabelsFromZeros()})
+    assert (tmp_path / "test_batch").stat().st_size < 400
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"bytes\(\) of a int is not part of a CIFAR batch"):
+            load_cifar10(tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
+
+
+def test_calling_ndarray_directly_is_refused(tmp_path: Path) -> None:
+    cifar10_python(tmp_path, n=2, n_test=2)
+    dump(tmp_path / "test_batch", {b"data": _DirectArray(), b"labels": [0]})
+    with pytest.raises(ValueError, match="corrupt pickle"):
+        load_cifar10(tmp_path)
+
+
+def test_shared_nested_labels_are_refused_before_numpy_expands_them(tmp_path: Path) -> None:
+    import time
+
+    cifar10_python(tmp_path, n=2, n_test=2)
+    nested: object = [0]
+    for _ in range(9):
+        nested = [nested] * 10  # 10**9 ints behind a few hundred bytes
+    dump(tmp_path / "test_batch", {b"data": fake_pixels(10), b"labels": nested})
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="must be a flat list of ints"):
+        load_cifar10(tmp_path)
+    assert time.perf_counter() - start < 5
+
+
+def test_a_record_dtype_is_refused(tmp_path: Path) -> None:
+    cifar10_python(tmp_path, n=2, n_test=2)
+    data = np.zeros(2, dtype=[("a", "u1", (PIXELS,))])
+    dump(tmp_path / "test_batch", {b"data": data, b"labels": [0, 1]})
+    with pytest.raises(ValueError, match="is not part of a CIFAR batch"):
+        load_cifar10(tmp_path)

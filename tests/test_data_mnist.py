@@ -293,3 +293,52 @@ def test_real_mnist() -> None:
     assert _class_counts(test) == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     assert abs(float(train.x.mean())) < 1e-3
     assert abs(float(train.x.std()) - 1.0) < 1e-3
+
+
+# -- bounded decompression (issue 21, item 6: a 2 MB .gz was inflated to 2.3 GB) ---------------
+
+
+def _bomb(path: Path, dims: tuple[int, ...], inflated: int) -> Path:
+    """A gzip IDX file whose header declares ``dims`` uint8 but that inflates to ``inflated``
+    bytes of data."""
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(struct.pack(f">2xBB{len(dims)}I", 0x08, len(dims), *dims))
+        block = bytes(1 << 20)
+        for _ in range(inflated >> 20):
+            f.write(block)
+    return path
+
+
+def test_decompression_stops_just_past_what_the_header_declares(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = _bomb(tmp_path / "bomb.gz", (10, 28, 28), 256 << 20)  # 256 MiB behind 7,840 bytes
+    assert path.stat().st_size < 400_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="trailing bytes after the 7840 bytes of data"):
+            read_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak  # a few chunks, not 256 MiB
+
+
+def test_a_header_declaring_more_than_allowed_reads_no_data(tmp_path: Path) -> None:
+    path = write(tmp_path / "x", struct.pack(">2xBBIII", 0x08, 3, 2**32 - 1, 28, 28) + bytes(8))
+    with pytest.raises(ValueError, match=r"declares shape \(4294967295, 28, 28\)"):
+        read_idx(path, max_bytes=1000)
+    # Without a bound it is an ordinary truncation: nothing of the declared size is allocated.
+    with pytest.raises(ValueError, match="truncated data"):
+        read_idx(path)
+
+
+def test_mnist_images_may_not_declare_more_than_their_labels(tmp_path: Path) -> None:
+    fake_mnist(tmp_path, n_train=20, n_test=10)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    _bomb(tmp_path / "train-images-idx3-ubyte.gz", (60000, 28, 28), 64 << 20)
+    with pytest.raises(ValueError, match=r"has 60000 images but .* has 20 labels"):
+        load_mnist(tmp_path)
+    write(tmp_path / "train-labels-idx1-ubyte", struct.pack(">2xBBI", 0x08, 1, 2**32 - 1))
+    with pytest.raises(ValueError, match="declares 4294967295 labels, more than the 10000000"):
+        load_mnist(tmp_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 import subprocess
@@ -364,3 +365,36 @@ def test_workers_exit_silently_within_a_second_of_their_parents_death(tmp_path: 
         parent.kill()
         parent.communicate()
     assert stderr == ""  # the workers share the parent's stderr: they printed nothing
+
+
+# -- client_timeout (issue 21, item 9: a worker stopped with SIGSTOP hung the round forever) -----
+
+
+def test_a_stopped_worker_becomes_a_worker_error_within_the_timeout() -> None:
+    ex = Processes(2, client_timeout=1.0)
+    try:
+        pids = set(ex.map(helpers.pid, [0, 1, 2, 3]))
+        start = time.monotonic()
+        message = r"gave no result for task 2 within client_timeout=1 s"
+        with pytest.raises(WorkerError, match=message):
+            ex.map(helpers.stop_self_on, [0, 1, 2, 3, 4, 5])
+        assert time.monotonic() - start < 10
+        for pid in pids:  # every worker, the stopped one included, is gone
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        with pytest.raises(RuntimeError, match="closed"):
+            ex.map(helpers.square, [1])
+    finally:
+        ex.close()
+
+
+def test_client_timeout_does_not_fire_on_slow_but_progressing_work() -> None:
+    with Processes(1, client_timeout=1.0) as ex:
+        # Each task takes 0.2 s; the whole map (1.6 s) takes longer than the timeout.
+        assert len(set(ex.map(helpers.pid, list(range(8))))) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, math.inf, math.nan, True, "5"])
+def test_client_timeout_is_validated(bad: object) -> None:
+    with pytest.raises(ValueError, match="client_timeout must be a positive number"):
+        Processes(1, client_timeout=bad)  # type: ignore[arg-type]

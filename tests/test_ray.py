@@ -200,7 +200,9 @@ def test_cli_ctrl_c_mid_run_stops_and_leaves_no_ray_process(group: bool) -> None
         run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130
-    assert err.strip().splitlines()[-1] == "blazefl-fn: interrupted"
+    assert err.strip().splitlines()[-1] == (
+        "blazefl-fn: interrupted; nothing was saved (no --checkpoint-dir)"
+    )
     assert wait_until_gone(ray_pids() - before) == set()
 
 

@@ -11,6 +11,7 @@ import attrs
 import pytest
 import torch
 
+from blazefl_fn import checkpoint as checkpoint_module
 from blazefl_fn.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointWriter,
@@ -219,6 +220,8 @@ def test_a_hostile_structure_is_refused_not_a_crash(tmp_path: Path) -> None:
     data = torch.load(path, weights_only=True)
     for text in ("(" * 100_000 + ")" * 100_000, "{c:({x:T,x:T})}", "{c:({:T})}", "{c:({x"):
         data["aux_structure"] = text
+        # Re-sealed, as a deliberate forger would: the structure check must hold on its own.
+        data["content_sha256"] = checkpoint_module._content_sha256(data)  # pyright: ignore[reportPrivateUsage]
         torch.save(data, path)
         with pytest.raises(ValueError, match="algorithm state has structure"):
             load_checkpoint(tmp_path, aux_template={"c": ({},)})
@@ -239,6 +242,10 @@ def test_tampered_parameters_fail_the_digest(tmp_path: Path) -> None:
     payload = torch.load(path, weights_only=True)
     payload["params"]["w"] = torch.zeros(4)
     torch.save(payload, path)
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        load_checkpoint(path)
+    payload["content_sha256"] = checkpoint_module._content_sha256(payload)  # pyright: ignore[reportPrivateUsage]
+    torch.save(payload, path)
     with pytest.raises(ValueError, match="do not match their stored digest"):
         load_checkpoint(path)
 
@@ -250,7 +257,7 @@ class _Evil:
 
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
-    torch.save({"format": "blazefl_fn.checkpoint", "version": 1, "x": _Evil()}, path)
+    torch.save({"format": "blazefl_fn.checkpoint", "version": 2, "x": _Evil()}, path)
     with pytest.raises(ValueError, match="corrupt or truncated"):
         load_checkpoint(path)
     path.write_bytes(pickle.dumps({"format": "blazefl_fn.checkpoint"}))

@@ -60,6 +60,7 @@ CIFAR100_PYTHON_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 
 _PIXELS = 3 * 32 * 32
 _CHUNK = 1 << 20
+_MAX_PICKLE = 512 << 20
 
 # --------------------------------------------------------------------------------------------
 # Restricted unpickling
@@ -82,11 +83,41 @@ def _latin1_encode(obj: object, encoding: str = "utf-8", errors: str = "strict")
 
 
 def _plain_dtype(*args: Any) -> np.dtype[Any]:
-    """``numpy.dtype`` as called by array unpickling, refusing object dtypes."""
+    """``numpy.dtype`` as called by array unpickling: plain numbers only (no object, record or
+    sub-array dtypes, whose one item could be arbitrarily large)."""
     dtype: np.dtype[Any] = np.dtype(*args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError(f"object dtype {dtype} is not part of a CIFAR batch")
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"dtype {dtype} is not part of a CIFAR batch")
     return dtype
+
+
+def _sized(kind: type[bytes] | type[bytearray]) -> Callable[..., bytes | bytearray]:
+    """``bytes`` / ``bytearray`` as a pickle may call them: from existing data only. Called
+    with a size (``bytes(10**9)``) they would allocate what the file never held."""
+
+    def build(*args: object) -> bytes | bytearray:
+        if args and not isinstance(args[0], str | bytes | bytearray | list | tuple):
+            raise pickle.UnpicklingError(
+                f"{kind.__name__}() of a {type(args[0]).__name__} is not part of a CIFAR batch"
+            )
+        return kind(*cast(tuple[Any, ...], args))
+
+    return build
+
+
+class _NdarrayType:
+    """Stands for ``numpy.ndarray`` in a pickle: `_reconstruct` accepts it, but calling it
+    (``ndarray(shape)``, an allocation of any size) is impossible."""
+
+
+def _reconstruct(subtype: object, shape: object, dtype: object) -> Any:
+    """numpy's ``_reconstruct`` as its own pickles call it: an empty ndarray, filled by
+    ``__setstate__``, which checks the data's length against the declared shape."""
+    if subtype is not _NdarrayType or shape != (0,):
+        raise pickle.UnpicklingError(
+            f"_reconstruct({subtype!r}, {shape!r}) is not how numpy pickles an array"
+        )
+    return _RECONSTRUCT(np.ndarray, (0,), dtype)
 
 
 # The callables numpy's own pickles use, taken from numpy itself so that no private module is
@@ -97,17 +128,21 @@ _RECONSTRUCT: Callable[..., Any] = _reduced_array[0]
 _SCALAR: Callable[..., Any] = _reduced_scalar[0]
 
 _ALLOWED: dict[tuple[str, str], object] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy.core.multiarray", "scalar"): _SCALAR,
     ("numpy._core.multiarray", "scalar"): _SCALAR,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayType,
     ("numpy", "dtype"): _plain_dtype,
     ("_codecs", "encode"): _latin1_encode,
 }
+# Every allowed call builds its result from data already in the file, so what a batch can
+# allocate is bounded by the file's size (and numpy checks an array's data against its shape).
 for _module in ("builtins", "__builtin__"):
-    for _type in (bytes, bytearray, dict, frozenset, list, set, tuple):
+    for _type in (dict, frozenset, list, set, tuple):
         _ALLOWED[(_module, _type.__name__)] = _type
+    _ALLOWED[(_module, "bytes")] = _sized(bytes)
+    _ALLOWED[(_module, "bytearray")] = _sized(bytearray)
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -129,6 +164,12 @@ class _CifarUnpickler(pickle.Unpickler):
 def _unpickle(path: Path) -> dict[bytes, Any]:
     """A CIFAR python batch: a dict with bytes (or str) keys, loaded with the allow-list."""
     name = str(path)
+    size = path.stat().st_size
+    if size > _MAX_PICKLE:
+        raise ValueError(
+            f"{name}: {size} bytes, more than the {_MAX_PICKLE} a CIFAR batch may have "
+            "(CIFAR-100's train file, the largest, has 155 MB)"
+        )
     raw = path.read_bytes()
     try:
         obj: object = _CifarUnpickler(io.BytesIO(raw), name).load()
@@ -169,7 +210,14 @@ def _labels_from_pickle(name: str, key: bytes, labels: object, n: int) -> npt.ND
     if isinstance(labels, np.ndarray):
         array = cast("npt.NDArray[Any]", labels)
     elif isinstance(labels, list | tuple):
-        array = np.asarray(cast("Sequence[object]", labels))
+        items = cast("Sequence[object]", labels)
+        if len(items) != n:
+            raise ValueError(f"{name}: {n} images but {len(items)} labels in {key!r}")
+        # Checked before numpy sees them: nested (possibly shared) lists would otherwise be
+        # expanded into an array of any size.
+        if not all(type(v) is int for v in items):
+            raise ValueError(f"{name}: {key!r} must be a flat list of ints")
+        array = np.asarray(items)
     else:
         raise ValueError(f"{name}: {key!r} must be a list of ints, got {type(labels).__name__}")
     if array.ndim != 1 or array.dtype.kind not in "iu":

@@ -7,8 +7,9 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -37,8 +38,36 @@ _MNIST_MEAN = 0.1307
 _MNIST_STD = 0.3081
 
 
-def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
+_CHUNK = 1 << 20
+# Far above MNIST (70,000) and EMNIST (814,255): a header beyond it is refused unread.
+_MAX_EXAMPLES = 10_000_000
+
+
+def _read_at_most(stream: BinaryIO, limit: int) -> bytearray:
+    """Up to ``limit`` bytes of ``stream``, read in chunks: nothing beyond what arrives (or
+    beyond ``limit``) is ever allocated, whatever a header claims."""
+    out = bytearray()
+    while len(out) < limit:
+        chunk = stream.read(min(_CHUNK, limit - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+_HeaderCheck = Callable[[tuple[int, ...], np.dtype[Any]], None]
+
+
+def read_idx(path: str | os.PathLike[str], *, max_bytes: int | None = None) -> npt.NDArray[Any]:
     """Read an IDX file, gzip-compressed (detected by its magic bytes) or not.
+
+    Decompression is bounded: it stops one byte after the data the header declares, so a
+    compressed file that inflates beyond its header (a "gzip bomb") is refused after at most
+    that much output.
+
+    Args:
+        path: the file.
+        max_bytes: refuse a header that declares more data than this, before reading any.
 
     Returns:
         A writable native-endian array of the shape the header declares.
@@ -46,48 +75,81 @@ def read_idx(path: str | os.PathLike[str]) -> npt.NDArray[Any]:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: The file is malformed (bad magic, unknown type code, truncated header or
-            data, trailing bytes, corrupt gzip stream).
+            data, trailing bytes, corrupt gzip stream) or declares more than ``max_bytes``.
+
+    Examples:
+        >>> import tempfile, pathlib
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = pathlib.Path(d, "x.idx")
+        ...     _ = p.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9]))
+        ...     read_idx(p).tolist()
+        [7, 8, 9]
     """
+    return _read_idx(path, max_bytes, None)
+
+
+def _read_idx(
+    path: str | os.PathLike[str], max_bytes: int | None, check: _HeaderCheck | None
+) -> npt.NDArray[Any]:
+    """`read_idx`, with ``check(dims, dtype)`` called on the header before any data is read."""
     name = os.fspath(path)
     try:
-        with open(name, "rb") as f:
-            raw = f.read()
+        file = open(name, "rb")  # noqa: SIM115  # closed by the with below
     except FileNotFoundError:
         raise FileNotFoundError(f"IDX file not found: {name}") from None
-    if raw[:2] == _GZIP_MAGIC:
+    with file:
+        compressed = file.read(2) == _GZIP_MAGIC
+        file.seek(0)
+        stream: BinaryIO = cast(BinaryIO, gzip.GzipFile(fileobj=file)) if compressed else file
         try:
-            raw = gzip.decompress(raw)
+            return _parse_idx(name, stream, max_bytes, check)
         except (OSError, zlib.error, EOFError) as e:
             raise ValueError(f"{name}: corrupt gzip stream ({e})") from e
 
-    if len(raw) < 4:
-        raise ValueError(f"{name}: truncated header ({len(raw)} bytes, need at least 4)")
-    if raw[0] != 0 or raw[1] != 0:
+
+def _parse_idx(
+    name: str, stream: BinaryIO, max_bytes: int | None, check: _HeaderCheck | None
+) -> npt.NDArray[Any]:
+    head = _read_at_most(stream, 4)
+    if len(head) < 4:
+        raise ValueError(f"{name}: truncated header ({len(head)} bytes, need at least 4)")
+    if head[0] != 0 or head[1] != 0:
         raise ValueError(
-            f"{name}: bad magic, expected first two bytes 0x0000, got 0x{raw[:2].hex()}"
+            f"{name}: bad magic, expected first two bytes 0x0000, got 0x{bytes(head[:2]).hex()}"
         )
-    code, ndim = raw[2], raw[3]
+    code, ndim = head[2], head[3]
     dtype = _IDX_TYPES.get(code)
     if dtype is None:
         raise ValueError(f"{name}: unknown IDX type code 0x{code:02x}")
     header_size = 4 + 4 * ndim
-    if len(raw) < header_size:
+    shape_bytes = _read_at_most(stream, 4 * ndim)
+    if len(shape_bytes) < 4 * ndim:
         raise ValueError(
-            f"{name}: truncated header ({len(raw)} bytes, need {header_size} for {ndim} dims)"
+            f"{name}: truncated header ({4 + len(shape_bytes)} bytes, need {header_size} for "
+            f"{ndim} dims)"
         )
-    dims: tuple[int, ...] = struct.unpack(f">{ndim}I", raw[4:header_size])
+    dims: tuple[int, ...] = struct.unpack(f">{ndim}I", shape_bytes)
+    if check is not None:
+        check(dims, dtype)
     count = math.prod(dims)
     expected = count * dtype.itemsize
-    found = len(raw) - header_size
-    if found < expected:
+    if max_bytes is not None and expected > max_bytes:
         raise ValueError(
-            f"{name}: truncated data, expected {expected} bytes for shape {dims}, found {found}"
+            f"{name}: the header declares shape {dims} ({expected} bytes), more than the "
+            f"{max_bytes} bytes expected"
         )
-    if found > expected:
+    raw = _read_at_most(stream, expected + 1)
+    if len(raw) < expected:
         raise ValueError(
-            f"{name}: {found - expected} trailing bytes after the {expected} bytes of data"
+            f"{name}: truncated data, expected {expected} bytes for shape {dims}, found {len(raw)}"
         )
-    data = np.frombuffer(raw, dtype=dtype, count=count, offset=header_size).reshape(dims)
+    if len(raw) > expected:
+        rest = len(raw) - expected + len(_read_at_most(stream, _CHUNK))
+        more = f"{rest}" if rest < _CHUNK + 1 else f"at least {rest}"
+        raise ValueError(
+            f"{name}: {more} trailing bytes after the {expected} bytes of data the header declares"
+        )
+    data = np.frombuffer(raw, dtype=dtype, count=count).reshape(dims)
     return data.astype(dtype.newbyteorder("="), copy=True)
 
 
@@ -106,22 +168,33 @@ def _load_split(directory: Path, prefix: str) -> TensorDataset:
     """One MNIST split (``prefix`` is ``"train"`` or ``"t10k"``) as a normalised dataset."""
     images_path = _find(directory, f"{prefix}-images-idx3-ubyte")
     labels_path = _find(directory, f"{prefix}-labels-idx1-ubyte")
-    images = read_idx(images_path)
-    labels = read_idx(labels_path)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ValueError(
-            f"{images_path}: expected uint8 images of shape (N, 28, 28), "
-            f"got {images.dtype} {images.shape}"
-        )
-    if labels.dtype != np.uint8 or labels.ndim != 1:
-        raise ValueError(
-            f"{labels_path}: expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}"
-        )
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"{images_path} has {images.shape[0]} images but {labels_path} has "
-            f"{labels.shape[0]} labels"
-        )
+
+    # Labels first: their count bounds what the images file may declare, and both headers are
+    # checked before any data is read (or inflated).
+    def labels_header(dims: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        if dtype != np.uint8 or len(dims) != 1:
+            raise ValueError(
+                f"{labels_path}: expected uint8 labels of shape (N,), got {dtype} {dims}"
+            )
+        if dims[0] > _MAX_EXAMPLES:
+            raise ValueError(
+                f"{labels_path}: declares {dims[0]} labels, more than the {_MAX_EXAMPLES} "
+                "an MNIST-format file may hold"
+            )
+
+    labels = _read_idx(labels_path, None, labels_header)
+
+    def images_header(dims: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+        if dtype != np.uint8 or len(dims) != 3 or dims[1:] != (28, 28):
+            raise ValueError(
+                f"{images_path}: expected uint8 images of shape (N, 28, 28), got {dtype} {dims}"
+            )
+        if dims[0] != labels.shape[0]:
+            raise ValueError(
+                f"{images_path} has {dims[0]} images but {labels_path} has {labels.shape[0]} labels"
+            )
+
+    images = _read_idx(images_path, None, images_header)
     if labels.size and int(labels.max()) >= 10:
         raise ValueError(f"{labels_path}: label {int(labels.max())} is not in [0, 10)")
     x = torch.as_tensor(images).to(torch.float32).div_(255.0)

@@ -20,10 +20,12 @@ as it is created and lives only while a process holds a descriptor, so nothing i
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing as mp
 import pickle
 import signal
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
@@ -70,6 +72,8 @@ class _Worker:
     process: BaseProcess
     conn: Connection
     inflight: deque[int] = attrs.field(factory=lambda: deque[int]())
+    # When the task at the head of ``inflight`` began running (the previous reply's arrival).
+    since: float = 0.0
 
 
 def _stop(workers: list[_Worker], graceful: bool) -> None:
@@ -139,6 +143,9 @@ class Processes(ClosingContext):
         start_method: ``"spawn"`` (default) or ``"forkserver"``; plain fork is never used,
             because forking a process whose torch thread pools are running can hang (or
             whose CUDA context is live).
+        client_timeout: seconds a worker may take over one client (None: no limit). A worker
+            that exceeds it (stuck, stopped with SIGSTOP, deadlocked) is killed and the map
+            raises `WorkerError` naming the client and round.
         devices: where clients train; client ``k`` on ``devices[k % len(devices)]``. Every
             worker owns its devices (with at least as many devices as workers they are dealt
             out; otherwise worker ``w`` owns device ``w % len(devices)``) and runs only the
@@ -165,9 +172,21 @@ class Processes(ClosingContext):
         threads: int = 1,
         start_method: str = "spawn",
         devices: Sequence[DeviceLike] = ("cpu",),
+        client_timeout: float | None = None,
     ) -> None:
         check_int_at_least("workers", workers, 1)
         check_int_at_least("threads", threads, 1)
+        timeout = cast(object, client_timeout)  # checked as a user might pass anything
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout < math.inf
+        ):
+            raise ValueError(
+                f"client_timeout must be a positive number of seconds or None, got "
+                f"{client_timeout!r}"
+            )
+        self.client_timeout = client_timeout
         if start_method not in _START_METHODS:
             raise ValueError(
                 f"start_method must be one of {list(_START_METHODS)}, got {start_method!r}"
@@ -444,6 +463,8 @@ class Processes(ClosingContext):
                 index = queues.take(number[id(worker.conn)])
                 if index is None:
                     return
+                if not worker.inflight:
+                    worker.since = time.monotonic()
                 worker.inflight.append(index)
                 self._send(worker, ForkingPickler.dumps(sends[index]))
 
@@ -453,7 +474,10 @@ class Processes(ClosingContext):
         by_sentinel = {w.process.sentinel: w for w in self._workers}
         while any(w.inflight for w in self._workers):
             busy = [w.conn for w in self._workers if w.inflight]
-            for ready in wait([*busy, *by_sentinel]):
+            ready_list = wait([*busy, *by_sentinel], timeout=self._patience())
+            if not ready_list:
+                self._check_stuck(tasks)
+            for ready in ready_list:
                 if isinstance(ready, int):
                     worker = by_sentinel[ready]
                     if worker.inflight or not worker.conn.poll():
@@ -468,6 +492,7 @@ class Processes(ClosingContext):
                     raise self._death(worker, tasks) from None
                 index = reply[1]
                 worker.inflight.remove(index)
+                worker.since = time.monotonic()
                 if reply[0] == "ok":
                     results[index] = self._result(reply, slot_bytes)
                 else:
@@ -491,6 +516,33 @@ class Processes(ClosingContext):
         params = clone(unflatten(slots[start:middle], params_spec))
         state = clone(unflatten(slots[middle : middle + state_spec.nbytes], state_spec))
         return attrs.evolve(result, params=params, state=state)
+
+    def _patience(self) -> float | None:
+        """Seconds until the longest-running client reaches ``client_timeout`` (None: none)."""
+        if self.client_timeout is None:
+            return None
+        starts = [w.since for w in self._workers if w.inflight]
+        return max(0.0, min(starts) + self.client_timeout - time.monotonic())
+
+    def _check_stuck(self, tasks: Sequence[Any]) -> None:
+        """Kill a worker whose client exceeded ``client_timeout`` and raise `WorkerError`."""
+        assert self.client_timeout is not None
+        now = time.monotonic()
+        for worker in self._workers:
+            if worker.inflight and now - worker.since >= self.client_timeout:
+                # SIGKILL: a stopped (SIGSTOP) process would not act on SIGTERM.
+                worker.process.kill()
+                worker.process.join(timeout=5)
+                head = tasks[worker.inflight[0]]
+                what = (
+                    f"client {head.client_id} in round {head.round + 1}"
+                    if isinstance(head, ClientTask)
+                    else f"task {head!r}"
+                )
+                raise WorkerError(
+                    f"worker process {worker.process.pid} gave no result for {what} within "
+                    f"client_timeout={self.client_timeout:g} s; it was killed and the pool closed"
+                )
 
     def _death(self, worker: _Worker, tasks: Sequence[Any]) -> WorkerError:
         # The sentinel can fire before the process is reaped; without the join its exit code

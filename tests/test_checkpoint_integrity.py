@@ -1,0 +1,305 @@
+"""Checkpoints are verified before use, their writers' leftovers are removed, and one run at a
+time writes a checkpoint directory or a metrics log (issue 21, items 4 and 5: an edited seed
+was resumed with exit 0; a truncated file gave "[Errno 22]"; temp files of killed writers
+stayed forever; two runs shared a directory silently; a fresh run overwrote a checkpoint)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import torch
+
+from blazefl_fn import OutputLockedError
+from blazefl_fn import checkpoint as checkpoint_module
+from blazefl_fn._atomic import remove_stale_temps
+from blazefl_fn._locks import holding
+from blazefl_fn.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_config, save_checkpoint
+from blazefl_fn.cli import main
+from blazefl_fn.records import ServerState
+from blazefl_fn.run import RunConfig, simulate
+from blazefl_fn.tree import digest
+
+SMALL = ["run", "--rounds", "2", "--clients", "6", "--clients-per-round", "2", "--quiet"]
+
+
+def _saved(tmp_path: Path) -> Path:
+    state = ServerState(params={"w": torch.arange(4.0)}, round=2, aux={"m": torch.ones(3)})
+    return save_checkpoint(tmp_path, state, {"seed": 0, "lr": 0.1})
+
+
+def _edit(path: Path, change: Any, *, reseal: bool = False) -> None:
+    data = torch.load(path, weights_only=True)
+    change(data)
+    if reseal:
+        data["content_sha256"] = checkpoint_module._content_sha256(data)  # pyright: ignore[reportPrivateUsage]
+    torch.save(data, path)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.__setitem__("config", d["config"].replace('"seed": 0', '"seed": 1')),
+        lambda d: d.__setitem__("round", 3),
+        lambda d: d["aux_leaves"].__setitem__(0, torch.zeros(3)),
+        lambda d: d.__setitem__("numerics", '{"portable": true}'),
+    ],
+    ids=["config-seed", "round", "aux", "numerics"],
+)
+def test_any_edit_fails_the_content_checksum(tmp_path: Path, change: Any) -> None:
+    path = _saved(tmp_path)
+    _edit(path, change)
+    with pytest.raises(ValueError, match="content does not match its checksum"):
+        load_checkpoint(path, aux_template={"m": torch.ones(3)})
+    with pytest.raises(ValueError, match="content does not match its checksum"):
+        read_config(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("config"), "field 'config' is missing"),
+        (lambda d: d.__setitem__("round", True), "field 'round' has type bool"),
+        (lambda d: d.__setitem__("round", -1), "bad round -1"),
+        (lambda d: d.__setitem__("config", "[1, 2]"), "field 'config' is not a JSON object"),
+        (lambda d: d.__setitem__("config", "{not json"), "field 'config' is not a JSON object"),
+        (lambda d: d.__setitem__("aux_leaves", "x"), "field 'aux_leaves' has type str"),
+        (lambda d: d["aux_leaves"].append({"a": 1}), "aux leaf 1 is a dict"),
+    ],
+    ids=["no-config", "bool-round", "negative-round", "list-config", "bad-json", "leaves", "leaf"],
+)
+def test_a_malformed_field_is_one_line_naming_it(tmp_path: Path, change: Any, message: str) -> None:
+    path = _saved(tmp_path)
+    _edit(path, change, reseal=False)
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(path, aux_template={"m": torch.ones(3)})
+
+
+def test_parameters_are_checked_against_the_model(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    with pytest.raises(ValueError, match=r"parameter 'w' is torch.float32 \(4,\), the model's"):
+        load_checkpoint(path, {"m": torch.ones(3)}, params_template={"w": torch.zeros(5)})
+    with pytest.raises(ValueError, match=r"missing \['b'\], unexpected \[\]"):
+        load_checkpoint(
+            path, {"m": torch.ones(3)}, params_template={"w": torch.zeros(4), "b": torch.zeros(1)}
+        )
+    ok = load_checkpoint(path, {"m": torch.ones(3)}, params_template={"w": torch.zeros(4)})
+    assert torch.equal(ok.state.params["w"], torch.arange(4.0))
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_simulate(tmp_path: Path) -> None:
+    base = RunConfig(rounds=1, clients=6, clients_per_round=2)
+    simulate(base, checkpoint_dir=tmp_path)
+    data = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    data["params"] = {k: torch.zeros(2, 2) for k in data["params"]}
+    data["params_sha256"] = digest(data["params"])
+    data["content_sha256"] = checkpoint_module._content_sha256(data)  # pyright: ignore[reportPrivateUsage]
+    torch.save(data, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(ValueError, match=r"the model.s is torch\.float32"):
+        simulate(attrs.evolve(base, rounds=2), resume=tmp_path)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.99])
+def test_a_truncated_checkpoint_is_corrupt_not_an_errno(tmp_path: Path, fraction: float) -> None:
+    path = _saved(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    with pytest.raises(ValueError, match="is corrupt or truncated") as info:
+        load_checkpoint(path)
+    assert "Errno" not in str(info.value)
+
+
+def test_cli_refuses_an_edited_seed_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = str(tmp_path / "ck")
+    assert main([*SMALL, "--checkpoint-dir", ck]) == 0
+    _edit(tmp_path / "ck" / CHECKPOINT_NAME, lambda d: d.__setitem__(
+        "config", d["config"].replace('"seed": 0', '"seed": 1')))  # fmt: skip
+    capsys.readouterr()
+    assert main([*SMALL, "--rounds", "3", "--resume", ck]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "does not match its checksum" in err[0]
+
+
+# -- temporary files of killed writers ---------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_the_next_write_removes_temp_files_of_dead_writers_only(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    stale = tmp_path / f".checkpoint.tmp-{dead}.pt"
+    live = tmp_path / f".checkpoint.tmp-{os.getppid()}.pt"  # a live process: kept
+    lookalike = tmp_path / f".checkpoint.tmp-{dead}.pt.bak"  # not our pattern: kept
+    other = tmp_path / f".metrics.tmp-{dead}.jsonl"  # another target's: kept
+    for p in (stale, live, lookalike, other):
+        p.write_bytes(b"x")
+    _saved(tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert stale.name not in names
+    assert {live.name, lookalike.name, other.name, CHECKPOINT_NAME} <= set(names)
+    assert remove_stale_temps(tmp_path / "metrics.jsonl") == [other]
+
+
+def test_a_writer_killed_mid_write_leaves_a_temp_that_the_next_run_removes(
+    tmp_path: Path,
+) -> None:
+    ck = tmp_path / "ck"
+    # A writer that dies (SIGKILL) inside torch.save: its temp file stays behind.
+    script = (
+        "import os, signal, torch\n"
+        "from blazefl_fn.checkpoint import save_checkpoint\n"
+        "from blazefl_fn.records import ServerState\n"
+        "real = torch.save\n"
+        "def dying(obj, f):\n"
+        "    real(obj, f)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "torch.save = dying\n"
+        f"save_checkpoint({str(ck)!r}, ServerState(params={{'w': torch.ones(2)}}), {{}})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], check=False, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in ck.iterdir() if ".tmp-" in p.name]
+    assert len(leftovers) == 1
+    assert not (ck / CHECKPOINT_NAME).exists()
+    assert main([*SMALL, "--checkpoint-dir", str(ck)]) == 0
+    assert sorted(p.name for p in ck.iterdir() if not p.name.endswith(".lock")) == [CHECKPOINT_NAME]
+
+
+# -- one writer per output ---------------------------------------------------------------------
+
+_HOLD = (
+    "import sys, time\n"
+    "from blazefl_fn._locks import holding\n"
+    "with holding(sys.argv[1], 'x', directory=sys.argv[2] == 'dir'):\n"
+    "    print('held', flush=True)\n"
+    "    time.sleep(120)\n"
+)
+
+
+def _holder(path: Path, kind: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(path), kind], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    proc.kill()
+    proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def test_a_second_run_on_a_locked_checkpoint_dir_is_refused_naming_the_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = tmp_path / "ck"
+    proc = _holder(ck, "dir")
+    try:
+        assert main([*SMALL, "--checkpoint-dir", str(ck)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert f"checkpoint {ck} is in use by pid {proc.pid}" in err[0]
+        with pytest.raises(OutputLockedError, match=f"pid {proc.pid}"):
+            simulate(RunConfig(rounds=1, clients=4, clients_per_round=2), checkpoint_dir=ck)
+    finally:
+        _stop(proc)
+    # The kernel dropped the lock with its holder: no stale lock.
+    assert main([*SMALL, "--checkpoint-dir", str(ck)]) == 0
+
+
+def test_a_second_run_on_a_locked_metrics_log_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "m.jsonl"
+    proc = _holder(log, "file")
+    try:
+        assert main([*SMALL, "--metrics", str(log)]) == 1
+        err = capsys.readouterr().err
+        assert f"metrics log {log} is in use by pid {proc.pid}" in err
+        assert not log.exists()  # nothing written, nothing lost
+    finally:
+        _stop(proc)
+
+
+def test_two_real_runs_on_one_directory_one_is_refused(tmp_path: Path) -> None:
+    ck, log = tmp_path / "ck", tmp_path / "m.jsonl"
+    args = [sys.executable, "-m", "blazefl_fn", *SMALL[:-1], "--rounds", "400",
+            "--checkpoint-dir", str(ck), "--metrics", str(log), "--quiet"]  # fmt: skip
+    first = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        second = subprocess.run(
+            [*args, "--overwrite"], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert second.returncode == 1
+        assert second.stderr.count("\n") == 1
+        assert f"is in use by pid {first.pid}" in second.stderr
+    finally:
+        _stop(first)
+
+
+def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
+    with holding(tmp_path / "ck", "ck", directory=True):
+        with holding(tmp_path / "ck", "ck", directory=True):
+            pass
+        # Still held by this process after the inner release.
+        proc = subprocess.run(
+            [sys.executable, "-c", _HOLD, str(tmp_path / "ck"), "dir"],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert proc.returncode != 0
+        assert "OutputLockedError" in proc.stderr
+
+
+# -- a fresh run does not replace what another run wrote ---------------------------------------
+
+
+def test_a_fresh_run_refuses_an_existing_checkpoint_unless_resume_or_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = str(tmp_path / "ck")
+    assert main([*SMALL, "--checkpoint-dir", ck]) == 0
+    before = (tmp_path / "ck" / CHECKPOINT_NAME).read_bytes()
+    capsys.readouterr()
+    assert main([*SMALL, "--seed", "1", "--checkpoint-dir", ck]) == 1
+    err = capsys.readouterr().err
+    assert f"{ck} already holds a checkpoint; continue it (--resume {ck})" in err
+    assert (tmp_path / "ck" / CHECKPOINT_NAME).read_bytes() == before
+    assert main([*SMALL, "--rounds", "3", "--resume", ck]) == 0
+    assert main([*SMALL, "--seed", "1", "--checkpoint-dir", ck, "--overwrite"]) == 0
+    assert read_config(ck)["seed"] == 1
+    with pytest.raises(FileExistsError, match="already holds a checkpoint"):
+        simulate(RunConfig(rounds=1, clients=4, clients_per_round=2), checkpoint_dir=ck)
+
+
+def test_a_fresh_run_refuses_an_existing_metrics_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "m.jsonl"
+    assert main([*SMALL, "--metrics", str(log)]) == 0
+    before = log.read_text()
+    capsys.readouterr()
+    assert main([*SMALL, "--metrics", str(log)]) == 1
+    assert "already holds records" in capsys.readouterr().err
+    assert log.read_text() == before
+    assert main([*SMALL, "--metrics", str(log), "--overwrite"]) == 0
