@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from collections.abc import Generator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    except OSError:
+    except (OSError, OverflowError, ValueError):
         return False
     return True
 
@@ -24,10 +25,12 @@ def _alive(pid: int) -> bool:
 def remove_stale_temps(path: Path) -> list[Path]:
     """Remove the temporary files of ``path`` left by writers that died (SIGKILL, power loss).
 
-    Only names of exactly this module's pattern (``.STEM.tmp-PID.SUFFIX``) whose PID is not a
-    live process are removed, never anything else. Returns the removed paths.
+    Only names of exactly this module's pattern (``.STEM.tmp-PID-THREAD.SUFFIX``) whose PID is
+    not a live process are removed, never anything else. Returns the removed paths.
     """
-    pattern = re.compile(rf"\.{re.escape(path.stem)}\.tmp-(\d+){re.escape(path.suffix)}")
+    pattern = re.compile(
+        rf"\.{re.escape(path.stem)}\.tmp-(\d{{1,10}})(?:-\d{{1,20}})?{re.escape(path.suffix)}"
+    )
     removed: list[Path] = []
     try:
         candidates = list(path.parent.iterdir())
@@ -53,7 +56,8 @@ def replaced_atomically(path: Path) -> Generator[Path]:
     of ``path`` left by writers that were killed are removed first (`remove_stale_temps`).
     """
     remove_stale_temps(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    # Thread id too: two threads of one process never share a temporary file.
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_ident()}{path.suffix}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:

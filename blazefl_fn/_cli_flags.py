@@ -9,7 +9,15 @@ from typing import Any, NoReturn
 import attrs
 
 from ._validators import documented_range
-from .run import ALGORITHMS, DATASETS, EXECUTORS, MODELS, PARTITIONS, RunConfig
+from .run import (
+    ALGORITHMS,
+    DATASETS,
+    EXECUTORS,
+    MODELS,
+    PARTITIONS,
+    RESUMABLE_CHANGES,
+    RunConfig,
+)
 
 PROG = "blazefl-fn"
 # --workers beyond this many per CPU on one machine needs --oversubscribe.
@@ -295,7 +303,8 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         "--resume",
         metavar="DIR",
         help="continue the run checkpointed in DIR (its settings; flags may change only "
-        "executor, workers, rounds, eval-every, target-accuracy, eval-clients)",
+        + ", ".join(sorted(name.replace("_", "-") for name in RESUMABLE_CHANGES))
+        + ")",
     )
     run.add_argument(
         "--overwrite",

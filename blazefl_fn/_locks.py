@@ -2,9 +2,10 @@
 
 A second process that asks for the same output is refused at once with the holder's pid and
 command line. The kernel drops the lock when its holder exits, however it exits (SIGKILL
-included), so a lock is never stale. Within one process the lock is re-entrant: the command
-line and `blazefl_fn.run.simulate` may both take the lock on the same checkpoint directory.
-On systems without ``fcntl`` (Windows) nothing is locked.
+included), so a lock is never stale; a holder that lets go normally also removes the lock
+file. Within one thread the lock is re-entrant: the command line and
+`blazefl_fn.run.simulate` may both take the lock of the same checkpoint. On systems without
+``fcntl`` (Windows) nothing is locked.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import threading
 from collections.abc import Generator
 from pathlib import Path
 
+import attrs
+
 __all__ = ["OutputLockedError", "holding", "lock_path"]
 
 
@@ -23,15 +26,19 @@ class OutputLockedError(OSError):
     """Another process is writing the same checkpoint directory or metrics file."""
 
 
-_held: dict[Path, tuple[int, int]] = {}  # lock file -> (descriptor, holds)
+@attrs.define
+class _Hold:
+    fd: int
+    owner: int  # the thread holding it
+    count: int
+
+
+_held: dict[Path, _Hold] = {}  # lock file -> its hold in this process
 _guard = threading.Lock()
 
 
-def lock_path(output: Path, *, directory: bool) -> Path:
-    """The lock file of ``output``: ``.blazefl_fn.lock`` inside a directory, ``.NAME.lock``
-    beside a file."""
-    if directory:
-        return output / ".blazefl_fn.lock"
+def lock_path(output: Path) -> Path:
+    """The lock file of the file ``output``: ``.NAME.lock`` beside it."""
     return output.parent / f".{output.name}.lock"
 
 
@@ -44,57 +51,80 @@ def _holder(lock: Path) -> str:
 
 
 def _acquire(lock: Path, what: str) -> int:
-    import fcntl  # POSIX only; the caller skips locking without it
+    import fcntl  # POSIX only; `holding` skips locking on Windows
 
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputLockedError(
+                f"{what} is in use by {_holder(lock)} (lock {lock}); wait for that run to end "
+                "or choose another path"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The holder before us removes the file as it lets go; if we locked a file that is
+        # no longer the one at ``lock``, a third process may lock the new one: start again.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputLockedError(
-            f"{what} is in use by {_holder(lock)} (lock {lock}); wait for that run to end or "
-            "choose another path"
-        ) from None
+        command = " ".join(sys.argv)[:300]
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} ({command})\n".encode("utf-8", errors="replace"))
     except BaseException:
-        os.close(fd)
+        os.close(fd)  # releases the lock: nothing half-held survives a failed write
         raise
-    command = " ".join(sys.argv)[:300]
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} ({command})\n".encode("utf-8", errors="replace"))
     return fd
 
 
 @contextlib.contextmanager
-def holding(output: str | os.PathLike[str], what: str, *, directory: bool) -> Generator[None]:
-    """Hold the lock of ``output`` (a checkpoint directory or file, a metrics file) meanwhile.
+def holding(output: str | os.PathLike[str], what: str) -> Generator[None]:
+    """Hold the lock of the file ``output`` (a checkpoint, a metrics log) meanwhile.
+
+    Re-entrant within one thread; another thread of this process is refused like another
+    process, since two writers in one process would race just the same.
 
     Args:
-        output: the path written under the lock.
-        what: how the refusal names it, e.g. ``"checkpoint directory ck"``.
-        directory: ``output`` is a directory (created if missing) rather than a file.
+        output: the file written under the lock (its directory is created if missing).
+        what: how the refusal names it, e.g. ``"checkpoint ck"``.
 
     Raises:
-        OutputLockedError: another process holds it (the message names that process).
+        OutputLockedError: another process or thread holds it (the message names which).
     """
     if sys.platform == "win32":  # pragma: no cover - no flock
         yield
         return
-    lock = lock_path(Path(output), directory=directory).absolute()
+    lock = lock_path(Path(output).resolve())
+    me = threading.get_ident()
     with _guard:
-        fd, holds = _held.get(lock, (-1, 0))
-        if holds == 0:
-            fd = _acquire(lock, what)
-        _held[lock] = (fd, holds + 1)
+        hold = _held.get(lock)
+        if hold is None:
+            _held[lock] = _Hold(_acquire(lock, what), me, 1)
+        elif hold.owner != me:
+            raise OutputLockedError(
+                f"{what} is in use by another thread of this process (pid {os.getpid()})"
+            )
+        else:
+            hold.count += 1
     try:
         yield
     finally:
         with _guard:
-            fd, holds = _held[lock]
-            if holds == 1:
+            hold = _held[lock]
+            hold.count -= 1
+            if hold.count == 0:
                 del _held[lock]
-                # Closing the last descriptor releases the flock; the file stays (removing it
-                # would race with a process that has just opened it).
-                os.close(fd)
-            else:
-                _held[lock] = (fd, holds - 1)
+                # Removed while still locked, then released: a process that opened the old
+                # file meanwhile sees it is gone (`_acquire`) and retries on a fresh one.
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                os.close(hold.fd)

@@ -43,6 +43,7 @@ __all__ = [
     "CheckpointWriter",
     "OutputLockedError",
     "check_fresh",
+    "checkpoint_file",
     "load_checkpoint",
     "locked",
     "read_config",
@@ -64,10 +65,16 @@ class Checkpoint:
     numerics: Mapping[str, Any] = attrs.field(factory=dict[str, Any])
 
 
-def _path(location: str | os.PathLike[str]) -> Path:
-    """The checkpoint file: ``location`` itself, or `CHECKPOINT_NAME` inside a directory."""
+def checkpoint_file(location: str | os.PathLike[str]) -> Path:
+    """The checkpoint file a location names: ``location`` itself if it ends in ``.pt`` (and is
+    not a directory), else `CHECKPOINT_NAME` inside it.
+
+    Examples:
+        >>> checkpoint_file("runs/ck").as_posix(), checkpoint_file("runs/a.pt").as_posix()
+        ('runs/ck/checkpoint.pt', 'runs/a.pt')
+    """
     path = Path(location)
-    return path / CHECKPOINT_NAME if path.is_dir() else path
+    return path / CHECKPOINT_NAME if path.is_dir() or path.suffix != ".pt" else path
 
 
 def _content_sha256(payload: Mapping[str, Any]) -> str:
@@ -87,18 +94,15 @@ def _content_sha256(payload: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _is_directory(location: str | os.PathLike[str]) -> bool:
-    path = Path(location)
-    return path.is_dir() or path.suffix != ".pt"
-
-
 def locked(location: str | os.PathLike[str]) -> contextlib.AbstractContextManager[None]:
-    """Hold the checkpoint location's lock: one writer per checkpoint directory or file.
+    """Hold the lock of the checkpoint file ``location`` names (`checkpoint_file`): one writer
+    per checkpoint, however its location is spelled (``ck``, ``ck/``, ``ck/checkpoint.pt``).
 
     Raises:
-        OutputLockedError: another process holds it (the message names the process).
+        OutputLockedError: another process, or another thread of this one, holds it (the
+            message names the process).
     """
-    return holding(location, f"checkpoint {location}", directory=_is_directory(location))
+    return holding(checkpoint_file(location), f"checkpoint {location}")
 
 
 def check_fresh(
@@ -115,10 +119,10 @@ def check_fresh(
     Raises:
         FileExistsError: ``location`` holds a checkpoint this run would replace.
     """
-    path = Path(location) / CHECKPOINT_NAME if _is_directory(location) else Path(location)
+    path = checkpoint_file(location)
     if overwrite or not path.exists():
         return
-    if resume is not None and _path(resume).resolve() == path.resolve():
+    if resume is not None and checkpoint_file(resume).resolve() == path.resolve():
         return
     raise FileExistsError(
         f"{location} already holds a checkpoint; continue it (--resume {location}) or replace "
@@ -161,10 +165,8 @@ def save_checkpoint(
         >>> loaded.state.round, loaded.config
         (3, {'seed': 0})
     """
-    path = Path(location)
-    if path.suffix != ".pt":
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / CHECKPOINT_NAME
+    path = checkpoint_file(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
     leaves: list[object] = []
     structure = flatten(state.aux, "aux", leaves)
     payload = {
@@ -232,6 +234,27 @@ def _json_object(path: Path, data: Mapping[str, Any], field: str) -> dict[str, A
     return cast(dict[str, Any], value)
 
 
+def _plain(value: object) -> bool:
+    """A dense tensor that owns exactly its storage, as `save_checkpoint` writes them. Anything
+    else (an expanded zero-stride view, a sparse or quantized tensor) is refused before it is
+    hashed: making it contiguous could allocate far more than the file holds."""
+    return (
+        isinstance(value, torch.Tensor)
+        and value.layout == torch.strided
+        and not value.is_quantized
+        and not value.requires_grad
+        and value.is_contiguous()
+        and value.storage_offset() == 0
+        and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+    )
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"{value.layout} tensor that does not own exactly its storage"
+    return type(value).__name__
+
+
 def _check_fields(path: Path, data: Mapping[str, Any]) -> None:
     """Refuse a payload whose fields are missing or of the wrong type (one line naming it)."""
     kinds: dict[str, type | tuple[type, ...]] = {
@@ -254,12 +277,12 @@ def _check_fields(path: Path, data: Mapping[str, Any]) -> None:
         raise ValueError(f"checkpoint {path}: bad round {data['round']!r}")
     params = cast(dict[object, object], data["params"])
     for name, value in params.items():
-        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(name, str) or not _plain(value):
             raise ValueError(f"checkpoint {path}: malformed parameter {name!r}")
     leaves = cast(list[object], data["aux_leaves"])
     for i, leaf in enumerate(leaves):
-        if not isinstance(leaf, (torch.Tensor, *SCALARS)):
-            raise ValueError(f"checkpoint {path}: aux leaf {i} is a {type(leaf).__name__}")
+        if not (isinstance(leaf, SCALARS) or _plain(leaf)):
+            raise ValueError(f"checkpoint {path}: aux leaf {i} is a {_kind(leaf)}")
     _json_object(path, data, "config")
     _json_object(path, data, "numerics")
 
@@ -271,7 +294,7 @@ def read_config(location: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError: there is no checkpoint there.
         ValueError: the file is not a readable blazefl_fn checkpoint.
     """
-    path = _path(location)
+    path = checkpoint_file(location)
     return _json_object(path, _read(path), "config")
 
 
@@ -296,7 +319,7 @@ def load_checkpoint(
             its content does not match its checksum, its parameters do not fit
             ``params_template``, or its aux state does not fit ``aux_template``.
     """
-    path = _path(location)
+    path = checkpoint_file(location)
     data = _read(path)
     params = cast(dict[str, torch.Tensor], data["params"])
     if digest(params) != data["params_sha256"]:

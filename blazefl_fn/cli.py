@@ -28,7 +28,7 @@ import attrs
 from . import portable
 from ._cli_flags import OVERSUBSCRIPTION, PROG, UsageError, build_parser
 from ._locks import holding
-from .checkpoint import CHECKPOINT_NAME, read_config
+from .checkpoint import checkpoint_file, read_config
 from .data.partition import partition_report
 from .keys import Key
 from .metrics_log import MetricsLog
@@ -82,7 +82,7 @@ class _DataError(Exception):
 def _stored_config(resume: str) -> RunConfig:
     try:
         return config_from_dict(read_config(resume))
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
         raise _DataError from exc
 
 
@@ -115,7 +115,7 @@ def _checkpoint_stamp(directory: str | None) -> tuple[int, int, int] | None:
     if directory is None:
         return None
     try:
-        info = (Path(directory) / CHECKPOINT_NAME).stat()
+        info = checkpoint_file(directory).stat()
     except OSError:
         return None
     return (info.st_ino, info.st_mtime_ns, info.st_size)
@@ -125,7 +125,7 @@ def _metrics_log(args: argparse.Namespace, stack: contextlib.ExitStack) -> Metri
     """The ``--metrics`` log, locked for this run; a fresh run refuses to replace records."""
     if args.metrics is None:
         return None
-    stack.enter_context(holding(args.metrics, f"metrics log {args.metrics}", directory=False))
+    stack.enter_context(holding(args.metrics, f"metrics log {args.metrics}"))
     path = Path(args.metrics)
     if args.resume is None and not args.overwrite and path.is_file() and path.stat().st_size:
         raise FileExistsError(

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -142,15 +143,18 @@ def _dead_pid() -> int:
 def test_the_next_write_removes_temp_files_of_dead_writers_only(tmp_path: Path) -> None:
     dead = _dead_pid()
     stale = tmp_path / f".checkpoint.tmp-{dead}.pt"
-    live = tmp_path / f".checkpoint.tmp-{os.getppid()}.pt"  # a live process: kept
+    stale_thread = tmp_path / f".checkpoint.tmp-{dead}-140123456789.pt"
+    live = tmp_path / f".checkpoint.tmp-{os.getppid()}-1.pt"  # a live process: kept
     lookalike = tmp_path / f".checkpoint.tmp-{dead}.pt.bak"  # not our pattern: kept
+    huge = tmp_path / ".checkpoint.tmp-99999999999999999999.pt"  # no such pid: not ours, kept
     other = tmp_path / f".metrics.tmp-{dead}.jsonl"  # another target's: kept
-    for p in (stale, live, lookalike, other):
+    for p in (stale, stale_thread, live, lookalike, huge, other):
         p.write_bytes(b"x")
     _saved(tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert stale.name not in names
-    assert {live.name, lookalike.name, other.name, CHECKPOINT_NAME} <= set(names)
+    assert stale_thread.name not in names
+    assert {live.name, lookalike.name, huge.name, other.name, CHECKPOINT_NAME} <= set(names)
     assert remove_stale_temps(tmp_path / "metrics.jsonl") == [other]
 
 
@@ -184,7 +188,9 @@ def test_a_writer_killed_mid_write_leaves_a_temp_that_the_next_run_removes(
 _HOLD = (
     "import sys, time\n"
     "from blazefl_fn._locks import holding\n"
-    "with holding(sys.argv[1], 'x', directory=sys.argv[2] == 'dir'):\n"
+    "from blazefl_fn.checkpoint import locked\n"
+    "path, kind = sys.argv[1:]\n"
+    "with locked(path) if kind == 'checkpoint' else holding(path, 'x'):\n"
     "    print('held', flush=True)\n"
     "    time.sleep(120)\n"
 )
@@ -211,7 +217,8 @@ def test_a_second_run_on_a_locked_checkpoint_dir_is_refused_naming_the_holder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ck = tmp_path / "ck"
-    proc = _holder(ck, "dir")
+    # Held under another spelling of the same checkpoint: the lock is the file's.
+    proc = _holder(ck / CHECKPOINT_NAME, "checkpoint")
     try:
         assert main([*SMALL, "--checkpoint-dir", str(ck)]) == 1
         err = capsys.readouterr().err.strip().splitlines()
@@ -242,33 +249,56 @@ def test_a_second_run_on_a_locked_metrics_log_is_refused(
 def test_two_real_runs_on_one_directory_one_is_refused(tmp_path: Path) -> None:
     ck, log = tmp_path / "ck", tmp_path / "m.jsonl"
     args = [sys.executable, "-m", "blazefl_fn", *SMALL[:-1], "--rounds", "400",
-            "--checkpoint-dir", str(ck), "--metrics", str(log), "--quiet"]  # fmt: skip
-    first = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+            "--checkpoint-dir", str(ck), "--quiet"]  # fmt: skip
+    first = subprocess.Popen([*args, "--metrics", str(log)], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while not (log.exists() and log.stat().st_size) and time.monotonic() < deadline:
             time.sleep(0.1)
+        # Its own metrics log: only the checkpoint directory is shared.
         second = subprocess.run(
-            [*args, "--overwrite"], capture_output=True, text=True, timeout=120, check=False
-        )
+            [*args, "--overwrite", "--metrics", str(tmp_path / "other.jsonl")],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
         assert second.returncode == 1
         assert second.stderr.count("\n") == 1
-        assert f"is in use by pid {first.pid}" in second.stderr
+        assert f"checkpoint {ck} is in use by pid {first.pid}" in second.stderr
+        assert not (tmp_path / "other.jsonl").exists()
     finally:
         _stop(first)
 
 
-def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
-    with holding(tmp_path / "ck", "ck", directory=True):
-        with holding(tmp_path / "ck", "ck", directory=True):
+def test_the_lock_is_reentrant_within_a_thread_and_refuses_other_threads(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "out.jsonl"
+    with holding(target, "out"):
+        with holding(target, "out"):
             pass
-        # Still held by this process after the inner release.
+        # Still held by this thread after the inner release: another process is refused...
         proc = subprocess.run(
-            [sys.executable, "-c", _HOLD, str(tmp_path / "ck"), "dir"],
+            [sys.executable, "-c", _HOLD, str(target), "file"],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert proc.returncode != 0
         assert "OutputLockedError" in proc.stderr
+        # ... and so is another thread of this process (two writers would race the same way).
+        errors: list[BaseException] = []
+
+        def other() -> None:
+            try:
+                with holding(target, "out"):
+                    pass
+            except OutputLockedError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        assert len(errors) == 1
+        assert "another thread of this process" in str(errors[0])
+    with holding(target, "out"):  # released: free again
+        pass
 
 
 # -- a fresh run does not replace what another run wrote ---------------------------------------
@@ -288,6 +318,7 @@ def test_a_fresh_run_refuses_an_existing_checkpoint_unless_resume_or_overwrite(
     assert main([*SMALL, "--rounds", "3", "--resume", ck]) == 0
     assert main([*SMALL, "--seed", "1", "--checkpoint-dir", ck, "--overwrite"]) == 0
     assert read_config(ck)["seed"] == 1
+    assert sorted(os.listdir(ck)) == [CHECKPOINT_NAME]  # no lock or temp file left behind
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
         simulate(RunConfig(rounds=1, clients=4, clients_per_round=2), checkpoint_dir=ck)
 
@@ -303,3 +334,68 @@ def test_a_fresh_run_refuses_an_existing_metrics_log(
     assert "already holds records" in capsys.readouterr().err
     assert log.read_text() == before
     assert main([*SMALL, "--metrics", str(log), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        lambda: torch.zeros(1).expand(10**9),  # 4 bytes in the file, 4 GB if made contiguous
+        lambda: torch.zeros(4).to_sparse(),
+        lambda: torch.arange(8.0)[::2],  # a strided view: not the storage it carries
+    ],
+    ids=["expanded", "sparse", "view"],
+)
+@pytest.mark.parametrize("where", ["params", "aux"])
+def test_only_plain_dense_tensors_are_read(tmp_path: Path, tensor: Any, where: str) -> None:
+    path = _saved(tmp_path)
+    data = torch.load(path, weights_only=True)
+    if where == "params":
+        data["params"]["w"] = tensor()
+    else:
+        data["aux_leaves"][0] = tensor()
+    torch.save(data, path)
+    message = "malformed parameter 'w'" if where == "params" else "aux leaf 0 is a torch"
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(path, aux_template={"m": torch.ones(3)})
+
+
+_CONTEND = """
+import importlib.util, os, sys, time
+spec = importlib.util.spec_from_file_location("locks", sys.argv[1])
+locks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(locks)  # just the module: no torch import per process
+target, marker = sys.argv[2], sys.argv[3]
+held = 0
+deadline = time.monotonic() + 3
+while time.monotonic() < deadline:
+    try:
+        with locks.holding(target, "x"):
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL)  # fails if two hold it at once
+            os.close(fd)
+            held += 1
+            os.unlink(marker)
+    except locks.OutputLockedError:
+        pass
+print(held)
+"""
+
+
+def test_contending_processes_never_hold_the_lock_together(tmp_path: Path) -> None:
+    # Holders remove the lock file as they let go: a process that opened the old file must
+    # notice and retry, or two processes could hold "the" lock at once.
+    from blazefl_fn import _locks
+
+    target, marker = tmp_path / "m.jsonl", tmp_path / "inside"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONTEND, _locks.__file__, str(target), str(marker)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    results = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    assert sum(int(out) for out, _ in results) > 50
+    assert not (tmp_path / ".m.jsonl.lock").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 import attrs
 import pytest
 
-from blazefl_fn import run as run_module
+from blazefl_fn import _run_build as run_build
 from blazefl_fn._cli_flags import build_parser, flag_ranges
 from blazefl_fn.cli import json_safe
 from blazefl_fn.run import RunConfig, check_memory
@@ -114,7 +114,7 @@ def test_negative_zero_is_zero() -> None:
 def test_too_many_synthetic_clients_are_refused_with_the_memory_they_need(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(run_module, "_available_memory", lambda: 2**30)
+    monkeypatch.setattr(run_build, "_available_memory", lambda: 2**30)
     check_memory(RunConfig(clients=1000))  # ~60 MB: fits
     with pytest.raises(ValueError, match=r"clients=100,000: .* about 5\.7 GiB .* 1\.0 GiB"):
         check_memory(RunConfig(clients=100_000, clients_per_round=10))

@@ -535,3 +535,31 @@ def test_a_record_dtype_is_refused(tmp_path: Path) -> None:
     dump(tmp_path / "test_batch", {b"data": data, b"labels": [0, 1]})
     with pytest.raises(ValueError, match="is not part of a CIFAR batch"):
         load_cifar10(tmp_path)
+
+
+class _ListOf:
+    """Pickles as ``list(shared)``: one more call on an object the file holds once."""
+
+    def __init__(self, shared: bytes) -> None:
+        self.shared = shared
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (list, (self.shared,))
+
+
+def test_reusing_one_object_to_amplify_allocation_is_refused(tmp_path: Path) -> None:
+    import tracemalloc
+
+    cifar10_python(tmp_path, n=2, n_test=2)
+    shared = bytes(range(256)) * 400  # 100 KiB, stored once and referenced 2,000 times
+    dump(tmp_path / "test_batch", {b"data": fake_pixels(2), b"labels": [0, 1],
+                                   b"x": [_ListOf(shared) for _ in range(2000)]})  # fmt: skip
+    assert (tmp_path / "test_batch").stat().st_size < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="builds more data than a CIFAR batch of its size"):
+            load_cifar10(tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 << 20, peak  # unbounded, it would be 2,000 lists of 102,400 items (1.6 GB)

@@ -20,6 +20,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import math
 import os
 import pickle
 import posixpath
@@ -32,6 +33,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import attrs
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -110,14 +112,73 @@ class _NdarrayType:
     (``ndarray(shape)``, an allocation of any size) is impossible."""
 
 
-def _reconstruct(subtype: object, shape: object, dtype: object) -> Any:
-    """numpy's ``_reconstruct`` as its own pickles call it: an empty ndarray, filled by
+@attrs.define
+class _Budget:
+    """Bytes the allowed calls of one pickle may still produce. Each call is paid for before
+    it runs, from the size of its input (or, for an array, its declared shape), so a file that
+    reuses one object many times (a pickle reference costs two bytes) runs out of budget
+    instead of memory."""
+
+    name: str
+    left: int
+
+    def spend(self, nbytes: int) -> None:
+        self.left -= nbytes
+        if self.left < 0:
+            raise _RefusedError(
+                f"{self.name}: builds more data than a CIFAR batch of its size can hold "
+                "(objects reused to amplify it)"
+            )
+
+
+class _CountedArray(np.ndarray[Any, Any]):
+    """The array `_reconstruct` hands to ``__setstate__``: it pays for its declared size
+    before numpy copies any data."""
+
+    budget: _Budget
+
+    def __setstate__(self, state: Any, /) -> None:
+        parts = cast(tuple[object, ...], state) if isinstance(state, tuple) else ()
+        shape, dtype = (parts[1], parts[2]) if len(parts) >= 3 else (None, None)
+        dims = cast(tuple[object, ...], shape) if isinstance(shape, tuple) else None
+        if (
+            dims is None
+            or not isinstance(dtype, np.dtype)
+            or not all(isinstance(d, int) and d >= 0 for d in dims)
+        ):
+            raise pickle.UnpicklingError("an array state that is not numpy's")
+        size = math.prod(cast(tuple[int, ...], dims))
+        self.budget.spend(size * cast(np.dtype[Any], dtype).itemsize)
+        super().__setstate__(cast(Any, parts))
+
+
+def _reconstruct(budget: _Budget) -> Callable[..., Any]:
+    """numpy's ``_reconstruct`` as its own pickles call it: an empty array, filled by
     ``__setstate__``, which checks the data's length against the declared shape."""
-    if subtype is not _NdarrayType or shape != (0,):
-        raise pickle.UnpicklingError(
-            f"_reconstruct({subtype!r}, {shape!r}) is not how numpy pickles an array"
-        )
-    return _RECONSTRUCT(np.ndarray, (0,), dtype)
+
+    def build(subtype: object, shape: object, dtype: object) -> Any:
+        if subtype is not _NdarrayType or shape != (0,):
+            raise pickle.UnpicklingError(
+                f"_reconstruct({subtype!r}, {shape!r}) is not how numpy pickles an array"
+            )
+        array = _CountedArray((0,), np.uint8)
+        array.budget = budget
+        return array
+
+    return build
+
+
+def _paid(budget: _Budget, fn: Callable[..., Any], per_item: int) -> Callable[..., Any]:
+    """``fn`` paying ``per_item`` bytes per item of its first argument before it runs."""
+
+    def call(*args: Any) -> Any:
+        if args and hasattr(args[0], "__len__"):
+            budget.spend(per_item * len(args[0]) + 64)
+        else:
+            budget.spend(64)
+        return fn(*args)
+
+    return call
 
 
 # The callables numpy's own pickles use, taken from numpy itself so that no private module is
@@ -127,34 +188,39 @@ _reduced_scalar: Any = np.float64(0.0).__reduce__()
 _RECONSTRUCT: Callable[..., Any] = _reduced_array[0]
 _SCALAR: Callable[..., Any] = _reduced_scalar[0]
 
-_ALLOWED: dict[tuple[str, str], object] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy.core.multiarray", "scalar"): _SCALAR,
-    ("numpy._core.multiarray", "scalar"): _SCALAR,
-    ("numpy", "ndarray"): _NdarrayType,
-    ("numpy", "dtype"): _plain_dtype,
-    ("_codecs", "encode"): _latin1_encode,
-}
-# Every allowed call builds its result from data already in the file, so what a batch can
-# allocate is bounded by the file's size (and numpy checks an array's data against its shape).
-for _module in ("builtins", "__builtin__"):
-    for _type in (dict, frozenset, list, set, tuple):
-        _ALLOWED[(_module, _type.__name__)] = _type
-    _ALLOWED[(_module, "bytes")] = _sized(bytes)
-    _ALLOWED[(_module, "bytearray")] = _sized(bytearray)
+
+def _allowed(budget: _Budget) -> dict[tuple[str, str], object]:
+    """What one pickle may resolve, each call paid for from ``budget``."""
+    reconstruct = _reconstruct(budget)
+    allowed: dict[tuple[str, str], object] = {
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy.core.multiarray", "scalar"): _paid(budget, _SCALAR, 1),
+        ("numpy._core.multiarray", "scalar"): _paid(budget, _SCALAR, 1),
+        ("numpy", "ndarray"): _NdarrayType,
+        ("numpy", "dtype"): _paid(budget, _plain_dtype, 1),
+        ("_codecs", "encode"): _paid(budget, _latin1_encode, 1),
+    }
+    for module in ("builtins", "__builtin__"):
+        for kind in (dict, frozenset, list, set, tuple):
+            allowed[(module, kind.__name__)] = _paid(budget, kind, 64)
+        allowed[(module, "bytes")] = _paid(budget, _sized(bytes), 1)
+        allowed[(module, "bytearray")] = _paid(budget, _sized(bytearray), 1)
+    return allowed
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the globals listed in ``_ALLOWED``."""
+    """An unpickler that resolves only the globals `_allowed` lists, within a byte budget of
+    a few times the file's size."""
 
-    def __init__(self, file: io.BufferedIOBase, name: str) -> None:
+    def __init__(self, file: io.BufferedIOBase, name: str, size: int) -> None:
         super().__init__(file, encoding="bytes")
         self._name = name
+        self._allowed = _allowed(_Budget(name, 4 * size + (1 << 20)))
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED[(module, name)]
+            return self._allowed[(module, name)]
         except KeyError:
             raise _RefusedError(
                 f"{self._name}: refusing to unpickle {module}.{name} (not part of a CIFAR batch)"
@@ -172,7 +238,7 @@ def _unpickle(path: Path) -> dict[bytes, Any]:
         )
     raw = path.read_bytes()
     try:
-        obj: object = _CifarUnpickler(io.BytesIO(raw), name).load()
+        obj: object = _CifarUnpickler(io.BytesIO(raw), name, len(raw)).load()
     except _RefusedError:
         raise
     except Exception as e:
@@ -196,7 +262,7 @@ def _unpickle(path: Path) -> dict[bytes, Any]:
 def _pixels_from_pickle(name: str, data: object) -> npt.NDArray[np.uint8]:
     if not isinstance(data, np.ndarray):
         raise ValueError(f"{name}: b'data' must be a numpy array, got {type(data).__name__}")
-    array = cast("npt.NDArray[Any]", data)
+    array = np.asarray(cast("npt.NDArray[Any]", data))  # a plain ndarray, not _CountedArray
     if array.dtype != np.uint8 or array.ndim != 2 or array.shape[1] != _PIXELS:
         raise ValueError(
             f"{name}: expected uint8 data of shape (N, {_PIXELS}), got {array.dtype} {array.shape}"
@@ -208,7 +274,7 @@ def _pixels_from_pickle(name: str, data: object) -> npt.NDArray[np.uint8]:
 
 def _labels_from_pickle(name: str, key: bytes, labels: object, n: int) -> npt.NDArray[np.int64]:
     if isinstance(labels, np.ndarray):
-        array = cast("npt.NDArray[Any]", labels)
+        array = np.asarray(cast("npt.NDArray[Any]", labels))
     elif isinstance(labels, list | tuple):
         items = cast("Sequence[object]", labels)
         if len(items) != n:

@@ -39,8 +39,9 @@ _MNIST_STD = 0.3081
 
 
 _CHUNK = 1 << 20
-# Far above MNIST (70,000) and EMNIST (814,255): a header beyond it is refused unread.
-_MAX_EXAMPLES = 10_000_000
+# Above MNIST (70,000) and EMNIST ByClass (814,255): a header beyond it is refused unread, so
+# an images file cannot make the loader inflate more than 784 MB.
+_MAX_EXAMPLES = 1_000_000
 
 
 def _read_at_most(stream: BinaryIO, limit: int) -> bytearray:
@@ -150,7 +151,8 @@ def _parse_idx(
             f"{name}: {more} trailing bytes after the {expected} bytes of data the header declares"
         )
     data = np.frombuffer(raw, dtype=dtype, count=count).reshape(dims)
-    return data.astype(dtype.newbyteorder("="), copy=True)
+    # ``raw`` is a fresh bytearray, so the array may keep it: no copy unless bytes are swapped.
+    return data.astype(dtype.newbyteorder("="), copy=False)
 
 
 def _find(directory: Path, stem: str) -> Path:

@@ -1,0 +1,268 @@
+"""A run's configuration: `RunConfig`, the options it accepts and their bounds (re-exported by
+`blazefl_fn.run`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from ._validators import Validator, finite_number, int_at_least, one_of, plus_zero
+from .devices import check_device, parse_devices, uses_cuda
+
+ALGORITHMS = (
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "trimmed-mean",
+    "krum",
+    "scaffold",
+    "feddyn",
+    "fednova",
+    "dsfl",
+    "scarlet",
+)
+"""The algorithm names `RunConfig` and ``--algorithm`` accept."""
+DISTILLATION = ("dsfl", "scarlet")
+"""Algorithms that share soft labels on a public set held out of the training data."""
+DEFAULT_SERVER_LR = {
+    "fedavgm": 1.0,
+    "fedadam": 0.01,
+    "fedyogi": 0.01,
+    "fedadagrad": 0.1,
+    "scaffold": 1.0,
+}
+"""The server learning rate each server-optimizer algorithm uses when none is given."""
+UNCLIPPED = ("scaffold", "feddyn", "fednova", "dsfl", "scarlet")
+"""Algorithms with their own server arithmetic: update clipping (``clip_norm``) does not apply."""
+DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
+"""The dataset names `RunConfig` and ``--dataset`` accept."""
+PARTITIONS = ("iid", "dirichlet", "shards", "inner-dirichlet")
+"""How image datasets can be split over clients (``--partition``)."""
+EXECUTORS = ("sequential", "threads", "processes", "ray", "vectorized")
+"""The executor names `RunConfig` and ``--executor`` accept."""
+MODELS = ("auto", "logreg", "mlp", "cnn")
+"""The model names `RunConfig` and ``--model`` accept (``auto`` picks one per dataset)."""
+
+# Upper bounds of the numeric settings (the CLI's --help and docs/cli.md show them): far above
+# any real run, low enough that a typo (2147483648 clients) fails at parse time, not hours in.
+_COUNT = 10_000_000  # clients, rounds, batch sizes, chunk, public samples, ...
+_EPOCHS = 10_000
+_RATE = 1e4  # learning rates and regularisation weights
+_WORKERS = 4096
+_THREADS = 1024
+
+
+def _resolve_auto(value: str) -> str:
+    # Stored resolved, so that a checkpoint records the devices the run really used and a
+    # resume elsewhere is compared against them, not against the word "auto". Anything else
+    # (a wrong type too) passes through to the validator.
+    if value == "auto":
+        return ",".join(str(d) for d in parse_devices("auto"))
+    return value
+
+
+def _devices_field(parse: Callable[[str], object]) -> Validator:
+    """A device-string field checked by ``parse`` (its message prefixed with the field)."""
+
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"{attribute.name} must be a str, got {type(value).__name__}")
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(f"{attribute.name}: {exc}") from None
+
+    return check
+
+
+def _optional_text(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{attribute.name} must be a non-empty string, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    """Everything that determines a simulation; the same config gives the same bits.
+
+    The defaults are the FedProx paper's Synthetic(1, 1) setting (30 clients, 10 per round,
+    batch 10, lr 0.01, multinomial logistic regression).
+
+    ``device`` is where clients train (``cpu``, ``cuda``, ``cuda:0,cuda:1`` or ``auto``: every
+    visible GPU, else the CPU, stored as the list it resolves to); ``server_device`` is where
+    the global model lives, is aggregated and evaluated. Both must exist on the machine that
+    runs the config. ``portable`` pins the CPU kernels to their baseline paths
+    (`blazefl_fn.portable`): the same bits on x86-64 CPUs of any model, at a cost in speed
+    (CPU devices only).
+
+    Raises:
+        ValueError: on construction, for any out-of-range value (the message names it).
+    """
+
+    algorithm: str = attrs.field(default="fedavg", validator=one_of(ALGORITHMS))
+    dataset: str = attrs.field(default="synthetic", validator=one_of(DATASETS))
+    data_dir: str | None = None
+    model: str = attrs.field(default="auto", validator=one_of(MODELS))
+    clients: int = attrs.field(default=30, validator=int_at_least(1, _COUNT))
+    clients_per_round: int = attrs.field(default=10, validator=int_at_least(1, _COUNT))
+    rounds: int = attrs.field(default=100, validator=int_at_least(0, _COUNT))
+    local_epochs: int = attrs.field(default=1, validator=int_at_least(1, _EPOCHS))
+    batch_size: int = attrs.field(default=10, validator=int_at_least(1, _COUNT))
+    lr: float = attrs.field(default=0.01, validator=finite_number(positive=True, high=_RATE))
+    seed: int = attrs.field(default=0, validator=int_at_least(0, 2**128 - 1))
+    executor: str = attrs.field(default="sequential", validator=one_of(EXECUTORS))
+    workers: int = attrs.field(default=2, validator=int_at_least(1, _WORKERS))
+    threads: int = attrs.field(default=1, validator=int_at_least(1, _THREADS))
+    device: str = attrs.field(
+        default="cpu", converter=_resolve_auto, validator=_devices_field(parse_devices)
+    )
+    server_device: str = attrs.field(default="cpu", validator=_devices_field(check_device))
+    ray_address: str | None = attrs.field(default=None, validator=_optional_text)
+    ray_node_ip: str | None = attrs.field(default=None, validator=_optional_text)
+    client_timeout: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1e6))
+    )
+    portable: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    chunk: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(int_at_least(1, _COUNT))
+    )
+    max_bytes: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(int_at_least(1, 2**62))
+    )
+    eval_every: int = attrs.field(default=1, validator=int_at_least(1, _COUNT))
+    synthetic_alpha: float = attrs.field(
+        default=1.0, converter=plus_zero, validator=finite_number(positive=False, high=1e3)
+    )
+    synthetic_beta: float = attrs.field(
+        default=1.0, converter=plus_zero, validator=finite_number(positive=False, high=1e3)
+    )
+    partition: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(one_of(PARTITIONS))
+    )
+    alpha: float = attrs.field(default=0.5, validator=finite_number(positive=True, high=1e6))
+    shards_per_client: int = attrs.field(default=2, validator=int_at_least(1, _COUNT))
+    augment: bool = False
+    target_accuracy: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1))
+    )
+    eval_clients: bool = False
+    skip_nonfinite: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    mu: float = attrs.field(
+        default=0.01, converter=plus_zero, validator=finite_number(positive=False, high=_RATE)
+    )
+    server_lr: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=_RATE))
+    )
+    server_momentum: float = attrs.field(
+        default=0.9, converter=plus_zero, validator=finite_number(positive=False, below=1)
+    )
+    beta1: float = attrs.field(
+        default=0.9, converter=plus_zero, validator=finite_number(positive=False, below=1)
+    )
+    beta2: float = attrs.field(
+        default=0.99, converter=plus_zero, validator=finite_number(positive=False, below=1)
+    )
+    tau: float = attrs.field(default=1e-3, validator=finite_number(positive=True, high=_RATE))
+    trim_beta: float = attrs.field(
+        default=0.1, converter=plus_zero, validator=finite_number(positive=False, below=0.5)
+    )
+    krum_f: int = attrs.field(default=1, validator=int_at_least(0, _COUNT))
+    krum_m: int = attrs.field(default=1, validator=int_at_least(1, _COUNT))
+    clip_norm: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1e12))
+    )
+    feddyn_alpha: float = attrs.field(
+        default=0.01, validator=finite_number(positive=True, high=_RATE)
+    )
+    local_momentum: float = attrs.field(
+        default=0.0, converter=plus_zero, validator=finite_number(positive=False, below=1)
+    )
+    public_size: int = attrs.field(default=10000, validator=int_at_least(1, _COUNT))
+    public_per_round: int = attrs.field(default=1000, validator=int_at_least(1, _COUNT))
+    era_temperature: float = attrs.field(
+        default=0.1, validator=finite_number(positive=True, high=1e6)
+    )
+    cache_duration: int = attrs.field(default=10, validator=int_at_least(0, _COUNT))
+    era_exponent: float = attrs.field(default=2.0, validator=finite_number(positive=True, high=1e3))
+    kd_epochs: int = attrs.field(default=1, validator=int_at_least(1, _EPOCHS))
+    kd_batch_size: int = attrs.field(default=100, validator=int_at_least(1, _COUNT))
+    kd_lr: float = attrs.field(default=0.1, validator=finite_number(positive=True, high=_RATE))
+
+    def __attrs_post_init__(self) -> None:
+        if self.clients_per_round > self.clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds clients ({self.clients})"
+            )
+        if self.algorithm == "krum":
+            if self.clients_per_round <= 2 * self.krum_f + 2:
+                raise ValueError(
+                    f"krum with krum_f={self.krum_f} needs clients_per_round > "
+                    f"2*krum_f+2 = {2 * self.krum_f + 2}, got {self.clients_per_round}"
+                )
+            if self.krum_m > self.clients_per_round:
+                raise ValueError(
+                    f"krum_m ({self.krum_m}) exceeds clients_per_round ({self.clients_per_round})"
+                )
+        if self.clip_norm is not None and self.algorithm in UNCLIPPED:
+            raise ValueError(
+                f"clip_norm clips updates of the FedAvg family; {self.algorithm} aggregates "
+                "by its own rule, so it does not apply"
+            )
+        if self.local_momentum != 0.0 and self.algorithm != "fednova":
+            raise ValueError(
+                f"local_momentum applies to fednova (its normaliser accounts for it), not to "
+                f"{self.algorithm}"
+            )
+        if self.dataset != "synthetic" and self.data_dir is None:
+            raise ValueError(
+                f"dataset {self.dataset!r} needs a data directory (data_dir / --data-dir)"
+            )
+        if self.dataset == "synthetic" and self.model == "cnn":
+            raise ValueError(
+                "model 'cnn' needs image inputs; the synthetic dataset has 60 features "
+                "(use logreg or mlp)"
+            )
+        if self.dataset == "synthetic" and self.partition is not None:
+            raise ValueError(
+                "the synthetic dataset is partitioned by its generator; partition applies to "
+                "mnist, cifar10 and cifar100"
+            )
+        if self.algorithm in DISTILLATION:
+            if self.dataset == "synthetic":
+                raise ValueError(
+                    f"{self.algorithm} distills on a public set held out of the training data; "
+                    f"use mnist, cifar10 or cifar100, not synthetic"
+                )
+            if self.public_per_round > self.public_size:
+                raise ValueError(
+                    f"public_per_round ({self.public_per_round}) exceeds public_size "
+                    f"({self.public_size})"
+                )
+        if self.client_timeout is not None and self.executor != "processes":
+            raise ValueError(
+                f"client_timeout applies to the processes executor, not to {self.executor!r} "
+                "(a thread cannot be stopped; sequential runs in this process)"
+            )
+        if self.executor != "vectorized" and (self.chunk, self.max_bytes) != (None, None):
+            raise ValueError(
+                f"chunk and max_bytes apply to the vectorized executor, not to {self.executor!r}"
+            )
+        if self.portable and uses_cuda(
+            (*parse_devices(self.device), check_device(self.server_device))
+        ):
+            raise ValueError(
+                "portable numerics pin CPU kernels only; a run on "
+                f"device={self.device!r} server_device={self.server_device!r} cannot be portable"
+            )
+        if self.executor == "vectorized" and "," in self.device:
+            raise ValueError(f"the vectorized executor trains on one device, got {self.device!r}")
+        if self.augment and not self.dataset.startswith("cifar"):
+            raise ValueError(
+                f"augment (random crop + horizontal flip) applies to cifar10 and cifar100, "
+                f"not to {self.dataset!r}"
+            )
