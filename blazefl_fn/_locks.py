@@ -23,7 +23,7 @@ __all__ = ["OutputLockedError", "holding", "lock_path"]
 
 
 class OutputLockedError(OSError):
-    """Another process is writing the same checkpoint directory or metrics file."""
+    """Another process or thread is writing the same checkpoint or metrics log."""
 
 
 @attrs.define

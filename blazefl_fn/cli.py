@@ -5,7 +5,8 @@ Every error is one line ``blazefl-fn: error: ...`` on stderr, never a traceback 
 
 - 1: a missing, malformed, locked or already existing file (data, checkpoint, metrics log);
 - 2: a bad flag or value;
-- 3: the run failed: a client raised, a worker died, training diverged (NaN or Inf), or an
+- 3: the run failed: a client raised, a worker died or exceeded ``--client-timeout``, training
+  diverged (NaN or Inf), any error once the round loop began (other than a file's), or an
   unexpected error;
 - 130: interrupted (Ctrl-C).
 """
@@ -34,6 +35,7 @@ from .keys import Key
 from .metrics_log import MetricsLog
 from .plot import plot_runs
 from .progress import progress_callback
+from .records import ServerState
 from .run import RunConfig, check_memory, config_from_dict, load_central, simulate, split
 from .runner import Callback
 
@@ -77,6 +79,21 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 class _DataError(Exception):
     """A missing or unreadable file met while reading the command line (exit status 1)."""
+
+
+class _RunFailed(Exception):
+    """A ValueError raised after the round loop began: the run failed (exit status 3), it is
+    not a bad file (the data and checkpoint were read before the loop)."""
+
+
+class _LoopStarted(Callback):
+    """Records that the round loop began (so a later ValueError is the run's, not a file's)."""
+
+    def __init__(self) -> None:
+        self.began = False
+
+    def on_begin(self, state: ServerState, rounds: int) -> None:
+        self.began = True
 
 
 def _stored_config(resume: str) -> RunConfig:
@@ -136,14 +153,20 @@ def _metrics_log(args: argparse.Namespace, stack: contextlib.ExitStack) -> Metri
 
 
 def _run(args: argparse.Namespace, config: RunConfig) -> int:
-    with contextlib.ExitStack() as stack:
-        progress = sys.stderr if args.json else sys.stdout
-        callbacks: list[Callback] = [progress_callback(progress, quiet=args.quiet)]
-        log = _metrics_log(args, stack)
-        if log is not None:
-            callbacks.append(log)
-            stack.callback(log.close)
-        return _run_locked(args, config, callbacks)
+    started = _LoopStarted()
+    try:
+        with contextlib.ExitStack() as stack:
+            progress = sys.stderr if args.json else sys.stdout
+            callbacks: list[Callback] = [started, progress_callback(progress, quiet=args.quiet)]
+            log = _metrics_log(args, stack)
+            if log is not None:
+                callbacks.append(log)
+                stack.callback(log.close)
+            return _run_locked(args, config, callbacks)
+    except ValueError as exc:
+        if started.began:
+            raise _RunFailed from exc
+        raise
 
 
 def _run_locked(args: argparse.Namespace, config: RunConfig, callbacks: list[Callback]) -> int:
@@ -289,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "plot":
             return _plot(args)
         return _run(args, config) if args.command == "run" else _partition(args, config)
+    except _RunFailed as exc:
+        return _fail(exc.__cause__ or exc, _RUN, debug)
     except (ValueError, OSError, ImportError) as exc:
         # Bad or missing files: the loaders' messages name the file and the problem.
         return _fail(exc, _DATA, debug)

@@ -308,3 +308,29 @@ def test_a_gzip_bomb_in_the_data_dir_is_one_line_and_status_1(tmp_path: Path) ->
     assert "trailing bytes after the 15680 bytes of data the header declares" in _one_error_line(
         done
     )
+
+
+def test_a_value_error_inside_the_round_loop_is_a_run_failure_not_a_file_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: any ValueError exited 1, which the docs define as a problem with a file.
+    from blazefl_fn import cli, run
+
+    def failing_round(*_: object) -> object:
+        def round_fn(*_: object) -> object:
+            raise ValueError("an aggregation stage refused its input")
+
+        return round_fn
+
+    monkeypatch.setattr(run, "make_round", failing_round)
+    assert cli.main(["run", "--rounds", "2", "--quiet"]) == 3
+    assert capsys.readouterr().err == (
+        "blazefl-fn: error: an aggregation stage refused its input\n"
+    )
+
+    def failing_data(*_: object) -> object:
+        raise ValueError("data.bin: malformed")
+
+    monkeypatch.setattr(run, "load_federation", failing_data)
+    assert cli.main(["run", "--rounds", "2", "--quiet"]) == 1  # before the loop: a file's
+    assert "data.bin: malformed" in capsys.readouterr().err
