@@ -392,8 +392,8 @@ def test_cli_vectorized_run() -> None:
         (("--executor", "vectorized", "--max-bytes", "-5"), 2, "max_bytes must be an integer"),
         (("--chunk", "4"), 2, "apply to the vectorized executor"),
         (("--max-bytes", "4096"), 2, "apply to the vectorized executor"),
-        # Found once the model is known: a run-time error (status 1).
-        (("--executor", "vectorized", "--max-bytes", "10"), 1, "over max_bytes=10"),
+        # Found in the first round, once the model is known: the run fails (status 3).
+        (("--executor", "vectorized", "--max-bytes", "10"), 3, "over max_bytes=10"),
     ],
 )
 def test_cli_vectorized_errors_are_one_line(
