@@ -157,11 +157,13 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
     try:
         with contextlib.ExitStack() as stack:
             progress = sys.stderr if args.json else sys.stdout
-            callbacks: list[Callback] = [started, progress_callback(progress, quiet=args.quiet)]
+            callbacks: list[Callback] = [progress_callback(progress, quiet=args.quiet)]
             log = _metrics_log(args, stack)
             if log is not None:
                 callbacks.append(log)
                 stack.callback(log.close)
+            # Last: a malformed metrics log found by the log's own on_begin is a file's error.
+            callbacks.append(started)
             return _run_locked(args, config, callbacks)
     except ValueError as exc:
         if started.began:

@@ -334,3 +334,17 @@ def test_a_value_error_inside_the_round_loop_is_a_run_failure_not_a_file_error(
     monkeypatch.setattr(run, "load_federation", failing_data)
     assert cli.main(["run", "--rounds", "2", "--quiet"]) == 1  # before the loop: a file's
     assert "data.bin: malformed" in capsys.readouterr().err
+
+
+def test_a_malformed_metrics_log_on_resume_is_still_a_file_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from blazefl_fn import cli
+
+    ck, log = str(tmp_path / "ck"), tmp_path / "m.jsonl"
+    assert cli.main(["run", "--rounds", "1", "--quiet", "--checkpoint-dir", ck,
+                     "--metrics", str(log)]) == 0  # fmt: skip
+    log.write_text("not json\n")
+    capsys.readouterr()
+    assert cli.main(["run", "--rounds", "2", "--quiet", "--resume", ck, "--metrics", str(log)]) == 1
+    assert "m.jsonl:1: not a JSON record" in capsys.readouterr().err
