@@ -92,6 +92,10 @@ def test_json_never_holds_bare_nan() -> None:
         (["--model", "cnn"], "model 'cnn' needs image inputs"),
         (["--executor", "processes", "--workers", "1000"], "pass --oversubscribe"),
         (["--target-accuracy", "1.5"], "target_accuracy must be a finite number in (0, 1]"),
+        (
+            ["--executor", "processes", "--client-timeout", "-1"],
+            "client_timeout must be a finite number in (0, 1e+06], got -1.0",
+        ),
     ],
 )
 def test_out_of_range_flags_exit_2_at_parse_time(flags: list[str], message: str) -> None:
@@ -170,12 +174,12 @@ def _session_alive(sid: int) -> bool:
     return bool(out.stdout.split())
 
 
-@pytest.mark.slow
-def test_a_killed_worker_is_one_line_and_status_3() -> None:
-    # Before: its message was good, but it came after a 31-line traceback.
+def _signal_a_busy_worker(sig: signal.Signals, *extra: str) -> tuple[int, int, str, int]:
+    """Run the CLI on processes, send ``sig`` to a worker once the first round ended; return
+    (CLI pid, its exit status, its stderr, the worker's pid)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "blazefl_fn", "run", "--executor", "processes", "--workers", "2",
-         "--rounds", "100000", "--clients-per-round", "30", "--clients", "30"],
+         "--rounds", "100000", "--clients-per-round", "30", "--clients", "30", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
@@ -183,15 +187,22 @@ def test_a_killed_worker_is_one_line_and_status_3() -> None:
         proc.stdout.readline()  # the first round ended: the workers are busy with clients
         workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
         assert workers
-        os.kill(workers[0], signal.SIGKILL)
+        os.kill(workers[0], sig)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 3
+    return proc.pid, proc.returncode, stderr, workers[0]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_one_line_and_status_3() -> None:
+    # Before: its message was good, but it came after a 31-line traceback.
+    _, status, stderr, worker = _signal_a_busy_worker(signal.SIGKILL)
+    assert status == 3
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert f"worker process {workers[0]} was killed by SIGKILL" in lines[0]
+    assert f"worker process {worker} was killed by SIGKILL" in lines[0]
 
 
 def _cmdline(pid: int) -> str:
@@ -204,28 +215,13 @@ def _cmdline(pid: int) -> str:
 @pytest.mark.slow
 def test_a_stopped_worker_fails_the_run_after_client_timeout() -> None:
     # Before: a worker stopped with SIGSTOP hung the round forever.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "blazefl_fn", "run", "--executor", "processes", "--workers", "2",
-         "--rounds", "100000", "--clients-per-round", "30", "--clients", "30",
-         "--client-timeout", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        proc.stdout.readline()  # the first round ended: the workers are busy with clients
-        workers = [p for p in _children(proc.pid) if "spawn_main" in _cmdline(p)]
-        assert workers
-        os.kill(workers[0], signal.SIGSTOP)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 3
+    pid, status, stderr, worker = _signal_a_busy_worker(signal.SIGSTOP, "--client-timeout", "2")
+    assert status == 3
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert f"worker process {workers[0]} gave no result for client" in lines[0]
+    assert f"worker process {worker} gave no result for client" in lines[0]
     assert "within client_timeout=2 s" in lines[0]
-    _wait_for(lambda: not _session_alive(proc.pid), 10)  # the stopped worker was killed too
+    _wait_for(lambda: not _session_alive(pid), 10)  # the stopped worker was killed too
 
 
 def test_client_timeout_needs_the_processes_executor() -> None:
