@@ -14,7 +14,7 @@ LINT_PATHS := $(wildcard blazefl_fn tests examples benchmarks mkdocs_hooks.py)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
-	$(BIN)/pip install --quiet -e ".[dev,ray,docs]" --config-settings editable_mode=compat
+	$(BIN)/pip install --quiet -e ".[dev,ray,docs,privacy]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 run: $(STAMP)

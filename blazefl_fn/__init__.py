@@ -13,6 +13,7 @@ from . import client_stages as client_stages
 from . import client_state as client_state
 from . import data as data
 from . import devices as devices
+from . import privacy as privacy
 from . import server_transforms as server_transforms
 from . import stochastic as stochastic
 from . import tree as tree
@@ -68,6 +69,12 @@ from .local_training import train as train
 from .local_training import trainable_names as trainable_names
 from .metrics_log import MetricsLog as MetricsLog
 from .metrics_log import read_metrics as read_metrics
+from .privacy import Accountant as Accountant
+from .privacy import AdaptiveClipping as AdaptiveClipping
+from .privacy import CentralDP as CentralDP
+from .privacy import LocalDP as LocalDP
+from .privacy import PrivacyBudget as PrivacyBudget
+from .privacy import privatize as privatize
 from .records import Downlink as Downlink
 from .records import RoundReport as RoundReport
 from .records import ServerState as ServerState
@@ -79,8 +86,11 @@ from .round import Algorithm as Algorithm
 from .round import ClientError as ClientError
 from .round import ClientInput as ClientInput
 from .round import ClientTask as ClientTask
+from .round import KeyedAggregate as KeyedAggregate
+from .round import PoissonSampler as PoissonSampler
 from .round import make_round as make_round
 from .round import on_server as on_server
+from .round import poisson_sampler as poisson_sampler
 from .round import run_round as run_round
 from .round import uniform_sampler as uniform_sampler
 from .run import RunConfig as RunConfig
@@ -97,9 +107,12 @@ from .stochastic import KeyedDropout as KeyedDropout
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accountant",
+    "AdaptiveClipping",
     "Aggregate",
     "Algorithm",
     "Callback",
+    "CentralDP",
     "CheckpointWriter",
     "ChunkError",
     "ClientData",
@@ -114,7 +127,9 @@ __all__ = [
     "GlobalRNGError",
     "GradientHook",
     "Key",
+    "KeyedAggregate",
     "KeyedDropout",
+    "LocalDP",
     "LocalResult",
     "LocalSGD",
     "LocalTraining",
@@ -125,6 +140,8 @@ __all__ = [
     "NonFiniteError",
     "OutputLockedError",
     "PerClientFallback",
+    "PoissonSampler",
+    "PrivacyBudget",
     "Processes",
     "ProximalTerm",
     "Ray",
@@ -166,6 +183,9 @@ __all__ = [
     "load_checkpoint",
     "make_round",
     "on_server",
+    "poisson_sampler",
+    "privacy",
+    "privatize",
     "read_metrics",
     "run_loop",
     "run_round",

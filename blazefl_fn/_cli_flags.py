@@ -12,6 +12,7 @@ from ._validators import documented_range
 from .run import (
     ALGORITHMS,
     DATASETS,
+    DP_MODES,
     EXECUTORS,
     MODELS,
     PARTITIONS,
@@ -219,6 +220,70 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         type=float,
         default=defaults.local_momentum,
         help="fednova: momentum of local SGD, in [0, 1)",
+    )
+    dp = run.add_argument_group(
+        "client-level differential privacy (needs the privacy extra: blazefl_fn[privacy])"
+    )
+    dp.add_argument(
+        "--dp",
+        choices=DP_MODES,
+        default=defaults.dp,
+        help="central: the server clips, sums and noises (DP-FedAvg); local: each client "
+        "clips and noises its own update",
+    )
+    dp.add_argument(
+        "--dp-clip",
+        type=float,
+        default=defaults.dp_clip,
+        metavar="C",
+        help="L2 clip norm of each client's update (the initial one with adaptive clipping)",
+    )
+    dp.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=defaults.dp_noise_multiplier,
+        metavar="Z",
+        help="noise standard deviation / clip norm",
+    )
+    dp.add_argument("--dp-delta", type=float, default=defaults.dp_delta, metavar="D")
+    dp.add_argument(
+        "--dp-target-epsilon",
+        type=float,
+        default=defaults.dp_target_epsilon,
+        metavar="E",
+        help="stop before the round that would spend more than this epsilon",
+    )
+    dp.add_argument(
+        "--dp-accountant",
+        choices=("rdp", "prv"),
+        default=defaults.dp_accountant,
+        help="Opacus accountant for the sampled Gaussian mechanism",
+    )
+    dp.add_argument(
+        "--dp-sampling",
+        choices=("poisson", "fixed"),
+        default=defaults.dp_sampling,
+        help="poisson (what the accountant assumes; K clients per round on average) or fixed "
+        "(exactly K; the accountant's bound is then an approximation)",
+    )
+    dp.add_argument(
+        "--dp-adaptive-quantile",
+        type=float,
+        default=defaults.dp_adaptive_quantile,
+        metavar="Q",
+        help="central: adapt the clip norm to this quantile of update norms (Andrew et al.)",
+    )
+    dp.add_argument(
+        "--dp-clip-lr",
+        type=float,
+        default=defaults.dp_clip_lr,
+        help="adaptive clipping: geometric learning rate of the clip norm",
+    )
+    dp.add_argument(
+        "--dp-count-noise",
+        type=float,
+        default=defaults.dp_count_noise,
+        help="adaptive clipping: noise std of the unclipped count (default: K / 20)",
     )
     kd = run.add_argument_group("distillation (dsfl, scarlet)")
     kd.add_argument(

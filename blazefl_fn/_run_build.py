@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -56,6 +56,7 @@ from .executors.vectorized import Vectorized
 from .keys import Key
 from .local import Distillation, LocalSGD
 from .models import cnn, logistic_regression, mlp
+from .privacy import Accountant, AdaptiveClipping, CentralDP, LocalDP, privatize
 from .reproducibility import ModelFactory
 from .round import Algorithm
 
@@ -213,6 +214,51 @@ def make_algorithm(
     Raises:
         ValueError: a distillation algorithm without ``data`` that has a public set.
     """
+    algorithm = _algorithm(config, model_fn, num_clients, data)
+    dp = privacy_mechanism(config)
+    if dp is None:
+        return algorithm
+    sampling: Literal["poisson", "fixed"] = (
+        "poisson" if config.dp_sampling == "poisson" else "fixed"
+    )
+    return privatize(
+        algorithm,
+        dp,
+        num_clients=num_clients,
+        clients_per_round=config.clients_per_round,
+        sampling=sampling,
+    )
+
+
+def privacy_mechanism(config: RunConfig) -> CentralDP | LocalDP | None:
+    """The DP mechanism ``config.dp`` names, or None."""
+    if config.dp is None:
+        return None
+    if config.dp == "local":
+        return LocalDP(config.dp_clip, config.dp_noise_multiplier)
+    adaptive = None
+    if config.dp_adaptive_quantile is not None:
+        adaptive = AdaptiveClipping(
+            config.dp_adaptive_quantile, config.dp_clip_lr, config.dp_count_noise
+        )
+    return CentralDP(config.dp_clip, config.dp_noise_multiplier, adaptive)
+
+
+def privacy_accountant(config: RunConfig, num_clients: int) -> Accountant | None:
+    """The accountant of ``config``'s DP (sampling rate ``clients_per_round / clients``)."""
+    dp = privacy_mechanism(config)
+    if dp is None:
+        return None
+    rate = config.clients_per_round / num_clients
+    return Accountant.for_dp(dp, rate, config.dp_delta, config.dp_accountant)
+
+
+def _algorithm(
+    config: RunConfig,
+    model_fn: ModelFactory,
+    num_clients: int,
+    data: FederatedDataset | None,
+) -> Algorithm[ClientData, Any]:
     local = LocalSGD(
         epochs=config.local_epochs,
         batch_size=config.batch_size,
@@ -227,7 +273,7 @@ def make_algorithm(
     name = config.algorithm
     if name in DISTILLATION:
         return _distillation_algorithm(config, model_fn, data, common)
-    if name == "fedavg" and config.clip_norm is None:
+    if name == "fedavg" and config.clip_norm is None and config.dp is None:
         return fedavg(model_fn, **common)
     if name == "scaffold":
         lr = config.server_lr if config.server_lr is not None else DEFAULT_SERVER_LR[name]

@@ -48,6 +48,12 @@ EXECUTORS = ("sequential", "threads", "processes", "ray", "vectorized")
 """The executor names `RunConfig` and ``--executor`` accept."""
 MODELS = ("auto", "logreg", "mlp", "cnn")
 """The model names `RunConfig` and ``--model`` accept (``auto`` picks one per dataset)."""
+DP_MODES = ("central", "local")
+"""Client-level differential privacy (``--dp``): the server noises the sum, or each client."""
+DP_CENTRAL = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+"""Algorithms central DP applies to: the FedAvg family with the (private) mean."""
+DP_LOCAL = (*DP_CENTRAL, "fedmedian", "trimmed-mean", "krum")
+"""Algorithms local DP applies to: any aggregator is post-processing of noised updates."""
 
 # Upper bounds of the numeric settings (the CLI's --help and docs/cli.md show them): far above
 # any real run, low enough that a typo (2147483648 clients) fails at parse time, not hours in.
@@ -192,6 +198,28 @@ class RunConfig:
     kd_epochs: int = attrs.field(default=1, validator=int_at_least(1, _EPOCHS))
     kd_batch_size: int = attrs.field(default=100, validator=int_at_least(1, _COUNT))
     kd_lr: float = attrs.field(default=0.1, validator=finite_number(positive=True, high=_RATE))
+    dp: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(one_of(DP_MODES))
+    )
+    dp_clip: float = attrs.field(default=1.0, validator=finite_number(positive=True, high=1e12))
+    dp_noise_multiplier: float = attrs.field(
+        default=1.0, converter=plus_zero, validator=finite_number(positive=False, high=1e6)
+    )
+    dp_delta: float = attrs.field(default=1e-5, validator=finite_number(positive=True, below=1))
+    dp_target_epsilon: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1e6))
+    )
+    dp_accountant: str = attrs.field(default="rdp", validator=one_of(("rdp", "prv")))
+    dp_sampling: str = attrs.field(default="poisson", validator=one_of(("poisson", "fixed")))
+    dp_adaptive_quantile: float | None = attrs.field(
+        default=None,
+        converter=attrs.converters.optional(plus_zero),
+        validator=attrs.validators.optional(finite_number(positive=False, high=1)),
+    )
+    dp_clip_lr: float = attrs.field(default=0.2, validator=finite_number(positive=True, high=100))
+    dp_count_noise: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1e9))
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.clients_per_round > self.clients:
@@ -261,8 +289,41 @@ class RunConfig:
             )
         if self.executor == "vectorized" and "," in self.device:
             raise ValueError(f"the vectorized executor trains on one device, got {self.device!r}")
+        self._check_dp()
         if self.augment and not self.dataset.startswith("cifar"):
             raise ValueError(
                 f"augment (random crop + horizontal flip) applies to cifar10 and cifar100, "
                 f"not to {self.dataset!r}"
             )
+
+    def _check_dp(self) -> None:
+        defaults = {f.name: f.default for f in attrs.fields(RunConfig) if f.name.startswith("dp_")}
+        if self.dp is None:
+            changed = [n for n, d in defaults.items() if getattr(self, n) != d]
+            if changed:
+                raise ValueError(
+                    f"{changed[0]} applies with dp ('central' or 'local'), which is unset"
+                )
+            return
+        allowed = DP_CENTRAL if self.dp == "central" else DP_LOCAL
+        if self.algorithm not in allowed:
+            raise ValueError(
+                f"{self.dp} DP applies to {', '.join(allowed)}; not to {self.algorithm}"
+            )
+        if self.clip_norm is not None:
+            raise ValueError("dp clips updates itself (dp_clip); clip_norm does not apply with it")
+        adaptive = ("dp_adaptive_quantile", "dp_clip_lr", "dp_count_noise")
+        if self.dp == "local" and any(getattr(self, n) != defaults[n] for n in adaptive):
+            raise ValueError("adaptive clipping (dp_adaptive_quantile ...) is central DP's")
+        if self.dp_adaptive_quantile is None and any(
+            getattr(self, n) != defaults[n] for n in adaptive[1:]
+        ):
+            raise ValueError("dp_clip_lr and dp_count_noise apply with dp_adaptive_quantile")
+        if self.dp_adaptive_quantile is not None and self.dp_noise_multiplier > 0:
+            sigma_b = self.dp_count_noise or self.clients_per_round / 20
+            if 2 * sigma_b <= self.dp_noise_multiplier:
+                raise ValueError(
+                    f"adaptive clipping's count noise (dp_count_noise {sigma_b:g}, default "
+                    "clients_per_round / 20) must exceed dp_noise_multiplier / 2 = "
+                    f"{self.dp_noise_multiplier / 2:g}, which it spends part of"
+                )

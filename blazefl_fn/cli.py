@@ -222,13 +222,18 @@ def _run_locked(args: argparse.Namespace, config: RunConfig, callbacks: list[Cal
         "bytes_up": sum(r.bytes_up for r in result.reports),
         "bytes_down": sum(r.bytes_down for r in result.reports),
         "skipped_clients": sum(len(r.skipped) for r in result.reports),
+        "privacy": None if result.privacy is None else dict(result.privacy),
+        "stop_reason": result.stop_reason,
     }
     if args.json:
         # Strict JSON: a NaN or an infinity (e.g. the loss of an empty test set) is null.
         print(json.dumps(json_safe(summary), allow_nan=False))
     else:
+        if result.stop_reason is not None:
+            print(f"privacy budget: {result.stop_reason}")
+        spent = "" if result.privacy is None else f"  epsilon {result.privacy['epsilon']:.4g}"
         print(
-            f"final accuracy {result.accuracy:.4f}  loss {result.loss:.4f}"
+            f"final accuracy {result.accuracy:.4f}  loss {result.loss:.4f}{spent}"
             f"  params_sha256 {result.params_sha256}  wall {result.wall_seconds:.1f}s"
         )
     return 0

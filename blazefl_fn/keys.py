@@ -18,8 +18,11 @@ code, so it is stable across library versions too.
 
 from __future__ import annotations
 
+import fractions
 import hashlib
+import math
 from collections.abc import Iterator
+from typing import cast
 
 import attrs
 import numpy as np
@@ -148,6 +151,39 @@ class Key:
             out.append(swapped.get(j, j))
             swapped[j] = swapped.get(i, i)
         return tuple(out)
+
+    def bernoulli(self, n: int, rate: float) -> tuple[int, ...]:
+        """The integers ``i`` in ``range(n)`` kept independently with probability ``rate``.
+
+        Integer ``i`` is kept when the ``i``-th word of `words` is below
+        ``floor(rate * 2**64)``: exact, and the same on every platform. Costs O(n) (hashed in
+        bulk, about 0.1 s per million); this is Poisson sampling, as DP accountants assume.
+
+        Raises:
+            ValueError: ``n`` is negative or ``rate`` is not a number in ``[0, 1]``.
+
+        Examples:
+            >>> Key.from_seed(0).bernoulli(10, 0.0), Key.from_seed(0).bernoulli(3, 1.0)
+            ((), (0, 1, 2))
+        """
+        n = _check_int(n, "n", 0, _U64)
+        value = cast(object, rate)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0.0 <= rate <= 1.0  # also refuses NaN
+        ):
+            raise ValueError(f"rate must be a number in [0, 1], got {rate!r}")
+        if rate == 1.0:
+            return tuple(range(n))
+        threshold = math.floor(fractions.Fraction(rate) * _U64)
+        blocks = -(-n // 8)
+        raw = b"".join(
+            _hash(b"stream" + self.bits + counter.to_bytes(8, "little"), digest_size=64)
+            for counter in range(blocks)
+        )
+        words = np.frombuffer(raw, dtype="<u8")[:n]
+        return tuple(int(i) for i in np.flatnonzero(words < np.uint64(threshold)))
 
     def __repr__(self) -> str:
         return f"Key(0x{self.bits.hex()})"

@@ -11,6 +11,9 @@ A record::
      "eval": {"accuracy": 0.93, "loss": 0.22} or null, "bytes_up": ..., "bytes_down": ...,
      "seconds": 0.84, "wall": 2.51}
 
+A private run (`blazefl_fn.privacy`) adds ``"privacy": {"epsilon": 2.13, "delta": 1e-05}``,
+the budget spent after that round (``epsilon`` null when no noise is added).
+
 ``round`` counts completed rounds (1 for the first), ``seconds`` is the round's own time and
 ``wall`` the time since the (possibly resumed) run began.
 """
@@ -121,6 +124,8 @@ class MetricsLog(Callback):
             "skipped": list(report.skipped),
             "wall": round(event.elapsed, 6),
         }
+        if event.privacy is not None:
+            record["privacy"] = _metrics(event.privacy)
         if self.numerics:
             record["numerics"] = self.numerics
         self._file.write(json.dumps(record) + "\n")

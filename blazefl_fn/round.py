@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, Literal
+from typing import Any, ClassVar, Generic, Literal, Protocol, cast, runtime_checkable
 
 import attrs
 import torch
@@ -40,9 +40,12 @@ __all__ = [
     "ClientError",
     "ClientInput",
     "ClientTask",
+    "KeyedAggregate",
+    "PoissonSampler",
     "RoundFn",
     "make_round",
     "on_server",
+    "poisson_sampler",
     "run_round",
     "uniform_sampler",
 ]
@@ -74,6 +77,23 @@ class ClientInput:
 Dispatch = Callable[[ServerState[A], Sequence[int]], Sequence[ClientInput]]
 
 
+@runtime_checkable
+class KeyedAggregate(Protocol[A]):
+    """An aggregate stage that draws randomness (DP-FedAvg's noise): `run_round` calls
+    ``with_key`` instead of ``__call__``, with the round's server key
+    ``round_key.fold_in("aggregate")``."""
+
+    def __call__(self, state: ServerState[A], uplinks: Sequence[Uplink]) -> ServerState[A]:
+        """The next state; may refuse to run without a key."""
+        ...
+
+    def with_key(
+        self, state: ServerState[A], uplinks: Sequence[Uplink], key: Key
+    ) -> ServerState[A]:
+        """The next state, drawing from ``key`` only."""
+        ...
+
+
 @attrs.frozen
 class Algorithm(Generic[Data, A]):
     """An FL algorithm as pure stages; `run_round` wires them together.
@@ -85,11 +105,13 @@ class Algorithm(Generic[Data, A]):
     Attributes:
         name: a short identifier, e.g. ``"fedavg"``.
         init: the initial server state, from a key.
-        sample: the client ids taking part in a round, from the state and the sampling key.
+        sample: the client ids taking part in a round, from the state and the sampling key;
+            none only from a sampler with ``allows_empty = True`` (`PoissonSampler`).
         broadcast: the downlink every sampled client receives.
         client_update: one client's work, from the downlink, its data and its `ClientTask`
             (id, round, key); run by an executor, so it must touch nothing but its arguments.
-        aggregate: the next state from the uplinks, given in ascending client-id order.
+        aggregate: the next state from the uplinks, given in ascending client-id order; a
+            `KeyedAggregate` (one with ``with_key``) also gets the round's server key.
         dispatch: optional; each sampled client's own `ClientInput` (its message and stored
             state), given the ids in ascending order. Algorithms whose clients keep state
             between rounds (DS-FL's local models, SCARLET's caches) keep it in the server
@@ -146,8 +168,55 @@ def uniform_sampler(num_clients: int, clients_per_round: int) -> Sampler:
     return sample
 
 
-def _check_ids(ids: Sequence[int], num_clients: int) -> tuple[int, ...]:
+@attrs.frozen
+class PoissonSampler:
+    """Poisson sampling: every client takes part independently with probability ``rate``.
+
+    The number of clients varies from round to round and may be zero (the round then runs
+    with no client: the aggregate sees no uplink). This is the sampling DP accountants assume
+    for the sampled Gaussian mechanism (`blazefl_fn.privacy`). Costs O(num_clients) per round
+    (`Key.bernoulli`).
+    """
+
+    num_clients: int
+    rate: float
+    allows_empty: ClassVar[bool] = True
+
+    def __call__(self, _state: ServerState, key: Key) -> tuple[int, ...]:
+        return key.bernoulli(self.num_clients, self.rate)
+
+    @property
+    def expected_clients(self) -> float:
+        """The mean number of clients per round, ``rate * num_clients``."""
+        return self.rate * self.num_clients
+
+
+def poisson_sampler(num_clients: int, rate: float) -> PoissonSampler:
+    """A `PoissonSampler` over ``num_clients`` clients.
+
+    Raises:
+        ValueError: ``num_clients < 1`` or ``rate`` not in ``(0, 1]``.
+
+    Examples:
+        >>> from blazefl_fn.records import ServerState
+        >>> sample = poisson_sampler(1000, 0.01)
+        >>> 0 < len(sample(ServerState(params={}), Key.from_seed(0))) < 30
+        True
+    """
+    count, value = cast(object, num_clients), cast(object, rate)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
+        raise ValueError(f"the sampling rate must be a number in (0, 1], got {rate!r}")
+    return PoissonSampler(num_clients, float(rate))
+
+
+def _check_ids(
+    ids: Sequence[int], num_clients: int, *, allow_empty: bool = False
+) -> tuple[int, ...]:
     ordered = tuple(sorted(ids))
+    if not ordered and allow_empty:
+        return ordered
     if not ordered:
         raise ValueError("the sampler returned no clients")
     if len(set(ordered)) != len(ordered):
@@ -158,6 +227,8 @@ def _check_ids(ids: Sequence[int], num_clients: int) -> tuple[int, ...]:
 
 
 def _mean_metrics(uplinks: Sequence[Uplink]) -> dict[str, float]:
+    if not uplinks:
+        return {}
     names = set(uplinks[0].metrics).intersection(*(u.metrics for u in uplinks[1:]))
     total = sum(u.num_examples for u in uplinks)
     out: dict[str, float] = {}
@@ -242,7 +313,11 @@ def run_round(
     # executor); on the CPU this does nothing.
     with cuda_determinism(any(t.is_cuda for t in state.params.values())):
         start = time.perf_counter()
-        ids = _check_ids(algorithm.sample(state, key.fold_in("sample")), len(clients))
+        ids = _check_ids(
+            algorithm.sample(state, key.fold_in("sample")),
+            len(clients),
+            allow_empty=getattr(algorithm.sample, "allows_empty", False) is True,
+        )
         downlink = algorithm.broadcast(state)
         inputs = _client_inputs(algorithm, state, ids)
         tasks = [
@@ -250,10 +325,15 @@ def run_round(
             for cid, given in zip(ids, inputs, strict=True)
         ]
         job = ClientJob(_context(algorithm, clients), downlink)
-        sent = executor.map(job, tasks)
+        sent = executor.map(job, tasks) if tasks else []
         _check_kept(algorithm, sent, state.round)
         uplinks, skipped = _screen(algorithm, sent, state.round)
-        new_state = algorithm.aggregate(state, uplinks)
+        aggregate = algorithm.aggregate
+        if isinstance(aggregate, KeyedAggregate):
+            keyed = cast(KeyedAggregate[A], aggregate)
+            new_state = keyed.with_key(state, uplinks, key.fold_in("aggregate"))
+        else:
+            new_state = aggregate(state, uplinks)
         diverged = nonfinite(new_state.params)
         if diverged:
             raise NonFiniteError(state.round, server=diverged)

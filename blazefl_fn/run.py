@@ -25,6 +25,7 @@ from ._run_build import (
     make_algorithm,
     make_executor,
     model_factory,
+    privacy_accountant,
     split,
     train_transform,
 )
@@ -33,6 +34,9 @@ from ._run_config import (
     DATASETS,
     DEFAULT_SERVER_LR,
     DISTILLATION,
+    DP_CENTRAL,
+    DP_LOCAL,
+    DP_MODES,
     EXECUTORS,
     MODELS,
     PARTITIONS,
@@ -44,6 +48,7 @@ from .data.datasets import ClientData, TensorDataset
 from .devices import check_device, cuda_determinism, parse_devices, to_device, uses_cuda
 from .keys import Key
 from .local import evaluate, evaluate_clients
+from .privacy import PrivacyBudget
 from .records import RoundReport, ServerState
 from .reproducibility import build_module, intra_op_threads
 from .round import A, RoundFn, make_round, on_server
@@ -55,6 +60,9 @@ __all__ = [
     "DATASETS",
     "DEFAULT_SERVER_LR",
     "DISTILLATION",
+    "DP_CENTRAL",
+    "DP_LOCAL",
+    "DP_MODES",
     "EXECUTORS",
     "MODELS",
     "PARTITIONS",
@@ -91,6 +99,10 @@ class RunResult:
     metrics: Mapping[str, float] = attrs.field(factory=dict[str, float])
     stopped_early: bool = False
     numerics: Mapping[str, object] = attrs.field(factory=dict[str, object])
+    privacy: Mapping[str, float] | None = None
+    """A private run's spent budget after its last round (``epsilon``, ``delta``), else None."""
+    stop_reason: str | None = None
+    """Why the run ended before ``rounds`` for its privacy budget (names the round), or None."""
 
 
 def run_rounds(
@@ -152,6 +164,10 @@ RESUMABLE_CHANGES = frozenset(
         # The completed rounds skipped no client (a non-finite update would have failed them),
         # so the policy may be turned on for the rest of the run.
         "skip_nonfinite",
+        # Accounting only: how the spent budget is computed and when the run stops.
+        "dp_target_epsilon",
+        "dp_accountant",
+        "dp_delta",
     }
 )
 """Settings a checkpoint may be resumed with different values of: how a run is executed or
@@ -182,10 +198,15 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
-    missing = sorted(known - set(values))
+    missing = sorted(known - set(values) - _ADDED_FIELDS)
     if missing:
         raise ValueError(f"config fields {missing} are missing")
     return RunConfig(**values)
+
+
+_ADDED_FIELDS = frozenset(f.name for f in attrs.fields(RunConfig) if f.name.startswith("dp"))
+"""Fields added after checkpoint format 2 was written; a stored config without them predates
+them and had them off, so `config_from_dict` takes their defaults (DP off)."""
 
 
 def check_resumable(stored: RunConfig, requested: RunConfig) -> None:
@@ -321,6 +342,12 @@ def _simulate(
     early_stop = (
         None if config.target_accuracy is None else EarlyStop("accuracy", config.target_accuracy)
     )
+    accountant = privacy_accountant(config, len(data.clients))
+    budget = None
+    if accountant is not None:
+        accountant.epsilon(state.round + 1)  # fails now, not after a round, without Opacus
+        if config.dp_target_epsilon is not None:
+            budget = PrivacyBudget(accountant, config.dp_target_epsilon)
     with make_executor(config) as executor:
         loop = run_loop(
             make_round(algorithm, data.clients, executor),
@@ -331,6 +358,8 @@ def _simulate(
             eval_every=config.eval_every,
             callbacks=observers,
             early_stop=early_stop,
+            account=None if accountant is None else accountant.spent,
+            stop_before=None if budget is None else budget.stop_before,
         )
     return RunResult(
         state=loop.state,
@@ -342,4 +371,6 @@ def _simulate(
         metrics=dict(loop.metrics),
         stopped_early=loop.stopped_early,
         numerics=portable.numerics(),
+        privacy=None if accountant is None else accountant.spent(loop.state),
+        stop_reason=loop.stop_reason,
     )

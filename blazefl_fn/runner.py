@@ -38,12 +38,15 @@ class RoundEvent:
         report: the round's report.
         metrics: evaluation metrics of ``state`` when this round was evaluated, else None.
         elapsed: seconds since the loop began.
+        privacy: what the run has spent after this round (``{"epsilon": ..., "delta": ...}``,
+            from `run_loop`'s ``account``), or None.
     """
 
     state: ServerState
     report: RoundReport
     metrics: Mapping[str, float] | None
     elapsed: float
+    privacy: Mapping[str, float] | None = None
 
 
 class Callback:
@@ -111,12 +114,15 @@ class LoopResult(Generic[A_co]):
         reports: the reports of the rounds this loop ran (not those before a resume).
         metrics: the last evaluation's metrics (empty if nothing was evaluated).
         stopped_early: the `EarlyStop` target was reached before ``rounds``.
+        stop_reason: why ``stop_before`` ended the loop before ``rounds`` (e.g. a privacy
+            budget), or None.
     """
 
     state: ServerState[A_co]
     reports: tuple[RoundReport, ...]
     metrics: Mapping[str, float]
     stopped_early: bool
+    stop_reason: str | None = None
 
 
 def run_loop(
@@ -129,6 +135,8 @@ def run_loop(
     eval_every: int = 1,
     callbacks: Sequence[Callback] = (),
     early_stop: EarlyStop | None = None,
+    account: Callable[[ServerState], Mapping[str, float]] | None = None,
+    stop_before: Callable[[ServerState], str | None] | None = None,
 ) -> LoopResult[A]:
     """Run rounds until ``state.round == rounds``, evaluating every ``eval_every`` rounds.
 
@@ -145,6 +153,11 @@ def run_loop(
         eval_every: evaluate every this many rounds (>= 1).
         callbacks: observers, called in order.
         early_stop: stop after an evaluation that reaches its target.
+        account: what a state has spent (`blazefl_fn.privacy.Accountant.spent`), given to
+            callbacks after every round as `RoundEvent.privacy`.
+        stop_before: checked before every round: a reason (a str) ends the loop without
+            running that round (`blazefl_fn.privacy.PrivacyBudget.stop_before`); the result
+            keeps it as `LoopResult.stop_reason`, and callbacks see a normal end.
 
     Raises:
         ValueError: ``rounds < state.round``, ``eval_every < 1``, or an ``early_stop`` without
@@ -176,18 +189,25 @@ def run_loop(
     reports: list[RoundReport] = []
     metrics: Mapping[str, float] = {}
     stopped = False
+    reason: str | None = None
     if state.round == rounds and evaluate is not None:
         metrics = evaluate(state)
     # The last state every callback has seen: what an interrupt hands over for saving.
     observed = state
     try:
         while state.round < rounds:
+            reason = None if stop_before is None else stop_before(state)
+            if reason is not None:
+                if evaluate is not None and (not reports or state.round % eval_every != 0):
+                    metrics = evaluate(state)  # the final state, as after the last round
+                break
             state, report = round_fn(state, run_key.fold_in(state.round))
             reports.append(report)
             evaluated: Mapping[str, float] | None = None
             if evaluate is not None and (state.round % eval_every == 0 or state.round == rounds):
                 evaluated = metrics = evaluate(state)
-            event = RoundEvent(state, report, evaluated, time.perf_counter() - start)
+            spent = None if account is None else account(state)
+            event = RoundEvent(state, report, evaluated, time.perf_counter() - start, spent)
             for callback in callbacks:
                 callback.on_round_end(event)
             observed = state
@@ -198,7 +218,7 @@ def run_loop(
         for callback in callbacks:
             callback.on_interrupt(observed)
         raise
-    result = LoopResult(state, tuple(reports), metrics, stopped)
+    result = LoopResult(state, tuple(reports), metrics, stopped, reason)
     for callback in callbacks:
         callback.on_end(result)
     return result

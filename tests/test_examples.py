@@ -71,3 +71,24 @@ def test_scaffold_from_stages_is_the_shipped_scaffold(capsys: pytest.CaptureFixt
     digests = example.main(["--rounds", "4"])
     assert digests["my-scaffold"] == digests["fl.scaffold"]
     assert "params_sha256" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(MNIST is None, reason=f"MNIST not found at {mnist_search_path()}")
+def test_dp_mnist_example_reports_the_accountants_epsilon_per_noise_level(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("opacus.accountants")
+    from blazefl_fn.privacy import Accountant
+
+    example = _load("dp_mnist")
+    out = tmp_path / "table.md"
+    rows = example.main(
+        ["--data-dir", str(MNIST), "--rounds", "3", "--clients", "200", "--clients-per-round",
+         "20", "--noise", "0.8", "3", "--executor", "sequential", "--markdown", str(out)]
+    )  # fmt: skip
+    assert list(rows) == ["no DP", "z=0.8", "z=3"]
+    assert rows["no DP"]["epsilon"] is None
+    for z in (0.8, 3.0):
+        assert rows[f"z={z:g}"]["epsilon"] == Accountant(z, 0.1, 1e-5).epsilon(3)
+    assert rows["z=3"]["epsilon"] < rows["z=0.8"]["epsilon"]
+    assert out.read_text(encoding="utf-8").strip() == capsys.readouterr().out.strip()

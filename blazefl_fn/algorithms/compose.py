@@ -30,11 +30,13 @@ as parameters (the behaviour before this policy).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
 import attrs
 
+from .._dp import CentralDP, DPState, private_mean_delta
 from ..aggregators import Aggregator, clip_by_norm, krum, mean, median, trimmed_mean
 from ..data.datasets import ClientData
 from ..keys import Key
@@ -76,11 +78,14 @@ class _Init:
     model_fn: ModelFactory
     server: ServerTransform[Any] | None
     trainable: tuple[str, ...] | None = None
+    privacy: CentralDP | None = None
 
     def __call__(self, key: Key) -> ServerState:
         params = from_module(build_module(self.model_fn, key))
         stepped = params if self.trainable is None else select(params, self.trainable)
         aux: object = {} if self.server is None else self.server.init(stepped)
+        if self.privacy is not None:
+            aux = DPState(server=aux, clip_norm=self.privacy.clip_norm)
         return ServerState(params=params, aux=aux)
 
 
@@ -99,8 +104,15 @@ class Aggregate:
             is treated as a parameter.
         trainable: the names of the trainable parameters (`compose` fills it in from the
             model); None treats every entry as a parameter.
+        privacy: central DP (`blazefl_fn.privacy.privatize` sets it): each client's delta
+            is clipped to the current clip norm, the sum is noised from the round's server
+            key and divided by ``expected_clients``, unweighted; the state's ``aux`` is then a
+            `DPState`. Needs the ``mean`` aggregator and no clipping of its own.
+        expected_clients: the fixed denominator of the private mean (the sampler's expected
+            clients per round).
 
-    If every sampled client has zero examples, the state only advances its round.
+    Without ``privacy``, if every sampled client has zero examples, the state only advances
+    its round.
     """
 
     aggregator: Aggregator = mean
@@ -110,12 +122,45 @@ class Aggregate:
         default="aggregate", validator=attrs.validators.in_(("aggregate", "with_params"))
     )
     trainable: tuple[str, ...] | None = None
+    privacy: CentralDP | None = None
+    expected_clients: float | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.privacy is None:
+            return
+        if self.aggregator is not mean or self.clip_norm is not None:
+            raise ValueError(
+                "central DP averages clipped updates itself: it needs the mean aggregator and "
+                f"no clip_norm of the aggregate (got {self.aggregator!r}, "
+                f"clip_norm={self.clip_norm!r})"
+            )
+        expected = self.expected_clients
+        if expected is None or not (math.isfinite(expected) and expected > 0):
+            raise ValueError(
+                f"central DP needs the expected clients per round (> 0), got {expected!r}"
+            )
 
     def stepped_names(self) -> tuple[str, ...] | None:
         """The entries clipping, aggregation and the server step act on (None: all)."""
         return self.trainable if self.buffers == "aggregate" else None
 
     def __call__(self, state: ServerState, uplinks: Sequence[Uplink]) -> ServerState:
+        """The next state (refused with ``privacy``: its noise needs the round's key)."""
+        if self.privacy is not None:
+            raise TypeError(
+                "a central-DP aggregate draws noise: call with_key(state, uplinks, key) "
+                "(run_round does)"
+            )
+        return self.with_key(state, uplinks, None)
+
+    def with_key(
+        self, state: ServerState, uplinks: Sequence[Uplink], key: Key | None
+    ) -> ServerState:
+        """The next state; ``key`` draws central DP's noise (unused without ``privacy``)."""
+        if self.privacy is not None:
+            if key is None:
+                raise TypeError("a central-DP aggregate needs the round's key")
+            return self._private(state, uplinks, self.privacy, key)
         weights = [u.num_examples for u in uplinks]
         if sum(weights) == 0:
             return attrs.evolve(state, round=state.round + 1)
@@ -135,6 +180,27 @@ class Aggregate:
         if names is not None:
             aggregated = merge_buffers(aggregated, state.params, full, weights, self.aggregator)
         return ServerState(params=aggregated, round=state.round + 1, aux=aux)
+
+    def _private(
+        self, state: ServerState, uplinks: Sequence[Uplink], dp: CentralDP, key: Key
+    ) -> ServerState:
+        aux = state.aux
+        if not isinstance(aux, DPState):
+            raise TypeError(f"a central-DP aggregate needs a DPState aux, got {type(aux).__name__}")
+        dp_state = cast(DPState[Any], aux)
+        names = self.stepped_names()
+        current = state.params if names is None else select(state.params, names)
+        trees = [u.params if names is None else select(u.params, names) for u in uplinks]
+        expected = cast(float, self.expected_clients)
+        delta, next_clip = private_mean_delta(current, trees, dp, dp_state.clip_norm, expected, key)
+        server_aux = dp_state.server
+        if self.server is None:
+            stepped = apply_updates(current, delta)
+        else:
+            update, server_aux = self.server.update(delta, server_aux, current)
+            stepped = apply_updates(current, update)
+        params = {name: stepped.get(name, t) for name, t in state.params.items()}
+        return ServerState(params=params, round=state.round + 1, aux=DPState(server_aux, next_clip))
 
 
 def compose(
@@ -166,7 +232,7 @@ def compose(
         aggregate = attrs.evolve(aggregate, trainable=trainable_names(template, aliases=True))
     return Algorithm(
         name=name,
-        init=_Init(model_fn, aggregate.server, aggregate.stepped_names()),
+        init=_Init(model_fn, aggregate.server, aggregate.stepped_names(), aggregate.privacy),
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=broadcast_params,
         client_update=LocalSGDUpdate(template, local),

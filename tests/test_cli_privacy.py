@@ -1,0 +1,76 @@
+"""`blazefl-fn run --dp ...` as a user runs it: the spent budget in the output and the log,
+the budget stop, and one-line errors for bad values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blazefl_fn.metrics_log import read_metrics
+from blazefl_fn.privacy import Accountant
+
+pytest.importorskip("opacus.accountants")
+
+QUICK = ["--clients", "12", "--clients-per-round", "4", "--rounds", "3", "--quiet"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blazefl_fn", "run", *QUICK, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_json_and_metrics_log_report_the_epsilon_of_every_round(tmp_path: Path) -> None:
+    log = tmp_path / "m.jsonl"
+    done = _run("--dp", "central", "--dp-noise-multiplier", "1.2", "--json", "--metrics", str(log))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    acc = Accountant(1.2, 4 / 12, 1e-5)
+    assert result["privacy"] == {"epsilon": acc.epsilon(3), "delta": 1e-5}
+    assert result["stop_reason"] is None
+    assert [r["privacy"]["epsilon"] for r in read_metrics(log)] == [
+        acc.epsilon(t) for t in (1, 2, 3)
+    ]
+
+
+def test_the_budget_stop_names_the_round_and_exits_0() -> None:
+    acc = Accountant(1.0, 4 / 12, 1e-5, "prv")
+    target = (acc.epsilon(2) + acc.epsilon(3)) / 2  # round 3 would exceed it
+    done = _run("--rounds", "10", "--dp", "central", "--dp-accountant", "prv",
+                "--dp-target-epsilon", repr(target))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("privacy budget: stopped before round 3: it would spend epsilon=")
+    assert f"epsilon {acc.epsilon(2):.4g}" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dp", "central", "--dp-noise-multiplier", "-1"], "dp_noise_multiplier must be"),
+        (["--dp", "central", "--dp-clip", "0"], "dp_clip must be a finite number in (0,"),
+        (["--dp", "central", "--dp-delta", "1"], "dp_delta must be a finite number in (0, 1)"),
+        (["--dp", "central", "--dp-delta", "0"], "dp_delta must be"),
+        (["--dp", "local", "--dp-target-epsilon", "0"], "dp_target_epsilon must be"),
+        (["--dp", "central", "--dp-target-epsilon", "nan"], "dp_target_epsilon must be"),
+        (["--dp-clip", "2"], "dp_clip applies with dp"),
+        (["--dp", "central", "--algorithm", "scaffold"], "central DP applies to"),
+        (["--dp", "central", "--clip-norm", "1"], "clip_norm does not apply"),
+        (["--dp", "local", "--dp-adaptive-quantile", "0.5"], "central DP's"),
+        (["--dp", "central", "--dp-adaptive-quantile", "0.5"], "count noise"),
+        (["--dp", "laplace"], "invalid choice"),
+    ],
+)
+def test_bad_privacy_flags_exit_2_in_one_line(flags: list[str], message: str) -> None:
+    done = _run(*flags)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert message in done.stderr

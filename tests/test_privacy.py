@@ -1,0 +1,369 @@
+"""Client-level DP: the noise's law and placement, clipping's bound, the accountant against
+Opacus, the budget stop, and one digest across executors and resume."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blazefl_fn.aggregators import clip_by_norm, global_norm
+from blazefl_fn.algorithms.compose import Aggregate, compose
+from blazefl_fn.algorithms.fedavg import fedavg
+from blazefl_fn.data.datasets import ClientData, TensorDataset
+from blazefl_fn.jobs import ClientTask, VectorizedUpdate
+from blazefl_fn.keys import Key
+from blazefl_fn.local import LocalSGD
+from blazefl_fn.metrics_log import MetricsLog, read_metrics
+from blazefl_fn.models import logistic_regression
+from blazefl_fn.privacy import (
+    Accountant,
+    AdaptiveClipping,
+    CentralDP,
+    DPState,
+    LocalDP,
+    PrivacyBudget,
+    privatize,
+)
+from blazefl_fn.records import Downlink, ServerState, Uplink
+from blazefl_fn.round import poisson_sampler
+from blazefl_fn.run import RunConfig, config_dict, config_from_dict, simulate
+
+opacus_accountants = pytest.importorskip("opacus.accountants")
+
+SMALL = {"clients": 12, "clients_per_round": 4, "rounds": 4}
+MODEL = functools.partial(logistic_regression, (6,), 3)
+
+
+def _normal_cdf(x: float, std: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / (std * math.sqrt(2.0))))
+
+
+def _ks_statistic(values: torch.Tensor, std: float) -> float:
+    xs = sorted(values.tolist())
+    n = len(xs)
+    return max(
+        max(abs(_normal_cdf(x, std) - i / n), abs(_normal_cdf(x, std) - (i + 1) / n))
+        for i, x in enumerate(xs)
+    )
+
+
+def _private_aggregate(dp: CentralDP, expected: float) -> Aggregate:
+    return Aggregate(privacy=dp, expected_clients=expected)
+
+
+def _state(params: dict[str, torch.Tensor], clip: float) -> ServerState[DPState[Any]]:
+    return ServerState(params=params, aux=DPState(server={}, clip_norm=clip))
+
+
+def _uplink(cid: int, params: dict[str, torch.Tensor], n: int = 5) -> Uplink:
+    return Uplink(client_id=cid, num_examples=n, params=params)
+
+
+# -- Poisson sampling ---------------------------------------------------------------------------
+
+
+def test_bernoulli_keeps_exactly_the_words_below_the_threshold() -> None:
+    key = Key.from_seed(7)
+    words = list(itertools.islice(key.words(), 2000))
+    threshold = math.floor(0.37 * 2**64)
+    assert key.bernoulli(2000, 0.37) == tuple(i for i, w in enumerate(words) if w < threshold)
+    assert key.bernoulli(5, 1.0) == (0, 1, 2, 3, 4)
+    assert key.bernoulli(5, 0.0) == ()
+    for bad in (-0.1, 1.5, math.nan, True):
+        with pytest.raises(ValueError, match="rate must be a number in"):
+            key.bernoulli(5, bad)
+
+
+def test_poisson_sampler_rate_and_refusals() -> None:
+    sample = poisson_sampler(1000, 0.05)
+    counts = [len(sample(ServerState(params={}), Key.from_seed(0).fold_in(t))) for t in range(200)]
+    assert abs(sum(counts) / len(counts) - 50) < 2.5  # mean of 200 rounds: sd ~0.49
+    assert len(set(counts)) > 5  # the size varies, unlike fixed-size sampling
+    with pytest.raises(ValueError, match=r"in \(0, 1\], got 0"):
+        poisson_sampler(10, 0)
+    with pytest.raises(ValueError, match="num_clients"):
+        poisson_sampler(0, 0.5)
+
+
+# -- central DP: the noise ----------------------------------------------------------------------
+
+
+def test_central_noise_is_gaussian_with_std_z_times_c_over_the_denominator() -> None:
+    n = 20000
+    params = {"w": torch.zeros(n, dtype=torch.float64)}
+    dp = CentralDP(clip_norm=2.0, noise_multiplier=1.5)
+    agg = _private_aggregate(dp, expected=1.0)
+    out = agg.with_key(_state(params, 2.0), [], Key.from_seed(3))
+    noise = out.params["w"]
+    assert abs(float(noise.mean())) < 4 * 3.0 / math.sqrt(n)
+    assert abs(float(noise.std()) - 3.0) < 0.05
+    # Kolmogorov-Smirnov against N(0, 3^2) at the 1% level (critical value 1.628 / sqrt(n)).
+    assert _ks_statistic(noise, 3.0) < 1.628 / math.sqrt(n)
+    assert out.round == 1
+
+
+def test_central_noise_is_added_once_to_the_sum_as_the_formula_says() -> None:
+    g = torch.Generator().manual_seed(0)
+    current = {"w": torch.randn(50, generator=g), "b": torch.randn(3, generator=g)}
+    trees = [
+        {k: v + torch.randn(v.shape, generator=g) * s for k, v in current.items()}
+        for s in (0.1, 1, 5)
+    ]
+    uplinks = [_uplink(i, t) for i, t in enumerate(trees)]
+    dp = CentralDP(clip_norm=1.0, noise_multiplier=0.7)
+    key = Key.from_seed(11)
+    out = _private_aggregate(dp, expected=4.0).with_key(_state(current, 1.0), uplinks, key)
+    # The reference: clip every delta, sum, one noise draw of std z*C, divide by 4.
+    gen = key.fold_in("update").torch_generator()
+    noise = {
+        n: torch.randn(current[n].shape, generator=gen, dtype=torch.float64) * 0.7
+        for n in sorted(current)
+    }
+    for name, p in current.items():
+        total = sum(
+            clip_by_norm({k: t[k].double() - current[k].double() for k in current}, 1.0)[name]
+            for t in trees
+        )
+        expected = (p.double() + (total + noise[name]) / 4.0).float()
+        torch.testing.assert_close(out.params[name], expected, rtol=0, atol=1e-6)
+    # Noise once per round on the server: its scale does not grow with the clients.
+    zeros = {"w": torch.zeros(4000, dtype=torch.float64)}
+    same = [_uplink(i, zeros) for i in range(40)]
+    spread = _private_aggregate(dp, expected=40.0).with_key(_state(zeros, 1.0), same, key)
+    assert abs(float(spread.params["w"].std()) - 0.7 / 40) < 0.7 / 40 * 0.05
+
+
+def test_a_central_dp_aggregate_refuses_to_run_without_a_key() -> None:
+    agg = _private_aggregate(CentralDP(1.0, 1.0), expected=2.0)
+    with pytest.raises(TypeError, match="with_key"):
+        agg(_state({"w": torch.zeros(2)}, 1.0), [])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    scale=st.floats(0.01, 1e4),
+    other=st.floats(0.01, 1e4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_clipping_bounds_every_clients_contribution(scale: float, other: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    current = {"w": torch.randn(30, generator=gen, dtype=torch.float64)}
+    clients = [
+        {"w": current["w"] + torch.randn(30, generator=gen, dtype=torch.float64) * scale}
+        for _ in range(5)
+    ]
+    swapped = [
+        *clients[:4],
+        {"w": current["w"] + torch.randn(30, generator=gen, dtype=torch.float64) * other},
+    ]
+    dp = CentralDP(clip_norm=0.5, noise_multiplier=0.0)
+    agg = _private_aggregate(dp, expected=5.0)
+    key = Key.from_seed(seed)
+    a = agg.with_key(_state(current, 0.5), [_uplink(i, t) for i, t in enumerate(clients)], key)
+    b = agg.with_key(_state(current, 0.5), [_uplink(i, t) for i, t in enumerate(swapped)], key)
+    removed = agg.with_key(
+        _state(current, 0.5), [_uplink(i, t) for i, t in enumerate(clients[:4])], key
+    )
+    diff = global_norm({"w": a.params["w"] - b.params["w"]})
+    assert diff <= 2 * 0.5 / 5 * (1 + 1e-9)  # replacing one client: at most 2C / m
+    assert global_norm({"w": a.params["w"] - removed.params["w"]}) <= 0.5 / 5 * (1 + 1e-9)
+
+
+def test_adaptive_clipping_follows_andrew_et_al() -> None:
+    # z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2 (Andrew et al. 2021, Thm. 1).
+    dp = CentralDP(1.0, 1.0, AdaptiveClipping(quantile=0.5, lr=0.2, count_noise=1.0))
+    assert dp.update_noise_multiplier(10.0) == pytest.approx((1 - 0.25) ** -0.5)
+    assert CentralDP(1.0, 1.0, AdaptiveClipping()).update_noise_multiplier(100.0) == pytest.approx(
+        (1 - 1 / 100) ** -0.5
+    )  # sigma_b = 100 / 20 = 5 by default
+    with pytest.raises(ValueError, match="2\\*sigma_b > z"):
+        CentralDP(1.0, 3.0, AdaptiveClipping(count_noise=1.0)).update_noise_multiplier(10)
+    # Every update within C, almost no count noise: C <- C * exp(-lr * (1 - quantile)).
+    quiet = CentralDP(2.0, 0.0, AdaptiveClipping(quantile=0.5, lr=0.2, count_noise=1e-9))
+    current = {"w": torch.zeros(4)}
+    small = [_uplink(i, {"w": torch.full((4,), 0.1)}) for i in range(4)]
+    out = _private_aggregate(quiet, 4.0).with_key(_state(current, 2.0), small, Key.from_seed(0))
+    assert out.aux.clip_norm == pytest.approx(2.0 * math.exp(-0.2 * 0.5), rel=1e-6)
+    big = [_uplink(i, {"w": torch.full((4,), 10.0)}) for i in range(4)]
+    out = _private_aggregate(quiet, 4.0).with_key(_state(current, 2.0), big, Key.from_seed(0))
+    assert out.aux.clip_norm == pytest.approx(2.0 * math.exp(0.2 * 0.5), rel=1e-6)
+
+
+# -- local DP -----------------------------------------------------------------------------------
+
+
+def test_local_dp_clips_and_noises_from_the_clients_key() -> None:
+    algo = compose("fedavg", MODEL, num_clients=4, clients_per_round=2, local=LocalSGD(lr=1.0),
+                   aggregate=Aggregate())  # fmt: skip
+    private = privatize(algo, LocalDP(clip_norm=0.05, noise_multiplier=2.0), num_clients=4,
+                        clients_per_round=2)  # fmt: skip
+    state = algo.init(Key.from_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    base = TensorDataset(
+        torch.randn(20, 6, generator=gen), torch.randint(0, 3, (20,), generator=gen)
+    )
+    data = ClientData(base, torch.arange(20))
+    task = ClientTask(1, 0, Key.from_seed(5))
+    down = Downlink(round=0, params=state.params)
+    plain = algo.client_update(down, data, task)
+    noised = private.client_update(down, data, task)
+    assert isinstance(private.client_update, VectorizedUpdate)  # chunks still train together
+    delta = {n: plain.params[n].double() - state.params[n].double() for n in state.params}
+    assert global_norm(delta) > 0.05  # so clipping acts
+    clipped = clip_by_norm(delta, 0.05)
+    gen = task.key.fold_in("dp").torch_generator()
+    for name in sorted(state.params):
+        noise = torch.randn(state.params[name].shape, generator=gen, dtype=torch.float64) * 0.1
+        expected = (state.params[name].double() + clipped[name] + noise).float()
+        torch.testing.assert_close(noised.params[name], expected, rtol=0, atol=1e-6)
+
+
+def test_privatize_refuses_what_it_cannot_privatise() -> None:
+    common: dict[str, Any] = {"num_clients": 4, "clients_per_round": 2, "local": LocalSGD()}
+    with pytest.raises(ValueError, match="built by compose"):
+        privatize(fedavg(MODEL, **common), CentralDP(1.0, 1.0), num_clients=4, clients_per_round=2)
+    from blazefl_fn.aggregators import median
+
+    robust = compose("fedmedian", MODEL, **common, aggregate=Aggregate(aggregator=median))
+    with pytest.raises(ValueError, match="mean aggregator"):
+        privatize(robust, CentralDP(1.0, 1.0), num_clients=4, clients_per_round=2)
+    privatize(robust, LocalDP(1.0, 1.0), num_clients=4, clients_per_round=2)  # post-processing
+
+    def batchnorm() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.BatchNorm1d(3))
+
+    normed = compose("fedavg", batchnorm, **common, aggregate=Aggregate())
+    with pytest.raises(ValueError, match="buffers"):
+        privatize(normed, CentralDP(1.0, 1.0), num_clients=4, clients_per_round=2)
+
+
+# -- the accountant and the budget ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["rdp", "prv"])
+@pytest.mark.parametrize(("z", "q", "steps"), [(1.1, 0.01, 100), (0.8, 0.2, 7), (2.0, 1.0, 3)])
+def test_epsilon_matches_opacus_computed_directly(
+    method: str, z: float, q: float, steps: int
+) -> None:
+    direct = (
+        opacus_accountants.RDPAccountant()
+        if method == "rdp"
+        else opacus_accountants.PRVAccountant()
+    )
+    direct.history = [(z, q, steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus's notes on its order grid, numpy's at q = 1
+        expected = direct.get_epsilon(delta=1e-5)
+    assert Accountant(z, q, 1e-5, method).epsilon(steps) == expected
+
+
+def test_local_dp_is_accounted_without_amplification() -> None:
+    acc = Accountant.for_dp(LocalDP(1.0, 2.0), sample_rate=0.1, delta=1e-5)
+    assert acc.sample_rate == 1.0
+    assert Accountant.for_dp(CentralDP(1.0, 2.0), 0.1, 1e-5).sample_rate == 0.1
+    assert Accountant(0.0, 0.5, 1e-5).epsilon(1) == math.inf
+    assert Accountant(1.0, 0.5, 1e-5).epsilon(0) == 0.0
+
+
+def test_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path: Path) -> None:
+    config = RunConfig(**SMALL | {"rounds": 40}, dp="central", dp_noise_multiplier=1.0,
+                       dp_target_epsilon=6.0)  # fmt: skip
+    acc = Accountant(1.0, 4 / 12, 1e-5)
+    allowed = max(t for t in range(41) if acc.epsilon(t) <= 6.0)
+    assert 0 < allowed < 40
+    log = MetricsLog(tmp_path / "m.jsonl")
+    result = simulate(config, [log])
+    assert result.state.round == allowed
+    assert result.stop_reason is not None
+    assert result.stop_reason.startswith(f"stopped before round {allowed + 1}:")
+    assert result.privacy is not None
+    assert result.privacy["epsilon"] <= 6.0
+    records = read_metrics(tmp_path / "m.jsonl")
+    assert [r["privacy"]["epsilon"] for r in records] == [
+        acc.epsilon(t) for t in range(1, allowed + 1)
+    ]
+    assert math.isfinite(result.accuracy)  # the final state was evaluated
+    budget = PrivacyBudget(acc, 6.0)
+    assert budget.stop_before(result.state) == result.stop_reason
+
+
+# -- one digest: executors, resume ---------------------------------------------------------------
+
+DP_RUNS = {
+    "central": {"dp": "central", "dp_noise_multiplier": 0.8},
+    "adaptive": {
+        "dp": "central",
+        "dp_adaptive_quantile": 0.5,
+        "dp_noise_multiplier": 0.5,
+        "dp_count_noise": 1.0,
+    },
+    "local": {"dp": "local", "dp_noise_multiplier": 0.3, "algorithm": "fedadam"},
+    "fixed": {"dp": "central", "dp_sampling": "fixed"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DP_RUNS))
+def test_a_private_run_has_one_digest_across_executors(name: str) -> None:
+    digests = {
+        executor: simulate(RunConfig(**SMALL | DP_RUNS[name], executor=executor)).params_sha256
+        for executor in ("sequential", "threads", "processes")
+    }
+    assert len(set(digests.values())) == 1, digests
+    plain = simulate(RunConfig(**SMALL | {"algorithm": DP_RUNS[name].get("algorithm", "fedavg")}))
+    assert plain.params_sha256 not in digests.values()  # DP changed the model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adaptive", "local"])
+def test_a_resumed_private_run_gives_the_same_bits_and_epsilon(tmp_path: Path, name: str) -> None:
+    config = RunConfig(**SMALL | DP_RUNS[name] | {"rounds": 6})
+    whole = simulate(config)
+    simulate(attrs.evolve(config, rounds=3), checkpoint_dir=tmp_path / "ck")
+    resumed = simulate(config, resume=tmp_path / "ck")
+    assert resumed.params_sha256 == whole.params_sha256
+    assert resumed.privacy == whole.privacy
+    assert isinstance(whole.state.aux, DPState) == (name == "adaptive")
+    if name == "adaptive":
+        assert resumed.state.aux.clip_norm == whole.state.aux.clip_norm != 1.0
+
+
+def test_empty_poisson_rounds_still_noise_and_count() -> None:
+    # Rate 1/12: a round samples nobody with probability (11/12)^12 ~ 0.35.
+    config = RunConfig(clients=12, clients_per_round=1, rounds=8, dp="central")
+    result = simulate(config)
+    assert result.state.round == 8
+    empty = [r for r in result.reports if not r.clients]
+    assert empty, [r.clients for r in result.reports]
+    assert result.privacy is not None
+    assert result.privacy["epsilon"] == Accountant(1.0, 1 / 12, 1e-5).epsilon(8)
+
+
+def test_a_config_stored_before_dp_existed_loads_with_dp_off() -> None:
+    stored = config_dict(RunConfig(**SMALL))
+    for name in [n for n in stored if n.startswith("dp")]:
+        del stored[name]
+    assert config_from_dict(stored) == RunConfig(**SMALL)
+    del stored["rounds"]
+    with pytest.raises(ValueError, match=r"config fields \['rounds'\] are missing"):
+        config_from_dict(stored)
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_the_vectorized_executor_runs_private_rounds_close_to_per_client(mode: str) -> None:
+    config = RunConfig(**SMALL | {"dp": mode, "dp_noise_multiplier": 0.5})
+    per_client = simulate(config)
+    vectorized = simulate(attrs.evolve(config, executor="vectorized"))
+    for name, value in per_client.state.params.items():
+        torch.testing.assert_close(vectorized.state.params[name], value, rtol=1e-4, atol=1e-5)
+    assert vectorized.privacy == per_client.privacy
