@@ -3,8 +3,11 @@
 
 Every draw comes from a key: the central noise from the round's server key (`run_round` hands
 it to a keyed aggregate), local noise from the client's key, so a private run is as
-reproducible as any other. Noise is drawn on the CPU in float64, entry by entry in name order,
-and then moved to the entry's device: the same bits whichever device holds the model.
+reproducible as any other. Noise is drawn by numpy's Philox keyed by all 128 bits of the key
+(`Key.numpy_generator`; a torch CPU generator keeps only 32 bits of its seed, so two of a
+run's ~10^5 client keys would likely share their noise), in float64, entry by entry in name
+order, and then moved to the entry's device: the same bits whichever device holds the model.
+It is a floating-point sampler, as a simulator needs; a deployment would want a secure one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 import attrs
+import numpy as np
 import torch
 
 from ._validators import finite_number, plus_zero
@@ -22,7 +26,7 @@ from .jobs import ClientTask, ClientUpdate, VectorizedUpdate
 from .keys import Key
 from .records import Downlink, Uplink
 from .server_transforms import apply_updates, round_delta
-from .tree import Params
+from .tree import Params, nonfinite
 
 __all__ = [
     "AdaptiveClipping",
@@ -142,13 +146,14 @@ class DPState(Generic[S]):
 def gaussian_like(tree: Params, names: Sequence[str], std: float, key: Key) -> dict[str, Any]:
     """Standard-normal noise times ``std`` for the entries ``names`` of ``tree``, in float64.
 
-    Drawn on the CPU from ``key``, in sorted name order, then moved to each entry's device.
+    Drawn on the CPU by ``key.numpy_generator()`` (Philox over all 128 bits), in sorted name
+    order, then moved to each entry's device.
     """
-    generator = key.torch_generator()
+    generator = key.numpy_generator()
     out: dict[str, torch.Tensor] = {}
     for name in sorted(names):
         t = tree[name]
-        draw = torch.randn(tuple(t.shape), generator=generator, dtype=_F64)
+        draw = torch.as_tensor(generator.standard_normal(tuple(t.shape), dtype=np.float64))
         out[name] = (draw * std).to(t.device)
     return out
 
@@ -194,10 +199,12 @@ def private_mean_delta(
     next_clip = clip_norm
     if dp.adaptive is not None:
         sigma_b = dp.adaptive.sigma(expected_clients)
-        drawn = torch.randn((), generator=key.fold_in("quantile").torch_generator(), dtype=_F64)
+        drawn = float(key.fold_in("quantile").numpy_generator().standard_normal())
         # The count of b_k - 1/2 has sensitivity 1/2 (Andrew et al.): that is what sigma_b
-        # is calibrated against.
-        fraction = (within - len(trees) / 2 + float(drawn) * sigma_b) / expected_clients + 0.5
+        # is calibrated against. Poisson sampling can send more than the expected clients:
+        # the estimate is clamped to a fraction, as TF Privacy's quantile query does.
+        fraction = (within - len(trees) / 2 + drawn * sigma_b) / expected_clients + 0.5
+        fraction = min(max(fraction, 0.0), 1.0)
         next_clip = clip_norm * math.exp(-dp.adaptive.lr * (fraction - dp.adaptive.quantile))
         next_clip = min(max(next_clip, 1e-12), _MAX_NORM)
     return mean, next_clip
@@ -207,6 +214,11 @@ def private_mean_delta(
 class LocalNoiseUpdate(Generic[Data]):
     """A client update followed by local DP: the uplink's trainable entries are replaced by
     ``downlink + clip(trained - downlink) + N(0, (z * C)^2)``, noise from the client's key.
+
+    Nothing else about the client's data leaves it: the uplink says ``num_examples=1`` (the
+    server takes an unweighted mean), no metrics and no step count. An update holding a NaN or
+    an infinity is sent as all NaN (nothing of it leaks), for `Algorithm.nonfinite` to fail or
+    skip that client.
 
     Attributes:
         inner: the client update to privatise.
@@ -227,6 +239,10 @@ class LocalNoiseUpdate(Generic[Data]):
         sent = uplink.params
         base = {name: downlink.params[name] for name in self.names}
         delta = round_delta({name: sent[name] for name in self.names}, base)
+        blank = attrs.evolve(uplink, num_examples=1, metrics={}, steps=0)
+        if nonfinite(delta):
+            nan = {name: torch.full_like(t, math.nan) for name, t in base.items()}
+            return attrs.evolve(blank, params={**sent, **nan})
         clipped = clip_by_norm(delta, self.dp.clip_norm)
         std = self.dp.noise_multiplier * self.dp.clip_norm
         noise = gaussian_like(base, _floating(base), std, key.fold_in("dp"))
@@ -236,9 +252,7 @@ class LocalNoiseUpdate(Generic[Data]):
             else delta[name]
             for name in clipped
         }
-        params = dict(sent)
-        params.update(apply_updates(base, noised))
-        return attrs.evolve(uplink, params=params)
+        return attrs.evolve(blank, params={**sent, **apply_updates(base, noised)})
 
 
 @attrs.frozen

@@ -8,6 +8,7 @@ from typing import Any
 
 import attrs
 
+from ._dp import AdaptiveClipping, CentralDP
 from ._validators import Validator, finite_number, int_at_least, one_of, plus_zero
 from .devices import check_device, parse_devices, uses_cuda
 
@@ -302,28 +303,42 @@ class RunConfig:
             changed = [n for n, d in defaults.items() if getattr(self, n) != d]
             if changed:
                 raise ValueError(
-                    f"{changed[0]} applies with dp ('central' or 'local'), which is unset"
+                    f"{changed[0]}={getattr(self, changed[0])!r} applies with dp ('central' or "
+                    "'local'), which is unset"
                 )
             return
         allowed = DP_CENTRAL if self.dp == "central" else DP_LOCAL
         if self.algorithm not in allowed:
             raise ValueError(
-                f"{self.dp} DP applies to {', '.join(allowed)}; not to {self.algorithm}"
+                f"{self.dp} DP applies to {', '.join(allowed)}; not to {self.algorithm!r}"
             )
         if self.clip_norm is not None:
-            raise ValueError("dp clips updates itself (dp_clip); clip_norm does not apply with it")
+            raise ValueError(
+                f"clip_norm={self.clip_norm!r} does not apply with dp: it clips updates itself "
+                "(dp_clip)"
+            )
         adaptive = ("dp_adaptive_quantile", "dp_clip_lr", "dp_count_noise")
-        if self.dp == "local" and any(getattr(self, n) != defaults[n] for n in adaptive):
-            raise ValueError("adaptive clipping (dp_adaptive_quantile ...) is central DP's")
-        if self.dp_adaptive_quantile is None and any(
-            getattr(self, n) != defaults[n] for n in adaptive[1:]
-        ):
-            raise ValueError("dp_clip_lr and dp_count_noise apply with dp_adaptive_quantile")
-        if self.dp_adaptive_quantile is not None and self.dp_noise_multiplier > 0:
-            sigma_b = self.dp_count_noise or self.clients_per_round / 20
-            if 2 * sigma_b <= self.dp_noise_multiplier:
-                raise ValueError(
-                    f"adaptive clipping's count noise (dp_count_noise {sigma_b:g}, default "
-                    "clients_per_round / 20) must exceed dp_noise_multiplier / 2 = "
-                    f"{self.dp_noise_multiplier / 2:g}, which it spends part of"
-                )
+        changed = [n for n in adaptive if getattr(self, n) != defaults[n]]
+        if self.dp == "local" and changed:
+            raise ValueError(
+                f"{changed[0]}={getattr(self, changed[0])!r}: adaptive clipping is central "
+                "DP's, not local DP's"
+            )
+        if self.dp_adaptive_quantile is None and changed:
+            raise ValueError(
+                f"{changed[0]}={getattr(self, changed[0])!r} applies with dp_adaptive_quantile, "
+                "which is unset"
+            )
+        if self.dp_target_epsilon is not None and self.dp_noise_multiplier == 0:
+            raise ValueError(
+                f"dp_target_epsilon={self.dp_target_epsilon!r} with dp_noise_multiplier 0: "
+                "without noise no round fits any budget"
+            )
+        if self.dp_adaptive_quantile is not None:
+            # The same rule the aggregate applies, checked here so that it is a bad value.
+            adaptive_dp = AdaptiveClipping(
+                self.dp_adaptive_quantile, self.dp_clip_lr, self.dp_count_noise
+            )
+            CentralDP(self.dp_clip, self.dp_noise_multiplier, adaptive_dp).update_noise_multiplier(
+                float(self.clients_per_round)
+            )

@@ -21,14 +21,23 @@ without replacement) is allowed with ``poisson=False``; the accountant then stil
 sampled Gaussian at ``q = clients_per_round / num_clients``, which is the usual approximation,
 not a proof for that sampler.
 
-**Local DP's epsilon** is that of the Gaussian mechanism with multiplier ``z`` composed over
-every round (``q = 1``): the server sees who sent what, so sampling amplifies nothing, and a
-client sampled in every round is the worst case. It bounds every client.
+**Local DP's epsilon** is that of the Gaussian mechanism composed over every round (``q = 1``):
+the server sees who sent what, so sampling amplifies nothing, and a client sampled in every
+round is the worst case. Any two datasets of one client are neighbours (the server knows who
+sent), so a clipped update's sensitivity is ``2C`` and the accountant is charged the
+multiplier ``z / 2``. It bounds every client.
+
+**What the guarantee covers.** The sequence of global models (central) or of noised uplinks
+(local), with the run's seed kept secret: the seed regenerates every noise draw. It does not
+cover what a simulation reports about itself: the sampled client ids, the clients' training
+metrics and example counts in `RoundReport`, the metrics log and ``--json`` (under central
+DP), and the checkpoint's config, which holds the seed.
 
 **The accountant's state.** ``z`` and ``q`` are fixed for a run (a resumed run may not change
 them), so the accountant's history is the number of rounds completed, which every
 checkpoint holds; with adaptive clipping the checkpoint also holds the current clip norm
-(`DPState`). A resumed run therefore reports the same epsilon as an uninterrupted one.
+(`DPState`). A resumed run therefore reports the same epsilon as an uninterrupted one with
+the same accountant and delta (both may change on resume: they only account).
 """
 
 from __future__ import annotations
@@ -48,12 +57,12 @@ from ._dp import (
     LocalNoiseUpdate,
     VectorizedLocalNoiseUpdate,
 )
-from ._validators import finite_number, one_of
+from ._validators import finite_number, one_of, plus_zero
 from .algorithms.compose import Aggregate, _Init  # pyright: ignore[reportPrivateUsage]
 from .jobs import VectorizedUpdate
 from .keys import Key
 from .records import ServerState
-from .round import Algorithm, poisson_sampler
+from .round import Algorithm, poisson_sampler, uniform_sampler
 
 __all__ = [
     "ACCOUNTANTS",
@@ -126,7 +135,9 @@ class Accountant:
         (0.0, 7.9)
     """
 
-    noise_multiplier: float = attrs.field(validator=finite_number(positive=False, high=1e6))
+    noise_multiplier: float = attrs.field(
+        converter=plus_zero, validator=finite_number(positive=False, high=1e6)
+    )
     sample_rate: float = attrs.field(validator=finite_number(positive=True, high=1.0))
     delta: float = attrs.field(validator=finite_number(positive=True, below=1.0))
     method: str = attrs.field(default="rdp", validator=one_of(ACCOUNTANTS))
@@ -135,9 +146,13 @@ class Accountant:
     def for_dp(
         cls, dp: CentralDP | LocalDP, sample_rate: float, delta: float, method: str = "rdp"
     ) -> Accountant:
-        """The accountant of ``dp`` under sampling rate ``sample_rate`` (local DP: ``q = 1``)."""
-        rate = sample_rate if isinstance(dp, CentralDP) else 1.0
-        return cls(float(dp.noise_multiplier), float(rate), delta, method)
+        """The accountant of ``dp`` under sampling rate ``sample_rate`` (local DP: ``q = 1`` and
+        ``z / 2``, see the module's docs)."""
+        if isinstance(dp, CentralDP):
+            return cls(float(dp.noise_multiplier), float(sample_rate), delta, method)
+        # Local: any two datasets of one client are neighbours, so the clipped update's
+        # sensitivity is 2C: the multiplier relative to it is z / 2.
+        return cls(dp.noise_multiplier / 2, 1.0, delta, method)
 
     def epsilon(self, rounds: int) -> float:
         """The epsilon spent after ``rounds`` rounds (0 for none).
@@ -201,8 +216,9 @@ def privatize(
     Args:
         algorithm: built by `blazefl_fn.algorithms.compose` (fedavg's family: its aggregate
             stage is an `Aggregate`); for central DP with the mean aggregator and no
-            ``clip_norm`` of its own, and a model without buffers (BatchNorm statistics are
-            not privatised).
+            ``clip_norm`` of its own, and buffers (BatchNorm statistics) only under
+            ``Aggregate(buffers="with_params")``; for local DP, a model without buffers.
+            Its sampler is replaced by the one ``sampling`` names.
         dp: `CentralDP` or `LocalDP`.
         num_clients: clients in the federation.
         clients_per_round: the expected clients per round: Poisson sampling at rate
@@ -240,23 +256,33 @@ def privatize(
         )
     if sampling not in ("poisson", "fixed"):
         raise ValueError(f"sampling must be 'poisson' or 'fixed', got {sampling!r}")
-    changes: dict[str, Any] = {}
-    if sampling == "poisson":
-        changes["sample"] = poisson_sampler(num_clients, clients_per_round / num_clients)
-    trainable = aggregate.trainable or _full_names(algorithm)
+    changes: dict[str, Any] = {
+        "sample": poisson_sampler(num_clients, clients_per_round / num_clients)
+        if sampling == "poisson"
+        else uniform_sampler(num_clients, clients_per_round)
+    }
+    full = _full_names(algorithm)
+    trainable = aggregate.trainable or full
+    buffers = sorted(set(full) - set(trainable))
     if isinstance(dp, CentralDP):
-        buffers = sorted(set(_full_names(algorithm)) - set(trainable))
         if buffers and aggregate.buffers == "aggregate":
             raise ValueError(
-                f"central DP privatises the trainable parameters only; the model has buffers "
-                f"{buffers[:4]} (e.g. BatchNorm statistics) that would leak: use a model "
-                "without them"
+                f"central DP privatises the trainable parameters; the model has buffers "
+                f"{buffers[:4]} (e.g. BatchNorm statistics) that would be averaged without "
+                "noise: use a model without them, or Aggregate(buffers='with_params') to clip "
+                "and noise them as parameters"
             )
         private = attrs.evolve(aggregate, privacy=dp, expected_clients=float(clients_per_round))
         dp.update_noise_multiplier(float(clients_per_round))  # refuses a spent count budget
         changes["aggregate"] = private
         changes["init"] = attrs.evolve(algorithm.init, privacy=dp)
     else:
+        if buffers:
+            raise ValueError(
+                f"local DP noises the trainable parameters; the model has buffers "
+                f"{buffers[:4]} (e.g. BatchNorm statistics) that clients would send as they "
+                "are: use a model without them"
+            )
         inner = algorithm.client_update
         names = tuple(trainable)
         vectorizable = isinstance(inner, VectorizedUpdate)

@@ -21,6 +21,7 @@ import attrs
 import torch
 from typing_extensions import TypeVar
 
+from ._validators import finite_number, int_at_least
 from .devices import cuda_determinism, to_device
 from .executors.base import Executor, Preparing
 from .jobs import (
@@ -178,8 +179,8 @@ class PoissonSampler:
     (`Key.bernoulli`).
     """
 
-    num_clients: int
-    rate: float
+    num_clients: int = attrs.field(validator=int_at_least(1))
+    rate: float = attrs.field(validator=finite_number(positive=True, high=1.0))
     allows_empty: ClassVar[bool] = True
 
     def __call__(self, _state: ServerState, key: Key) -> tuple[int, ...]:
@@ -203,12 +204,7 @@ def poisson_sampler(num_clients: int, rate: float) -> PoissonSampler:
         >>> 0 < len(sample(ServerState(params={}), Key.from_seed(0))) < 30
         True
     """
-    count, value = cast(object, num_clients), cast(object, rate)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"num_clients must be an integer >= 1, got {num_clients!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value <= 1.0:
-        raise ValueError(f"the sampling rate must be a number in (0, 1], got {rate!r}")
-    return PoissonSampler(num_clients, float(rate))
+    return PoissonSampler(num_clients, rate)
 
 
 def _check_ids(

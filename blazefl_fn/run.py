@@ -198,15 +198,18 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
-    missing = sorted(known - set(values) - _ADDED_FIELDS)
+    missing = sorted(known - set(values))
+    if frozenset(missing) >= _ADDED_FIELDS:
+        missing = [name for name in missing if name not in _ADDED_FIELDS]  # before DP: off
     if missing:
         raise ValueError(f"config fields {missing} are missing")
     return RunConfig(**values)
 
 
 _ADDED_FIELDS = frozenset(f.name for f in attrs.fields(RunConfig) if f.name.startswith("dp"))
-"""Fields added after checkpoint format 2 was written; a stored config without them predates
-them and had them off, so `config_from_dict` takes their defaults (DP off)."""
+"""Fields added after checkpoint format 2 was written; a stored config without all of them
+predates them and had them off, so `config_from_dict` takes their defaults (DP off). A config
+with some of them is refused: it was edited."""
 
 
 def check_resumable(stored: RunConfig, requested: RunConfig) -> None:

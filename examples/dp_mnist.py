@@ -6,7 +6,7 @@ Each run is FedAvg with central client-level DP (`blazefl_fn.privacy`): updates 
 spent after ``--rounds`` rounds (at ``--delta``, RDP accountant) and the final test accuracy.
 Needs the privacy extra (``pip install 'blazefl_fn[privacy]'``).
 
-    python examples/dp_mnist.py --data-dir ../shared/data/mnist --rounds 40
+    python examples/dp_mnist.py --data-dir ../shared/data/mnist --rounds 50
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import blazefl_fn as fl
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="DP-FedAvg's privacy/accuracy trade-off")
     parser.add_argument("--data-dir", required=True, help="the MNIST IDX files")
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--clients-per-round", type=int, default=100)
     parser.add_argument("--clip", type=float, default=0.5)

@@ -16,6 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blazefl_fn._dp import LocalNoiseUpdate
 from blazefl_fn.aggregators import clip_by_norm, global_norm
 from blazefl_fn.algorithms.compose import Aggregate, compose
 from blazefl_fn.algorithms.fedavg import fedavg
@@ -89,9 +90,9 @@ def test_poisson_sampler_rate_and_refusals() -> None:
     counts = [len(sample(ServerState(params={}), Key.from_seed(0).fold_in(t))) for t in range(200)]
     assert abs(sum(counts) / len(counts) - 50) < 2.5  # mean of 200 rounds: sd ~0.49
     assert len(set(counts)) > 5  # the size varies, unlike fixed-size sampling
-    with pytest.raises(ValueError, match=r"in \(0, 1\], got 0"):
+    with pytest.raises(ValueError, match=r"rate must be a finite number in \(0, 1\], got 0"):
         poisson_sampler(10, 0)
-    with pytest.raises(ValueError, match="num_clients"):
+    with pytest.raises(ValueError, match="num_clients must be an integer"):
         poisson_sampler(0, 0.5)
 
 
@@ -124,9 +125,9 @@ def test_central_noise_is_added_once_to_the_sum_as_the_formula_says() -> None:
     key = Key.from_seed(11)
     out = _private_aggregate(dp, expected=4.0).with_key(_state(current, 1.0), uplinks, key)
     # The reference: clip every delta, sum, one noise draw of std z*C, divide by 4.
-    gen = key.fold_in("update").torch_generator()
+    gen = key.fold_in("update").numpy_generator()  # Philox over all 128 bits of the key
     noise = {
-        n: torch.randn(current[n].shape, generator=gen, dtype=torch.float64) * 0.7
+        n: torch.as_tensor(gen.standard_normal(tuple(current[n].shape))) * 0.7
         for n in sorted(current)
     }
     for name, p in current.items():
@@ -197,6 +198,14 @@ def test_adaptive_clipping_follows_andrew_et_al() -> None:
     big = [_uplink(i, {"w": torch.full((4,), 10.0)}) for i in range(4)]
     out = _private_aggregate(quiet, 4.0).with_key(_state(current, 2.0), big, Key.from_seed(0))
     assert out.aux.clip_norm == pytest.approx(2.0 * math.exp(0.2 * 0.5), rel=1e-6)
+    # Fewer clients than expected (Poisson): the count is of b_k - 1/2, shifted back by 1/2:
+    # 2 clients within C of 4 expected give (2 - 1) / 4 + 1/2 = 0.75, not 2 / 4.
+    out = _private_aggregate(quiet, 4.0).with_key(_state(current, 2.0), small[:2], Key.from_seed(0))
+    assert out.aux.clip_norm == pytest.approx(2.0 * math.exp(-0.2 * 0.25), rel=1e-6)
+    # More than expected: (6 - 3) / 4 + 1/2 = 1.25, clamped to the fraction 1.
+    six = [_uplink(i, {"w": torch.full((4,), 0.1)}) for i in range(6)]
+    out = _private_aggregate(quiet, 4.0).with_key(_state(current, 2.0), six, Key.from_seed(0))
+    assert out.aux.clip_norm == pytest.approx(2.0 * math.exp(-0.2 * 0.5), rel=1e-6)
 
 
 # -- local DP -----------------------------------------------------------------------------------
@@ -221,11 +230,29 @@ def test_local_dp_clips_and_noises_from_the_clients_key() -> None:
     delta = {n: plain.params[n].double() - state.params[n].double() for n in state.params}
     assert global_norm(delta) > 0.05  # so clipping acts
     clipped = clip_by_norm(delta, 0.05)
-    gen = task.key.fold_in("dp").torch_generator()
+    gen = task.key.fold_in("dp").numpy_generator()
     for name in sorted(state.params):
-        noise = torch.randn(state.params[name].shape, generator=gen, dtype=torch.float64) * 0.1
+        noise = torch.as_tensor(gen.standard_normal(tuple(state.params[name].shape))) * 0.1
         expected = (state.params[name].double() + clipped[name] + noise).float()
         torch.testing.assert_close(noised.params[name], expected, rtol=0, atol=1e-6)
+    # Nothing else about the data leaves the client: no example count, loss or step count.
+    assert (plain.num_examples, noised.num_examples) == (20, 1)
+    assert (noised.metrics, noised.steps) == ({}, 0)
+    assert plain.metrics
+
+
+def test_a_non_finite_local_update_is_sent_as_nan_for_the_policy_to_handle() -> None:
+    algo = compose("fedavg", MODEL, num_clients=4, clients_per_round=2, local=LocalSGD(),
+                   aggregate=Aggregate())  # fmt: skip
+    private = privatize(algo, LocalDP(1.0, 1.0), num_clients=4, clients_per_round=2)
+    wrapper = private.client_update
+    assert isinstance(wrapper, LocalNoiseUpdate)
+    state = algo.init(Key.from_seed(0))
+    broken = {n: t.clone() for n, t in state.params.items()}
+    first = sorted(broken)[0]
+    broken[first].view(-1)[0] = math.inf
+    sent = wrapper.privatise(Downlink(0, state.params), _uplink(0, broken), Key.from_seed(1))
+    assert all(bool(torch.isnan(t).all()) for t in sent.params.values())
 
 
 def test_privatize_refuses_what_it_cannot_privatise() -> None:
@@ -243,8 +270,21 @@ def test_privatize_refuses_what_it_cannot_privatise() -> None:
         return torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.BatchNorm1d(3))
 
     normed = compose("fedavg", batchnorm, **common, aggregate=Aggregate())
-    with pytest.raises(ValueError, match="buffers"):
+    with pytest.raises(ValueError, match=r"buffers \['1.num_batches_tracked'.*with_params"):
         privatize(normed, CentralDP(1.0, 1.0), num_clients=4, clients_per_round=2)
+    with pytest.raises(ValueError, match="clients would send as they are"):
+        privatize(normed, LocalDP(1.0, 1.0), num_clients=4, clients_per_round=2)
+    as_params = compose("fedavg", batchnorm, **common, aggregate=Aggregate(buffers="with_params"))
+    privatize(as_params, CentralDP(1.0, 1.0), num_clients=4, clients_per_round=2)
+
+
+def test_fixed_sampling_takes_exactly_the_clients_the_accountant_assumes() -> None:
+    algo = compose("fedavg", MODEL, num_clients=50, clients_per_round=7, local=LocalSGD(),
+                   aggregate=Aggregate())  # fmt: skip
+    private = privatize(algo, CentralDP(1.0, 1.0), num_clients=50, clients_per_round=3,
+                        sampling="fixed")  # fmt: skip
+    state = private.init(Key.from_seed(0))
+    assert {len(private.sample(state, Key.from_seed(0).fold_in(t))) for t in range(20)} == {3}
 
 
 # -- the accountant and the budget ---------------------------------------------------------------
@@ -267,9 +307,52 @@ def test_epsilon_matches_opacus_computed_directly(
     assert Accountant(z, q, 1e-5, method).epsilon(steps) == expected
 
 
+def _gaussian_rdp_epsilon(z: float, steps: int, delta: float) -> float:
+    """The RDP bound of ``steps`` Gaussian mechanisms (no sampling) from the closed form
+    ``rdp(a) = steps * a / (2 z^2)`` (Mironov 2017), converted to (epsilon, delta) as Balle et
+    al. (2020, Thm. 21) do, over the orders Opacus searches."""
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    return min(
+        steps * a / (2 * z * z) - (math.log(delta) + math.log(a)) / (a - 1) + math.log((a - 1) / a)
+        for a in orders
+    )
+
+
+def _gaussian_exact_epsilon(z: float, steps: int, delta: float) -> float:
+    """The exact epsilon of ``steps`` Gaussian mechanisms: mu-GDP with mu = sqrt(steps) / z,
+    delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2) (Balle and Wang 2018)."""
+    mu = math.sqrt(steps) / z
+
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    def delta_of(eps: float) -> float:
+        return phi(-eps / mu + mu / 2) - math.exp(eps) * phi(-eps / mu - mu / 2)
+
+    low, high = 0.0, 100.0
+    for _ in range(200):
+        mid = (low + high) / 2
+        low, high = (mid, high) if delta_of(mid) > delta else (low, mid)
+    return high
+
+
+@pytest.mark.parametrize(("z", "steps"), [(0.8, 1), (1.5, 10), (4.0, 200)])
+def test_epsilon_without_sampling_matches_the_gaussian_mechanisms_closed_forms(
+    z: float, steps: int
+) -> None:
+    rdp = Accountant(z, 1.0, 1e-5, "rdp").epsilon(steps)
+    assert rdp == pytest.approx(_gaussian_rdp_epsilon(z, steps, 1e-5), rel=1e-9)
+    prv = Accountant(z, 1.0, 1e-5, "prv").epsilon(steps)
+    exact = _gaussian_exact_epsilon(z, steps, 1e-5)
+    assert exact <= prv + 1e-9  # PRV bounds from above, within its eps_error of 0.01
+    assert prv == pytest.approx(exact, abs=0.02)
+    assert exact < rdp  # RDP is the looser bound
+
+
 def test_local_dp_is_accounted_without_amplification() -> None:
     acc = Accountant.for_dp(LocalDP(1.0, 2.0), sample_rate=0.1, delta=1e-5)
-    assert acc.sample_rate == 1.0
+    # Any two datasets of a client are neighbours: sensitivity 2C, multiplier z / 2, q = 1.
+    assert (acc.noise_multiplier, acc.sample_rate) == (1.0, 1.0)
     assert Accountant.for_dp(CentralDP(1.0, 2.0), 0.1, 1e-5).sample_rate == 0.1
     assert Accountant(0.0, 0.5, 1e-5).epsilon(1) == math.inf
     assert Accountant(1.0, 0.5, 1e-5).epsilon(0) == 0.0
@@ -295,6 +378,10 @@ def test_budget_stops_the_run_before_the_round_that_would_exceed_it(tmp_path: Pa
     assert math.isfinite(result.accuracy)  # the final state was evaluated
     budget = PrivacyBudget(acc, 6.0)
     assert budget.stop_before(result.state) == result.stop_reason
+    # Rounds that were not evaluated: the stop still evaluates the final state.
+    sparse = simulate(attrs.evolve(config, eval_every=1000))
+    assert sparse.params_sha256 == result.params_sha256
+    assert sparse.accuracy == result.accuracy
 
 
 # -- one digest: executors, resume ---------------------------------------------------------------
@@ -309,6 +396,7 @@ DP_RUNS = {
     },
     "local": {"dp": "local", "dp_noise_multiplier": 0.3, "algorithm": "fedadam"},
     "fixed": {"dp": "central", "dp_sampling": "fixed"},
+    "central-adam": {"dp": "central", "algorithm": "fedadam"},
 }
 
 
@@ -325,7 +413,7 @@ def test_a_private_run_has_one_digest_across_executors(name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adaptive", "local"])
+@pytest.mark.parametrize("name", ["adaptive", "local", "central-adam"])
 def test_a_resumed_private_run_gives_the_same_bits_and_epsilon(tmp_path: Path, name: str) -> None:
     config = RunConfig(**SMALL | DP_RUNS[name] | {"rounds": 6})
     whole = simulate(config)
@@ -333,7 +421,7 @@ def test_a_resumed_private_run_gives_the_same_bits_and_epsilon(tmp_path: Path, n
     resumed = simulate(config, resume=tmp_path / "ck")
     assert resumed.params_sha256 == whole.params_sha256
     assert resumed.privacy == whole.privacy
-    assert isinstance(whole.state.aux, DPState) == (name == "adaptive")
+    assert isinstance(whole.state.aux, DPState) == (name != "local")
     if name == "adaptive":
         assert resumed.state.aux.clip_norm == whole.state.aux.clip_norm != 1.0
 
@@ -354,6 +442,10 @@ def test_a_config_stored_before_dp_existed_loads_with_dp_off() -> None:
     for name in [n for n in stored if n.startswith("dp")]:
         del stored[name]
     assert config_from_dict(stored) == RunConfig(**SMALL)
+    partial = config_dict(RunConfig(**SMALL, dp="central"))
+    del partial["dp_noise_multiplier"]  # an edited config: some DP fields, not all
+    with pytest.raises(ValueError, match=r"config fields \['dp_noise_multiplier'\] are missing"):
+        config_from_dict(partial)
     del stored["rounds"]
     with pytest.raises(ValueError, match=r"config fields \['rounds'\] are missing"):
         config_from_dict(stored)
