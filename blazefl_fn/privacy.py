@@ -81,26 +81,50 @@ ACCOUNTANTS = ("rdp", "prv")
 """The accountants `Accountant` offers: Opacus's ``RDPAccountant`` and ``PRVAccountant``."""
 
 
-def _opacus_epsilon(
-    method: str, noise_multiplier: float, rate: float, steps: int, delta: float
-) -> float:
+def _opacus() -> tuple[Any, Any]:
+    """Opacus's accountants module and its RDP analysis."""
     try:
-        from opacus.accountants import (  # pyright: ignore[reportMissingTypeStubs]
-            PRVAccountant,
-            RDPAccountant,
-        )
+        from opacus import accountants  # pyright: ignore[reportMissingTypeStubs]
+        from opacus.accountants.analysis import rdp  # pyright: ignore[reportMissingTypeStubs]
     except ImportError as exc:
         raise ImportError(
             "privacy accounting needs Opacus: pip install 'blazefl_fn[privacy]'"
         ) from exc
-    accountant = RDPAccountant() if method == "rdp" else PRVAccountant()
-    accountant.history = [(noise_multiplier, rate, steps)]
+    return accountants, rdp
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_per_round(noise_multiplier: float, rate: float) -> Any:
+    """One round's RDP at Opacus's default orders (RDP composes by adding: T rounds cost T
+    times this)."""
+    accountants, rdp = _opacus()
+    return rdp.compute_rdp(
+        q=rate, noise_multiplier=noise_multiplier, steps=1,
+        orders=accountants.RDPAccountant.DEFAULT_ALPHAS,
+    )  # fmt: skip
+
+
+def _opacus_epsilon(
+    method: str, noise_multiplier: float, rate: float, steps: int, delta: float
+) -> float:
+    accountants, rdp = _opacus()
     with warnings.catch_warnings():
         # Opacus warns when the best Renyi order is at the end of its grid (a loose but
         # valid bound), and numpy when PRV meets q = 1; neither changes the answer's validity.
         warnings.simplefilter("ignore")
-        epsilon: float = accountant.get_epsilon(delta=delta)  # pyright: ignore[reportUnknownMemberType]
-        return float(epsilon)
+        if method == "rdp":
+            # What RDPAccountant.get_epsilon computes, bit for bit (its compute_rdp returns
+            # the one-step RDP times steps), without recomputing the one-step RDP every round:
+            # 0.1 ms a round instead of 0.1-0.2 s.
+            epsilon, _ = rdp.get_privacy_spent(
+                orders=accountants.RDPAccountant.DEFAULT_ALPHAS,
+                rdp=_rdp_per_round(noise_multiplier, rate) * steps,
+                delta=delta,
+            )
+            return float(epsilon)
+        accountant = accountants.PRVAccountant()
+        accountant.history = [(noise_multiplier, rate, steps)]
+        return float(accountant.get_epsilon(delta=delta))
 
 
 @functools.lru_cache(maxsize=4096)

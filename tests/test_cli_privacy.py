@@ -61,7 +61,7 @@ def test_the_budget_stop_names_the_round_and_exits_0() -> None:
         (["--dp", "central", "--dp-delta", "0"], "dp_delta must be"),
         (["--dp", "local", "--dp-target-epsilon", "0"], "dp_target_epsilon must be"),
         (["--dp", "central", "--dp-target-epsilon", "nan"], "dp_target_epsilon must be"),
-        (["--dp-clip", "2"], "dp_clip applies with dp"),
+        (["--dp-clip", "2"], "dp_clip=2.0 applies with dp"),
         (["--dp", "central", "--algorithm", "scaffold"], "central DP applies to"),
         (["--dp", "central", "--clip-norm", "1"], "does not apply with dp"),
         (["--dp", "local", "--dp-adaptive-quantile", "0.5"], "adaptive clipping is central DP's"),
