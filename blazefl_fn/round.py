@@ -186,11 +186,6 @@ class PoissonSampler:
     def __call__(self, _state: ServerState, key: Key) -> tuple[int, ...]:
         return key.bernoulli(self.num_clients, self.rate)
 
-    @property
-    def expected_clients(self) -> float:
-        """The mean number of clients per round, ``rate * num_clients``."""
-        return self.rate * self.num_clients
-
 
 def poisson_sampler(num_clients: int, rate: float) -> PoissonSampler:
     """A `PoissonSampler` over ``num_clients`` clients.

@@ -67,6 +67,22 @@ def test_the_budget_stop_names_the_round_and_exits_0() -> None:
         (["--dp", "local", "--dp-adaptive-quantile", "0.5"], "adaptive clipping is central DP's"),
         (["--dp", "central", "--dp-adaptive-quantile", "0.5"], "count noise"),
         (["--dp", "laplace"], "invalid choice"),
+        (["--dp", "central", "--dp-accountant", "pld"], "invalid choice"),
+        (["--dp", "central", "--dp-sampling", "shuffle"], "invalid choice"),
+        (["--dp", "central", "--dp-adaptive-quantile", "1.5"], "dp_adaptive_quantile must be"),
+        (
+            ["--dp", "central", "--dp-adaptive-quantile", "0.5", "--dp-clip-lr", "0"],
+            "dp_clip_lr must be",
+        ),
+        (
+            ["--dp", "central", "--dp-adaptive-quantile", "0.5", "--dp-count-noise", "-1"],
+            "dp_count_noise must be",
+        ),
+        (["--dp", "central", "--dp-clip-lr", "0.5"], "applies with dp_adaptive_quantile"),
+        (
+            ["--dp", "central", "--dp-noise-multiplier", "0", "--dp-target-epsilon", "1"],
+            "without noise no round fits",
+        ),
     ],
 )
 def test_bad_privacy_flags_exit_2_in_one_line(flags: list[str], message: str) -> None:
