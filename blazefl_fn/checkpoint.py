@@ -42,10 +42,12 @@ __all__ = [
     "Checkpoint",
     "CheckpointWriter",
     "OutputLockedError",
+    "StoredCheckpoint",
     "check_fresh",
     "checkpoint_file",
     "load_checkpoint",
     "locked",
+    "read_checkpoint",
     "read_config",
     "save_checkpoint",
 ]
@@ -294,8 +296,54 @@ def read_config(location: str | os.PathLike[str]) -> dict[str, Any]:
         FileNotFoundError: there is no checkpoint there.
         ValueError: the file is not a readable blazefl_fn checkpoint.
     """
+    return read_checkpoint(location).config
+
+
+@attrs.frozen(eq=False)
+class StoredCheckpoint:
+    """A checkpoint file read and verified once (`read_checkpoint`): its config at once, its
+    state on `load`, so that checking a resume's settings and restoring its state read and
+    hash the file one time.
+
+    Attributes:
+        path: the checkpoint file.
+        payload: the verified contents (checksum and field types checked).
+    """
+
+    path: Path
+    payload: Mapping[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The stored run configuration (`blazefl_fn.run.config_dict`'s form)."""
+        return _json_object(self.path, self.payload, "config")
+
+    def load(
+        self, aux_template: object = None, params_template: Mapping[str, torch.Tensor] | None = None
+    ) -> Checkpoint:
+        """The stored state, checked against the templates (see `load_checkpoint`)."""
+        return _restore(self.path, self.payload, aux_template, params_template)
+
+
+def read_checkpoint(location: str | os.PathLike[str]) -> StoredCheckpoint:
+    """Read and verify the checkpoint at ``location`` (a directory or file) once.
+
+    Raises:
+        FileNotFoundError: there is no checkpoint there.
+        ValueError: the file is corrupt or truncated, a field is missing or of the wrong type,
+            or its content does not match its checksum.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> from blazefl_fn.records import ServerState
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = save_checkpoint(d, ServerState({"w": torch.ones(2)}, round=3), {"seed": 0})
+        ...     stored = read_checkpoint(d)
+        ...     stored.config, stored.load().state.round
+        ({'seed': 0}, 3)
+    """
     path = checkpoint_file(location)
-    return _json_object(path, _read(path), "config")
+    return StoredCheckpoint(path, _read(path))
 
 
 def load_checkpoint(
@@ -319,8 +367,15 @@ def load_checkpoint(
             its content does not match its checksum, its parameters do not fit
             ``params_template``, or its aux state does not fit ``aux_template``.
     """
-    path = checkpoint_file(location)
-    data = _read(path)
+    return read_checkpoint(location).load(aux_template, params_template)
+
+
+def _restore(
+    path: Path,
+    data: Mapping[str, Any],
+    aux_template: object,
+    params_template: Mapping[str, torch.Tensor] | None,
+) -> Checkpoint:
     params = cast(dict[str, torch.Tensor], data["params"])
     if digest(params) != data["params_sha256"]:
         raise ValueError(f"checkpoint {path}: the parameters do not match their stored digest")

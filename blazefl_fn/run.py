@@ -43,7 +43,13 @@ from ._run_config import (
     UNCLIPPED,
     RunConfig,
 )
-from .checkpoint import CheckpointWriter, check_fresh, load_checkpoint, locked, read_config
+from .checkpoint import (
+    CheckpointWriter,
+    StoredCheckpoint,
+    check_fresh,
+    locked,
+    read_checkpoint,
+)
 from .data.datasets import ClientData, TensorDataset
 from .devices import check_device, cuda_determinism, parse_devices, to_device, uses_cuda
 from .keys import Key
@@ -295,19 +301,23 @@ def simulate(
         if checkpoint_dir is not None:
             stack.enter_context(locked(checkpoint_dir))
             check_fresh(checkpoint_dir, resume, overwrite=overwrite)
+        # Read and verified once, here under the lock; `_simulate` takes it out of the list to
+        # restore the state, so that this frame does not keep the file's tensors for the run.
+        stored: list[StoredCheckpoint] = []
         if resume is not None:
-            check_resumable(config_from_dict(read_config(resume)), config)
+            stored.append(read_checkpoint(resume))
+            check_resumable(config_from_dict(stored[0].config), config)
         # On CUDA the server's stages and evaluation run with deterministic kernels too.
         cuda = uses_cuda((*parse_devices(config.device), check_device(config.server_device)))
         stack.enter_context(intra_op_threads(config.threads))
         stack.enter_context(cuda_determinism(cuda))
-        return _simulate(config, callbacks, resume, checkpoint_dir, checkpoint_every, start)
+        return _simulate(config, callbacks, stored, checkpoint_dir, checkpoint_every, start)
 
 
 def _simulate(
     config: RunConfig,
     callbacks: Sequence[Callback],
-    resume: str | os.PathLike[str] | None,
+    stored: list[StoredCheckpoint],
     checkpoint_dir: str | os.PathLike[str] | None,
     checkpoint_every: int,
     start: float,
@@ -321,8 +331,8 @@ def _simulate(
         algorithm = attrs.evolve(algorithm, nonfinite="skip")
     template = build_module(model_fn, run_key.fold_in("template"))
     state = algorithm.init(run_key.fold_in("init"))
-    if resume is not None:
-        state = load_checkpoint(resume, aux_template=state.aux, params_template=state.params).state
+    if stored:
+        state = stored.pop().load(aux_template=state.aux, params_template=state.params).state
         if state.round > config.rounds:
             raise ValueError(
                 f"the checkpoint has completed {state.round} rounds, more than rounds="

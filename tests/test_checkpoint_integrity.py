@@ -107,6 +107,29 @@ def test_a_checkpoint_of_another_model_is_refused_by_simulate(tmp_path: Path) ->
         simulate(attrs.evolve(base, rounds=2), resume=tmp_path)
 
 
+def test_a_resume_reads_and_verifies_the_checkpoint_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = RunConfig(rounds=2, clients=4, clients_per_round=2, algorithm="fedadam")
+    whole = simulate(config)
+    simulate(attrs.evolve(config, rounds=1), checkpoint_dir=tmp_path)
+    reads: list[Path] = []
+    verify = checkpoint_module._read  # pyright: ignore[reportPrivateUsage]
+
+    def counted(path: Path) -> dict[str, Any]:
+        reads.append(path)
+        return verify(path)
+
+    monkeypatch.setattr(checkpoint_module, "_read", counted)
+    resumed = simulate(config, resume=tmp_path, checkpoint_dir=tmp_path)
+    assert reads == [tmp_path / CHECKPOINT_NAME]  # the settings check and the state share it
+    assert resumed.params_sha256 == whole.params_sha256
+    stored = checkpoint_module.read_checkpoint(tmp_path)
+    assert stored.config == read_config(tmp_path)
+    loaded = stored.load(aux_template=resumed.state.aux, params_template=resumed.state.params)
+    assert loaded.state.round == 2
+
+
 @pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.99])
 def test_a_truncated_checkpoint_is_corrupt_not_an_errno(tmp_path: Path, fraction: float) -> None:
     path = _saved(tmp_path)
