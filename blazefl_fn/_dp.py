@@ -26,7 +26,7 @@ from .jobs import ClientTask, ClientUpdate, VectorizedUpdate
 from .keys import Key
 from .records import Downlink, Uplink
 from .server_transforms import apply_updates, round_delta
-from .tree import Params, nonfinite
+from .tree import Params, floating_names, nonfinite
 
 __all__ = [
     "AdaptiveClipping",
@@ -158,10 +158,6 @@ def gaussian_like(tree: Params, names: Sequence[str], std: float, key: Key) -> d
     return out
 
 
-def _floating(tree: Params) -> list[str]:
-    return [name for name, t in tree.items() if t.dtype.is_floating_point]
-
-
 def private_mean_delta(
     current: Params,
     trees: Sequence[Params],
@@ -177,7 +173,7 @@ def private_mean_delta(
     noise from ``key.fold_in("update")``; the clip norm moves only under adaptive clipping,
     with the count's noise from ``key.fold_in("quantile")``.
     """
-    names = _floating(current)
+    names = floating_names(current)
     total = {
         name: torch.zeros(tuple(t.shape), dtype=_F64 if name in names else torch.int64).to(t.device)
         for name, t in current.items()
@@ -245,7 +241,7 @@ class LocalNoiseUpdate(Generic[Data]):
             return attrs.evolve(blank, params={**sent, **nan})
         clipped = clip_by_norm(delta, self.dp.clip_norm)
         std = self.dp.noise_multiplier * self.dp.clip_norm
-        noise = gaussian_like(base, _floating(base), std, key.fold_in("dp"))
+        noise = gaussian_like(base, floating_names(base), std, key.fold_in("dp"))
         noised = {
             name: clipped[name] + noise[name].to(clipped[name].device)
             if name in noise

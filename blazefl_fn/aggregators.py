@@ -48,7 +48,7 @@ import attrs
 import torch
 
 from ._validators import int_at_least
-from .tree import Params, weighted_mean
+from .tree import Params, floating_names, weighted_mean
 
 __all__ = [
     "Aggregator",
@@ -305,10 +305,6 @@ def _fsum(values: list[float]) -> float:
         return math.inf
 
 
-def _floating_names(tree: Params) -> list[str]:
-    return [name for name, t in tree.items() if t.dtype.is_floating_point]
-
-
 def global_norm(tree: Params) -> float:
     """The L2 norm of all floating entries together, computed in float64.
 
@@ -323,7 +319,7 @@ def global_norm(tree: Params) -> float:
         >>> global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0]), "n": torch.tensor(7)})
         5.0
     """
-    names = _floating_names(tree)
+    names = floating_names(tree)
     for name in names:
         if not bool(torch.isfinite(tree[name]).all()):
             raise ValueError(f"entry {name!r} holds non-finite values")
@@ -418,7 +414,7 @@ def krum_scores(trees: Sequence[Params], f: int) -> list[float]:
         raise ValueError(f"f must be an integer >= 0, got {f!r}")
     if count <= 2 * f + 2:
         raise ValueError(f"Krum needs n > 2f + 2 clients, got n={count}, f={f}")
-    names = _floating_names(trees[0])
+    names = floating_names(trees[0])
     dist = [[0.0] * count for _ in range(count)]
     for i in range(count):
         for j in range(i + 1, count):

@@ -44,7 +44,7 @@ import attrs
 import torch
 
 from ._validators import finite_number
-from .tree import Params
+from .tree import Params, floating_names
 
 __all__ = [
     "SGD",
@@ -177,12 +177,8 @@ def server_step(
     return apply_updates(params, updates), new_state
 
 
-def _floating(tree: Params) -> list[str]:
-    return [name for name, t in tree.items() if t.dtype.is_floating_point]
-
-
 def _check_state(what: str, delta: Params, moments: Params) -> None:
-    names = _floating(delta)
+    names = floating_names(delta)
     if set(names) != set(moments):
         raise ValueError(
             f"{what} state does not match the delta's floating entries: "
@@ -212,7 +208,7 @@ def _elementwise(
 def _zeros(params: Params, fill: float = 0.0) -> dict[str, torch.Tensor]:
     return {
         name: torch.full(params[name].shape, fill, dtype=_F64, device=params[name].device)
-        for name in _floating(params)
+        for name in floating_names(params)
     }
 
 

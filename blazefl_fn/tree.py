@@ -22,6 +22,7 @@ __all__ = [
     "clone",
     "digest",
     "flatten",
+    "floating_names",
     "from_module",
     "map_params",
     "nbytes",
@@ -284,6 +285,17 @@ def digest(params: Params) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
     return h.hexdigest()
+
+
+def floating_names(params: Params) -> list[str]:
+    """The names of the floating-point entries, in the tree's order.
+
+    Examples:
+        >>> import torch
+        >>> floating_names({"w": torch.zeros(2), "n": torch.tensor(3), "b": torch.zeros(1)})
+        ['w', 'b']
+    """
+    return [name for name, t in params.items() if t.dtype.is_floating_point]
 
 
 def nonfinite(params: Params) -> list[str]:

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
+from _memory import traced_peak
 
 from blazefl_fn.data.cifar import (
     CIFAR10_PYTHON_MD5,
@@ -493,19 +494,13 @@ class _DirectArray:
 
 
 def test_a_tiny_batch_declaring_100k_images_is_refused_before_allocating(tmp_path: Path) -> None:
-    import tracemalloc
-
     cifar10_python(tmp_path, n=2, n_test=2)
     dump(tmp_path / "test_batch", {b"data": _HugeArray(), b"labels": _LabelsFromZeros()})
     assert (tmp_path / "test_batch").stat().st_size < 400
-    tracemalloc.start()
-    try:
-        with pytest.raises(ValueError, match=r"bytes\(\) of a int is not part of a CIFAR batch"):
-            load_cifar10(tmp_path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 4 << 20, peak
+    refused = pytest.raises(ValueError, match=r"bytes\(\) of a int is not part of a CIFAR batch")
+    with traced_peak() as peak, refused:
+        load_cifar10(tmp_path)
+    assert peak.bytes < 4 << 20, peak
 
 
 def test_calling_ndarray_directly_is_refused(tmp_path: Path) -> None:
@@ -548,18 +543,13 @@ class _ListOf:
 
 
 def test_reusing_one_object_to_amplify_allocation_is_refused(tmp_path: Path) -> None:
-    import tracemalloc
-
     cifar10_python(tmp_path, n=2, n_test=2)
     shared = bytes(range(256)) * 400  # 100 KiB, stored once and referenced 2,000 times
     dump(tmp_path / "test_batch", {b"data": fake_pixels(2), b"labels": [0, 1],
                                    b"x": [_ListOf(shared) for _ in range(2000)]})  # fmt: skip
     assert (tmp_path / "test_batch").stat().st_size < 200_000
-    tracemalloc.start()
-    try:
-        with pytest.raises(ValueError, match="builds more data than a CIFAR batch of its size"):
-            load_cifar10(tmp_path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 64 << 20, peak  # unbounded, it would be 2,000 lists of 102,400 items (1.6 GB)
+    refused = pytest.raises(ValueError, match="builds more data than a CIFAR batch of its size")
+    with traced_peak() as peak, refused:
+        load_cifar10(tmp_path)
+    # Unbounded, it would be 2,000 lists of 102,400 items (1.6 GB).
+    assert peak.bytes < 64 << 20, peak

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
+from _memory import traced_peak
 from _paths import MNIST_ENV, mnist_dir, mnist_search_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -310,18 +311,12 @@ def _bomb(path: Path, dims: tuple[int, ...], inflated: int) -> Path:
 
 
 def test_decompression_stops_just_past_what_the_header_declares(tmp_path: Path) -> None:
-    import tracemalloc
-
     path = _bomb(tmp_path / "bomb.gz", (10, 28, 28), 256 << 20)  # 256 MiB behind 7,840 bytes
     assert path.stat().st_size < 400_000
-    tracemalloc.start()
-    try:
-        with pytest.raises(ValueError, match="trailing bytes after the 7840 bytes of data"):
-            read_idx(path)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 8 << 20, peak  # a few chunks, not 256 MiB
+    refused = pytest.raises(ValueError, match="trailing bytes after the 7840 bytes of data")
+    with traced_peak() as peak, refused:
+        read_idx(path)
+    assert peak.bytes < 8 << 20, peak  # a few chunks, not 256 MiB
 
 
 def test_a_header_declaring_more_than_allowed_reads_no_data(tmp_path: Path) -> None:
