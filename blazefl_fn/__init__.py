@@ -11,6 +11,7 @@ from . import aggregators as aggregators
 from . import algorithms as algorithms
 from . import client_stages as client_stages
 from . import client_state as client_state
+from . import client_store as client_store
 from . import data as data
 from . import devices as devices
 from . import privacy as privacy
@@ -37,9 +38,12 @@ from .checkpoint import CheckpointWriter as CheckpointWriter
 from .checkpoint import OutputLockedError as OutputLockedError
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_checkpoint as save_checkpoint
+from .client_store import ClientStore as ClientStore
+from .client_store import StoreOptions as StoreOptions
 from .data.datasets import ClientData as ClientData
 from .data.datasets import FederatedDataset as FederatedDataset
 from .data.datasets import TensorDataset as TensorDataset
+from .data.synthetic import SyntheticClients as SyntheticClients
 from .executors.base import Executor as Executor
 from .executors.processes import Processes as Processes
 from .executors.processes import WorkerError as WorkerError
@@ -118,6 +122,7 @@ __all__ = [
     "ClientData",
     "ClientError",
     "ClientInput",
+    "ClientStore",
     "ClientTask",
     "Distillation",
     "Downlink",
@@ -151,6 +156,8 @@ __all__ = [
     "RunResult",
     "Sequential",
     "ServerState",
+    "StoreOptions",
+    "SyntheticClients",
     "TensorDataset",
     "Threads",
     "Trained",
@@ -164,6 +171,7 @@ __all__ = [
     "build_template",
     "client_stages",
     "client_state",
+    "client_store",
     "compose",
     "data",
     "devices",

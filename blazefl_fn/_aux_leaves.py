@@ -4,14 +4,19 @@ the template, not the file, decides what may be built)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import cast
 
 import attrs
 import torch
 
+from .client_store import ClientStore
+from .tree import TreeSpec, tree_spec
+
 __all__ = ["SCALARS", "BadLeaf", "Mismatch", "Reader", "client_tree", "fit", "flatten"]
 
+_DECODER = json.JSONDecoder()
 SCALARS = (int, float, bool, str, type(None))
 """The plain leaf types a stored aux state may hold besides tensors."""
 
@@ -25,6 +30,14 @@ def flatten(obj: object, where: str, leaves: list[object]) -> str:
     if isinstance(obj, SCALARS):
         leaves.append(obj)
         return "S"
+    if isinstance(obj, ClientStore):
+        # Only the clients that hold state, in id order, one packed leaf each (spilled trees
+        # are read back here), its layout in the text as JSON.
+        entries: list[str] = []
+        for cid, buffer, spec in obj.packed_items():
+            leaves.append(buffer)
+            entries.append(f"{cid}:P{_layout_json(spec)}")
+        return f"Store{obj.num_clients}[" + ",".join(entries) + "]"
     if isinstance(obj, Mapping):
         mapping = cast(Mapping[object, object], obj)
         names = sorted(mapping, key=str)
@@ -84,9 +97,12 @@ class Reader:
 def fit(template: object, reader: Reader, *, client_state: bool = False) -> object:
     """The stored aux state: ``template``'s structure filled with the stored leaves.
 
-    One exception to "the same structure": an empty mapping inside a tuple or list (a
-    client's stored state, empty until it first takes part, `blazefl_fn.client_state`) takes
-    the tensors the checkpoint stored there.
+    Two exceptions to "the same structure": an empty mapping inside a tuple or list (one
+    tree per client kept in a tuple, empty until the client first takes part) takes the
+    tensors the checkpoint stored there; and a `ClientStore`, stored as
+    ``Store<N>[id:P<layout>,...]`` (only the clients holding state, each tree one packed
+    uint8 leaf, its layout as JSON), is rebuilt with those trees and the template's options
+    (its memory budget and spill directory).
     """
     if isinstance(template, torch.Tensor):
         reader.expect("T")
@@ -102,6 +118,8 @@ def fit(template: object, reader: Reader, *, client_state: bool = False) -> obje
     if isinstance(template, SCALARS):
         reader.expect("S")
         return reader.leaf()
+    if isinstance(template, ClientStore):
+        return _store(template, reader)
     if isinstance(template, Mapping):
         mapping = cast(Mapping[str, object], template)
         reader.expect("{")
@@ -151,3 +169,77 @@ def client_tree(reader: Reader) -> dict[str, torch.Tensor]:
         out[name] = value
     reader.expect("}")
     return out
+
+
+_MAX_DIMS = 32
+_MAX_DIM = 2**48
+
+
+def _layout_json(spec: TreeSpec) -> str:
+    entries = [
+        [name, str(dtype).removeprefix("torch."), list(shape)]
+        for name, dtype, shape in zip(spec.names, spec.dtypes, spec.shapes, strict=True)
+    ]
+    return json.dumps(entries, separators=(",", ":"))
+
+
+def _layout(reader: Reader) -> TreeSpec:
+    """The layout ``[[name, dtype, shape], ...]`` at the reader's position (JSON)."""
+    try:
+        parsed, end = _DECODER.raw_decode(reader.text, reader.pos)
+    except json.JSONDecodeError:
+        raise Mismatch from None
+    reader.pos = end
+    if not isinstance(parsed, list) or not parsed:
+        raise Mismatch  # a store holds no empty tree
+    meta: dict[str, torch.Tensor] = {}
+    for entry in cast(list[object], parsed):
+        if not isinstance(entry, list) or len(cast(list[object], entry)) != 3:
+            raise Mismatch
+        name, dtype_name, shape = cast(list[object], entry)
+        dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+        if not isinstance(name, str) or name in meta or not isinstance(dtype, torch.dtype):
+            raise Mismatch
+        dims = cast(list[object], shape) if isinstance(shape, list) else None
+        if dims is None or len(dims) > _MAX_DIMS:
+            raise Mismatch
+        if not all(type(d) is int and 0 <= d <= _MAX_DIM for d in dims):
+            raise Mismatch
+        # Meta tensors: the layout is computed without allocating anything.
+        meta[name] = torch.empty(cast(list[int], dims), dtype=dtype, device="meta")
+    return tree_spec(meta)
+
+
+def _store(template: ClientStore, reader: Reader) -> ClientStore:
+    """The stored ``Store<N>[id:P<layout>,...]`` as a store with ``template``'s options."""
+    reader.expect(f"Store{template.num_clients}[")
+    entries: dict[int, tuple[torch.Tensor, TreeSpec]] = {}
+    last = -1
+    while not reader.peek("]"):
+        if entries:
+            reader.expect(",")
+        # An id is at most 20 ASCII digits, written as `flatten` writes it (no leading zero).
+        end = reader.text.find(":P", reader.pos, reader.pos + 22)
+        if end < 0:
+            raise Mismatch
+        digits = reader.text[reader.pos : end]
+        if not (digits.isascii() and digits.isdigit()) or str(int(digits)) != digits:
+            raise Mismatch
+        client_id = int(digits)
+        if not last < client_id < template.num_clients:
+            raise Mismatch
+        reader.pos = end + 2
+        spec = _layout(reader)
+        index = reader.taken
+        buffer = reader.leaf()
+        if (
+            not isinstance(buffer, torch.Tensor)
+            or buffer.dtype != torch.uint8
+            or buffer.dim() != 1
+            or buffer.numel() != spec.nbytes
+        ):
+            raise BadLeaf(index)
+        entries[client_id] = (buffer, spec)
+        last = client_id
+    reader.expect("]")
+    return template.with_packed(entries)

@@ -124,6 +124,21 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         default=defaults.max_bytes,
         help="with --executor vectorized: a memory budget for one chunk, in bytes",
     )
+    run.add_argument(
+        "--client-state-memory-mb",
+        type=int,
+        metavar="MB",
+        default=defaults.client_state_memory_mb,
+        help="scaffold, feddyn, dsfl, scarlet: MiB of client state kept in memory, the rest "
+        "spilled to files (default 1024; 0 spills all)",
+    )
+    run.add_argument(
+        "--client-state-dir",
+        metavar="DIR",
+        default=defaults.client_state_dir,
+        help="scaffold, feddyn, dsfl, scarlet: where spilled client state goes (default: the "
+        "system's temporary directory)",
+    )
     run.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     run.add_argument(
         "--portable",

@@ -4,6 +4,8 @@ executor (re-exported by `blazefl_fn.run`)."""
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +14,7 @@ import torch
 from ._run_config import (
     DEFAULT_SERVER_LR,
     DISTILLATION,
+    STATEFUL,
     RunConfig,
 )
 from .algorithms.compose import (
@@ -32,11 +35,12 @@ from .algorithms.feddyn import feddyn
 from .algorithms.fednova import fednova
 from .algorithms.scaffold import scaffold
 from .algorithms.scarlet import scarlet
+from .client_store import StoreOptions
 from .data.cifar import load_cifar10, load_cifar100
 from .data.datasets import ClientData, FederatedDataset, TensorDataset
 from .data.mnist import load_mnist
 from .data.partition import Partition, dirichlet, iid, inner_dirichlet, shards
-from .data.synthetic import synthetic
+from .data.synthetic import SyntheticClients, synthetic
 from .data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -111,48 +115,22 @@ def split(config: RunConfig, labels: torch.Tensor, key: Key) -> Partition:
     return inner_dirichlet(labels, config.clients, config.alpha, key)
 
 
-# Measured: 56.1 KiB per client over 2,000 Synthetic(1, 1) clients (60 features, float32
-# inputs and int64 labels, test share included), rounded up for the per-client records.
-_SYNTHETIC_BYTES_PER_CLIENT = 60 * 1024
+SYNTHETIC_EAGER_CLIENTS = 10_000
+"""The most synthetic clients a run generates up front; a larger federation is lazy.
 
-
-def _available_memory() -> int | None:
-    """Bytes of memory the kernel says are available (Linux), else None."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def check_memory(config: RunConfig) -> None:
-    """Refuse a synthetic federation too large for this machine's available memory.
-
-    The Synthetic(alpha, beta) clients are generated up front, about 60 KiB each; a
-    federation whose data would not fit is refused before any is made, with the estimate.
-    Image datasets are split into index views of one training set, so their size does not
-    grow with the number of clients.
-
-    Raises:
-        ValueError: the estimate exceeds the memory available (the message has both).
-    """
-    if config.dataset != "synthetic":
-        return
-    need = config.clients * _SYNTHETIC_BYTES_PER_CLIENT
-    available = _available_memory()
-    if available is not None and need > available:
-        raise ValueError(
-            f"clients={config.clients:,}: the synthetic data would need about "
-            f"{need / 2**30:.1f} GiB (about 60 KiB per client), more than the "
-            f"{available / 2**30:.1f} GiB of memory available; use fewer clients"
-        )
+A lazy federation's clients are a `blazefl_fn.data.synthetic.SyntheticClients` (each client is
+generated when a round samples it), and its test set is the held-out rows of its first this
+many clients. Up to this size a run's data, train and test, is what
+``synthetic(alpha, beta, clients, key)`` makes."""
 
 
 def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
     """The federated dataset ``config`` names, built from ``key``.
+
+    A synthetic federation of more than `SYNTHETIC_EAGER_CLIENTS` clients is lazy: its
+    clients are generated when rounds sample them, so its memory does not grow with
+    ``config.clients``; its test set is the held-out rows of the first
+    `SYNTHETIC_EAGER_CLIENTS` clients. Smaller ones are generated up front.
 
     Image datasets are split with ``key.fold_in("partition")``; every client is an index view
     onto the one training set. For the distillation algorithms (`DISTILLATION`) the public
@@ -162,11 +140,17 @@ def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
     Raises:
         FileNotFoundError: the data directory or a file in it is missing.
         ValueError: a data file is malformed, the public set leaves no training data, the
-            partition cannot be made, or the data would not fit in memory (`check_memory`).
+            partition cannot be made.
     """
-    check_memory(config)
     if config.dataset == "synthetic":
-        return synthetic(config.synthetic_alpha, config.synthetic_beta, config.clients, key)
+        return synthetic(
+            config.synthetic_alpha,
+            config.synthetic_beta,
+            config.clients,
+            key,
+            lazy=config.clients > SYNTHETIC_EAGER_CLIENTS,
+            test_clients=min(config.clients, SYNTHETIC_EAGER_CLIENTS),
+        )
     train, test, classes = load_central(config)
     public = None
     if config.algorithm in DISTILLATION:
@@ -181,6 +165,16 @@ def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
     return FederatedDataset(
         name=config.dataset, clients=clients, test=test, num_classes=classes, public=public
     )
+
+
+def evaluation_clients(data: FederatedDataset) -> Sequence[ClientData]:
+    """The clients ``config.eval_clients`` evaluates each time: all of them, except in a lazy
+    synthetic federation, where it is the first `SYNTHETIC_EAGER_CLIENTS` (those whose
+    held-out rows form the test set), each generated as it is evaluated."""
+    clients = data.clients
+    if isinstance(clients, SyntheticClients):
+        return clients.first(min(len(clients), SYNTHETIC_EAGER_CLIENTS))
+    return clients
 
 
 def _hold_out(n: int, size: int, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,6 +265,8 @@ def _algorithm(
         "local": local,
     }
     name = config.algorithm
+    if name in STATEFUL:
+        common["store"] = client_store_options(config)
     if name in DISTILLATION:
         return _distillation_algorithm(config, model_fn, data, common)
     if name == "fedavg" and config.clip_norm is None and config.dp is None:
@@ -335,6 +331,23 @@ def _distillation_algorithm(
         **shared,
         cache_duration=config.cache_duration,
         exponent=config.era_exponent,
+    )
+
+
+def client_store_options(config: RunConfig) -> StoreOptions:
+    """Where a stateful algorithm keeps its clients' state (`StoreOptions`).
+
+    Raises:
+        ValueError: ``config.client_state_dir`` is not a directory (checked here, when the
+            run starts, so that a resumed run may name another one).
+    """
+    where = config.client_state_dir
+    if where is not None and not os.path.isdir(where):
+        raise ValueError(f"client_state_dir {where!r} is not a directory")
+    memory_mb = config.client_state_memory_mb
+    return StoreOptions(
+        memory_bytes=StoreOptions().memory_bytes if memory_mb is None else memory_mb * 2**20,
+        spill_dir=config.client_state_dir,
     )
 
 

@@ -41,6 +41,8 @@ DEFAULT_SERVER_LR = {
 """The server learning rate each server-optimizer algorithm uses when none is given."""
 UNCLIPPED = ("scaffold", "feddyn", "fednova", "dsfl", "scarlet")
 """Algorithms with their own server arithmetic: update clipping (``clip_norm``) does not apply."""
+STATEFUL = ("scaffold", "feddyn", "dsfl", "scarlet")
+"""Algorithms whose clients keep state between rounds (in a `ClientStore`)."""
 DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
 """The dataset names `RunConfig` and ``--dataset`` accept."""
 PARTITIONS = ("iid", "dirichlet", "shards", "inner-dirichlet")
@@ -105,7 +107,11 @@ class RunConfig:
     the global model lives, is aggregated and evaluated. Both must exist on the machine that
     runs the config. ``portable`` pins the CPU kernels to their baseline paths
     (`blazefl_fn.portable`): the same bits on x86-64 CPUs of any model, at a cost in speed
-    (CPU devices only).
+    (CPU devices only). ``client_state_memory_mb`` and ``client_state_dir`` set where the
+    stateful algorithms (`STATEFUL`) keep their clients' state: that much in memory (default
+    1024 MiB), the rest in files under that directory (default: the system's temporary one;
+    it must exist when the run starts, which a resume may point elsewhere); they never change
+    the bits.
 
     Raises:
         ValueError: on construction, for any out-of-range value (the message names it).
@@ -221,6 +227,12 @@ class RunConfig:
     dp_count_noise: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1e9))
     )
+    client_state_memory_mb: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(int_at_least(0, _COUNT))
+    )
+    client_state_dir: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str))
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.clients_per_round > self.clients:
@@ -272,6 +284,7 @@ class RunConfig:
                     f"public_per_round ({self.public_per_round}) exceeds public_size "
                     f"({self.public_size})"
                 )
+        self._check_client_state()
         if self.client_timeout is not None and self.executor != "processes":
             raise ValueError(
                 f"client_timeout applies to the processes executor, not to {self.executor!r} "
@@ -341,4 +354,16 @@ class RunConfig:
             )
             CentralDP(self.dp_clip, self.dp_noise_multiplier, adaptive_dp).update_noise_multiplier(
                 float(self.clients_per_round)
+            )
+
+    def _check_client_state(self) -> None:
+        given = [
+            name
+            for name in ("client_state_memory_mb", "client_state_dir")
+            if getattr(self, name) is not None
+        ]
+        if given and self.algorithm not in STATEFUL:
+            raise ValueError(
+                f"{given[0]} applies to the algorithms whose clients keep state "
+                f"({', '.join(STATEFUL)}); not to {self.algorithm!r}"
             )

@@ -397,9 +397,15 @@ def _restore(
         if reader.pos != len(stored) or reader.taken != len(leaves):
             raise Mismatch
     except Mismatch:
+        if "Store" in expected and isinstance(stored, str) and "Store" not in stored:
+            raise ValueError(
+                f"checkpoint {path}: it keeps every client's state in a tuple, as blazefl_fn did "
+                "before client state moved to a ClientStore; this version cannot continue it "
+                "(start the run again)"
+            ) from None
         raise ValueError(
-            f"checkpoint {path}: its algorithm state has structure {stored!r}, the algorithm "
-            f"expects {expected!r}"
+            f"checkpoint {path}: its algorithm state has structure {_short(stored)}, the "
+            f"algorithm expects {_short(expected)}"
         ) from None
     except BadLeaf as exc:
         raise ValueError(
@@ -476,3 +482,9 @@ class CheckpointWriter(Callback):
     def on_end(self, result: LoopResult) -> None:
         if self.saved_round != result.state.round:
             self._save(result.state)
+
+
+def _short(structure: object, limit: int = 240) -> str:
+    """A structure description for a one-line message (a store's can be megabytes long)."""
+    text = repr(structure)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

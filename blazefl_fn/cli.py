@@ -36,7 +36,7 @@ from .metrics_log import MetricsLog
 from .plot import plot_runs
 from .progress import progress_callback
 from .records import ServerState
-from .run import RunConfig, check_memory, config_from_dict, load_central, simulate, split
+from .run import RunConfig, config_from_dict, load_central, simulate, split
 from .runner import Callback
 
 __all__ = ["main"]
@@ -114,7 +114,7 @@ def _resumed_config(argv: Sequence[str] | None, stored: RunConfig) -> RunConfig:
 
 
 def _check_machine(args: argparse.Namespace, config: RunConfig) -> None:
-    """Refuse settings this machine cannot carry: too many local workers, too many clients."""
+    """Refuse settings this machine cannot carry: too many local workers."""
     local = config.executor in ("threads", "processes") or (
         config.executor == "ray" and config.ray_address is None
     )
@@ -124,7 +124,6 @@ def _check_machine(args: argparse.Namespace, config: RunConfig) -> None:
             f"--workers {config.workers} is more than {OVERSUBSCRIPTION}x this machine's "
             f"{cpus} CPUs; pass --oversubscribe to run that many anyway"
         )
-    check_memory(config)
 
 
 def _checkpoint_stamp(directory: str | None) -> tuple[int, int, int] | None:

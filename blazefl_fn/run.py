@@ -19,7 +19,8 @@ import torch
 
 from . import portable
 from ._run_build import (
-    check_memory,
+    SYNTHETIC_EAGER_CLIENTS,
+    evaluation_clients,
     load_central,
     load_federation,
     make_algorithm,
@@ -40,6 +41,7 @@ from ._run_config import (
     EXECUTORS,
     MODELS,
     PARTITIONS,
+    STATEFUL,
     UNCLIPPED,
     RunConfig,
 )
@@ -73,10 +75,11 @@ __all__ = [
     "MODELS",
     "PARTITIONS",
     "RESUMABLE_CHANGES",
+    "STATEFUL",
+    "SYNTHETIC_EAGER_CLIENTS",
     "UNCLIPPED",
     "RunConfig",
     "RunResult",
-    "check_memory",
     "check_resumable",
     "config_dict",
     "config_from_dict",
@@ -170,6 +173,9 @@ RESUMABLE_CHANGES = frozenset(
         # The completed rounds skipped no client (a non-finite update would have failed them),
         # so the policy may be turned on for the rest of the run.
         "skip_nonfinite",
+        # Where client state lies (memory or spill files), never what it holds.
+        "client_state_memory_mb",
+        "client_state_dir",
         # Accounting only: how the spent budget is computed and when the run stops.
         "dp_target_epsilon",
         "dp_accountant",
@@ -204,7 +210,7 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
-    missing = sorted(known - set(values))
+    missing = sorted(known - set(values) - _OPTIONAL_FIELDS)
     if frozenset(missing) >= _ADDED_FIELDS:
         missing = [name for name in missing if name not in _ADDED_FIELDS]  # before DP: off
     if missing:
@@ -216,6 +222,9 @@ _ADDED_FIELDS = frozenset(f.name for f in attrs.fields(RunConfig) if f.name.star
 """Fields added after checkpoint format 2 was written; a stored config without all of them
 predates them and had them off, so `config_from_dict` takes their defaults (DP off). A config
 with some of them is refused: it was edited."""
+_OPTIONAL_FIELDS = frozenset({"client_state_memory_mb", "client_state_dir"})
+"""Fields added later that never change the bits: a stored config without them takes their
+defaults."""
 
 
 def check_resumable(stored: RunConfig, requested: RunConfig) -> None:
@@ -247,7 +256,7 @@ class _Evaluator:
 
     template: torch.nn.Module
     test: TensorDataset
-    clients: tuple[ClientData, ...] | None
+    clients: Sequence[ClientData] | None
 
     def __call__(self, state: ServerState) -> dict[str, float]:
         metrics = evaluate(self.template, state.params, self.test)
@@ -340,7 +349,8 @@ def _simulate(
             )
     state = to_device(state, server)
     evaluator = to_device(
-        _Evaluator(template, data.test, data.clients if config.eval_clients else None), server
+        _Evaluator(template, data.test, evaluation_clients(data) if config.eval_clients else None),
+        server,
     )
     observers = list(callbacks)
     if checkpoint_dir is not None:

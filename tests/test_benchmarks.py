@@ -78,3 +78,39 @@ def test_portable_benchmark_prints_both_modes(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "| sequential | native |" in out
     assert "| sequential | portable | DEFAULT |" in out
+
+
+@pytest.mark.slow
+def test_scale_benchmark_runs_every_part_with_one_digest_per_federation(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from _paths import mnist_dir
+
+    from benchmarks import scale
+
+    data_dir = mnist_dir()
+    if data_dir is None:
+        pytest.skip("MNIST is not available")
+    results = scale.main(
+        ["--sizes", "100,5000", "--per-round", "4", "--rounds", "2",
+         "--stateful-clients", "300", "--long-rounds", "200", "--data-dir", str(data_dir),
+         "--algorithms", "scaffold,scarlet", "--store-memory-mb", "0"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    synthetic = results["synthetic"]
+    assert [(r["clients"], r["executor"]) for r in synthetic] == [
+        (100, "threads"), (5000, "threads"), (100, "processes"), (5000, "processes"),
+    ]  # fmt: skip
+    # Threads and processes compute the same bits for each federation; federations differ.
+    digests = {(r["clients"], r["executor"]): r["digest"] for r in synthetic}
+    assert digests[100, "threads"] == digests[100, "processes"]
+    assert digests[5000, "threads"] == digests[5000, "processes"]
+    assert digests[100, "threads"] != digests[5000, "threads"]
+    assert all(r["worker_peak_mib"] > 0 for r in synthetic if r["executor"] == "processes")
+    for row in results["stateful"]:
+        # Only the clients that took part hold state, and a budget of 0 spills all of it.
+        assert 4 <= row["stored_clients"] <= 2 * 4
+        assert row["store_memory_mib"] == 0
+        assert row["store_spilled_mib"] > 0
+    assert [r["executor"] for r in results["long"]] == ["sequential", "processes"]
+    assert "| scarlet | 0 | 300 |" in out

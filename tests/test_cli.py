@@ -5,24 +5,27 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from _cli import run_cli
+from _memory import traced_peak
 
+from blazefl_fn import _run_build as run_build
+from blazefl_fn._run_build import evaluation_clients
 from blazefl_fn.cli import main
+from blazefl_fn.data import SyntheticClients, synthetic
+from blazefl_fn.keys import Key
+from blazefl_fn.run import SYNTHETIC_EAGER_CLIENTS, RunConfig, load_federation
 
 QUICK = ["--clients", "6", "--clients-per-round", "3", "--rounds", "2"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "blazefl_fn", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_cli(*args)
 
 
 def _json_run(*args: str) -> dict[str, Any]:
@@ -160,3 +163,63 @@ def test_errors_carry_no_traceback_in_a_real_process() -> None:
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert done.stderr.strip() == "blazefl-fn: error: MNIST directory not found: /nonexistent/mnist"
+
+
+def test_synthetic_runs_are_eager_up_to_10000_clients_and_lazy_above(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key = Key.from_seed(3)
+    # Up to 10,000 clients a run's data is what it always was, train and test.
+    data = load_federation(RunConfig(clients=30), key)
+    plain = synthetic(1.0, 1.0, 30, key)
+    assert isinstance(data.clients, tuple)
+    assert torch.equal(data.clients[0].base.x, plain.clients[0].base.x)
+    assert torch.equal(data.clients[0].base.y, plain.clients[0].base.y)
+    for ours, theirs in zip(data.clients, plain.clients, strict=True):
+        assert torch.equal(ours.indices, theirs.indices)
+    assert torch.equal(data.test.x, plain.test.x)
+    assert torch.equal(data.test.y, plain.test.y)
+    # The switch, without generating 10,000 clients: what the builder asks `synthetic` for.
+    calls: list[tuple[int, dict[str, Any]]] = []
+
+    def recording(alpha: float, beta: float, num_clients: int, key: Key, **kwargs: Any) -> None:
+        calls.append((num_clients, kwargs))
+
+    monkeypatch.setattr(run_build, "synthetic", recording)
+    for clients in (10_000, 10_001, 1_000_000):
+        load_federation(RunConfig(clients=clients, clients_per_round=10), key)
+    assert calls == [
+        (10_000, {"lazy": False, "test_clients": 10_000}),
+        (10_001, {"lazy": True, "test_clients": 10_000}),
+        (1_000_000, {"lazy": True, "test_clients": 10_000}),
+    ]
+    assert SYNTHETIC_EAGER_CLIENTS == 10_000
+
+
+def test_eval_clients_of_a_lazy_federation_are_its_test_clients() -> None:
+    key = Key.from_seed(0)
+    lazy = synthetic(1.0, 1.0, 20_000, key, lazy=True, test_clients=1)
+    evaluated = evaluation_clients(lazy)
+    assert isinstance(evaluated, SyntheticClients)
+    assert evaluated == synthetic(1.0, 1.0, 10_000, key, lazy=True, test_clients=1).clients
+    eager = synthetic(1.0, 1.0, 5, key)
+    assert evaluation_clients(eager) is eager.clients
+
+
+@pytest.mark.slow
+def test_a_million_synthetic_clients_run_from_the_cli_in_little_memory(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Refused before (about 57 GiB of data made up front); now lazy: a round generates the
+    # clients it samples, and building costs the 10,000 test clients, as a 10,000-client run.
+    flags = ["run", "--json", "--quiet", "--clients", "1000000", "--clients-per-round", "10"]
+    start = time.perf_counter()
+    with traced_peak() as peak:
+        assert main([*flags, "--rounds", "1"]) == 0
+    seconds = time.perf_counter() - start
+    result = json.loads(capsys.readouterr().out)
+    assert result["rounds"] == 1
+    assert len(result["params_sha256"]) == 64
+    assert seconds < 120, seconds
+    # The test set (10,000 clients' held-out rows, about 110 MiB) and its making dominate.
+    assert peak.bytes < 600 * 2**20, peak.bytes

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _cli import run_cli
 
 from blazefl_fn.metrics_log import read_metrics
 from blazefl_fn.privacy import Accountant
@@ -19,13 +19,7 @@ QUICK = ["--clients", "12", "--clients-per-round", "4", "--rounds", "3", "--quie
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "blazefl_fn", "run", *QUICK, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_cli("run", *QUICK, *args)
 
 
 def test_json_and_metrics_log_report_the_epsilon_of_every_round(tmp_path: Path) -> None:

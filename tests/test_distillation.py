@@ -17,9 +17,10 @@ from _paths import mnist_dir, mnist_search_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blazefl_fn.algorithms import _distill
 from blazefl_fn.algorithms.dsfl import DSFLState, dsfl
 from blazefl_fn.algorithms.label_cache import CacheSignal
-from blazefl_fn.algorithms.scarlet import ScarletState, client_cache, scarlet
+from blazefl_fn.algorithms.scarlet import ScarletState, client_cache, known_versions, scarlet
 from blazefl_fn.checkpoint import load_checkpoint, save_checkpoint
 from blazefl_fn.cli import main
 from blazefl_fn.data.datasets import ClientData, TensorDataset
@@ -33,7 +34,7 @@ from blazefl_fn.records import RoundReport, ServerState
 from blazefl_fn.reproducibility import intra_op_threads
 from blazefl_fn.round import Algorithm, make_round, run_round
 from blazefl_fn.run import RunConfig, run_rounds
-from blazefl_fn.tree import Params, digest
+from blazefl_fn.tree import Params, digest, trees_equal
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -118,12 +119,14 @@ def _whole_state(state: ServerState) -> dict[str, torch.Tensor]:
                 "cache.labels": aux.cache.labels,
                 "cache.produced": aux.cache.produced,
                 "signals": aux.signals,
-                "known": aux.known,
             }
         )
+        for k, record in aux.known.items():
+            out.update({f"known{k}.{n}": t for n, t in record.items()})
     else:
         out["targets"] = aux.targets
-    for k, stored in enumerate(aux.clients):
+    out["clients_key"] = aux.clients_key
+    for k, stored in aux.clients.items():
         out.update({f"client{k}.{n}": t for n, t in stored.items()})
     return out
 
@@ -183,15 +186,18 @@ def test_scarlet_client_caches_match_the_servers_record(
             assert report.clients == tuple(sorted(participants))
             for k in range(NUM_CLIENTS):
                 stored = aux.clients[k]
+                known = known_versions(aux, k)
                 if k not in participants:
-                    # Untouched: the very same dict and tensors, and the same record.
-                    assert stored is before.clients[k]
-                    assert all(stored[n] is before.clients[k][n] for n in stored)
-                    assert torch.equal(aux.known[k], before.known[k])
+                    # Untouched: the same state and the same record.
+                    assert trees_equal(stored, before.clients[k])
+                    assert torch.equal(known, known_versions(before, k))
                     continue
-                cache = client_cache(stored)
-                assert torch.equal(cache.produced, aux.known[k])
-                same = (aux.known[k] == aux.cache.produced) & (aux.cache.produced >= 0)
+                cache = client_cache(stored, PUBLIC_SIZE)
+                assert torch.equal(cache.produced, known)
+                # Only the entries it holds are stored, and so recorded.
+                assert torch.equal(stored["cache.indices"], torch.nonzero(known >= 0).flatten())
+                assert torch.equal(aux.known[k]["indices"], stored["cache.indices"])
+                same = (known == aux.cache.produced) & (aux.cache.produced >= 0)
                 assert torch.equal(cache.labels[same], aux.cache.labels[same])
                 # What it distilled on this round (last round's targets) is the server's.
                 targets = before.target_indices if before.has_targets else before.target_indices[:0]
@@ -326,13 +332,14 @@ def test_a_tampered_client_cache_is_out_of_sync(wrong: int) -> None:
     algo, state = _whole_set_state(2)
     aux = _scarlet_aux(state)
     assert bool((aux.signals == int(CacheSignal.CACHED)).all())
-    assert bool((aux.known == 0).all())
+    assert all(bool((known_versions(aux, k) == 0).all()) for k in range(NUM_CLIENTS))
     target = 7
-    stored = dict(aux.clients[2])
+    stored = aux.clients[2]
+    assert torch.equal(stored["cache.indices"], torch.arange(PUBLIC_SIZE))
     produced = stored["cache.produced"].clone()
     produced[target] = wrong
     stored["cache.produced"] = produced
-    clients = (*aux.clients[:2], stored, *aux.clients[3:])
+    clients = aux.clients.updated({2: stored})
     tampered = attrs.evolve(state, aux=attrs.evolve(aux, clients=clients))
     with Sequential() as executor:
         run_round(algo, CLIENTS, executor, state, _round_key(state))  # untampered: fine
@@ -348,8 +355,10 @@ def test_a_wrong_server_record_is_out_of_sync() -> None:
     algo, state = _whole_set_state(1)
     aux = _scarlet_aux(state)
     assert bool((aux.signals == int(CacheSignal.NEW)).all())
-    known = aux.known.clone()
-    known[4] = aux.cache.produced
+    assert bool((aux.cache.produced == 0).all())
+    known = aux.known.updated(
+        {4: {"indices": torch.arange(PUBLIC_SIZE), "produced": aux.cache.produced}}
+    )
     tampered = attrs.evolve(state, aux=attrs.evolve(aux, known=known))
     with Sequential() as executor, pytest.raises(ClientError, match="out of sync") as info:
         run_round(algo, CLIENTS, executor, tampered, _round_key(state))
@@ -364,7 +373,7 @@ def _model(stored: Params) -> dict[str, torch.Tensor]:
     return {n: t for n, t in stored.items() if n.startswith("model.")}
 
 
-def _clients(state: ServerState) -> tuple[Params, ...]:
+def _clients(state: ServerState) -> Any:
     aux = state.aux
     assert isinstance(aux, DSFLState | ScarletState)
     return aux.clients
@@ -377,28 +386,33 @@ def test_client_models_persist_between_rounds(factory: Callable[..., Any]) -> No
     initial = algo.init(INIT_KEY)
     first, _ = run_round(algo, CLIENTS, recording, initial, RUN_KEY.fold_in(0))
     returned = {u.client_id: u.state for u in recording.results}
+    recording_first = list(recording.tasks)
     for k in range(NUM_CLIENTS):
         now, then = _clients(first)[k], _clients(initial)[k]
+        # Nobody holds state before taking part.
+        assert then == {}
         if k in (0, 1):
-            assert digest(_model(now)) != digest(_model(then))
-            assert now is returned[k]
+            assert trees_equal(now, returned[k])
         else:
-            assert now is then
-            assert all(now[n] is then[n] for n in now)
+            assert now == {}
     second, _ = run_round(algo, CLIENTS, recording, first, RUN_KEY.fold_in(1))
-    assert _clients(second)[0] is _clients(first)[0]
+    assert trees_equal(_clients(second)[0], _clients(first)[0])
     third, _ = run_round(algo, CLIENTS, recording, second, RUN_KEY.fold_in(2))
     # Client 0 starts round 2 from the model it kept after round 0 ...
     task0, task2 = recording.tasks
     assert task0.client_id == 0
-    assert task0.state is _clients(first)[0]
-    assert task2.state is _clients(second)[2]  # kept from round 1
-    assert task2.state is not _clients(initial)[2]
+    assert trees_equal(task0.state, _clients(first)[0])
+    assert trees_equal(task2.state, _clients(second)[2])  # kept from round 1
+    # A client's first model comes from its own key.
+    first_model = _distill.first_model(MODEL, initial.aux.clients_key, 0)
+    first_task = recording_first[0]
+    assert trees_equal(_model(first_task.state), first_model)
+    assert digest(_model(returned[0])) != digest(first_model)
     # ... and that start matters: from its initial model it would end elsewhere.
     downlink = algo.broadcast(second)
     redo = algo.client_update(downlink, CLIENTS[0], task0)
     assert digest(redo.state) == digest(_clients(third)[0])
-    fresh_start = attrs.evolve(task0, state={**task0.state, **_model(_clients(initial)[0])})
+    fresh_start = attrs.evolve(task0, state={**task0.state, **first_model})
     other = algo.client_update(downlink, CLIENTS[0], fresh_start)
     assert digest(_model(other.state)) != digest(_model(redo.state))
 

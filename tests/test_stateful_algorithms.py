@@ -128,7 +128,8 @@ def test_scaffold_server_variate_is_the_mean_of_client_variates_under_full_parti
     final = _rounds(algo, 3)[-1]
     assert isinstance(final.aux, ScaffoldState)
     for n, c in final.aux.c.items():
-        mean = sum(ci[n] for ci in final.aux.clients) / 6
+        mean = sum(ci[n] for _, ci in final.aux.clients.items()) / 6
+        assert final.aux.clients.num_stored == 6
         assert torch.allclose(c, mean, atol=1e-6)
 
 
@@ -184,7 +185,7 @@ def test_feddyn_server_state_is_the_mean_of_every_clients_gradient_state(seed: i
     final = _rounds(algo, 3)[-1]
     assert isinstance(final.aux, FedDynState)
     for n, h in final.aux.h.items():
-        total = sum((gk[n] for gk in final.aux.clients if gk), torch.zeros_like(h))
+        total = sum((gk[n] for _, gk in final.aux.clients.items()), torch.zeros_like(h))
         assert torch.allclose(h, total / 6, atol=1e-7)
 
 

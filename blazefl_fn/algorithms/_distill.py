@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import attrs
 import torch
 
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import Distillation, LocalSGD, distill, predict_probs, train_local
-from ..records import Uplink
 from ..reproducibility import ModelFactory, build_module
 from ..tree import Params, from_module
 
@@ -38,18 +35,24 @@ def select_public(
 
 
 def initial(
-    model_fn: ModelFactory, key: Key, num_clients: int
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple[Params, ...]]:
-    """The server's model, the server's key (as `key_bits`) and every client's stored model.
+    model_fn: ModelFactory, key: Key
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The server's model, the server's key and the clients' key (both as `key_bits`).
 
-    Each client's model comes from its own key, ``key.fold_in("clients").fold_in(k)``.
+    No client model is made here: client ``k``'s first model comes from its own key,
+    ``key.fold_in("clients").fold_in(k)``, when it is first sampled (`first_model`).
     """
-    clients = key.fold_in("clients")
-    models = tuple(
-        {MODEL + n: t for n, t in from_module(build_module(model_fn, clients.fold_in(k))).items()}
-        for k in range(num_clients)
+    return (
+        from_module(build_module(model_fn, key)),
+        key_bits(key.fold_in("server")),
+        key_bits(key.fold_in("clients")),
     )
-    return from_module(build_module(model_fn, key)), key_bits(key.fold_in("server")), models
+
+
+def first_model(model_fn: ModelFactory, clients_key: torch.Tensor, client_id: int) -> Params:
+    """Client ``client_id``'s model before it first took part, as stored state."""
+    module = build_module(model_fn, key_of(clients_key).fold_in(client_id))
+    return {MODEL + n: t for n, t in from_module(module).items()}
 
 
 def server_distill(
@@ -147,11 +150,3 @@ class LocalStep:
         else:
             probs = predict_probs(self.template, params, self.public[request])
         return params, probs, metrics
-
-
-def stored_states(clients: Sequence[Params], uplinks: Sequence[Uplink]) -> tuple[Params, ...]:
-    """``clients`` with each uplink's client replaced by the state it returned."""
-    updated = list(clients)
-    for uplink in uplinks:
-        updated[uplink.client_id] = uplink.state
-    return tuple(updated)

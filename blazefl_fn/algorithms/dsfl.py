@@ -9,9 +9,10 @@ Round ``t``, with ``I_t`` the public indices the server picks for it:
    distills its own model (the state's ``params``) on the result and keeps it for round
    ``t + 1``.
 
-Every client's local model persists between rounds: it is kept in the state's ``aux``
-(`DSFLState.clients`), handed to the client by the ``dispatch`` stage and returned in
-``Uplink.state``; only soft labels and indices count as communication.
+Every client's local model persists between rounds: it is kept in a `ClientStore` in the
+state's ``aux`` (`DSFLState.clients`; only clients that took part hold one, a client's first
+model is made from its key when it is first sampled), handed to the client by the ``dispatch``
+stage and returned in ``Uplink.state``; only soft labels and indices count as communication.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from collections.abc import Sequence
 import attrs
 import torch
 
+from ..client_state import collect_states, initial_states
+from ..client_store import ClientStore, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import Distillation, LocalSGD
 from ..records import Downlink, ServerState, Uplink
 from ..reproducibility import ModelFactory, build_template
 from ..round import Algorithm, ClientInput, ClientTask, uniform_sampler
-from ..tree import Params
 from . import _distill
 from .soft_labels import era, mean_soft_labels
 
@@ -43,14 +45,17 @@ class DSFLState:
         targets: the global soft labels made in the last round, ``(per_round, classes)``.
         target_indices: the public indices they label.
         has_targets: False before the first round.
-        clients: each client's stored state (its local model under ``"model."`` names).
+        clients: the stored state of each client that took part (its local model under
+            ``"model."`` names).
+        clients_key: the key (16 bytes) each client's first model is made from.
     """
 
     server_key: torch.Tensor
     targets: torch.Tensor
     target_indices: torch.Tensor
     has_targets: bool
-    clients: tuple[Params, ...]
+    clients: ClientStore
+    clients_key: torch.Tensor
 
 
 @attrs.frozen
@@ -59,15 +64,17 @@ class _Init:
     num_clients: int
     public_per_round: int
     num_classes: int
+    store: StoreOptions | None = None
 
     def __call__(self, key: Key) -> ServerState:
-        params, server_key, clients = _distill.initial(self.model_fn, key, self.num_clients)
+        params, server_key, clients_key = _distill.initial(self.model_fn, key)
         aux = DSFLState(
             server_key=server_key,
             targets=torch.zeros(self.public_per_round, self.num_classes),
             target_indices=torch.zeros(self.public_per_round, dtype=torch.int64),
             has_targets=False,
-            clients=clients,
+            clients=initial_states(self.num_clients, self.store),
+            clients_key=clients_key,
         )
         return ServerState(params=params, aux=aux)
 
@@ -99,9 +106,18 @@ class _Broadcast:
         return Downlink(round=state.round, params=params)
 
 
-def _dispatch(state: ServerState, ids: Sequence[int]) -> list[ClientInput]:
-    clients = _aux(state).clients
-    return [ClientInput(state=clients[cid]) for cid in ids]
+@attrs.frozen
+class _Dispatch:
+    model_fn: ModelFactory
+
+    def __call__(self, state: ServerState, ids: Sequence[int]) -> list[ClientInput]:
+        aux = _aux(state)
+        return [
+            ClientInput(
+                state=aux.clients[cid] or _distill.first_model(self.model_fn, aux.clients_key, cid)
+            )
+            for cid in ids
+        ]
 
 
 @attrs.frozen(eq=False)
@@ -148,7 +164,7 @@ class _Aggregate:
             targets=targets,
             target_indices=request,
             has_targets=True,
-            clients=_distill.stored_states(aux.clients, uplinks),
+            clients=collect_states(aux.clients, uplinks),
         )
         return attrs.evolve(state, params=params, round=state.round + 1, aux=new_aux)
 
@@ -164,6 +180,7 @@ def dsfl(
     public_per_round: int = 1000,
     temperature: float = 0.1,
     distillation: Distillation | None = None,
+    store: StoreOptions | None = None,
 ) -> Algorithm[ClientData]:
     """DS-FL: distillation on a public set with Entropy Reduction Aggregation.
 
@@ -177,6 +194,7 @@ def dsfl(
         public_per_round: public samples the server asks predictions for each round.
         temperature: the ERA temperature ``T`` (``softmax(mean / T)``).
         distillation: distillation settings for clients and server (default `Distillation()`).
+        store: the memory budget of the clients' stored models (`StoreOptions`).
 
     Raises:
         ValueError: an empty public set, ``public_per_round`` not in ``[1, len(public)]``,
@@ -189,20 +207,21 @@ def dsfl(
         ...             num_classes=3, num_clients=5, clients_per_round=2,
         ...             local=LocalSGD(), public_per_round=20)
         >>> state = algo.init(Key.from_seed(0))
-        >>> len(state.aux.clients), algo.broadcast(state).params["request"].shape
-        (5, torch.Size([20]))
+        >>> state.aux.clients.num_stored, algo.broadcast(state).params["request"].shape
+        (0, torch.Size([20]))
     """
     _distill.check_setup(public, public_per_round, num_clients, clients_per_round)
     era(torch.full((1, 2), 0.5), temperature)  # validates the temperature now, not in round 1
     distillation = distillation if distillation is not None else Distillation()
+    initial_states(num_clients, store)  # checks the store options now, not at init
     template = build_template(model_fn)
     step = _distill.LocalStep(template, public, local, distillation, num_classes)
     return Algorithm(
         name="dsfl",
-        init=_Init(model_fn, num_clients, public_per_round, num_classes),
+        init=_Init(model_fn, num_clients, public_per_round, num_classes, store),
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=_Broadcast(public.shape[0], public_per_round),
         client_update=DSFLClient(step),
         aggregate=_Aggregate(step, public_per_round, temperature),
-        dispatch=_dispatch,
+        dispatch=_Dispatch(model_fn),
     )

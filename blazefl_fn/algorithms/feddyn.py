@@ -26,6 +26,7 @@ import torch
 from .._validators import finite_number
 from ..client_stages import InnerProduct, ProximalLoss
 from ..client_state import ClientStates, collect_states, dispatch_states, initial_states
+from ..client_store import StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import LocalSGD
@@ -58,11 +59,12 @@ class _Init:
     model_fn: ModelFactory
     num_clients: int
     names: tuple[str, ...]
+    store: StoreOptions | None = None
 
     def __call__(self, key: Key) -> ServerState[FedDynState]:
         params = from_module(build_module(self.model_fn, key))
         h = zeros_like(select(params, self.names))
-        return ServerState(params, aux=FedDynState(h, initial_states(self.num_clients)))
+        return ServerState(params, aux=FedDynState(h, initial_states(self.num_clients, self.store)))
 
 
 def feddyn_dispatch(state: ServerState[FedDynState], ids: Sequence[int]) -> list[ClientInput]:
@@ -144,8 +146,12 @@ def feddyn(
     clients_per_round: int,
     local: LocalSGD,
     alpha: float = 0.01,
+    store: StoreOptions | None = None,
 ) -> Algorithm[ClientData, FedDynState]:
     """FedDyn with regulariser weight ``alpha``.
+
+    ``store`` sets the memory budget of the clients' stored state (`StoreOptions`; by
+    default 1 GiB in memory, the rest spilled to files): only clients that took part hold any.
 
     Raises:
         ValueError: ``clients_per_round`` not in ``[1, num_clients]``, or ``alpha <= 0``.
@@ -158,12 +164,13 @@ def feddyn(
         >>> sorted(algo.init(Key.from_seed(0)).aux.h)
         ['1.bias', '1.weight']
     """
+    initial_states(num_clients, store)  # checks the store options now, not at init
     template = build_template(model_fn)
     names = trainable_names(template, aliases=True)
     training = dynamic(local.training(), alpha)
     return Algorithm(
         name="feddyn",
-        init=_Init(model_fn, num_clients, names),
+        init=_Init(model_fn, num_clients, names, store),
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=broadcast_params,
         client_update=FedDynUpdate(template, training, alpha, names),

@@ -30,6 +30,7 @@ import torch
 from .._validators import finite_number
 from ..client_stages import add_trees, chain
 from ..client_state import ClientStates, collect_states, dispatch_states, initial_states
+from ..client_store import StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import LocalSGD
@@ -68,11 +69,14 @@ class _Init:
     model_fn: ModelFactory
     num_clients: int
     names: tuple[str, ...]
+    store: StoreOptions | None = None
 
     def __call__(self, key: Key) -> ServerState[ScaffoldState]:
         params = from_module(build_module(self.model_fn, key))
         c = zeros_like(select(params, self.names))
-        return ServerState(params, aux=ScaffoldState(c, initial_states(self.num_clients)))
+        return ServerState(
+            params, aux=ScaffoldState(c, initial_states(self.num_clients, self.store))
+        )
 
 
 def scaffold_broadcast(state: ServerState[ScaffoldState]) -> Downlink:
@@ -160,8 +164,12 @@ def scaffold(
     clients_per_round: int,
     local: LocalSGD,
     server_lr: float = 1.0,
+    store: StoreOptions | None = None,
 ) -> Algorithm[ClientData, ScaffoldState]:
     """SCAFFOLD with option-II control variates and global step size ``server_lr``.
+
+    ``store`` sets the memory budget of the clients' stored state (`StoreOptions`; by
+    default 1 GiB in memory, the rest spilled to files): only clients that took part hold any.
 
     Raises:
         ValueError: ``clients_per_round`` not in ``[1, num_clients]``, or a bad ``server_lr``.
@@ -172,14 +180,15 @@ def scaffold(
         >>> algo = scaffold(functools.partial(logistic_regression, (60,), 10),
         ...                 num_clients=30, clients_per_round=10, local=LocalSGD())
         >>> state = algo.init(Key.from_seed(0))
-        >>> sorted(state.aux.c), len(state.aux.clients)
-        (['1.bias', '1.weight'], 30)
+        >>> sorted(state.aux.c), state.aux.clients.num_stored
+        (['1.bias', '1.weight'], 0)
     """
+    initial_states(num_clients, store)  # checks the store options now, not at init
     template = build_template(model_fn)
     names = trainable_names(template, aliases=True)
     return Algorithm(
         name="scaffold",
-        init=_Init(model_fn, num_clients, names),
+        init=_Init(model_fn, num_clients, names, store),
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=scaffold_broadcast,
         client_update=ScaffoldUpdate(template, corrected(local.training())),

@@ -5,11 +5,13 @@ it picks public indices ``I_t`` as DS-FL does, but asks the clients only for tho
 fresh label (`label_cache.is_fresh`); the labels it uses for ``I_t`` are the fresh cached ones
 plus the new aggregate, sharpened by Enhanced ERA ``p**beta / sum(p**beta)``.
 
-Clients keep their own copy of the cache in their stored state. A label travels down only
-when a client lacks it: each sampled client receives the entries of last round's targets
-where its cache differs from the server's (the server records, per client, which version of
-each entry it holds), plus one `CacheSignal` per target that the client checks against its
-cache, so a cache that drifted fails loudly instead of training on wrong labels. With every
+Clients keep their own copy of the cache in their stored state, as the entries they hold
+(sparse: ``"cache.indices"``, ``"cache.labels"``, ``"cache.produced"``). A label travels down
+only when a client lacks it: each sampled client receives the entries of last round's targets
+where its cache differs from the server's (the server records, per client that took part,
+which version of each entry it holds: `ScarletState.known`, as sparse as the caches), plus one
+`CacheSignal` per target that the client checks against its cache, so a cache that drifted
+fails loudly instead of training on wrong labels. With every
 client taking part each round this sends exactly the new labels; a client that missed rounds
 is brought up to date with what it missed, and only for the labels it is about to use.
 """
@@ -22,6 +24,8 @@ import attrs
 import torch
 
 from .._validators import check_int_at_least
+from ..client_state import collect_states, initial_states
+from ..client_store import ClientStore, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import Distillation, LocalSGD
@@ -33,8 +37,9 @@ from . import _distill
 from .label_cache import CacheSignal, SoftLabelCache, is_fresh
 from .soft_labels import enhanced_era, mean_soft_labels
 
-__all__ = ["ScarletState", "client_cache", "scarlet"]
+__all__ = ["ScarletState", "client_cache", "known_versions", "scarlet"]
 
+_INDICES = "cache.indices"
 _LABELS = "cache.labels"
 _PRODUCED = "cache.produced"
 
@@ -49,10 +54,13 @@ class ScarletState:
         target_indices: the public indices of the last round (the labels clients distill on).
         signals: their `CacheSignal`s as uint8.
         has_targets: False before the first round.
-        known: ``(num_clients, public_size)``: the round that produced the version of each
-            entry the server knows a client holds (``-1``: none) — its record of each client.
-        clients: each client's stored state: its local model (``"model."`` names) and its
-            cache (``"cache.labels"``, ``"cache.produced"``).
+        known: the server's record of each client that took part: the public indices
+            (``"indices"``) whose label the client holds and the round that produced each
+            (``"produced"``); `known_versions` reads it as one row per client.
+        clients: each client's stored state, for clients that took part: its local model
+            (``"model."`` names) and the entries of its cache (``"cache.indices"``,
+            ``"cache.labels"``, ``"cache.produced"``).
+        clients_key: the key (16 bytes) each client's first model is made from.
     """
 
     server_key: torch.Tensor
@@ -60,13 +68,41 @@ class ScarletState:
     target_indices: torch.Tensor
     signals: torch.Tensor
     has_targets: bool
-    known: torch.Tensor
-    clients: tuple[Params, ...]
+    known: ClientStore
+    clients: ClientStore
+    clients_key: torch.Tensor
 
 
-def client_cache(stored: Params) -> SoftLabelCache:
-    """The soft-label cache in a SCARLET client's stored state."""
-    return SoftLabelCache(stored[_LABELS], stored[_PRODUCED])
+def client_cache(stored: Params, public_size: int) -> SoftLabelCache:
+    """The soft-label cache in a SCARLET client's stored state, over the whole public set."""
+    indices, labels = stored[_INDICES], stored[_LABELS]
+    dense = torch.zeros(public_size, labels.shape[1], dtype=labels.dtype, device=labels.device)
+    produced = torch.full((public_size,), -1, dtype=torch.int64, device=labels.device)
+    dense[indices] = labels
+    produced[indices] = stored[_PRODUCED]
+    return SoftLabelCache(dense, produced)
+
+
+def _cache_entries(cache: SoftLabelCache) -> dict[str, torch.Tensor]:
+    """The entries of ``cache`` that hold a label, as stored state."""
+    held = torch.nonzero(cache.produced >= 0).flatten()
+    return {_INDICES: held, _LABELS: cache.labels[held], _PRODUCED: cache.produced[held]}
+
+
+def known_versions(aux: ScarletState, client_id: int) -> torch.Tensor:
+    """The round that produced the version of each public entry the server knows client
+    ``client_id`` holds (``-1``: none), one value per public index."""
+    record = aux.known[client_id]
+    row = torch.full_like(aux.cache.produced, -1)
+    if record:
+        # A record restored from a checkpoint lies on the CPU; the server may be on a GPU.
+        row[record["indices"].to(row.device)] = record["produced"].to(row.device)
+    return row
+
+
+def _record(row: torch.Tensor) -> dict[str, torch.Tensor]:
+    held = torch.nonzero(row >= 0).flatten()
+    return {"indices": held, "produced": row[held]}
 
 
 @attrs.frozen
@@ -76,22 +112,22 @@ class _Init:
     public_size: int
     public_per_round: int
     num_classes: int
+    store: StoreOptions | None = None
 
     def __call__(self, key: Key) -> ServerState:
         empty = SoftLabelCache.empty(self.public_size, self.num_classes)
-        params, server_key, models = _distill.initial(self.model_fn, key, self.num_clients)
-        # Every client starts from the same empty cache; nothing writes into it.
-        clients = tuple(
-            {**model, _LABELS: empty.labels, _PRODUCED: empty.produced} for model in models
-        )
+        params, server_key, clients_key = _distill.initial(self.model_fn, key)
+        # One memory budget for the clients' state and the server's record of it.
+        clients = initial_states(self.num_clients, self.store)
         aux = ScarletState(
             server_key=server_key,
             cache=empty,
             target_indices=torch.zeros(self.public_per_round, dtype=torch.int64),
             signals=torch.zeros(self.public_per_round, dtype=torch.uint8),
             has_targets=False,
-            known=torch.full((self.num_clients, self.public_size), -1, dtype=torch.int64),
+            known=clients.cleared(),
             clients=clients,
+            clients_key=clients_key,
         )
         return ServerState(params=params, aux=aux)
 
@@ -137,19 +173,37 @@ class _Broadcast:
         return Downlink(round=state.round, params=params)
 
 
-def _dispatch(state: ServerState, ids: Sequence[int]) -> list[ClientInput]:
-    aux = _aux(state)
-    indices, _ = _targets(aux)
-    inputs: list[ClientInput] = []
-    for cid in ids:
-        missing = aux.cache.stale(aux.known[cid], indices)
-        message = {
-            "sync_indices": missing,
-            "sync_labels": aux.cache.labels[missing],
-            "sync_produced": aux.cache.produced[missing],
+@attrs.frozen
+class _Dispatch:
+    model_fn: ModelFactory
+
+    def __call__(self, state: ServerState, ids: Sequence[int]) -> list[ClientInput]:
+        aux = _aux(state)
+        indices, _ = _targets(aux)
+        inputs: list[ClientInput] = []
+        for cid in ids:
+            missing = aux.cache.stale(known_versions(aux, cid), indices)
+            message = {
+                "sync_indices": missing,
+                "sync_labels": aux.cache.labels[missing],
+                "sync_produced": aux.cache.produced[missing],
+            }
+            inputs.append(ClientInput(message=message, state=self._stored(aux, cid)))
+        return inputs
+
+    def _stored(self, aux: ScarletState, client_id: int) -> dict[str, torch.Tensor]:
+        stored = aux.clients[client_id]
+        if stored:
+            return stored
+        # A client's first state: its own first model and an empty cache.
+        classes = aux.cache.labels.shape[1]
+        none = aux.cache.produced[:0]
+        return {
+            **_distill.first_model(self.model_fn, aux.clients_key, client_id),
+            _INDICES: none,
+            _LABELS: aux.cache.labels[:0].reshape(0, classes),
+            _PRODUCED: none,
         }
-        inputs.append(ClientInput(message=message, state=aux.clients[cid]))
-    return inputs
 
 
 def _check_in_sync(
@@ -186,7 +240,7 @@ class ScarletClient:
 
     def __call__(self, downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
         given, sync = downlink.params, task.message
-        cache = client_cache(task.state).apply(
+        cache = client_cache(task.state, self.step.public.shape[0]).apply(
             sync["sync_indices"], sync["sync_labels"], sync["sync_produced"]
         )
         indices = given["target_indices"]
@@ -202,7 +256,7 @@ class ScarletClient:
             task.key,
         )
         state = _distill.with_model(task.state, params)
-        state.update({_LABELS: cache.labels, _PRODUCED: cache.produced})
+        state.update(_cache_entries(cache))
         return Uplink(
             client_id=task.client_id,
             num_examples=len(data),
@@ -230,10 +284,11 @@ class _Aggregate:
             self.step, state.params, chosen, cache.labels[chosen], aux.server_key, state.round
         )
         # Each participant now holds last round's targets as the server had them.
-        known = aux.known.clone()
         indices, _ = _targets(aux)
-        for uplink in uplinks:
-            known[uplink.client_id, indices] = aux.cache.produced[indices]
+        rows = {u.client_id: known_versions(aux, u.client_id) for u in uplinks}
+        for row in rows.values():
+            row[indices] = aux.cache.produced[indices]
+        known = aux.known.updated({cid: _record(row) for cid, row in rows.items()})
         new_aux = attrs.evolve(
             aux,
             cache=cache,
@@ -241,7 +296,7 @@ class _Aggregate:
             signals=signals,
             has_targets=True,
             known=known,
-            clients=_distill.stored_states(aux.clients, uplinks),
+            clients=collect_states(aux.clients, uplinks),
         )
         return attrs.evolve(state, params=params, round=state.round + 1, aux=new_aux)
 
@@ -258,6 +313,7 @@ def scarlet(
     cache_duration: int = 10,
     exponent: float = 2.0,
     distillation: Distillation | None = None,
+    store: StoreOptions | None = None,
 ) -> Algorithm[ClientData]:
     """SCARLET: DS-FL with a synchronized soft-label cache and Enhanced ERA.
 
@@ -272,6 +328,8 @@ def scarlet(
         cache_duration: ``D``, how many rounds a cached label stays usable (0: no caching).
         exponent: the Enhanced ERA exponent ``beta`` (1: no sharpening).
         distillation: distillation settings for clients and server (default `Distillation()`).
+        store: the memory budget the clients' stored state and the server's records of them
+            share (`StoreOptions`).
 
     Raises:
         ValueError: an empty public set, ``public_per_round`` not in ``[1, len(public)]``,
@@ -285,22 +343,23 @@ def scarlet(
         ...                num_classes=3, num_clients=5, clients_per_round=2,
         ...                local=LocalSGD(), public_per_round=20, cache_duration=5)
         >>> state = algo.init(Key.from_seed(0))
-        >>> tuple(state.aux.known.shape), algo.broadcast(state).params["request"].shape
-        ((5, 50), torch.Size([20]))
+        >>> tuple(known_versions(state.aux, 4).shape), algo.broadcast(state).params["request"].shape
+        ((50,), torch.Size([20]))
     """
     _distill.check_setup(public, public_per_round, num_clients, clients_per_round)
     check_int_at_least("cache_duration", cache_duration, 0)
     enhanced_era(torch.full((1, 2), 0.5), exponent)  # validates the exponent now
     distillation = distillation if distillation is not None else Distillation()
+    initial_states(num_clients, store)  # checks the store options now, not at init
     template = build_template(model_fn)
     step = _distill.LocalStep(template, public, local, distillation, num_classes)
     plan = _Plan(public.shape[0], public_per_round, cache_duration)
     return Algorithm(
         name="scarlet",
-        init=_Init(model_fn, num_clients, public.shape[0], public_per_round, num_classes),
+        init=_Init(model_fn, num_clients, public.shape[0], public_per_round, num_classes, store),
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=_Broadcast(plan),
         client_update=ScarletClient(step, cache_duration),
         aggregate=_Aggregate(step, plan, exponent),
-        dispatch=_dispatch,
+        dispatch=_Dispatch(model_fn),
     )

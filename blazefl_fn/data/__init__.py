@@ -20,6 +20,7 @@ from .partition import inner_dirichlet as inner_dirichlet
 from .partition import partition_report as partition_report
 from .partition import quantity_skew as quantity_skew
 from .partition import shards as shards
+from .synthetic import SyntheticClients as SyntheticClients
 from .synthetic import synthetic as synthetic
 from .transforms import Chain as Chain
 from .transforms import Normalize as Normalize
@@ -42,6 +43,7 @@ __all__ = [
     "PartitionReport",
     "RandomCrop",
     "RandomHorizontalFlip",
+    "SyntheticClients",
     "TensorDataset",
     "Transform",
     "chain",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import attrs
 import torch
@@ -106,12 +106,15 @@ class FederatedDataset:
     """Client training data plus a central test set.
 
     Attributes:
+        clients: client ``k``'s data at index ``k``: a tuple, or a lazy sequence that makes
+            each client when it is read (`blazefl_fn.data.synthetic.SyntheticClients`). Code
+            that runs rounds indexes only the clients it samples, never iterates them all.
         public: unlabeled inputs every party may see, for distillation-based algorithms
             (DS-FL, SCARLET); None when the federation has no public set.
     """
 
     name: str
-    clients: tuple[ClientData, ...]
+    clients: Sequence[ClientData]
     test: TensorDataset
     num_classes: int
     public: torch.Tensor | None = None

@@ -4,7 +4,8 @@ An executor with devices wraps each `ClientJob` it maps in a `PlacedJob`. For cl
 ``device_for(k, devices)`` it runs the job against
 
 - the client update record and client ``k``'s data on that device, placed the first time
-  they are needed and then kept for the executor's lifetime (a `Placement` holds them);
+  they are needed and then kept for the executor's lifetime (a `Placement` holds them); the
+  clients of a lazy sequence, made when read, are placed at every read and not kept;
 - the downlink on that device, placed once per map (round) and device;
 - the task's own message and stored state on that device;
 
@@ -33,6 +34,7 @@ __all__ = [
     "PlacedJob",
     "Placement",
     "TaskQueues",
+    "holds_clients",
     "owned_groups",
     "placed",
     "server_device",
@@ -135,7 +137,8 @@ class Placement:
         devices: client ``k`` runs on ``devices[k % len(devices)]``.
         cuda: whether any device is a CUDA device.
         placements: how many times each ``(client id, device index)``'s data was moved; 1 per
-            client and device for the executor's lifetime (what tests check).
+            client and device for the executor's lifetime (what tests check), except for
+            lazy clients (`holds_clients`), moved each time a round reads them.
     """
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
@@ -175,10 +178,19 @@ class Placement:
         return placed
 
     def client(self, clients: Sequence[Data], client_id: int, index: int) -> Data:
-        """Client ``client_id``'s data on device ``index`` (moved on first use only)."""
+        """Client ``client_id``'s data on device ``index``.
+
+        Data that ``clients`` holds (a tuple or list) is placed through the device's memo, so
+        that a base dataset shared by clients moves once; the data of a lazy sequence (any
+        other, such as `blazefl_fn.data.synthetic.SyntheticClients`, which makes each client
+        when it is read) is placed on its own and not remembered.
+        """
         with self._lock:
             self.placements[client_id, index] += 1
             device = self.devices[index]
+        if not holds_clients(clients):
+            return to_device(clients[client_id], device)
+        with self._lock:
             return to_device(clients[client_id], device, self._memo(device))
 
     def clear(self) -> None:
@@ -191,12 +203,20 @@ class Placement:
         return self._memos.setdefault(device, {})
 
 
+def holds_clients(clients: Sequence[object]) -> bool:
+    """Whether ``clients`` holds its clients' data (a tuple or list), rather than making each
+    client when it is read (a lazy sequence, which executors never keep placed copies of)."""
+    return isinstance(clients, tuple | list)
+
+
 class _PlacedClients(Sequence[Data]):
-    """A context's clients, each placed on device ``index`` the first time it is read."""
+    """A context's clients on device ``index``: each placed the first time it is read and then
+    kept, or, for a lazy sequence (`holds_clients` is false), placed at every read."""
 
     def __init__(self, placement: Placement, clients: Sequence[Data], index: int) -> None:
         self._placement = placement
         self._clients = clients
+        self._keep = holds_clients(clients)
         self._index = index
         self._placed: dict[int, Data] = {}
         self._lock = threading.Lock()
@@ -213,6 +233,9 @@ class _PlacedClients(Sequence[Data]):
     def __getitem__(self, item: int | slice) -> Data | Sequence[Data]:
         if isinstance(item, slice):
             return [self[i] for i in range(*item.indices(len(self)))]
+        if not self._keep:
+            # A lazy sequence: kept, its clients would pile up on the device round after round.
+            return self._placement.client(self._clients, item, self._index)
         with self._lock:
             data = self._placed.get(item)
             if data is None:

@@ -4,7 +4,9 @@ What travels, for the `ClientJob`s that rounds map:
 
 - once per pool and context: the client update and every client's data. Torch's
   ``file_descriptor`` sharing moves their tensors into shared memory and passes descriptors,
-  so workers map the same pages instead of receiving copies;
+  so workers map the same pages instead of receiving copies. A lazy sequence of clients
+  (`blazefl_fn.data.synthetic.SyntheticClients`) travels as its small record, and each worker
+  makes the clients it runs;
 - once per round: the downlink parameters, written into one shared broadcast buffer that every
   worker maps, plus a few hundred bytes of metadata;
 - per client: a task descriptor (client id, round, key) down, with the task's own tensors

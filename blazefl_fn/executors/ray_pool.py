@@ -3,7 +3,9 @@
 What travels, for the `ClientJob`s that rounds map:
 
 - once per executor and context: the client update and every client's data, put into Ray's
-  object store once (`Ray.prepare`) and held by every actor;
+  object store once (`Ray.prepare`) and held by every actor. A lazy sequence of clients
+  (`blazefl_fn.data.synthetic.SyntheticClients`) travels as its small record, and each actor
+  makes the clients it runs;
 - once per round: the downlink, put once and bound by each actor before its tasks;
 - per client: the task ``(client id, round, key, message, state)``; the uplink comes back
   through the object store. Short clients travel several to an actor call. Results are

@@ -1,0 +1,484 @@
+"""Per-client state held by the server, kept only for clients that took part.
+
+A `ClientStore` is an immutable value: `ClientStore.updated` returns a new store and leaves the
+old one readable, so a round stays a pure function ``(state, key) -> state`` while the store
+costs O(clients that took part), not O(clients). Reading or updating costs O(clients touched):
+the store is a persistent 64-way trie over client ids whose versions share every node they do
+not change.
+
+Each stored tree is packed into one buffer. The buffers of one store and all the versions made
+from it count against one memory budget (`StoreOptions.memory_bytes`); beyond it the oldest
+buffers move to files in a spill directory, read back through a memory map when their client is
+sampled again. Spilling changes where bytes lie, never their values: a spilled store reads back
+bit for bit what was put in. A buffer (in memory or on disk) is released as soon as no live
+store version holds it, and the spill directory is removed when the last store using it is
+gone, or when the interpreter exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import operator
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, SupportsIndex, cast, final
+
+import attrs
+import torch
+
+from ._validators import int_at_least
+from .tree import Params, TreeSpec, flatten, unflatten
+
+__all__ = ["ClientStore", "StoreOptions"]
+
+_BITS = 6
+_FAN = 1 << _BITS
+_MASK = _FAN - 1
+
+
+def _memory_bytes(
+    _instance: object, attribute: attrs.Attribute[int | None], value: int | None
+) -> None:
+    if value is not None:
+        int_at_least(0)(_instance, attribute, value)
+
+
+def _path(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str | os.PathLike):
+        raise TypeError(f"spill_dir must be a path or None, got {type(value).__name__}")
+    return os.fspath(cast("str | os.PathLike[str]", value))
+
+
+def _spill_dir(_instance: object, _attribute: object, value: str | None) -> None:
+    # Checked now, not at the first spill, which may come hours into a run.
+    if value is not None and not os.path.isdir(value):
+        raise ValueError(f"spill_dir {value!r} is not a directory")
+
+
+@attrs.frozen
+class StoreOptions:
+    """Where a `ClientStore` keeps its clients' trees.
+
+    Attributes:
+        memory_bytes: bytes of stored trees kept in memory (default 1 GiB); the oldest beyond
+            it are spilled to files. None keeps everything in memory; 0 spills every tree.
+        spill_dir: an existing directory under which a private spill directory is made on
+            the first spill (default: the system's temporary directory, which may be a RAM
+            disk).
+
+    Raises:
+        ValueError: a negative ``memory_bytes``, or a ``spill_dir`` that is not a directory.
+        TypeError: a ``spill_dir`` that is not a path.
+    """
+
+    memory_bytes: int | None = attrs.field(default=1 << 30, validator=_memory_bytes)
+    spill_dir: str | None = attrs.field(default=None, converter=_path, validator=_spill_dir)
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """Where one stored tree lies: a buffer in memory, or a file (``path``) once spilled."""
+
+    serial: int
+    nbytes: int
+    buffer: torch.Tensor | None
+    path: str | None = None
+
+
+@final
+class _Record:
+    """One client's stored tree, packed; immutable in value, movable to disk by its backing."""
+
+    __slots__ = ("__weakref__", "devices", "slot", "spec")
+
+    def __init__(self, slot: _Slot, spec: TreeSpec, devices: tuple[torch.device, ...]) -> None:
+        self.slot = slot
+        self.spec = spec
+        self.devices = devices
+
+
+def _release(backing: _Backing, slot: _Slot) -> None:
+    backing.release(slot)
+
+
+def _remove_dir(path: str, owner: int) -> None:
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class _Backing:
+    """The memory budget and spill files shared by a store and every version made from it."""
+
+    def __init__(self, options: StoreOptions) -> None:
+        self.options = options
+        # Re-entrant: a record's finalizer may run (garbage collection) while this thread
+        # holds the lock.
+        self._lock = threading.RLock()
+        self._resident: collections.OrderedDict[int, weakref.ref[_Record]] = (
+            collections.OrderedDict()
+        )
+        self._serials = itertools.count()
+        self.memory_bytes = 0
+        self.spilled_bytes = 0
+        self.spilled_files = 0
+        self._dir: str | None = None
+        # Shared by every record of one layout: a client's state has the same layout each time.
+        self._layouts: dict[tuple[TreeSpec, tuple[torch.device, ...]], Any] = {}
+        # A forked child that exits normally must not delete its parent's spill files.
+        self._pid = os.getpid()
+
+    def record(self, params: Params) -> _Record:
+        """``params`` packed into a new record, spilling older ones beyond the budget."""
+        buffer, spec = flatten(params)
+        return self.adopt(buffer, spec, tuple(params[name].device for name in spec.names))
+
+    def adopt(
+        self, buffer: torch.Tensor, spec: TreeSpec, devices: tuple[torch.device, ...]
+    ) -> _Record:
+        """A new record holding ``buffer`` (packed as ``spec`` says), taken as it is."""
+        with self._lock:
+            spec, devices = self._layouts.setdefault((spec, devices), (spec, devices))
+            slot = _Slot(next(self._serials), int(buffer.numel()), buffer)
+            record = _Record(slot, spec, devices)
+            weakref.finalize(record, _release, self, slot)
+            self._resident[slot.serial] = weakref.ref(record)
+            self.memory_bytes += slot.nbytes
+            self._enforce()
+        return record
+
+    def load(self, record: _Record) -> dict[str, torch.Tensor]:
+        """The tree ``record`` holds (views of one buffer, on the devices it came from)."""
+        tree = unflatten(self.buffer(record), record.spec)
+        return {
+            name: t if device.type == "cpu" else t.to(device)
+            for (name, t), device in zip(tree.items(), record.devices, strict=True)
+        }
+
+    def buffer(self, record: _Record) -> torch.Tensor:
+        """A copy of ``record``'s packed bytes (a private map of its file, if spilled)."""
+        with self._lock:
+            slot = record.slot
+            buffer = slot.buffer
+            if buffer is not None:
+                if slot.serial in self._resident:  # not a tree of empty tensors
+                    self._resident.move_to_end(slot.serial)
+                # A copy, as a spilled tree's private map is: a reader that writes into what it
+                # was given changes no stored version, whether it was spilled or not.
+                return buffer.clone()
+            assert slot.path is not None
+            # A private (copy-on-write) map: nothing a reader does reaches the file.
+            return torch.from_file(slot.path, shared=False, size=slot.nbytes, dtype=torch.uint8)
+
+    def release(self, slot: _Slot) -> None:
+        """Forget a record no store holds any more (its finalizer)."""
+        with self._lock:
+            if slot.buffer is not None:
+                self._resident.pop(slot.serial, None)
+                self.memory_bytes -= slot.nbytes
+                slot.buffer = None
+            elif slot.path is not None:
+                self.spilled_bytes -= slot.nbytes
+                self.spilled_files -= 1
+                if os.getpid() == self._pid:
+                    Path(slot.path).unlink(missing_ok=True)
+                slot.path = None
+
+    def _enforce(self) -> None:
+        budget = self.options.memory_bytes
+        while budget is not None and self.memory_bytes > budget and self._resident:
+            serial, ref = self._resident.popitem(last=False)
+            record = ref()
+            if record is None:
+                continue
+            try:
+                self._spill(record.slot)
+            except BaseException:
+                # Still in memory: keep it first in line, so the budget stays accounted for.
+                self._resident[serial] = ref
+                self._resident.move_to_end(serial, last=False)
+                raise
+
+    def _spill(self, slot: _Slot) -> None:
+        buffer = slot.buffer
+        assert buffer is not None
+        if slot.nbytes == 0:
+            return  # a tree of empty tensors costs no memory and has nothing to map
+        path = os.path.join(self._directory(), f"{slot.serial}.bin")
+        # Written in full before the slot points at it: a reader never sees half a file.
+        tmp = path + ".tmp"
+        try:
+            buffer.numpy().tofile(tmp)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        slot.path = path
+        slot.buffer = None
+        self.memory_bytes -= slot.nbytes
+        self.spilled_bytes += slot.nbytes
+        self.spilled_files += 1
+
+    def _directory(self) -> str:
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="blazefl-fn-store-", dir=self.options.spill_dir)
+            weakref.finalize(self, _remove_dir, self._dir, self._pid)
+        return self._dir
+
+
+_Node = tuple[Any, ...]
+
+
+def _levels(num_clients: int) -> int:
+    return max(1, -(-max(1, (num_clients - 1).bit_length()) // _BITS))
+
+
+def _get(node: _Node | None, client_id: int, shift: int) -> _Record | None:
+    while node is not None:
+        child = node[(client_id >> shift) & _MASK]
+        if shift == 0:
+            return child
+        node, shift = child, shift - _BITS
+    return None
+
+
+def _set(node: _Node | None, client_id: int, shift: int, value: _Record | None) -> _Node | None:
+    children: list[Any] = list(node) if node is not None else [None] * _FAN
+    index = (client_id >> shift) & _MASK
+    children[index] = (
+        value if shift == 0 else _set(children[index], client_id, shift - _BITS, value)
+    )
+    # An emptied node is dropped, so that a store's size tracks what it holds.
+    return None if all(child is None for child in children) else tuple(children)
+
+
+def _walk(node: _Node | None, prefix: int, shift: int) -> Iterator[tuple[int, _Record]]:
+    if node is None:
+        return
+    for index, child in enumerate(node):
+        if child is None:
+            continue
+        client_id = (prefix << _BITS) | index
+        if shift == 0:
+            yield client_id, child
+        else:
+            yield from _walk(child, client_id, shift - _BITS)
+
+
+@final
+class ClientStore:
+    """Each client's stored tree, by id, for clients ``0..num_clients-1``; an immutable value.
+
+    A client that never stored anything reads as an empty tree (``{}``). Storing an empty tree
+    forgets the client.
+
+    Args:
+        num_clients: the clients of the federation (>= 1).
+        options: the memory budget and spill directory (`StoreOptions`).
+
+    Raises:
+        ValueError: ``num_clients < 1``.
+
+    Examples:
+        >>> import torch
+        >>> empty = ClientStore(1_000_000)
+        >>> store = empty.updated({7: {"c": torch.ones(2)}})
+        >>> store[7]["c"], dict(store[8]), empty.num_stored, store.num_stored
+        (tensor([1., 1.]), {}, 0, 1)
+    """
+
+    __slots__ = ("_backing", "_count", "_num_clients", "_root", "_shift")
+
+    def __init__(self, num_clients: int, options: StoreOptions | None = None) -> None:
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"num_clients must be an int, got {type(num_clients).__name__}")
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        if options is not None and not isinstance(options, StoreOptions):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"options must be StoreOptions, got {type(options).__name__}")
+        self._num_clients = num_clients
+        self._shift = (_levels(num_clients) - 1) * _BITS
+        self._root: _Node | None = None
+        self._count = 0
+        self._backing = _Backing(options if options is not None else StoreOptions())
+
+    @property
+    def num_clients(self) -> int:
+        """The clients the store can hold (the federation's size)."""
+        return self._num_clients
+
+    @property
+    def num_stored(self) -> int:
+        """How many clients hold a tree in this version."""
+        return self._count
+
+    @property
+    def options(self) -> StoreOptions:
+        """The memory budget and spill directory."""
+        return self._backing.options
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of trees in memory, over this store and every version sharing its budget."""
+        return self._backing.memory_bytes
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes of trees in spill files, over this store and every version sharing them."""
+        return self._backing.spilled_bytes
+
+    def __getitem__(self, client_id: int) -> dict[str, torch.Tensor]:
+        """Client ``client_id``'s tree (a new dict; ``{}`` if it stored none).
+
+        Raises:
+            IndexError: ``client_id`` is outside ``[0, num_clients)``.
+        """
+        record = _get(self._root, self._check(client_id), self._shift)
+        return {} if record is None else self._backing.load(record)
+
+    def __contains__(self, client_id: object) -> bool:
+        if isinstance(client_id, bool) or not hasattr(client_id, "__index__"):
+            return False
+        index = operator.index(cast(SupportsIndex, client_id))
+        if not 0 <= index < self._num_clients:
+            return False
+        return _get(self._root, index, self._shift) is not None
+
+    def __iter__(self) -> Iterator[Any]:
+        """Refused: walking every client would cost O(num_clients); use `items` or `ids`."""
+        raise TypeError(
+            "a ClientStore is not iterated over all its clients; use store.items() (the "
+            "clients holding state) or store[client_id]"
+        )
+
+    def ids(self) -> tuple[int, ...]:
+        """The clients holding a tree, ascending (costs O(stored clients))."""
+        return tuple(cid for cid, _ in _walk(self._root, 0, self._shift))
+
+    def items(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """``(client id, tree)`` for every client holding one, ascending."""
+        for client_id, record in _walk(self._root, 0, self._shift):
+            yield client_id, self._backing.load(record)
+
+    def packed_items(self) -> Iterator[tuple[int, torch.Tensor, TreeSpec]]:
+        """``(client id, packed bytes, layout)`` for every client holding a tree, ascending:
+        what a checkpoint stores (`blazefl_fn.tree.unflatten` reads a tree back)."""
+        for client_id, record in _walk(self._root, 0, self._shift):
+            yield client_id, self._backing.buffer(record), record.spec
+
+    def with_packed(self, entries: Mapping[int, tuple[torch.Tensor, TreeSpec]]) -> ClientStore:
+        """A new store with the packed trees ``entries`` (as `packed_items` gives them, on the
+        CPU) stored for their clients, taken without unpacking.
+
+        Raises:
+            IndexError: a client id is outside ``[0, num_clients)``.
+            ValueError: a buffer is not a 1-D uint8 CPU tensor of its layout's size, or a
+                layout is empty.
+        """
+        checked: dict[int, tuple[torch.Tensor, TreeSpec]] = {}
+        for client_id, (buffer, spec) in entries.items():
+            ok = buffer.dtype == torch.uint8 and buffer.dim() == 1 and buffer.device.type == "cpu"
+            if not ok or buffer.numel() != spec.nbytes or not spec.names:
+                raise ValueError(
+                    f"client {client_id}: a packed tree must be a 1-D uint8 CPU tensor of "
+                    f"{spec.nbytes} bytes with at least one entry"
+                )
+            checked[self._check(client_id)] = (buffer, spec)
+        cpu = torch.device("cpu")
+        root, count = self._root, self._count
+        for client_id in sorted(checked):
+            buffer, spec = checked[client_id]
+            had = _get(root, client_id, self._shift) is not None
+            record = self._backing.adopt(buffer, spec, (cpu,) * len(spec.names))
+            root = _set(root, client_id, self._shift, record)
+            count += 1 - had
+        return self._derived(root, count)
+
+    def updated(self, trees: Mapping[int, Params]) -> ClientStore:
+        """A new store with ``trees`` stored for their clients (this one is unchanged).
+
+        Raises:
+            IndexError: a client id is outside ``[0, num_clients)``.
+        """
+        return self._version(trees, self._root, self._count)
+
+    def cleared(self) -> ClientStore:
+        """An empty store of the same size that shares this one's memory budget and spill
+        directory (one budget for an algorithm's several stores).
+
+        Examples:
+            >>> import torch
+            >>> a = ClientStore(10, StoreOptions(memory_bytes=1 << 20))
+            >>> b = a.cleared().updated({1: {"x": torch.zeros(16)}})
+            >>> a.memory_bytes == b.memory_bytes == 64
+            True
+        """
+        return self._version({}, None, 0)
+
+    def _version(self, trees: Mapping[int, Params], root: _Node | None, count: int) -> ClientStore:
+        # Everything is checked before anything is stored (or spilled).
+        checked = {
+            self._check(client_id): _tree(client_id, tree) for client_id, tree in trees.items()
+        }
+        for client_id in sorted(checked):
+            shift = self._shift
+            tree = checked[client_id]
+            had = _get(root, client_id, shift) is not None
+            record = self._backing.record(tree) if tree else None
+            root = _set(root, client_id, shift, record)
+            count += (record is not None) - had
+        return self._derived(root, count)
+
+    def _derived(self, root: _Node | None, count: int) -> ClientStore:
+        out = object.__new__(ClientStore)
+        out._num_clients = self._num_clients
+        out._shift = self._shift
+        out._root = root
+        out._count = count
+        out._backing = self._backing
+        return out
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (self._num_clients, self.options, tuple(self.items())))
+
+    def __repr__(self) -> str:
+        return (
+            f"ClientStore(num_clients={self._num_clients}, stored={self._count}, "
+            f"memory_bytes={self.memory_bytes}, spilled_bytes={self.spilled_bytes})"
+        )
+
+    def _check(self, client_id: int) -> int:
+        if isinstance(client_id, bool) or not hasattr(client_id, "__index__"):
+            raise TypeError(f"client ids are ints, got {type(client_id).__name__}: {client_id!r}")
+        index = operator.index(client_id)
+        if not 0 <= index < self._num_clients:
+            raise IndexError(f"client {index} is outside [0, {self._num_clients})")
+        return index
+
+
+def _tree(client_id: object, tree: object) -> Params:
+    if not isinstance(tree, Mapping):
+        raise TypeError(
+            f"client {client_id}'s state must be a mapping of names to tensors, got "
+            f"{type(tree).__name__}"
+        )
+    items = cast(Mapping[object, object], tree)
+    for name, value in items.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"client {client_id}'s state must map str names to tensors, got "
+                f"{name!r}: {type(value).__name__}"
+            )
+    return cast(Params, tree)
+
+
+def _rebuild(
+    num_clients: int, options: StoreOptions, items: tuple[tuple[int, Params], ...]
+) -> ClientStore:
+    return ClientStore(num_clients, options).updated(dict(items))
