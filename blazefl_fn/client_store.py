@@ -162,8 +162,9 @@ class _Backing:
             for (name, t), device in zip(tree.items(), record.devices, strict=True)
         }
 
-    def buffer(self, record: _Record) -> torch.Tensor:
-        """A copy of ``record``'s packed bytes (a private map of its file, if spilled)."""
+    def buffer(self, record: _Record, *, copy: bool = True) -> torch.Tensor:
+        """A copy of ``record``'s packed bytes (a private map of its file, if spilled); with
+        ``copy=False``, an in-memory record's own buffer, for a reader that only reads."""
         with self._lock:
             slot = record.slot
             buffer = slot.buffer
@@ -172,7 +173,7 @@ class _Backing:
                     self._resident.move_to_end(slot.serial)
                 # A copy, as a spilled tree's private map is: a reader that writes into what it
                 # was given changes no stored version, whether it was spilled or not.
-                return buffer.clone()
+                return buffer.clone() if copy else buffer
             assert slot.path is not None
             # A private (copy-on-write) map: nothing a reader does reaches the file.
             return torch.from_file(slot.path, shared=False, size=slot.nbytes, dtype=torch.uint8)
@@ -368,9 +369,10 @@ class ClientStore:
 
     def packed_items(self) -> Iterator[tuple[int, torch.Tensor, TreeSpec]]:
         """``(client id, packed bytes, layout)`` for every client holding a tree, ascending:
-        what a checkpoint stores (`blazefl_fn.tree.unflatten` reads a tree back)."""
+        what a checkpoint stores (`blazefl_fn.tree.unflatten` reads a tree back). The bytes
+        of a tree in memory are the store's own, not a copy: read them, never write."""
         for client_id, record in _walk(self._root, 0, self._shift):
-            yield client_id, self._backing.buffer(record), record.spec
+            yield client_id, self._backing.buffer(record, copy=False), record.spec
 
     def with_packed(self, entries: Mapping[int, tuple[torch.Tensor, TreeSpec]]) -> ClientStore:
         """A new store with the packed trees ``entries`` (as `packed_items` gives them, on the
