@@ -393,14 +393,12 @@ class ClientStore:
                 )
             checked[self._check(client_id)] = (buffer, spec)
         cpu = torch.device("cpu")
-        root, count = self._root, self._count
-        for client_id in sorted(checked):
-            buffer, spec = checked[client_id]
-            had = _get(root, client_id, self._shift) is not None
-            record = self._backing.adopt(buffer, spec, (cpu,) * len(spec.names))
-            root = _set(root, client_id, self._shift, record)
-            count += 1 - had
-        return self._derived(root, count)
+        return self._with_records(
+            {
+                client_id: self._backing.adopt(buffer, spec, (cpu,) * len(spec.names))
+                for client_id, (buffer, spec) in sorted(checked.items())
+            }
+        )
 
     def updated(self, trees: Mapping[int, Params]) -> ClientStore:
         """A new store with ``trees`` stored for their clients (this one is unchanged).
@@ -408,7 +406,16 @@ class ClientStore:
         Raises:
             IndexError: a client id is outside ``[0, num_clients)``.
         """
-        return self._version(trees, self._root, self._count)
+        # Everything is checked before anything is stored (or spilled).
+        checked = {
+            self._check(client_id): _tree(client_id, tree) for client_id, tree in trees.items()
+        }
+        return self._with_records(
+            {
+                client_id: self._backing.record(tree) if tree else None
+                for client_id, tree in sorted(checked.items())
+            }
+        )
 
     def cleared(self) -> ClientStore:
         """An empty store of the same size that shares this one's memory budget and spill
@@ -421,19 +428,14 @@ class ClientStore:
             >>> a.memory_bytes == b.memory_bytes == 64
             True
         """
-        return self._version({}, None, 0)
+        return self._derived(None, 0)
 
-    def _version(self, trees: Mapping[int, Params], root: _Node | None, count: int) -> ClientStore:
-        # Everything is checked before anything is stored (or spilled).
-        checked = {
-            self._check(client_id): _tree(client_id, tree) for client_id, tree in trees.items()
-        }
-        for client_id in sorted(checked):
-            shift = self._shift
-            tree = checked[client_id]
-            had = _get(root, client_id, shift) is not None
-            record = self._backing.record(tree) if tree else None
-            root = _set(root, client_id, shift, record)
+    def _with_records(self, records: Mapping[int, _Record | None]) -> ClientStore:
+        """A new version with ``records`` (checked ids; None forgets the client) set."""
+        root, count = self._root, self._count
+        for client_id, record in records.items():
+            had = _get(root, client_id, self._shift) is not None
+            root = _set(root, client_id, self._shift, record)
             count += (record is not None) - had
         return self._derived(root, count)
 
