@@ -7,9 +7,9 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 # Python trees to lint; benchmarks/ joins once it holds code.
-LINT_PATHS := $(wildcard blazefl_fn tests examples benchmarks mkdocs_hooks.py)
+LINT_PATHS := $(wildcard blazefl_fn tests examples benchmarks tools mkdocs_hooks.py)
 
-.PHONY: run test lint typecheck pytest docs docs-serve compare clean
+.PHONY: run test lint typecheck pytest docs docs-serve compare clean ft-env test-ft bench-ft clean-ft
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP)
-	$(BIN)/pyright blazefl_fn examples mkdocs_hooks.py
+	$(BIN)/pyright blazefl_fn examples tools mkdocs_hooks.py
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -47,3 +47,34 @@ compare: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis site
+
+# Free-threaded CPython (GIL off); not part of `make test`: the free-threaded torch wheels are
+# CUDA builds, about 2.7 GB. `make ft-env` finds or builds a free-threaded CPython (3.13t unless
+# one is given) and makes .venv-ft (see tools/ft-env.sh); `make test-ft` runs the concurrency
+# tests there and fails if the GIL came on.
+FT_VENV := .venv-ft
+FT_STAMP := $(FT_VENV)/.installed
+FT_TESTS := tests/test_free_threading.py tests/test_threads_stress.py \
+	tests/test_executor_matrix.py tests/test_executors.py \
+	tests/test_algorithms.py tests/test_stateful_algorithms.py tests/test_distillation.py \
+	tests/test_privacy.py tests/test_stochastic.py tests/test_nonfinite.py \
+	tests/test_processes_inputs.py tests/test_devices.py tests/test_data_synthetic.py \
+	tests/test_client_store.py tests/test_checkpoint_integrity.py tests/test_transforms.py \
+	tests/test_vectorized.py tests/test_round.py tests/test_keys.py
+
+$(FT_STAMP): pyproject.toml tools/ft-env.sh
+	bash tools/ft-env.sh
+
+ft-env: $(FT_STAMP)
+
+test-ft: $(FT_STAMP)
+	$(FT_VENV)/bin/python tools/ft_check.py
+	BLAZEFL_FN_REQUIRE_NO_GIL=1 $(FT_VENV)/bin/python -m pytest $(FT_TESTS) $(PYTEST_ARGS)
+
+# The free-threaded interpreter this project built and its venv (several GB).
+clean-ft:
+	rm -rf $(FT_VENV) .python-ft
+
+# Thread scaling with and without the GIL (docs/benchmarks.md): needs .venv and .venv-ft.
+bench-ft: $(STAMP) $(FT_STAMP)
+	$(BIN)/python -m benchmarks.free_threading $(ARGS)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Generator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, Self, TypeVar, cast, runtime_checkable
@@ -172,6 +173,7 @@ def cuda_determinism(enabled: bool = True) -> Generator[None]:
 
     Sets ``torch.use_deterministic_algorithms(True)``, ``cudnn.deterministic = True`` and
     ``cudnn.benchmark = False``. With ``enabled=False`` it does nothing (the CPU-only path).
+    On free-threaded CPython it keeps the GIL off (see `_set_deterministic_algorithms`).
     """
     if not enabled:
         yield
@@ -183,15 +185,33 @@ def cuda_determinism(enabled: bool = True) -> Generator[None]:
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
     )
-    torch.use_deterministic_algorithms(True)
+    _set_deterministic_algorithms(True, warn_only=False)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        _set_deterministic_algorithms(previous[0], warn_only=previous[1])
         torch.backends.cudnn.deterministic = previous[2]
         torch.backends.cudnn.benchmark = previous[3]
+
+
+def _set_deterministic_algorithms(mode: bool, *, warn_only: bool) -> None:
+    """``torch.use_deterministic_algorithms``, without turning the GIL on when it is off.
+
+    The public call also sets inductor's ``deterministic`` option, importing ``torch._inductor``
+    for it, and with it ``torch._dynamo`` and triton. On free-threaded CPython triton's extension
+    module turns the GIL back on for the whole process (torch 2.12.0, cp313t; found by
+    `make test-ft`). With the GIL off and inductor not loaded, nothing has been compiled with
+    inductor, so the kernel switch alone is set. Inductor reads that switch
+    (``torch.are_deterministic_algorithms_enabled()``) if it is loaded later, but not its own
+    ``deterministic`` option (autotuning), which ``TORCHINDUCTOR_DETERMINISTIC=1`` sets.
+    """
+    gil_off = not getattr(sys, "_is_gil_enabled", lambda: True)()
+    if gil_off and "torch._inductor.config" not in sys.modules:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)  # pyright: ignore[reportPrivateUsage]
+    else:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
 
 
 def to_device(obj: T, device: torch.device, memo: MutableMapping[int, Any] | None = None) -> T:

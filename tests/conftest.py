@@ -1,8 +1,13 @@
 """Shared test settings."""
 
 import os
+import sys
+import sysconfig
 
+import pytest
 from hypothesis import HealthCheck, settings
+
+from tools.ft_check import gil_enabled, gil_override
 
 # Ray, wherever a test starts it (in this process or a child): no usage reports, and one
 # authentication mode for the whole run. Ray 2.60 cannot start a session in a process whose
@@ -17,3 +22,38 @@ settings.register_profile(
     "blazefl", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 settings.load_profile("blazefl")
+
+
+# `make test-ft`: the session must run on a free-threaded CPython with the GIL off, not forced off
+# (PYTHON_GIL=0 or -X gil=0 would hide an extension that needs it), and end with it still off (an
+# extension without free-threading support turns it on for good when imported; with
+# `filterwarnings = error` its RuntimeWarning also fails the test that imported it, by name).
+REQUIRE_NO_GIL = os.environ.get("BLAZEFL_FN_REQUIRE_NO_GIL") == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not REQUIRE_NO_GIL:
+        return
+    build = sysconfig.get_config_var("Py_GIL_DISABLED")
+    if build != 1 or gil_enabled():
+        raise pytest.UsageError(
+            f"BLAZEFL_FN_REQUIRE_NO_GIL=1 needs a free-threaded CPython with the GIL off; "
+            f"{sys.executable} has Py_GIL_DISABLED={build}, GIL enabled: {gil_enabled()} "
+            "(run `make test-ft`)"
+        )
+    override = gil_override()
+    if override is not None:
+        raise pytest.UsageError(f"BLAZEFL_FN_REQUIRE_NO_GIL=1: unset {override}")
+
+
+def pytest_report_header() -> str:
+    build = "free-threaded" if sysconfig.get_config_var("Py_GIL_DISABLED") == 1 else "default"
+    return f"CPython build: {build}, GIL enabled: {gil_enabled()}"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if REQUIRE_NO_GIL and gil_enabled():
+        print("\nerror: the GIL was enabled during the session (see the RuntimeWarning above)")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif REQUIRE_NO_GIL:
+        print("\nfree-threaded check: the GIL stayed off for the whole session")

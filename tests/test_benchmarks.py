@@ -114,3 +114,51 @@ def test_scale_benchmark_runs_every_part_with_one_digest_per_federation(
         assert row["store_spilled_mib"] > 0
     assert [r["executor"] for r in results["long"]] == ["sequential", "processes"]
     assert "| scarlet | 0 | 300 |" in out
+
+
+def test_free_threading_table_gives_ratios_and_catches_digests_that_differ(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from pathlib import Path
+
+    from benchmarks import free_threading as ft
+    from benchmarks.compare.workloads import QUICK
+
+    names = ("3.11", "ft", "ft+GIL")
+    interpreters = [ft.Interpreter(n, Path("/x"), {}) for n in names]
+    # Seconds: bare 10 (P1) / 5 (P2) everywhere but ft P2 = 4; blazefl_fn 12 / 6, ft 12 / 4.
+    seconds = {("bare", 1): (10, 10, 10), ("bare", 2): (5, 4, 5),
+               ("blazefl_fn", 1): (12, 12, 12), ("blazefl_fn", 2): (6, 4, 6)}  # fmt: skip
+    cells = {
+        ("W0", runner, p, n): ft.Cell(float(s), frozenset({f"{runner}-{n == '3.11'}"}))
+        for (runner, p), row in seconds.items()
+        for n, s in zip(names, row, strict=True)
+    }
+    assert ft.print_table(cells, [QUICK["W0"]], interpreters)
+    out = capsys.readouterr().out
+    # ft / 3.11, ft / ft+GIL, P2 speed-ups per interpreter, fn / bare per interpreter.
+    cols = ["W0", "blazefl_fn", "2", "6.00", "4.00", "6.00", "0.67x", "0.67x", "2.00x", "3.00x",
+            "2.00x", "1.20x", "1.00x", "1.20x"]  # fmt: skip
+    assert "| " + " | ".join(cols) + " |" in out
+    assert "W0 bare on ft/ft+GIL: one digest" in out
+
+    cells["W0", "bare", 2, "ft+GIL"] = ft.Cell(5.0, frozenset({"other"}))
+    assert not ft.print_table(cells, [QUICK["W0"]], interpreters)
+    assert "W0 bare on ft/ft+GIL: DIGESTS DIFFER" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["--workloads", "W1,W9"], "--workloads takes W1 and/or W0, got 'W1,W9'"),
+        (["--ft-python", "/nonexistent/python"], "no interpreter at /nonexistent/python"),
+    ],
+)
+def test_free_threading_refuses_bad_arguments(argv: list[str], message: str) -> None:
+    import sys
+
+    from benchmarks import free_threading as ft
+
+    with pytest.raises(SystemExit, match=message):
+        ft.main(["--python", sys.executable, *argv])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,10 @@ def runner_env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_case(case: Case, python: Path, log: Path, timeout: float) -> Run:
-    """Launch the case's runner with ``python``; its stderr goes to ``log``."""
+def run_case(
+    case: Case, python: Path, log: Path, timeout: float, extra_env: Mapping[str, str] | None = None
+) -> Run:
+    """Launch the case's runner with ``python`` (and ``extra_env`` set); stderr goes to ``log``."""
     command = [str(python), "-m", RUNNER_MODULES[case.framework], case.to_json()]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as err:
@@ -65,7 +68,7 @@ def run_case(case: Case, python: Path, log: Path, timeout: float) -> Run:
             done = subprocess.run(
                 command,
                 cwd=REPO_ROOT,
-                env=runner_env(case.threads),
+                env={**runner_env(case.threads), **(extra_env or {})},
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,

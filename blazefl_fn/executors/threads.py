@@ -25,6 +25,8 @@ class Threads(InProcess):
     CPython the Python parts do too. Correctness does not rest on the GIL: each task gets only
     its own arguments, the library never writes into shared tensors, results are collected
     in task order through futures, and what is placed on devices is placed under a lock.
+    ``make test-ft`` checks this on CPython 3.13t with the GIL off (the guide's
+    "Free-threaded Python").
 
     Args:
         workers: the number of threads (>= 1).

@@ -26,6 +26,8 @@ from multiprocessing.synchronize import Barrier as BarrierType
 
 import torch
 
+from tools.ft_check import gil_enabled
+
 from ..common import FederatedArrays, client_seed, digest, load_arrays, load_init, train_client
 from ..spec import Case, RunnerResult, Workload
 from ._base import ModelCache, read_case
@@ -172,6 +174,7 @@ def run(case: Case) -> RunnerResult:
         round_seconds=round_times,
         digest=digest(final),
         client_seconds=statistics.median(client_times),
+        notes={"torch": torch.__version__, "gil": gil_enabled()},
     )
 
 

@@ -21,6 +21,7 @@ import blazefl_fn as fl
 from blazefl_fn.data import ClientData, TensorDataset
 from blazefl_fn.models import cnn
 from blazefl_fn.reproducibility import ModelFactory, intra_op_threads
+from tools.ft_check import gil_enabled
 
 from .. import models
 from ..common import load_arrays, load_init
@@ -70,7 +71,7 @@ def run(case: Case) -> RunnerResult:
         loop_seconds=loop_seconds,
         round_seconds=[r.seconds for r in reports],
         digest=fl.tree.digest(state.params),
-        notes={"torch": torch.__version__},
+        notes={"torch": torch.__version__, "gil": gil_enabled()},
     )
 
 

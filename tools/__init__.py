@@ -1,0 +1,1 @@
+"""Developer tools outside the package: the free-threaded environment and its GIL check."""
