@@ -225,7 +225,8 @@ def test_no_shared_memory_or_descriptor_outlives_the_executor(tmp_path: Path) ->
 
 _INTERRUPTED = textwrap.dedent(
     """
-    import os, sys
+    import faulthandler, os, signal, sys
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view if it hangs
     sys.path.insert(0, {tests!r})
     import _executor_helpers as helpers
     from blazefl_fn.executors import Processes
@@ -246,22 +247,26 @@ _INTERRUPTED = textwrap.dedent(
 def test_ctrl_c_during_a_round_leaves_no_worker_behind(tmp_path: Path) -> None:
     script = tmp_path / "interrupted.py"
     script.write_text(_INTERRUPTED.format(tests=str(Path(__file__).parent)))
-    child = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, str(script)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's Ctrl-C would see it
-    )
-    assert child.stdout is not None
-    worker_pids = [int(p) for p in child.stdout.readline().split()]
-    assert len(worker_pids) == 2, child.stderr.read() if child.stderr else ""
-    time.sleep(0.5)  # the workers are now inside sleep_forever
-    os.killpg(child.pid, signal.SIGINT)
-    try:
-        _, err = child.communicate(timeout=30)
-    finally:
-        child.kill()
+    ) as child:  # its pipes are closed however the test ends
+        assert child.stdout is not None
+        worker_pids = [int(p) for p in child.stdout.readline().split()]
+        assert len(worker_pids) == 2, child.stderr.read() if child.stderr else ""
+        time.sleep(0.5)  # the workers are now inside sleep_forever
+        os.killpg(child.pid, signal.SIGINT)
+        try:
+            _, err = child.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGUSR1)  # faulthandler: every thread's stack, to stderr
+            time.sleep(1)
+            child.kill()
+            _, err = child.communicate()
+            pytest.fail(f"no exit within 30 s of Ctrl-C; the child's stderr:\n{err}")
     assert child.returncode != 0
     assert "KeyboardInterrupt" in err
     deadline = time.monotonic() + 10
