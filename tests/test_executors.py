@@ -227,6 +227,9 @@ _INTERRUPTED = textwrap.dedent(
     """
     import faulthandler, os, signal, sys
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view if it hangs
+    # As a program started from a terminal has it: a suite started as a background job of a
+    # non-interactive shell inherits SIGINT ignored, and Python then keeps ignoring it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     import _executor_helpers as helpers
     from blazefl_fn.executors import Processes
