@@ -58,16 +58,24 @@ def test_the_check_refuses_python_gil_overrides() -> None:
     assert "unset PYTHON_GIL" in done.stderr
 
 
-@needs_free_threading
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build an extension")
-def test_the_check_names_an_extension_that_turns_the_gil_on(tmp_path: Path) -> None:
-    source = tmp_path / "needs_gil.c"
+needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
+
+
+def _build_needs_gil(directory: Path) -> None:
+    """Compile `NEEDS_GIL_C` into ``directory`` as the module ``needs_gil``."""
+    source = directory / "needs_gil.c"
     source.write_text(NEEDS_GIL_C)
-    target = tmp_path / f"needs_gil{sysconfig.get_config_var('EXT_SUFFIX')}"
+    target = directory / f"needs_gil{sysconfig.get_config_var('EXT_SUFFIX')}"
     include = sysconfig.get_paths()["include"]
     subprocess.run(
         ["gcc", "-shared", "-fPIC", f"-I{include}", str(source), "-o", str(target)], check=True
     )
+
+
+@needs_free_threading
+@needs_gcc
+def test_the_check_names_an_extension_that_turns_the_gil_on(tmp_path: Path) -> None:
+    _build_needs_gil(tmp_path)
     done = _check("needs_gil", env={"PYTHONPATH": str(tmp_path)})
     assert done.returncode == 1
     assert "the GIL was enabled while importing 'needs_gil'" in done.stderr
@@ -133,15 +141,9 @@ def test_a_required_free_threaded_session_refuses_a_forced_gil_mode(tmp_path: Pa
 
 
 @needs_free_threading
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build an extension")
+@needs_gcc
 def test_a_session_that_turns_the_gil_on_fails_and_names_the_module(tmp_path: Path) -> None:
-    (tmp_path / "needs_gil.c").write_text(NEEDS_GIL_C)
-    target = tmp_path / f"needs_gil{sysconfig.get_config_var('EXT_SUFFIX')}"
-    include = sysconfig.get_paths()["include"]
-    subprocess.run(
-        ["gcc", "-shared", "-fPIC", f"-I{include}", str(tmp_path / "needs_gil.c"),
-         "-o", str(target)], check=True,
-    )  # fmt: skip
+    _build_needs_gil(tmp_path)
     done = _session(tmp_path, "def test_import() -> None:\n    import needs_gil  # noqa\n", {})
     assert done.returncode == pytest.ExitCode.TESTS_FAILED, done.stdout + done.stderr
     assert "to load module 'needs_gil'" in done.stdout
