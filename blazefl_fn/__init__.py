@@ -57,6 +57,7 @@ from .jobs import GlobalRNGError as GlobalRNGError
 from .jobs import MissingStage as MissingStage
 from .jobs import NonFiniteError as NonFiniteError
 from .jobs import VectorizedUpdate as VectorizedUpdate
+from .keys import STREAMS_VERSION as STREAMS_VERSION
 from .keys import Key as Key
 from .local import Distillation as Distillation
 from .local import GradientHook as GradientHook
@@ -108,9 +109,10 @@ from .runner import RoundEvent as RoundEvent
 from .runner import run_loop as run_loop
 from .stochastic import KeyedDropout as KeyedDropout
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
+    "STREAMS_VERSION",
     "Accountant",
     "AdaptiveClipping",
     "Aggregate",

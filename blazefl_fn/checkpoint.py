@@ -4,10 +4,11 @@ A checkpoint is one file written with `torch.save` and read back with
 ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers, so a
 tampered file cannot run code. It holds the server state (parameters, completed rounds and the
 algorithm's ``aux`` state, flattened to tensors and plain values), the run's configuration as a
-JSON object (the run key is derived from its seed), the SHA-256 digest of the parameters, and
-a SHA-256 checksum of the whole content (configuration, round, parameters and aux state), all
-checked before anything is used: an edited or damaged checkpoint is refused with a one-line
-message, never resumed from.
+JSON object (the run key is derived from its seed), the version of the random streams it ran on
+(`blazefl_fn.keys.STREAMS_VERSION`: a run is never continued on other streams), the SHA-256
+digest of the parameters, and a SHA-256 checksum of the whole content (configuration, round,
+parameters and aux state), all checked before anything is used: an edited or damaged
+checkpoint is refused with a one-line message, never resumed from.
 
 Writes go to a temporary file in the same directory, are flushed and fsynced, then renamed over
 the old checkpoint (`os.replace`), so the file is always either the previous checkpoint or the
@@ -33,6 +34,7 @@ import torch
 from ._atomic import replaced_atomically
 from ._aux_leaves import SCALARS, BadLeaf, Mismatch, Reader, fit, flatten
 from ._locks import OutputLockedError, holding
+from .keys import STREAMS_VERSION
 from .records import ServerState
 from .runner import Callback, LoopResult, RoundEvent
 from .tree import digest
@@ -55,7 +57,8 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 """The file name a checkpoint has inside its directory."""
 _FORMAT = "blazefl_fn.checkpoint"
-_VERSION = 2
+# 3: the stream version is recorded (files of version 2 ran on stream version 1).
+_VERSION = 3
 
 
 @attrs.frozen(eq=False)
@@ -83,7 +86,7 @@ def _content_sha256(payload: Mapping[str, Any]) -> str:
     """SHA-256 over everything a checkpoint restores: its header fields and every leaf."""
     h = hashlib.sha256()
     header = json.dumps(
-        [payload[k] for k in ("format", "version", "config", "numerics", "round")]
+        [payload[k] for k in ("format", "version", "streams", "config", "numerics", "round")]
         + [payload["params_sha256"], payload["aux_structure"]]
     )
     h.update(header.encode("utf-8"))
@@ -174,6 +177,7 @@ def save_checkpoint(
     payload = {
         "format": _FORMAT,
         "version": _VERSION,
+        "streams": STREAMS_VERSION,
         "config": json.dumps(dict(config), sort_keys=True),
         "numerics": json.dumps(dict(numerics or {}), sort_keys=True),
         "round": state.round,
@@ -212,6 +216,14 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:  # pyright: ignore[reportUnknownMemberType]
         raise ValueError(f"{path} is not a blazefl_fn checkpoint")
     data = cast(dict[str, Any], payload)
+    # Format version 2 predates the field: its runs drew from stream version 1.
+    streams: object = 1 if data.get("version") == 2 else data.get("streams", STREAMS_VERSION)
+    if streams != STREAMS_VERSION:
+        raise ValueError(
+            f"checkpoint {path} ran on random streams version {streams!r} and this blazefl_fn "
+            f"draws from version {STREAMS_VERSION} (every draw uses the whole 128-bit key): "
+            "resuming would continue on other streams, so start the run again (CHANGELOG.md)"
+        )
     if data.get("version") != _VERSION:
         raise ValueError(
             f"checkpoint {path} has format version {data.get('version')!r}; this blazefl_fn "
@@ -260,6 +272,7 @@ def _kind(value: object) -> str:
 def _check_fields(path: Path, data: Mapping[str, Any]) -> None:
     """Refuse a payload whose fields are missing or of the wrong type (one line naming it)."""
     kinds: dict[str, type | tuple[type, ...]] = {
+        "streams": int,
         "config": str,
         "numerics": str,
         "round": int,

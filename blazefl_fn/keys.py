@@ -14,6 +14,11 @@ platforms. A root key is ``BLAKE2b(b"seed" || seed as 16 little-endian bytes)``.
 Structural randomness (client sampling, permutations) is computed from a raw bit stream of the
 key (BLAKE2b in counter mode, tag ``b"stream"``), never from numpy's or torch's distribution
 code, so it is stable across library versions too.
+
+Every generator a key makes depends on all 128 bits (`STREAMS_VERSION` 2): torch's CPU
+generator gets its whole mt19937 state from the key, a CUDA generator its Philox seed and
+counter offset, and numpy's Philox takes the 128 bits as its key. Two keys that differ in any
+bit give streams that are independent in practice.
 """
 
 from __future__ import annotations
@@ -22,13 +27,25 @@ import fractions
 import hashlib
 import math
 from collections.abc import Iterator
-from typing import cast
+from typing import Final, cast
 
 import attrs
 import numpy as np
 import torch
 
-__all__ = ["Key"]
+from ._streams import key_generator
+
+__all__ = ["STREAMS_VERSION", "Key"]
+
+STREAMS_VERSION: Final = 2
+"""The version of the random streams a `Key` makes; every change to them changes results.
+
+1. blazefl_fn 0.1: torch generators seeded with the key's first 64 bits (the CPU generator
+   kept 32 of them).
+2. blazefl_fn 0.2: every torch generator's whole stream depends on all 128 bits.
+
+Checkpoints record it; a run never resumes on other streams than it started on.
+"""
 
 _PERSON = b"blazefl_fn.key"
 _U64 = 1 << 64
@@ -92,10 +109,23 @@ class Key:
     # -- materialisation ---------------------------------------------------------------------
 
     def torch_generator(self, device: str | torch.device = "cpu") -> torch.Generator:
-        """A fresh `torch.Generator` on ``device`` seeded with the key's first 64 bits."""
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int.from_bytes(self.bits[:8], "little"))
-        return generator
+        """A fresh `torch.Generator` on ``device`` whose whole stream depends on all 128 bits.
+
+        On the CPU the key fills mt19937's entire state (624 words of SHAKE-128 output); on
+        CUDA it sets the Philox seed (64 bits) and counter offset (60 bits). Equal keys give
+        equal streams; keys that differ in any bit give independent ones.
+
+        Raises:
+            ValueError: ``device``'s generator can be keyed neither way.
+
+        Examples:
+            >>> import torch
+            >>> a = torch.randperm(5, generator=Key.from_seed(0).torch_generator())
+            >>> b = torch.randperm(5, generator=Key.from_seed(0).torch_generator())
+            >>> bool(torch.equal(a, b))
+            True
+        """
+        return key_generator(torch.Generator(device=device), self.bits)
 
     def numpy_generator(self) -> np.random.Generator:
         """A fresh numpy Generator over Philox keyed by all 128 bits."""

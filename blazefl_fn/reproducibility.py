@@ -2,8 +2,9 @@
 
 ``nn.Module`` constructors draw their initial weights from torch's global generator. To keep
 library results a function of a `Key` only, `build_module` constructs a model inside
-``torch.random.fork_rng`` seeded from the key, so the draws are reproducible and the caller's
-global generator is left exactly as it was.
+``torch.random.fork_rng`` with the global generator's whole state set from all 128 bits of the
+key (as `Key.torch_generator` does), so the draws are reproducible and the caller's global
+generator is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import cast
 
 import torch
 
+from ._streams import key_generator
 from .keys import Key
 
 __all__ = ["ModelFactory", "build_module", "build_template", "intra_op_threads"]
@@ -32,7 +34,11 @@ def build_template(model_fn: ModelFactory) -> torch.nn.Module:
 
 
 def build_module(model_fn: ModelFactory, key: Key) -> torch.nn.Module:
-    """Call ``model_fn`` with torch's CPU RNG seeded from ``key``; global RNG state is restored.
+    """Call ``model_fn`` with torch's global RNG keyed by ``key``; global RNG state is restored.
+
+    The CPU generator's stream, and every CUDA device's, depends on all 128 bits of ``key``. A
+    factory that initialises CUDA itself (``nn.Linear(..., device="cuda")`` in a fresh process)
+    is called a second time, now with CUDA keyed too, so its weights come from ``key`` as well.
 
     Not thread-safe (it swaps the process-global generator state): call it from the driving
     thread, never inside a client update.
@@ -44,11 +50,20 @@ def build_module(model_fn: ModelFactory, key: Key) -> torch.nn.Module:
         >>> bool(torch.equal(a.weight, b.weight))
         True
     """
-    # torch leaves these two signatures partly unannotated.
-    with torch.random.fork_rng(devices=[]):  # pyright: ignore[reportUnknownMemberType]
-        torch.manual_seed(int.from_bytes(key.bits[:8], "little"))  # pyright: ignore[reportUnknownMemberType]
+    # Only an initialised CUDA is forked and keyed: initialising it here would cost every CPU
+    # run on a GPU machine a CUDA context.
+    cuda_before = torch.cuda.is_initialized()
+    cuda = list(range(torch.cuda.device_count())) if cuda_before else []
+    # torch leaves this signature partly unannotated.
+    with torch.random.fork_rng(devices=cuda):  # pyright: ignore[reportUnknownMemberType]
+        key_generator(torch.default_generator, key.bits)
+        for index in cuda:
+            key_generator(torch.cuda.default_generators[index], key.bits)
         # A user factory may return anything despite its annotation: check it at run time.
         module = cast(object, model_fn())
+    if not cuda_before and torch.cuda.is_initialized():
+        # The factory drew on a CUDA generator nobody had keyed: build again, keyed.
+        return build_module(model_fn, key)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"model_fn must return a torch.nn.Module, got {type(module).__name__}")
     return module

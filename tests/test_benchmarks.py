@@ -162,3 +162,22 @@ def test_free_threading_refuses_bad_arguments(argv: list[str], message: str) -> 
 
     with pytest.raises(SystemExit, match=message):
         ft.main(["--python", sys.executable, *argv])
+
+
+def test_streams_benchmark_prints_both_parts(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import streams
+
+    assert streams.main(["--tiny", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "streams version 2" in out
+    assert "| streams version 1 (manual_seed, 32 bits) | " in out
+    assert "| Key.torch_generator (streams version 2) | " in out
+    assert "| W0 round (sequential) | " in out
+
+
+def test_streams_benchmark_refuses_an_unknown_part() -> None:
+    from benchmarks import streams
+
+    with pytest.raises(SystemExit) as info:
+        streams.main(["--parts", "round,nope"])
+    assert info.value.code == 2

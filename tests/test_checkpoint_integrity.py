@@ -24,6 +24,7 @@ from blazefl_fn._atomic import remove_stale_temps
 from blazefl_fn._locks import holding
 from blazefl_fn.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_config, save_checkpoint
 from blazefl_fn.cli import main
+from blazefl_fn.keys import STREAMS_VERSION
 from blazefl_fn.records import ServerState
 from blazefl_fn.run import RunConfig, simulate
 from blazefl_fn.tree import digest
@@ -422,3 +423,40 @@ def test_contending_processes_never_hold_the_lock_together(tmp_path: Path) -> No
     assert all(p.returncode == 0 for p in procs), [err for _, err in results]
     assert sum(int(out) for out, _ in results) > 50
     assert not (tmp_path / ".m.jsonl.lock").exists()
+
+
+# -- the random streams a checkpoint ran on ----------------------------------------------------
+
+# Written by blazefl_fn 0.1.0, whose torch generators kept 32 bits of each key (tests/data).
+STREAMS_V1 = Path(__file__).parent / "data" / "checkpoint_streams_v1.pt"
+
+
+def test_a_checkpoint_records_the_stream_version(tmp_path: Path) -> None:
+    data = torch.load(_saved(tmp_path), weights_only=True)
+    assert data["streams"] == STREAMS_VERSION
+
+
+def test_a_checkpoint_of_the_old_streams_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match="ran on random streams version 1 and this blazefl_fn"):
+        load_checkpoint(STREAMS_V1)
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / CHECKPOINT_NAME).write_bytes(STREAMS_V1.read_bytes())
+    capsys.readouterr()
+    args = ["run", "--rounds", "4", "--clients", "6", "--clients-per-round", "3", "--quiet"]
+    assert main([*args, "--resume", str(ck), "--checkpoint-dir", str(ck)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "random streams version 1" in err[0]
+    assert "start the run again" in err[0]
+    # Nothing was written over it.
+    assert (ck / CHECKPOINT_NAME).read_bytes() == STREAMS_V1.read_bytes()
+
+
+def test_a_resealed_checkpoint_of_other_streams_is_refused(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    _edit(path, lambda d: d.__setitem__("streams", STREAMS_VERSION + 1), reseal=True)
+    with pytest.raises(ValueError, match=f"random streams version {STREAMS_VERSION + 1}"):
+        load_checkpoint(path, aux_template={"m": torch.ones(3)})

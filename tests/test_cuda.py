@@ -6,6 +6,8 @@ runs the timed check. The CPU side of the same machinery is in tests/test_device
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -14,6 +16,7 @@ import attrs
 import pytest
 import torch
 
+from blazefl_fn import _streams
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads
 from blazefl_fn.jobs import ClientContext, ClientError, ClientJob, ClientTask
@@ -23,6 +26,7 @@ from blazefl_fn.models import cnn
 from blazefl_fn.records import Downlink, Uplink
 from blazefl_fn.reproducibility import build_module
 from blazefl_fn.run import ALGORITHMS, DISTILLATION, RunConfig, simulate
+from blazefl_fn.stochastic import KeyedDropout, keyed_rng
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -207,3 +211,54 @@ def test_a_portable_run_refuses_cuda_devices() -> None:
         RunConfig(portable=True, device="cuda")
     with pytest.raises(ValueError, match="pin CPU kernels only"):
         RunConfig(portable=True, server_device="cuda")
+
+
+def _cuda_draws(key: Key) -> list[torch.Tensor]:
+    with keyed_rng(key):
+        mask = KeyedDropout(0.5)(torch.ones(64, device=CUDA)) != 0
+    return [
+        torch.rand(16, device=CUDA, generator=key.torch_generator(CUDA)),
+        torch.randperm(64, device=CUDA, generator=key.torch_generator(CUDA)),
+        mask,
+    ]
+
+
+def test_cuda_streams_depend_on_every_bit_of_the_key() -> None:
+    key = Key.from_seed(2026)
+    generator = key.torch_generator(CUDA)
+    assert (generator.initial_seed(), generator.get_offset()) == _streams.philox_seed_offset(
+        key.bits
+    )
+    ours = _cuda_draws(key)
+    assert all(
+        torch.equal(a, b) for a, b in zip(ours, _cuda_draws(Key(bytes(key.bits))), strict=True)
+    )
+    for bit in range(128):
+        value = int.from_bytes(key.bits, "little") ^ (1 << bit)
+        theirs = _cuda_draws(Key(value.to_bytes(16, "little")))
+        assert all(not torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)), bit
+
+
+_CUDA_FACTORY = """
+import sys, torch
+from blazefl_fn.keys import Key
+from blazefl_fn.reproducibility import build_module
+assert not torch.cuda.is_initialized()
+key = Key(bytes.fromhex(sys.argv[1]))
+module = build_module(lambda: torch.nn.Linear(4, 4, device="cuda"), key)
+print(module.weight.sum().item().hex())
+"""
+
+
+def test_a_factory_that_initialises_cuda_draws_from_the_key() -> None:
+    def weights(key: Key) -> str:
+        done = subprocess.run(
+            [sys.executable, "-c", _CUDA_FACTORY, key.bits.hex()],
+            capture_output=True, text=True, timeout=300, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    key = Key.from_seed(5)
+    high_bit = Key(key.bits[:15] + bytes([key.bits[15] ^ 0x80]))
+    assert weights(key) == weights(key)
+    assert weights(key) != weights(high_bit)

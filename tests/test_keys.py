@@ -58,7 +58,7 @@ def test_golden_structural_draws() -> None:
 def test_golden_generators() -> None:
     root = Key.from_seed(0)
     assert torch.rand(3, generator=root.torch_generator()).tolist() == pytest.approx(
-        [0.4143471121788025, 0.8260505795478821, 0.2902464270591736], abs=0
+        [0.012497663497924805, 0.4682655334472656, 0.05128508806228638], abs=0
     )
     assert root.numpy_generator().integers(0, 1000, 3).tolist() == [202, 928, 266]
 

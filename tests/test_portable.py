@@ -20,8 +20,8 @@ HERE = Path(__file__).parent
 
 # Golden values: the same on every x86-64 CPU under --portable. The default job's is the
 # digest the README shows for `make run ARGS=--portable`.
-DEFAULT_JOB = "2198855cf4190cb6696232314c38d81cca5fd5949b5c849fcc51efa481c78a85"
-CNN_JOB = "4caad4fcffc9efecd76a84a26b161cfa069a42c35c1cd8cae378686a80045a39"
+DEFAULT_JOB = "019136b63ab3387d374fb00e5b8cc997cebddcad382389c4fc46c68ab262cb95"
+CNN_JOB = "01b067db8776ba4c58e1dd81d05b2e0468d9815b0a1eac3b3b4ad4b4439c75d7"
 
 
 def _capabilities() -> list[str]:

@@ -49,8 +49,8 @@ class ClientData:
         >>> from blazefl_fn.keys import Key
         >>> base = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
         >>> client = ClientData(base, torch.tensor([2, 5, 7]))
-        >>> [y.tolist() for _, y in client.batches(2, Key.from_seed(0).torch_generator())]
-        [[5, 7], [2]]
+        >>> [y.tolist() for _, y in client.batches(2, Key.from_seed(3).torch_generator())]
+        [[7, 5], [2]]
     """
 
     base: TensorDataset
@@ -93,8 +93,8 @@ class ClientData:
             >>> from blazefl_fn.keys import Key
             >>> base = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
             >>> client = ClientData(base, torch.tensor([2, 5, 7])).gathered(torch.device("cpu"))
-            >>> [y.tolist() for _, y in client.batches(2, Key.from_seed(0).torch_generator())]
-            [[5, 7], [2]]
+            >>> [y.tolist() for _, y in client.batches(2, Key.from_seed(3).torch_generator())]
+            [[7, 5], [2]]
         """
         rows = self.indices.to(self.base.x.device)
         local = TensorDataset(self.base.x[rows].to(device), self.base.y[rows].to(device))
