@@ -5,6 +5,7 @@ the template, not the file, decides what may be built)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import cast
 
@@ -14,7 +15,16 @@ import torch
 from .client_store import ClientStore
 from .tree import TreeSpec, tree_spec
 
-__all__ = ["SCALARS", "BadLeaf", "Mismatch", "Reader", "client_tree", "fit", "flatten"]
+__all__ = [
+    "SCALARS",
+    "BadLeaf",
+    "Mismatch",
+    "Reader",
+    "client_tree",
+    "fit",
+    "flatten",
+    "nonfinite_leaves",
+]
 
 _DECODER = json.JSONDecoder()
 SCALARS = (int, float, bool, str, type(None))
@@ -59,6 +69,40 @@ def flatten(obj: object, where: str, leaves: list[object]) -> str:
         f"aux state at {where}: cannot checkpoint a {type(obj).__name__}; use tensors, plain "
         f"scalars, str-keyed mappings, tuples, lists and attrs records"
     )
+
+
+def nonfinite_leaves(obj: object, where: str = "aux") -> list[str]:
+    """Where ``obj`` (a server's aux state) holds a NaN or an infinity, as `flatten` names
+    places: floating-point tensors and floats, through mappings, sequences and attrs records.
+
+    A `ClientStore` is not searched: what it holds came from uplinks, which rounds screen
+    before storing. Other objects are not searched either (an aux state need only be
+    checkpointable when checkpoints are written).
+
+    Examples:
+        >>> nonfinite_leaves({"m": torch.ones(2), "v": (torch.tensor([float("inf")]), 1.0)})
+        ['aux.v[0]']
+    """
+    found: list[str] = []
+    if isinstance(obj, torch.Tensor):
+        floating = obj.is_floating_point() or obj.is_complex()
+        if floating and not bool(torch.isfinite(obj).all()):
+            found.append(where)
+    elif isinstance(obj, float):
+        if not math.isfinite(obj):
+            found.append(where)
+    elif isinstance(obj, Mapping):
+        mapping = cast(Mapping[object, object], obj)
+        for name in sorted(mapping, key=str):
+            found += nonfinite_leaves(mapping[name], f"{where}.{name}")
+    elif isinstance(obj, tuple | list):
+        items = cast(tuple[object, ...] | list[object], obj)
+        for i, value in enumerate(items):
+            found += nonfinite_leaves(value, f"{where}[{i}]")
+    elif attrs.has(type(obj)) and not isinstance(obj, ClientStore):
+        for field in attrs.fields(type(obj)):
+            found += nonfinite_leaves(getattr(obj, field.name), f"{where}.{field.name}")
+    return found
 
 
 class Mismatch(Exception):

@@ -358,12 +358,12 @@ def make_executor(config: RunConfig) -> Executor:
     its chunk bounded by ``config.max_bytes``.
 
     Clients train on ``config.device`` (client ``k`` on the ``k % n``-th of its ``n``
-    devices). Process workers use ``config.threads`` intra-op threads, like the driving
-    process, so every executor computes the same bits.
+    devices). Every executor runs client work (and each round's server side) at
+    ``config.threads`` intra-op threads, so every executor computes the same bits.
     """
     devices = parse_devices(config.device)
     if config.executor == "threads":
-        return Threads(config.workers, devices=devices)
+        return Threads(config.workers, devices=devices, threads=config.threads)
     if config.executor == "processes":
         return Processes(
             config.workers,
@@ -372,7 +372,9 @@ def make_executor(config: RunConfig) -> Executor:
             client_timeout=config.client_timeout,
         )
     if config.executor == "vectorized":
-        return Vectorized(config.chunk, device=devices[0], max_bytes=config.max_bytes)
+        return Vectorized(
+            config.chunk, device=devices[0], max_bytes=config.max_bytes, threads=config.threads
+        )
     if config.executor == "ray":
         return Ray(
             config.ray_address,
@@ -381,4 +383,4 @@ def make_executor(config: RunConfig) -> Executor:
             devices=devices,
             node_ip_address=config.ray_node_ip,
         )
-    return Sequential(devices=devices)
+    return Sequential(devices=devices, threads=config.threads)

@@ -128,13 +128,14 @@ def _id_span(ids: Sequence[int]) -> str:
 
 
 class NonFiniteError(RuntimeError):
-    """A round produced NaN or infinite values: in clients' uplinks, or in the new server model.
+    """A round produced NaN or infinite values: in clients' uplinks, or in the new server state.
 
     Attributes:
         round_index: the round, 0-based (the message counts from 1).
         clients: each offending client's id and the entries that were not finite (empty when
             the server model is the culprit).
-        server: the server model's non-finite entries (empty when clients are the culprit).
+        server: the new server state's non-finite entries: parameter names, and places in
+            its ``aux`` state (``aux.v.1.weight``); empty when clients are the culprit.
         skipping: the algorithm leaves such clients out (``nonfinite="skip"``), and every
             sampled client was one.
     """
@@ -156,8 +157,10 @@ class NonFiniteError(RuntimeError):
     def _message(self) -> str:
         where = f"round {self.round_index + 1}"
         if self.server:
+            in_aux = any(n == "aux" or n.startswith(("aux.", "aux[")) for n in self.server)
+            what = "state (model or optimizer) has" if in_aux else "model has"
             return (
-                f"{where}: the aggregated server model has non-finite values (NaN or Inf) in "
+                f"{where}: the aggregated server {what} non-finite values (NaN or Inf) in "
                 f"{_names(self.server)}; training diverged (lower the learning rate, clip "
                 "client updates, or use a robust aggregator)"
             )

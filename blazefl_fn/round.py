@@ -21,9 +21,10 @@ import attrs
 import torch
 from typing_extensions import TypeVar
 
+from ._aux_leaves import nonfinite_leaves
 from ._validators import finite_number, int_at_least
 from .devices import cuda_determinism, to_device
-from .executors.base import Executor, Preparing
+from .executors.base import Executor, Preparing, threads_of
 from .jobs import (
     ClientContext,
     ClientError,
@@ -34,6 +35,7 @@ from .jobs import (
 )
 from .keys import Key
 from .records import Downlink, RoundReport, ServerState, Uplink
+from .reproducibility import intra_op_threads
 from .tree import Params, nbytes, nonfinite
 
 __all__ = [
@@ -291,18 +293,24 @@ def run_round(
 ) -> tuple[ServerState[A], RoundReport]:
     """Run round ``state.round`` with ``key`` (the round key) and return the next state.
 
+    The whole round runs at the executor's intra-op thread count (`threads_of`, default 1;
+    the caller's ``torch.set_num_threads`` is restored afterwards), so its bits are the same
+    whatever the calling process had set.
+
     Raises:
         ClientError: a client's update raised (the first failing client in id order), or
             changed torch's global RNG state (`GlobalRNGError`).
         NonFiniteError: clients sent NaN or infinite values (see `Algorithm.nonfinite`), or
-            the new server model has some.
+            the new server state (its parameters or its ``aux``, e.g. an optimizer's
+            moments) has some.
         ValueError: the sampler returned duplicate or out-of-range ids, ``dispatch``
             returned a number of inputs other than the number of sampled clients, or
             clients returned stored state to an algorithm without ``dispatch``.
     """
     # A server on CUDA aggregates with deterministic kernels too (clients get them from the
     # executor); on the CPU this does nothing.
-    with cuda_determinism(any(t.is_cuda for t in state.params.values())):
+    cuda = any(t.is_cuda for t in state.params.values())
+    with intra_op_threads(threads_of(executor)), cuda_determinism(cuda):
         start = time.perf_counter()
         ids = _check_ids(
             algorithm.sample(state, key.fold_in("sample")),
@@ -325,7 +333,9 @@ def run_round(
             new_state = keyed.with_key(state, uplinks, key.fold_in("aggregate"))
         else:
             new_state = aggregate(state, uplinks)
-        diverged = nonfinite(new_state.params)
+        # The whole new server state: an infinite optimizer moment (FedAdam's v) leaves the
+        # parameters finite for a while, and would be checkpointed.
+        diverged = nonfinite(new_state.params) + nonfinite_leaves(new_state.aux)
         if diverged:
             raise NonFiniteError(state.round, server=diverged)
         report = RoundReport(

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import attrs
 import pytest
 from _paths import mnist_dir, mnist_search_path
+from _ray_helpers import ENV as RAY_ENV
 
 from blazefl_fn.run import RunConfig, simulate
 
@@ -54,3 +58,86 @@ def test_cli_processes_and_sequential_print_one_digest() -> None:
         return str(result["params_sha256"])
 
     assert digest("--executor", "processes", "--workers", "2") == digest()
+
+
+# -- by default, through the Python API: the README's example as a user runs it ----------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+_FIRST_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+# Every executor a user reaches for first, by the expression they would write.
+EXECUTORS = {
+    "sequential": "fl.Sequential()",
+    "threads": "fl.Threads(2)",
+    "processes": "fl.Processes(2)",
+    "ray": "fl.Ray(workers=2)",
+}
+
+
+def readme_example() -> str:
+    """The README's first ``python`` block: its first example."""
+    found = _FIRST_BLOCK.search(README.read_text())
+    assert found is not None, "the README has no python example"
+    return found.group(1)
+
+
+def _user_script(code: str, executor: str, prelude: str = "") -> str:
+    # A user's own file: the example with its executor swapped, under the main guard that
+    # spawned workers need, and the torch thread count it ends with printed last.
+    assert "fl.Sequential()" in code
+    body = prelude + code.replace("fl.Sequential()", executor)
+    body += "\nimport torch\nprint(torch.get_num_threads())\n"
+    indented = "".join(f"    {line}\n" if line else "\n" for line in body.splitlines())
+    return 'if __name__ == "__main__":\n' + indented
+
+
+def _digest_and_threads(script: str, tmp_path: Path, name: str) -> tuple[str, str]:
+    path = tmp_path / f"example_{name}.py"  # not ray.py: it would shadow the package
+    path.write_text(script)
+    done = subprocess.run(
+        [sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        check=False, env={**os.environ, **RAY_ENV},
+    )  # fmt: skip
+    assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
+    digest, threads = done.stdout.split()[-2:]
+    return digest, threads
+
+
+def test_the_readme_example_unwrapped_gives_one_digest_on_every_executor(tmp_path: Path) -> None:
+    code = readme_example()
+    digests = {
+        e: _digest_and_threads(_user_script(code, x), tmp_path, e)[0] for e, x in EXECUTORS.items()
+    }
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_a_thread_sensitive_model_gives_one_digest_whatever_the_callers_threads(
+    tmp_path: Path,
+) -> None:
+    # The same example with a wide MLP, whose matrix products round differently at 1 and at 3
+    # intra-op threads (measured: the two digests differ when set by hand), in a script that
+    # set torch's threads for its own work first. The library pins client work and the
+    # server's side of every round to the executor's count (1), then gives the 3 back.
+    code = readme_example()
+    code = code.replace(
+        "from blazefl_fn.models import logistic_regression", "from blazefl_fn.models import mlp"
+    )
+    code = code.replace(
+        "functools.partial(logistic_regression, data.input_shape, data.num_classes)",
+        "functools.partial(mlp, data.input_shape, data.num_classes, hidden=(512, 512))",
+    )
+    code = code.replace("fl.LocalSGD()", "fl.LocalSGD(batch_size=64)").replace(
+        "rounds=20", "rounds=3"
+    )
+    assert "hidden=(512, 512)" in code
+    assert "batch_size=64" in code
+    prelude = "import torch\ntorch.set_num_threads(3)\n"
+    results = {
+        e: _digest_and_threads(_user_script(code, x, prelude), tmp_path, e)
+        for e, x in EXECUTORS.items()
+    }
+    assert len({digest for digest, _ in results.values()}) == 1, results
+    assert {threads for _, threads in results.values()} == {"3"}, results
+    # The model is thread-sensitive, so the check above can fail: a round at 3 threads gives
+    # other bits than one at 1.
+    three = _user_script(code, "fl.Sequential(threads=3)")
+    assert _digest_and_threads(three, tmp_path, "three")[0] != results["sequential"][0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import torch
 from blazefl_fn import tree
 from blazefl_fn.algorithms.fedavg import broadcast_params, mean_by_examples
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads, WorkerError
+from blazefl_fn.executors._startup import describe_exit
 from blazefl_fn.jobs import ClientContext, ClientError, ClientUpdate
 from blazefl_fn.keys import Key
 from blazefl_fn.records import ServerState
@@ -406,3 +408,50 @@ def test_client_timeout_does_not_fire_on_slow_but_progressing_work() -> None:
 def test_client_timeout_is_validated(bad: object) -> None:
     with pytest.raises(ValueError, match="client_timeout must be a positive number"):
         Processes(1, client_timeout=bad)  # type: ignore[arg-type]
+
+
+# -- a worker that cannot start says why ---------------------------------------------------------
+
+_UNGUARDED = """
+import blazefl_fn as fl
+with fl.Processes(2) as ex:
+    print(ex.map(abs, [-1, 2]))
+"""
+
+
+def _one_reason(stderr: str) -> str:
+    # One traceback, the user's own, ending in the reason; no worker's traceback, no "None".
+    assert stderr.count("Traceback (most recent call last)") == 1, stderr
+    assert "code None" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("blazefl_fn.executors.processes.WorkerError: "), last
+    return last
+
+
+def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path: Path) -> None:
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 1
+    reason = _one_reason(done.stderr)
+    assert f"each imports {script} again" in reason
+    assert 'if __name__ == "__main__":' in reason
+
+
+def test_a_script_on_standard_input_is_told_to_use_a_file(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-"], input=_UNGUARDED, capture_output=True, text=True, timeout=300,
+        check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1
+    reason = _one_reason(done.stderr)
+    assert "this script has none (<stdin>); save it to a file" in reason
+
+
+def test_a_worker_killed_before_it_is_reaped_is_described_by_its_signal() -> None:
+    process = mp.get_context("spawn").Process(target=time.sleep, args=(60,))
+    process.start()
+    os.kill(process.pid, signal.SIGKILL)
+    assert describe_exit(process) == "was killed by SIGKILL"  # not "exited with code None"

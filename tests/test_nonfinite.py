@@ -3,8 +3,10 @@ fails the round with the clients and round named, or the clients are skipped on 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import _executor_helpers as helpers
 import attrs
@@ -12,11 +14,16 @@ import pytest
 import torch
 
 from blazefl_fn import tree
+from blazefl_fn._aux_leaves import nonfinite_leaves
+from blazefl_fn.algorithms.compose import fedadam
 from blazefl_fn.algorithms.fedavg import broadcast_params, mean_by_examples
+from blazefl_fn.data import ClientData, synthetic
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads
 from blazefl_fn.jobs import ClientUpdate, NonFiniteError
 from blazefl_fn.keys import Key
-from blazefl_fn.records import RoundReport, ServerState, Uplink
+from blazefl_fn.local import LocalSGD
+from blazefl_fn.models import logistic_regression
+from blazefl_fn.records import Downlink, RoundReport, ServerState, Uplink
 from blazefl_fn.round import Algorithm, ClientInput, ClientTask, make_round, uniform_sampler
 
 CLIENTS = [0.5 * i for i in range(6)]
@@ -127,3 +134,40 @@ def test_the_policy_is_validated() -> None:
 def test_processes_catch_it_too() -> None:
     with pytest.raises(NonFiniteError, match="round 1: client 3"):
         _round(_algorithm(helpers.nan_for_client_3), Processes(2))
+
+
+def _huge_step(downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
+    # A finite but huge update of a float64 model: its square overflows Adam's float64 second
+    # moment.
+    params = {n: t + 1e200 for n, t in downlink.params.items()}
+    return Uplink(task.client_id, len(data), params)
+
+
+def _float64_model(shape: tuple[int, ...], classes: int) -> torch.nn.Module:
+    return logistic_regression(shape, classes).double()
+
+
+def test_a_non_finite_optimizer_moment_fails_the_round_while_the_model_is_finite() -> None:
+    # Before: v = inf made the step m / (sqrt(v) + tau) zero, so the model stayed finite and
+    # the infinite moment was checkpointed silently round after round.
+    data = synthetic(1.0, 1.0, num_clients=4, key=Key.from_seed(0))
+    model_fn = functools.partial(_float64_model, data.input_shape, data.num_classes)
+    algorithm = attrs.evolve(
+        fedadam(model_fn, num_clients=4, clients_per_round=2, local=LocalSGD()),
+        client_update=_huge_step,
+    )
+    state = algorithm.init(Key.from_seed(1))
+    # The aggregate alone: a finite model, an infinite second moment.
+    uplinks = [
+        _huge_step(algorithm.broadcast(state), data.clients[i], ClientTask(i, 0, Key.from_seed(i)))
+        for i in (0, 1)
+    ]
+    aggregated = cast(Callable[[ServerState, Sequence[Uplink]], ServerState], algorithm.aggregate)
+    alone = aggregated(state, uplinks)
+    assert not tree.nonfinite(alone.params)
+    assert nonfinite_leaves(alone.aux)
+    with Sequential() as ex, pytest.raises(NonFiniteError) as info:
+        make_round(algorithm, data.clients, ex)(state, Key.from_seed(2))
+    assert info.value.server, info.value
+    assert all(name.startswith("aux.") for name in info.value.server), info.value.server
+    assert "round 1: the aggregated server state (model or optimizer) has" in str(info.value)

@@ -16,6 +16,7 @@ without relying on the GIL.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -24,9 +25,11 @@ from typing import Any, Generic, TypeVar, cast, overload
 import attrs
 import torch
 
-from ..devices import device_for, ensure_cublas_workspace, to_device, uses_cuda
+from .._validators import check_int_at_least
+from ..devices import cuda_determinism, device_for, ensure_cublas_workspace, to_device, uses_cuda
 from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
 from ..records import Uplink
+from ..reproducibility import intra_op_threads
 from .base import ClosingContext
 
 __all__ = [
@@ -301,14 +304,25 @@ class PlacedJob(Generic[Data]):
 class InProcess(ClosingContext):
     """Base of the executors that run clients in this process: one `Placement` of devices.
 
-    ``close`` releases what was placed; subclasses that hold more (a thread pool) extend it.
+    Client work runs with torch's intra-op thread count at ``threads`` (held process-wide for
+    the duration of a map; the caller's setting is restored) and, on CUDA, with deterministic
+    kernels: the two switches the bits depend on. ``close`` releases what was placed;
+    subclasses that hold more (a thread pool) extend it.
     """
 
-    def __init__(self, devices: Sequence[torch.device]) -> None:
+    def __init__(self, devices: Sequence[torch.device], threads: int = 1) -> None:
+        self.threads = check_int_at_least("threads", threads, 1)
         self._placement = Placement(devices)
         if self._placement.cuda:
             # torch reads it at the first cuBLAS call in this process: set it before any.
             ensure_cublas_workspace()
+
+    def _pinned(self) -> contextlib.ExitStack:
+        """Intra-op threads and CUDA determinism as the bits need them, for one map."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(intra_op_threads(self.threads))
+        stack.enter_context(cuda_determinism(self._placement.cuda))
+        return stack
 
     @property
     def placements(self) -> dict[tuple[int, int], int]:

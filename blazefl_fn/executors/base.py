@@ -8,7 +8,7 @@ from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 from ..jobs import ClientContext
 
-__all__ = ["ClosingContext", "Executor", "Preparing"]
+__all__ = ["ClosingContext", "Executor", "Preparing", "threads_of"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,6 +39,28 @@ class Executor(Protocol):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
+
+
+def threads_of(executor: object) -> int:
+    """The torch intra-op thread count ``executor`` runs client work with: its ``threads``.
+
+    Every executor of this library has one (default 1); a user's executor without the
+    attribute counts as 1. `blazefl_fn.round.run_round` runs the server's side of a round at
+    the same count, so a round's bits depend on this number and not on the caller's
+    ``torch.set_num_threads``.
+
+    Raises:
+        ValueError: ``executor.threads`` is not an integer >= 1.
+
+    Examples:
+        >>> from blazefl_fn.executors import Sequential
+        >>> threads_of(Sequential()), threads_of(Sequential(threads=2)), threads_of(object())
+        (1, 2, 1)
+    """
+    threads: object = getattr(executor, "threads", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"executor.threads must be an integer >= 1, got {threads!r}")
+    return threads
 
 
 @runtime_checkable

@@ -49,6 +49,7 @@ from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
 from . import _worker
 from ._errors import rebuild_error
 from ._placement import TaskQueues, server_device, uplink_on
+from ._startup import describe_exit, main_not_importable, refuse_in_worker_import, start_failure
 from .base import ClosingContext
 
 __all__ = ["Processes", "WorkerError"]
@@ -96,16 +97,6 @@ def _stop(workers: list[_Worker], graceful: bool) -> None:
     workers.clear()
 
 
-def _describe_exit(process: BaseProcess) -> str:
-    code = process.exitcode
-    if code is not None and code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
-
-
 @contextlib.contextmanager
 def _sigint_held() -> Generator[None]:
     """Hold a Ctrl-C back while workers are started; raise it once they all are.
@@ -140,8 +131,9 @@ class Processes(ClosingContext):
     Args:
         workers: worker processes (>= 1), started at construction (which returns once all
             of them are ready) and reused for every map.
-        threads: torch intra-op threads in each worker (>= 1). Keep it equal to the driving
-            process's setting (``RunConfig.threads``) so every executor computes the same bits.
+        threads: torch intra-op threads in each worker (>= 1; default 1, as on every
+            executor); the server's side of each round runs at the same count
+            (`blazefl_fn.round.run_round`), so every executor given it computes the same bits.
         start_method: ``"spawn"`` (default) or ``"forkserver"``; plain fork is never used,
             because forking a process whose torch thread pools are running can hang (or
             whose CUDA context is live).
@@ -176,6 +168,8 @@ class Processes(ClosingContext):
         devices: Sequence[DeviceLike] = ("cpu",),
         client_timeout: float | None = None,
     ) -> None:
+        # Inside a worker still importing an unguarded main module: exit before starting more.
+        refuse_in_worker_import()
         check_int_at_least("workers", workers, 1)
         check_int_at_least("threads", threads, 1)
         timeout = cast(object, client_timeout)  # checked as a user might pass anything
@@ -196,6 +190,8 @@ class Processes(ClosingContext):
         self.workers = workers
         self.threads = threads
         self.devices = check_devices(devices)
+        if (reason := main_not_importable()) is not None:
+            raise WorkerError(reason)
         if uses_cuda(self.devices):
             # Inherited by the workers, which start CUDA; the parent itself need not.
             ensure_cublas_workspace()
@@ -317,7 +313,11 @@ class Processes(ClosingContext):
         self._finalizer.detach()
 
     def _await_ready(self) -> None:
-        """Block until every worker has started (imported torch, set its threads)."""
+        """Block until every worker has started (imported torch, set its threads).
+
+        Raises:
+            WorkerError: a worker died first, with the reason in one line (`start_failure`).
+        """
         waiting = {id(w.conn): w for w in self._workers}
         sentinels = {w.process.sentinel: w for w in self._workers}
         while waiting:
@@ -325,16 +325,13 @@ class Processes(ClosingContext):
                 if isinstance(ready, int):
                     worker = sentinels[ready]
                     if id(worker.conn) in waiting and not worker.conn.poll():
-                        raise WorkerError(
-                            f"worker process {worker.process.pid} "
-                            f"{_describe_exit(worker.process)} while starting"
-                        )
+                        raise WorkerError(start_failure(worker.process))
                     continue
                 assert isinstance(ready, Connection)
                 try:
                     reply = ready.recv()
-                except (EOFError, OSError) as exc:
-                    raise WorkerError("a worker process died while starting") from exc
+                except (EOFError, OSError):
+                    raise WorkerError(start_failure(waiting[id(ready)].process)) from None
                 assert reply[0] == "ready"
                 waiting.pop(id(ready), None)
 
@@ -360,9 +357,8 @@ class Processes(ClosingContext):
         try:
             worker.conn.send_bytes(payload)
         except OSError as exc:
-            worker.process.join(timeout=5)
             raise WorkerError(
-                f"worker process {worker.process.pid} {_describe_exit(worker.process)}"
+                f"worker process {worker.process.pid} {describe_exit(worker.process)}"
             ) from exc
 
     def _shared_buffer(self, name: str, nbytes: int) -> torch.Tensor:
@@ -547,9 +543,7 @@ class Processes(ClosingContext):
                 )
 
     def _death(self, worker: _Worker, tasks: Sequence[Any]) -> WorkerError:
-        # The sentinel can fire before the process is reaped; without the join its exit code
-        # still reads None and the message cannot name the signal that killed it.
-        worker.process.join(timeout=5)
+        # `describe_exit` reaps the process first: the sentinel can fire before that.
         running = [tasks[i] for i in worker.inflight]
         what = ", ".join(
             f"client {t.client_id} in round {t.round + 1}"
@@ -558,7 +552,7 @@ class Processes(ClosingContext):
             for t in running
         )
         pid = worker.process.pid
-        message = f"worker process {pid} {_describe_exit(worker.process)}"
+        message = f"worker process {pid} {describe_exit(worker.process)}"
         return WorkerError(f"{message} while running {what}" if what else message)
 
 

@@ -125,8 +125,9 @@ class Ray(ClosingContext):
         num_cpus_per_worker: CPUs Ray reserves for each actor.
         num_gpus_per_worker: GPUs Ray reserves for each actor; then ``devices`` defaults to
             ``["cuda"]``, which each actor resolves to the GPU Ray gave it.
-        threads: torch intra-op threads in each actor; keep it equal to the driver's
-            (``RunConfig.threads``) so every executor computes the same bits.
+        threads: torch intra-op threads in each actor (default 1, as on every executor); the
+            server's side of each round runs at the same count in the driver, so every
+            executor given it computes the same bits.
         devices: where clients train, client ``k`` on ``devices[k % len(devices)]``; actors own
             devices as `Processes` workers do and run only their devices' clients.
         node_ip_address: the IP address of this machine's Ray node, for a local instance or

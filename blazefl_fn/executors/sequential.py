@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import torch
 
-from ..devices import DeviceLike, check_device, check_devices, cuda_determinism
+from ..devices import DeviceLike, check_device, check_devices
 from ._placement import InProcess, placed
 
 __all__ = ["Sequential"]
@@ -24,6 +24,9 @@ class Sequential(InProcess):
         devices: several devices instead; client ``k`` trains on ``devices[k % len(devices)]``,
             as on every executor, so the bits match `Threads` and `Processes` given the same
             list. Give ``device`` or ``devices``, not both.
+        threads: torch's intra-op threads for client work (>= 1; default 1, as on every
+            executor). The bits depend on it: every executor given the same count computes
+            the same bits, whatever the caller's ``torch.set_num_threads``.
 
     Each client's data is moved to its device once, the broadcast once per round and device;
     uplinks come back to the device of the server's parameters. On CUDA, client work runs
@@ -39,7 +42,11 @@ class Sequential(InProcess):
     """
 
     def __init__(
-        self, device: DeviceLike | None = None, *, devices: Sequence[DeviceLike] | None = None
+        self,
+        device: DeviceLike | None = None,
+        *,
+        devices: Sequence[DeviceLike] | None = None,
+        threads: int = 1,
     ) -> None:
         if device is not None and devices is not None:
             raise ValueError("give device or devices, not both")
@@ -47,15 +54,19 @@ class Sequential(InProcess):
             self.devices: tuple[torch.device, ...] = check_devices(devices)
         else:
             self.devices = (check_device("cpu" if device is None else device),)
-        super().__init__(self.devices)
+        super().__init__(self.devices, threads)
 
     def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
         """``[fn(t) for t in tasks]``."""
         run = placed(self._placement, fn)
-        with cuda_determinism(self._placement.cuda):
+        with self._pinned():
             return [run(task) for task in tasks]
 
     def __repr__(self) -> str:
-        if self.devices == (torch.device("cpu"),):
-            return "Sequential()"
-        return f"Sequential(devices={[str(d) for d in self.devices]})"
+        args = (
+            []
+            if self.devices == (torch.device("cpu"),)
+            else [f"devices={[str(d) for d in self.devices]}"]
+        )
+        args += [] if self.threads == 1 else [f"threads={self.threads}"]
+        return f"Sequential({', '.join(args)})"

@@ -9,7 +9,7 @@ from typing import TypeVar
 import torch
 
 from .._validators import check_int_at_least
-from ..devices import DeviceLike, check_devices, cuda_determinism
+from ..devices import DeviceLike, check_devices
 from ._placement import InProcess, placed
 
 __all__ = ["Threads"]
@@ -34,9 +34,12 @@ class Threads(InProcess):
             thread runs it (default: the CPU). Each client's data moves to its device once,
             the broadcast once per round and device; uplinks come back to the device of the
             server's parameters.
+        threads: torch's intra-op threads for client work (>= 1; default 1, as on every
+            executor). torch's setting is process-wide, so it is held for the whole map (every
+            thread's client sees it) and the caller's is restored afterwards.
 
     Raises:
-        ValueError: ``workers < 1`` or a device that does not exist here.
+        ValueError: ``workers < 1``, ``threads < 1`` or a device that does not exist here.
 
     Examples:
         >>> with Threads(2) as ex:
@@ -44,10 +47,12 @@ class Threads(InProcess):
         [1, 4, 9]
     """
 
-    def __init__(self, workers: int, *, devices: Sequence[DeviceLike] = ("cpu",)) -> None:
+    def __init__(
+        self, workers: int, *, devices: Sequence[DeviceLike] = ("cpu",), threads: int = 1
+    ) -> None:
         self.workers = check_int_at_least("workers", workers, 1)
         self.devices = check_devices(devices)
-        super().__init__(self.devices)
+        super().__init__(self.devices, threads)
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="blazefl-fn"
         )
@@ -66,7 +71,7 @@ class Threads(InProcess):
             raise RuntimeError("this Threads executor is closed")
         run = placed(self._placement, fn)
         # Process-wide switches: held by the calling thread while every task runs.
-        with cuda_determinism(self._placement.cuda):
+        with self._pinned():
             futures: list[Future[R]] = [self._pool.submit(run, task) for task in tasks]
             try:
                 return [future.result() for future in futures]
@@ -84,6 +89,9 @@ class Threads(InProcess):
         super().close()
 
     def __repr__(self) -> str:
-        if self.devices == (torch.device("cpu"),):
-            return f"Threads({self.workers})"
-        return f"Threads({self.workers}, devices={[str(d) for d in self.devices]})"
+        args = [str(self.workers)]
+        if self.devices != (torch.device("cpu"),):
+            args.append(f"devices={[str(d) for d in self.devices]}")
+        if self.threads != 1:
+            args.append(f"threads={self.threads}")
+        return f"Threads({', '.join(args)})"

@@ -10,7 +10,7 @@ import attrs
 import torch
 
 from .._validators import check_int_at_least
-from ..devices import DeviceLike, check_device, cuda_determinism, to_device
+from ..devices import DeviceLike, check_device, to_device
 from ..jobs import (
     ChunkError,
     ClientError,
@@ -61,9 +61,12 @@ class Vectorized(InProcess):
         max_bytes: a memory budget for one chunk; the chunk size is derived from it (about
             `VectorizedUpdate.client_bytes` per client), and a ``chunk`` that does not fit is
             refused before training starts.
+        threads: torch's intra-op threads while it trains (>= 1; default 1, as on every
+            executor).
 
     Raises:
-        ValueError: ``chunk`` or ``max_bytes`` below 1, a device that does not exist here;
+        ValueError: ``chunk``, ``max_bytes`` or ``threads`` below 1, a device that does not
+            exist here;
             from `map`: a model that cannot be vectorised (dropout, BatchNorm), a chunk over
             ``max_bytes`` or over the GPU's free memory.
 
@@ -79,6 +82,7 @@ class Vectorized(InProcess):
         *,
         device: DeviceLike = "cpu",
         max_bytes: int | None = None,
+        threads: int = 1,
     ) -> None:
         self.chunk = None if chunk is None else check_int_at_least("chunk", chunk, 1)
         self.max_bytes = (
@@ -86,7 +90,7 @@ class Vectorized(InProcess):
         )
         self.device = check_device(device)
         self._warned: set[type] = set()
-        super().__init__((self.device,))
+        super().__init__((self.device,), threads)
 
     def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
         """``[fn(t) for t in tasks]``; a vectorisable client job runs chunk by chunk.
@@ -95,7 +99,7 @@ class Vectorized(InProcess):
             ClientError: a client (run alone) failed; a `ChunkError` names a failed chunk.
             ValueError: the model cannot be vectorised, or a chunk does not fit in memory.
         """
-        with cuda_determinism(self._placement.cuda):
+        with self._pinned():
             target = cast(object, fn)
             if isinstance(target, ClientJob) and all(isinstance(t, ClientTask) for t in tasks):
                 job = cast(ClientJob[Any], target)
@@ -202,7 +206,8 @@ class Vectorized(InProcess):
         )
 
     def __repr__(self) -> str:
-        return f"Vectorized(chunk={self.chunk}, device={str(self.device)!r})"
+        threads = "" if self.threads == 1 else f", threads={self.threads}"
+        return f"Vectorized(chunk={self.chunk}, device={str(self.device)!r}{threads})"
 
 
 def _size(data: object) -> int:
