@@ -7,6 +7,8 @@ Examples:
     (1, 2)
 """
 
+# First, before torch: Ctrl-C while the blazefl-fn command is still importing ends it quietly.
+from . import _cli_signals  # noqa: F401  # pyright: ignore[reportUnusedImport] (arms it)
 from . import aggregators as aggregators
 from . import algorithms as algorithms
 from . import client_stages as client_stages

@@ -8,6 +8,7 @@ from typing import Any, NoReturn
 
 import attrs
 
+from ._cli_signals import PROG
 from ._validators import documented_range
 from .run import (
     ALGORITHMS,
@@ -20,7 +21,6 @@ from .run import (
     RunConfig,
 )
 
-PROG = "blazefl-fn"
 # --workers beyond this many per CPU on one machine needs --oversubscribe.
 OVERSUBSCRIPTION = 4
 

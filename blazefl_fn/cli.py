@@ -8,7 +8,11 @@ Every error is one line ``blazefl-fn: error: ...`` on stderr, never a traceback 
 - 3: the run failed: a client raised, a worker died or exceeded ``--client-timeout``, training
   diverged (NaN or Inf), any error once the round loop began (other than a file's), or an
   unexpected error;
-- 130: interrupted (Ctrl-C).
+- 130: interrupted (Ctrl-C); 143: terminated (SIGTERM, handled as Ctrl-C is: workers stopped,
+  a final checkpoint written).
+
+Ctrl-C while the command is still importing torch ends it at once, in one line; a second
+Ctrl-C while the first is being handled waits for the cleanup (a third quits at once).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import attrs
 
 from . import portable
 from ._cli_flags import OVERSUBSCRIPTION, PROG, UsageError, build_parser
+from ._cli_signals import INTERRUPTED, TERMINATED, Terminated, release_import_guard, while_running
 from ._locks import holding
 from .checkpoint import checkpoint_file, read_config
 from .data.partition import partition_report
@@ -43,7 +48,14 @@ __all__ = ["main"]
 
 DEBUG_ENV = "BLAZEFL_FN_DEBUG"
 # Exit statuses (see the module docstring).
-_DATA, _USAGE, _RUN, _INTERRUPTED = 1, 2, 3, 130
+_DATA, _USAGE, _RUN = 1, 2, 3
+
+
+def _stopped(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """What a Ctrl-C or a SIGTERM is called, and its exit status."""
+    if isinstance(exc, Terminated):
+        return "terminated", TERMINATED
+    return "interrupted", INTERRUPTED
 
 
 def _partition_config(args: argparse.Namespace) -> RunConfig:
@@ -182,7 +194,8 @@ def _run_locked(args: argparse.Namespace, config: RunConfig, callbacks: list[Cal
             checkpoint_every=args.checkpoint_every,
             overwrite=args.overwrite,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        word, status = _stopped(exc)
         after = _checkpoint_stamp(checkpoint_dir)
         if checkpoint_dir is None:
             saved = "nothing was saved (no --checkpoint-dir)"
@@ -195,8 +208,8 @@ def _run_locked(args: argparse.Namespace, config: RunConfig, callbacks: list[Cal
             saved = f"no round completed; the checkpoint in {checkpoint_dir} is unchanged"
         else:
             saved = "no round completed, so no checkpoint was saved"
-        print(f"{PROG}: interrupted; {saved}", file=sys.stderr)
-        return _INTERRUPTED
+        print(f"{PROG}: {word}; {saved}", file=sys.stderr)
+        return status
     summary = {
         "algorithm": config.algorithm,
         "dataset": config.dataset,
@@ -284,6 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     then starts the process again with the portable pins (`os.execve`) when they are missing.
     Given an ``argv`` list, it pins this process instead, refusing if a kernel already ran.
     """
+    release_import_guard()
+    with while_running():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
@@ -323,9 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError, ImportError) as exc:
         # Bad or missing files: the loaders' messages name the file and the problem.
         return _fail(exc, _DATA, debug)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return _INTERRUPTED
+    except KeyboardInterrupt as exc:
+        word, status = _stopped(exc)
+        print(f"{PROG}: {word}", file=sys.stderr)
+        return status
     except RuntimeError as exc:
         # ClientError, WorkerError, NonFiniteError, GlobalRNGError: their messages name the
         # client, round and cause.

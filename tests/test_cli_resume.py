@@ -173,3 +173,74 @@ def test_plot_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert "missing.jsonl" in capsys.readouterr().err
     assert main(["plot", "-o", str(out)]) == 2
     assert sorted(os.listdir(tmp_path)) == ["curves.png", "lr0.01.jsonl", "lr0.05.jsonl"]
+
+
+# -- signals: one line and the documented status, never a traceback --------------------------
+
+
+def _default_sigint() -> None:
+    # A suite started as a background job inherits SIGINT ignored; a user's shell does not.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path, uninterrupted: str) -> None:
+    log = tmp_path / "m.jsonl"
+    proc = _start("--executor", "processes", "--checkpoint-dir", str(tmp_path / "ck"),
+                  "--checkpoint-every", "1000", "--metrics", str(log))  # fmt: skip
+    _wait_for_rounds(log, proc, 4)
+    family = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    # Before: killed by the signal (no checkpoint of the last round, no message).
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"blazefl-fn: terminated; checkpoint of the last completed round saved in "
+        f"{tmp_path / 'ck'} (continue with --resume {tmp_path / 'ck'})"
+    ]
+    deadline = time.monotonic() + 10  # the resource tracker leaves when its pipe closes
+    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in family if _alive(p)], "workers outlived the terminated run"
+    assert _resume(tmp_path, "--executor", "processes")["params_sha256"] == uninterrupted
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_waits_for_the_cleanup(tmp_path: Path) -> None:
+    log = tmp_path / "m.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blazefl_fn", "run", *FLAGS, "--executor", "processes",
+         "--checkpoint-dir", str(tmp_path / "ck"), "--metrics", str(log)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
+    )  # fmt: skip
+    _wait_for_rounds(log, proc, 3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("blazefl-fn: stopping (workers and files are being closed)")
+    assert lines[-1].startswith("blazefl-fn: interrupted; checkpoint of the last completed round")
+    assert load_checkpoint(tmp_path / "ck").state.round >= 3
+
+
+@pytest.mark.parametrize("command", ["module", "script"])
+def test_ctrl_c_while_importing_torch_is_one_line(command: str) -> None:
+    argv = (
+        [sys.executable, "-m", "blazefl_fn"]
+        if command == "module"
+        else [str(Path(sys.executable).parent / "blazefl-fn")]
+    )
+    proc = subprocess.Popen(
+        [*argv, "run", "--rounds", "100000", "--quiet"], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint,
+    )  # fmt: skip
+    time.sleep(0.3)  # importing torch takes about a second here
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    # Before: a KeyboardInterrupt traceback from inside torch's import.
+    assert proc.returncode == 130, err
+    assert err == "blazefl-fn: interrupted\n"
