@@ -47,17 +47,28 @@ def _is_uniform(row: torch.Tensor) -> bool:
 
 
 @FEW
-@given(prob_rows(), st.sampled_from([1, 1.0]))
-def test_exponent_one_is_a_bitwise_copy(probs: torch.Tensor, one: float) -> None:
-    kept = probs.clone()
-    out = enhanced_era(probs, one)
-    assert out is not probs
-    assert out.data_ptr() != probs.data_ptr()
-    assert out.dtype == probs.dtype
-    assert torch.equal(out, probs)
-    assert torch.equal(probs, kept)  # the input is not written into
+@given(prob_rows(), st.sampled_from([1, 1.0]), st.floats(0.01, 100.0))
+def test_exponent_one_is_the_formula_a_normalisation(
+    probs: torch.Tensor, one: float, scale: float
+) -> None:
+    # p**1 / sum(p**1): before, exponent 1 returned an unnormalised row unchanged.
+    scaled = probs * scale
+    kept = scaled.clone()
+    out = enhanced_era(scaled, one)
+    wide = scaled.to(torch.float64)
+    assert torch.equal(out, (wide / wide.sum(dim=1, keepdim=True)).to(scaled.dtype))
+    assert out.dtype == scaled.dtype
+    assert torch.equal(scaled, kept)  # the input is not written into
     out.add_(1.0)
-    assert torch.equal(probs, kept)  # and the result does not share its memory
+    assert torch.equal(scaled, kept)  # and the result does not share its memory
+
+
+def test_exponent_one_scales_an_unnormalised_row_and_keeps_a_normalised_one() -> None:
+    assert enhanced_era(torch.tensor([[2.0, 6.0]]), 1.0).tolist() == [[0.25, 0.75]]
+    exact = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
+    assert torch.equal(enhanced_era(exact, 1.0), exact)
+    # And the general path agrees with it where the rows are normalised.
+    assert torch.allclose(enhanced_era(exact, 1.0 + 1e-12), exact)
 
 
 @FEW

@@ -14,6 +14,16 @@ A sampled client without data counts in the mean with ``theta_k = theta``. ``h``
 mean of every client's ``g_k`` over the whole federation (clients that never
 took part count as zero). The state covers the trainable parameters; buffers (BatchNorm
 statistics) are averaged weighted by examples.
+
+**One alpha for every client**, as the paper's Algorithm 1 states and its analysis assumes.
+The authors' code (``utils_methods.py`` in alpemreacar/FedDyn) scales it per client instead,
+``alpha_k = alpha * mean(n) / n_k`` with ``n_k`` client ``k``'s examples and ``mean(n)`` the
+mean over the whole federation: clients with more data are pulled less towards ``theta``.
+The two agree when clients hold equal amounts of data and differ otherwise, so results
+reproduced from that code need equal client sizes (or their alpha rescaled). We keep the
+paper's rule: it is the algorithm the paper proves things about, and it needs no statistic of
+the whole federation, which a lazy federation of a million clients would have to build every
+client to compute.
 """
 
 from __future__ import annotations

@@ -64,10 +64,11 @@ def era(probs: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
 def enhanced_era(probs: torch.Tensor, exponent: float = 2.0) -> torch.Tensor:
     """Enhanced ERA (SCARLET): ``p**exponent / sum(p**exponent)`` per row.
 
-    ``exponent == 1`` is the identity (a copy of ``probs``, bit for bit); ``exponent > 1``
-    lowers the rows' entropy, ``exponent < 1`` raises it. Unlike ERA it keeps the
-    order of the classes and never turns a confident label into a flatter one. Computed in
-    float64 (in log space) so that large exponents do not underflow.
+    ``exponent == 1`` normalises the rows, ``p / sum(p)`` (float64, rounded once: a row that
+    sums to exactly 1 comes back bit for bit; an unnormalised one is scaled, as the formula
+    says); ``exponent > 1`` lowers the rows' entropy, ``exponent < 1`` raises it. Unlike ERA
+    it keeps the order of the classes and never turns a confident label into a flatter one.
+    Computed in float64 (in log space) so that large exponents do not underflow.
 
     Raises:
         ValueError: ``exponent`` is not a finite number > 0, ``probs`` is not 2-D float, or it
@@ -77,13 +78,16 @@ def enhanced_era(probs: torch.Tensor, exponent: float = 2.0) -> torch.Tensor:
         >>> import torch
         >>> enhanced_era(torch.tensor([[0.6, 0.4]]), exponent=2.0)
         tensor([[0.6923, 0.3077]])
+        >>> enhanced_era(torch.tensor([[2.0, 6.0]]), exponent=1.0)
+        tensor([[0.2500, 0.7500]])
     """
     exponent = check_positive_finite("exponent", exponent)
     _check_probs(probs)
     if bool((probs < 0).any()) or bool((probs.sum(dim=1) <= 0).any()):
         raise ValueError("soft labels must be non-negative with every row summing to > 0")
     if exponent == 1:
-        return probs.clone()
+        wide = probs.to(torch.float64)
+        return (wide / wide.sum(dim=1, keepdim=True)).to(probs.dtype)
     # log(0) = -inf stays a zero after softmax; a row of one nonzero entry stays one-hot.
     logits = torch.log(probs.to(torch.float64)) * exponent
     return torch.softmax(logits, dim=1).to(probs.dtype)
