@@ -106,8 +106,8 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         type=float,
         metavar="SECONDS",
         default=defaults.client_timeout,
-        help="with --executor processes: fail the run (exit 3) when a worker spends longer than "
-        "SECONDS on one client (stuck, stopped); in (0, 1e6]; default: no limit",
+        help="with --executor processes or ray: fail the run (exit 3) when a worker spends "
+        "longer than SECONDS on one client (stuck, stopped); in (0, 1e6]; default: no limit",
     )
     run.add_argument(
         "--chunk",

@@ -382,5 +382,6 @@ def make_executor(config: RunConfig) -> Executor:
             threads=config.threads,
             devices=devices,
             node_ip_address=config.ray_node_ip,
+            client_timeout=config.client_timeout,
         )
     return Sequential(devices=devices, threads=config.threads)

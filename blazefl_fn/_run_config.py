@@ -285,10 +285,10 @@ class RunConfig:
                     f"({self.public_size})"
                 )
         self._check_client_state()
-        if self.client_timeout is not None and self.executor != "processes":
+        if self.client_timeout is not None and self.executor not in ("processes", "ray"):
             raise ValueError(
-                f"client_timeout applies to the processes executor, not to {self.executor!r} "
-                "(a thread cannot be stopped; sequential runs in this process)"
+                f"client_timeout applies to the processes and ray executors, not to "
+                f"{self.executor!r} (a thread cannot be stopped; sequential runs in this process)"
             )
         if self.executor != "vectorized" and (self.chunk, self.max_bytes) != (None, None):
             raise ValueError(

@@ -120,3 +120,20 @@ def check_int_at_least(name: str, value: object, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def check_timeout(name: str, value: object) -> float | None:
+    """``value`` if it is None or a finite number of seconds > 0.
+
+    Raises:
+        ValueError: anything else (bools, strings, 0, negative, NaN, infinity).
+    """
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value < math.inf  # also refuses NaN
+    ):
+        raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
+    return float(value)

@@ -119,8 +119,9 @@ def _resumed_config(argv: Sequence[str] | None, stored: RunConfig) -> RunConfig:
     """The checkpoint's config with the flags given on the command line applied over it."""
     given = vars(build_parser(only_given=True).parse_args(argv))
     changes = {k: v for k, v in given.items() if k in _CONFIG_FIELDS}
-    if changes.get("executor", "processes") != "processes" and "client_timeout" not in changes:
-        # The stored timeout belonged to the processes executor the run leaves.
+    executor = changes.get("executor", stored.executor)
+    if executor not in ("processes", "ray") and "client_timeout" not in changes:
+        # The stored timeout belonged to the executor the run leaves.
         changes["client_timeout"] = None
     return attrs.evolve(stored, **changes)
 

@@ -218,7 +218,7 @@ def test_a_stopped_worker_fails_the_run_after_client_timeout() -> None:
 def test_client_timeout_needs_the_processes_executor() -> None:
     done = _cli("run", "--client-timeout", "5")
     assert done.returncode == 2
-    assert "client_timeout applies to the processes executor" in _one_error_line(done)
+    assert "client_timeout applies to the processes and ray executors" in _one_error_line(done)
 
 
 def _bounds(text: str) -> tuple[float, bool, float | None, bool]:

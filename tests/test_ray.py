@@ -136,6 +136,42 @@ def test_an_actor_killed_mid_round_is_a_worker_error_within_10_s(session: None) 
         executor.map(helpers.square, [1])
 
 
+def test_a_stopped_actor_becomes_a_worker_error_within_the_client_timeout(
+    session: None,
+) -> None:
+    # Before: Ray had no client_timeout; an actor stopped with SIGSTOP hung the round forever.
+    del session
+    executor = Ray(workers=2, client_timeout=1.0)
+    try:
+        pids = list(executor.pids)
+        start = time.monotonic()
+        with pytest.raises(
+            WorkerError, match=r"gave no result for task 2 within client_timeout=1 s"
+        ):
+            executor.map(helpers.stop_self_on, [0, 1, 2, 3, 4, 5])
+        assert time.monotonic() - start < 10
+        assert wait_until_gone(set(pids)) == set()  # killed, the stopped one included
+        with pytest.raises(RuntimeError, match="closed"):
+            executor.map(helpers.square, [1])
+    finally:
+        executor.close()
+
+
+def test_the_client_timeout_names_the_client_and_round(session: None) -> None:
+    del session
+    with Ray(workers=1, client_timeout=1.0) as executor:
+        tasks = [ClientTask(k, 4, Key.from_seed(k)) for k in range(2)]
+        with pytest.raises(WorkerError, match=r"no result for client 0 in round 5 within"):
+            executor.map(_job(helpers.sleep_forever_update), tasks)
+
+
+def test_the_client_timeout_does_not_fire_on_slow_but_progressing_work(session: None) -> None:
+    del session
+    with Ray(workers=1, client_timeout=1.0) as executor:
+        # Each task takes 0.2 s; the whole map (1.6 s) takes longer than the timeout.
+        assert len(set(executor.map(helpers.pid, list(range(8))))) == 1
+
+
 def test_actors_that_cannot_be_placed_are_refused_with_the_resources(session: None) -> None:
     del session
     with pytest.raises(WorkerError, match=r"did not start within 2\.0 s.*cluster has"):
@@ -149,6 +185,8 @@ def test_actors_that_cannot_be_placed_are_refused_with_the_resources(session: No
         ({"num_cpus_per_worker": -1}, "num_cpus_per_worker must be a number >= 0"),
         ({"devices": ["tpu"]}, "malformed device 'tpu'"),
         ({"devices": "cpu"}, "non-empty sequence of devices"),
+        ({"client_timeout": 0}, "client_timeout must be a positive number of seconds"),
+        ({"client_timeout": float("nan")}, "client_timeout must be a positive number"),
     ],
 )
 def test_bad_arguments_are_value_errors(kwargs: dict[str, Any], message: str) -> None:

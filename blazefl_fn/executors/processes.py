@@ -22,7 +22,6 @@ as it is created and lives only while a process holds a descriptor, so nothing i
 from __future__ import annotations
 
 import contextlib
-import math
 import multiprocessing as mp
 import pickle
 import signal
@@ -41,7 +40,7 @@ from typing import Any, TypeVar, cast
 import attrs
 import torch
 
-from .._validators import check_int_at_least
+from .._validators import check_int_at_least, check_timeout
 from ..devices import DeviceLike, check_devices, ensure_cublas_workspace, uses_cuda
 from ..jobs import ClientContext, ClientJob, ClientTask
 from ..records import Uplink
@@ -172,17 +171,7 @@ class Processes(ClosingContext):
         refuse_in_worker_import()
         check_int_at_least("workers", workers, 1)
         check_int_at_least("threads", threads, 1)
-        timeout = cast(object, client_timeout)  # checked as a user might pass anything
-        if timeout is not None and (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not 0 < timeout < math.inf
-        ):
-            raise ValueError(
-                f"client_timeout must be a positive number of seconds or None, got "
-                f"{client_timeout!r}"
-            )
-        self.client_timeout = client_timeout
+        self.client_timeout = check_timeout("client_timeout", client_timeout)
         if start_method not in _START_METHODS:
             raise ValueError(
                 f"start_method must be one of {list(_START_METHODS)}, got {start_method!r}"

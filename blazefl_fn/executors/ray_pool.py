@@ -24,13 +24,15 @@ import contextlib
 import importlib
 import logging
 import os
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 import torch
 
 from .. import portable
-from .._validators import check_int_at_least
+from .._validators import check_int_at_least, check_timeout
 from ..devices import cuda_determinism
 from ..jobs import ClientContext, ClientJob, ClientTask
 from ._errors import error_reply, rebuild_error
@@ -134,6 +136,10 @@ class Ray(ClosingContext):
             to join a cluster (e.g. a loopback address for a single-machine cluster).
         start_timeout: seconds to wait for every actor to start (the cluster may lack the
             resources they ask for).
+        client_timeout: seconds an actor may spend on one client (None: no limit). An actor
+            that exceeds it (stuck, stopped, its node frozen) is killed and the map raises
+            `WorkerError` naming the client and round; clients then travel one per actor call,
+            so that each is timed alone.
 
     Raises:
         ImportError: Ray is not installed.
@@ -157,7 +163,9 @@ class Ray(ClosingContext):
         devices: Sequence[str | torch.device] | None = None,
         node_ip_address: str | None = None,
         start_timeout: float = 120.0,
+        client_timeout: float | None = None,
     ) -> None:
+        self.client_timeout = check_timeout("client_timeout", client_timeout)
         if workers is not None:
             check_int_at_least("workers", workers, 1)
         check_int_at_least("threads", threads, 1)
@@ -354,8 +362,14 @@ class Ray(ClosingContext):
         ray = self._ray
         queues = TaskQueues(tasks, len(self._actors), len(self.devices), self._cuda)
         chunk = max(1, min(_MAX_CHUNK, len(tasks) // (len(self._actors) * _CALLS_PER_ACTOR)))
+        if self.client_timeout is not None:
+            chunk = 1  # each client timed alone
         inflight: dict[Any, tuple[int, list[int]]] = {}  # ref -> (actor, task indices)
         load = [0] * len(self._actors)
+        # Per actor: its calls in the order it runs them, and when the first of them began
+        # (its predecessor's end, or its submission to an idle actor).
+        queued: list[deque[Any]] = [deque() for _ in self._actors]
+        since = [0.0] * len(self._actors)
         results: list[Any] = [None] * len(tasks)
         failures: dict[int, BaseException] = {}
 
@@ -371,15 +385,21 @@ class Ray(ClosingContext):
                     return
                 ref = self._actors[actor].run.remote(indices, [tasks[i] for i in indices])
                 inflight[ref] = (actor, indices)
+                if not queued[actor]:
+                    since[actor] = time.monotonic()
+                queued[actor].append(ref)
                 load[actor] += 1
 
         for actor in range(len(self._actors)):
             feed(actor)
         while inflight:
-            done, _ = ray.wait(list(inflight), num_returns=1, timeout=_POLL_SECONDS)
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=self._patience(queued, since))
             for ref in done:
                 actor, indices = inflight.pop(ref)
                 load[actor] -= 1
+                # An actor runs its calls in order: the next one starts as this one ends.
+                queued[actor].remove(ref)
+                since[actor] = time.monotonic()
                 try:
                     replies = ray.get(ref)
                 except ray.exceptions.RayError as exc:
@@ -390,7 +410,46 @@ class Ray(ClosingContext):
                     else:
                         failures[reply[1]] = rebuild_error(reply)
                 feed(actor)
+            if self.client_timeout is not None:
+                self._check_stuck(queued, since, inflight, tasks)
         return results, failures[min(failures)] if failures else None
+
+    def _patience(self, queued: list[deque[Any]], since: list[float]) -> float:
+        """How long to wait for a result: until the oldest running client's deadline at most."""
+        if self.client_timeout is None:
+            return _POLL_SECONDS
+        starts = [since[a] for a, calls in enumerate(queued) if calls]
+        if not starts:
+            return _POLL_SECONDS
+        left = min(starts) + self.client_timeout - time.monotonic()
+        return max(0.0, min(_POLL_SECONDS, left))
+
+    def _check_stuck(
+        self,
+        queued: list[deque[Any]],
+        since: list[float],
+        inflight: dict[Any, tuple[int, list[int]]],
+        tasks: Sequence[Any],
+    ) -> None:
+        """Raise `WorkerError` for an actor whose client exceeded ``client_timeout``.
+
+        The map's caller then closes the pool, killing every actor (the stuck one too).
+        """
+        assert self.client_timeout is not None
+        now = time.monotonic()
+        for actor, calls in enumerate(queued):
+            if calls and now - since[actor] >= self.client_timeout:
+                head = tasks[inflight[calls[0]][1][0]]
+                what = (
+                    f"client {head.client_id} in round {head.round + 1}"
+                    if isinstance(head, ClientTask)
+                    else f"task {head!r}"
+                )
+                pid = self.pids[actor] if actor < len(self.pids) else "?"
+                raise WorkerError(
+                    f"Ray actor {actor} (pid {pid}) gave no result for {what} within "
+                    f"client_timeout={self.client_timeout:g} s; it was killed and the pool closed"
+                )
 
     def _death(
         self,
