@@ -9,17 +9,7 @@ import threading
 from collections.abc import Generator
 from pathlib import Path
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    except (OSError, OverflowError, ValueError):
-        return False
-    return True
+from ._owned_dirs import alive
 
 
 def remove_stale_temps(path: Path) -> list[Path]:
@@ -38,7 +28,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
         return removed
     for candidate in candidates:
         match = pattern.fullmatch(candidate.name)
-        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+        if match is None or int(match.group(1)) == os.getpid() or alive(int(match.group(1))):
             continue
         with contextlib.suppress(OSError):
             candidate.unlink()

@@ -12,7 +12,8 @@ buffers move to files in a spill directory, read back through a memory map when 
 sampled again. Spilling changes where bytes lie, never their values: a spilled store reads back
 bit for bit what was put in. A buffer (in memory or on disk) is released as soon as no live
 store version holds it, and the spill directory is removed when the last store using it is
-gone, or when the interpreter exits.
+gone, or when the interpreter exits; one left by a process that was killed is removed by the
+next store with a memory budget made on the machine.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import itertools
 import operator
 import os
 import shutil
-import tempfile
 import threading
 import weakref
 from collections.abc import Iterator, Mapping
@@ -32,6 +32,7 @@ from typing import Any, SupportsIndex, cast, final
 import attrs
 import torch
 
+from ._owned_dirs import STORE_PREFIX, owned_dir, remove_dead_owners
 from ._validators import int_at_least
 from .tree import Params, TreeSpec, flatten, unflatten
 
@@ -134,6 +135,9 @@ class _Backing:
         self._layouts: dict[tuple[TreeSpec, tuple[torch.device, ...]], Any] = {}
         # A forked child that exits normally must not delete its parent's spill files.
         self._pid = os.getpid()
+        if options.memory_bytes is not None:
+            # Spill directories of runs that were killed (SIGKILL runs no cleanup).
+            remove_dead_owners(STORE_PREFIX, options.spill_dir)
 
     def record(self, params: Params) -> _Record:
         """``params`` packed into a new record, spilling older ones beyond the budget."""
@@ -228,7 +232,8 @@ class _Backing:
 
     def _directory(self) -> str:
         if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="blazefl-fn-store-", dir=self.options.spill_dir)
+            # Named after this process: a later store removes it if this process was killed.
+            self._dir = owned_dir(STORE_PREFIX, self.options.spill_dir)
             weakref.finalize(self, _remove_dir, self._dir, self._pid)
         return self._dir
 

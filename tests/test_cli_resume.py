@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _procs import alive, descendants
 
 from blazefl_fn.checkpoint import load_checkpoint
 from blazefl_fn.cli import main
@@ -41,33 +42,6 @@ def _wait_for_rounds(log: Path, proc: subprocess.Popen[str], rounds: int) -> Non
     raise AssertionError(f"{log} did not reach {rounds} rounds")
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
-
-
 def _resume(tmp_path: Path, *extra: str) -> dict[str, object]:
     done = subprocess.run(
         [sys.executable, "-m", "blazefl_fn", "run", *FLAGS, "--resume", str(tmp_path / "ck"),
@@ -92,16 +66,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_bits(
     proc = _start("--executor", executor, "--checkpoint-dir", str(tmp_path / "ck"),
                   "--checkpoint-every", "3", "--metrics", str(log))  # fmt: skip
     _wait_for_rounds(log, proc, 7)
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     saved = load_checkpoint(tmp_path / "ck").state.round
     assert 3 <= saved < ROUNDS
     # Orphaned workers notice their parent is gone and exit.
     deadline = time.monotonic() + 30
-    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+    while any(alive(p) for p in family) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in family if _alive(p)], "worker processes outlived the killed run"
+    assert not [p for p in family if alive(p)], "worker processes outlived the killed run"
 
     result = _resume(tmp_path, "--executor", executor)
     assert result["params_sha256"] == uninterrupted
@@ -189,7 +163,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path, uninterrupted: str) -> N
     proc = _start("--executor", "processes", "--checkpoint-dir", str(tmp_path / "ck"),
                   "--checkpoint-every", "1000", "--metrics", str(log))  # fmt: skip
     _wait_for_rounds(log, proc, 4)
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     # Before: killed by the signal (no checkpoint of the last round, no message).
@@ -200,9 +174,9 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path: Path, uninterrupted: str) -> N
         f"{tmp_path / 'ck'} (continue with --resume {tmp_path / 'ck'})"
     ]
     deadline = time.monotonic() + 10  # the resource tracker leaves when its pipe closes
-    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+    while any(alive(p) for p in family) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [p for p in family if _alive(p)], "workers outlived the terminated run"
+    assert not [p for p in family if alive(p)], "workers outlived the terminated run"
     assert _resume(tmp_path, "--executor", "processes")["params_sha256"] == uninterrupted
 
 

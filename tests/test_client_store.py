@@ -6,6 +6,9 @@ import functools
 import gc
 import os
 import pickle
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -395,3 +398,28 @@ def test_a_stored_config_from_before_the_store_flags_takes_their_defaults() -> N
     stored = {k: v for k, v in config_dict(RunConfig()).items() if not k.startswith("client_state")}
     assert "client_state_memory_mb" not in stored
     assert config_from_dict(stored) == RunConfig()
+
+
+_KILLED_WHILE_SPILLING = """
+import os, signal, sys, torch
+from blazefl_fn.client_store import ClientStore, StoreOptions
+store = ClientStore(4, StoreOptions(memory_bytes=0, spill_dir=sys.argv[1]))
+store = store.updated({0: {"w": torch.ones(64)}, 1: {"w": torch.zeros(64)}})
+assert store.spilled_bytes > 0
+os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs
+"""
+
+
+def test_a_killed_processs_spill_directory_is_removed_by_the_next_store(tmp_path: Path) -> None:
+    # Before: a run killed with SIGKILL left its spill directory (and files) for ever.
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_SPILLING, str(tmp_path)], check=False, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL
+    (left,) = tmp_path.iterdir()
+    assert left.name.startswith("blazefl-fn-store-")
+    assert len(list(left.iterdir())) == 2
+    mine = tmp_path / "not-a-store"  # anything else in the directory is left alone
+    mine.mkdir()
+    ClientStore(4, StoreOptions(memory_bytes=1 << 20, spill_dir=str(tmp_path)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-store"]

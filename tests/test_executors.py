@@ -13,10 +13,12 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import _executor_helpers as helpers
 import pytest
 import torch
+from _procs import alive, descendants
 
 from blazefl_fn import tree
 from blazefl_fn.algorithms.fedavg import broadcast_params, mean_by_examples
@@ -57,16 +59,6 @@ def _rounds(
 def pool() -> Iterator[Processes]:
     with Processes(2) as executor:
         yield executor
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it has exited all the same.
-    status = Path(f"/proc/{pid}/status")
-    return status.exists() and "zombie" not in status.read_text()
 
 
 # -- every executor: the map contract -------------------------------------------------------
@@ -186,7 +178,7 @@ def test_a_worker_killed_mid_round_is_reported_and_the_pool_cleaned_up() -> None
     ):
         make_round(algo, CLIENTS, executor)(algo.init(Key.from_seed(0)), Key.from_seed(0))
     assert time.monotonic() - start < 10
-    assert not any(_alive(p) for p in set(pids))
+    assert not any(alive(p) for p in set(pids))
     with pytest.raises(RuntimeError, match="is closed"):
         executor.map(helpers.square, [1])
 
@@ -198,7 +190,7 @@ def test_a_worker_that_died_between_rounds_is_reported() -> None:
     time.sleep(0.5)
     with pytest.raises(WorkerError, match=rf"worker process {pids[0]} was killed by SIGKILL"):
         executor.map(helpers.square, [1, 2, 3])
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
 
 
 def _shm_and_fds() -> tuple[set[str], int]:
@@ -275,9 +267,9 @@ def test_ctrl_c_during_a_round_leaves_no_worker_behind(tmp_path: Path) -> None:
     assert child.returncode != 0
     assert "KeyboardInterrupt" in err
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in worker_pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in worker_pids) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(_alive(p) for p in worker_pids)
+    assert not any(alive(p) for p in worker_pids)
 
 
 def test_threads_cancel_what_has_not_started() -> None:
@@ -367,9 +359,9 @@ def test_workers_exit_silently_within_a_second_of_their_parents_death(tmp_path: 
         parent.kill()
         killed = time.monotonic()
         _, stderr = parent.communicate(timeout=30)
-        while any(_alive(w) for w in workers) and time.monotonic() - killed < 5:
+        while any(alive(w) for w in workers) and time.monotonic() - killed < 5:
             time.sleep(0.05)
-        assert not any(_alive(w) for w in workers)
+        assert not any(alive(w) for w in workers)
         assert time.monotonic() - killed < 1.5
     finally:
         parent.kill()
@@ -455,3 +447,68 @@ def test_a_worker_killed_before_it_is_reaped_is_described_by_its_signal() -> Non
     process.start()
     os.kill(process.pid, signal.SIGKILL)
     assert describe_exit(process) == "was killed by SIGKILL"  # not "exited with code None"
+
+
+# -- nothing left in the temporary directory, even by killed processes --------------------------
+
+_POOL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    import torch
+    from blazefl_fn.executors import Processes, WorkerError
+
+    def tensor(x):  # sent back through a shared descriptor: multiprocessing makes a pymp-* dir
+        return torch.zeros(1000) + x
+
+    if __name__ == "__main__":
+        executor = Processes(2)
+        executor.map(tensor, [1, 2, 3, 4, 5, 6])
+        if sys.argv[1] == "kill-workers":
+            for worker in executor._workers:
+                os.kill(worker.process.pid, signal.SIGKILL)
+            try:
+                executor.map(tensor, [1])
+            except WorkerError:
+                print("worker error", flush=True)
+        elif sys.argv[1] == "wait":
+            print("ready", flush=True)
+            time.sleep(600)
+        else:
+            executor.close()
+    """
+)
+
+
+def _pool_script(tmp_path: Path, mode: str, **popen: Any) -> subprocess.Popen[str]:
+    script = tmp_path / "pool.py"
+    script.write_text(_POOL_SCRIPT)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, "TMPDIR": str(scratch)}, **popen,
+    )  # fmt: skip
+
+
+def test_killed_workers_leave_nothing_in_the_temporary_directory(tmp_path: Path) -> None:
+    # Before: each killed worker left its pymp-* directory in the temporary directory.
+    proc = _pool_script(tmp_path, "kill-workers")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out == "worker error\n"
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_workers_of_a_driver_killed_with_sigkill_leave_nothing_behind(tmp_path: Path) -> None:
+    proc = _pool_script(tmp_path, "wait")
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    family = descendants(proc.pid)
+    assert len(os.listdir(tmp_path / "tmp")) == 2  # each worker's pymp-* directory
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 30  # the workers notice their parent is gone
+    while any(alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in family)
+    assert os.listdir(tmp_path / "tmp") == []

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import pickle
+import shutil
 import signal
 import threading
 import time
@@ -74,6 +75,8 @@ class _Worker:
     process: BaseProcess
     conn: Connection
     inflight: deque[int] = attrs.field(factory=lambda: deque[int]())
+    # Its multiprocessing temporary directory, removed here if the worker could not.
+    scratch: str | None = None
     # When the task at the head of ``inflight`` began running (the previous reply's arrival).
     since: float = 0.0
 
@@ -93,6 +96,9 @@ def _stop(workers: list[_Worker], graceful: bool) -> None:
             worker.process.kill()
             worker.process.join()
         worker.conn.close()
+        if worker.scratch is not None:
+            # Gone already unless the worker was killed (SIGKILL runs no cleanup).
+            shutil.rmtree(worker.scratch, ignore_errors=True)
     workers.clear()
 
 
@@ -322,7 +328,7 @@ class Processes(ClosingContext):
                 except (EOFError, OSError):
                     raise WorkerError(start_failure(waiting[id(ready)].process)) from None
                 assert reply[0] == "ready"
-                waiting.pop(id(ready), None)
+                waiting.pop(id(ready)).scratch = reply[2]
 
     def _broadcast(self, message: tuple[Any, ...]) -> None:
         """Send ``message`` to every worker, pickled for each (tensor handles are one-shot).
