@@ -6,18 +6,27 @@ included), so a lock is never stale; a holder that lets go normally also removes
 file. Within one thread the lock is re-entrant: the command line and
 `blazefl_fn.run.simulate` may both take the lock of the same checkpoint. On systems without
 ``fcntl`` (Windows) nothing is locked.
+
+The output itself must be missing or a regular file (`blazefl_fn._atomic.check_output`), and a
+lock file is opened without following a symbolic link and used only if it is a regular file
+with no other name: a link or hard link planted at ``.NAME.lock`` would otherwise have the
+run truncate and overwrite whatever it points at.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import sys
 import threading
 from collections.abc import Generator
 from pathlib import Path
 
 import attrs
+
+from ._atomic import check_output, kind_of
 
 __all__ = ["OutputLockedError", "holding", "lock_path"]
 
@@ -55,7 +64,7 @@ def _acquire(lock: Path, what: str) -> int:
 
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -86,6 +95,27 @@ def _acquire(lock: Path, what: str) -> int:
     return fd
 
 
+def _open_lock(lock: Path) -> int:
+    """The lock file, opened for writing only if it is a regular file of its own."""
+    # O_NONBLOCK: a FIFO planted there must not block the open; it is refused just below.
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(lock, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(
+                f"lock file {lock} is a symbolic link, not one blazefl-fn made; remove it"
+            ) from None
+        raise
+    info = os.fstat(fd)
+    # Zero links: its holder removed it as it let go (`_acquire` then opens the new one).
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        what = kind_of(info.st_mode) if not stat.S_ISREG(info.st_mode) else "a hard link"
+        raise ValueError(f"lock file {lock} is {what}, not one blazefl-fn made; remove it")
+    return fd
+
+
 @contextlib.contextmanager
 def holding(output: str | os.PathLike[str], what: str) -> Generator[None]:
     """Hold the lock of the file ``output`` (a checkpoint, a metrics log) meanwhile.
@@ -99,7 +129,10 @@ def holding(output: str | os.PathLike[str], what: str) -> Generator[None]:
 
     Raises:
         OutputLockedError: another process or thread holds it (the message names which).
+        ValueError: ``output`` or its lock file is not a regular file (a device, a FIFO, a
+            link, ...): nothing is created, truncated or written.
     """
+    check_output(output, what)
     if sys.platform == "win32":  # pragma: no cover - no flock
         yield
         return

@@ -187,7 +187,7 @@ def save_checkpoint(
         "aux_leaves": leaves,
     }
     payload["content_sha256"] = _content_sha256(payload)
-    with replaced_atomically(path) as tmp:
+    with replaced_atomically(path, "checkpoint") as tmp:
         torch.save(payload, tmp)
     return path
 

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
-from ._atomic import replaced_atomically
+from ._atomic import check_output, replaced_atomically
 from .records import ServerState
 from .runner import Callback, LoopResult, RoundEvent
 
@@ -99,12 +99,14 @@ class MetricsLog(Callback):
         self._file: IO[str] | None = None
 
     def on_begin(self, state: ServerState, rounds: int) -> None:
+        # Before reading it: a FIFO would block the read, a device be replaced by the write.
+        check_output(self.path, f"metrics log {self.path}")
         kept: list[dict[str, Any]] = []
         if state.round > 0 and self.path.exists():
             text = self.path.read_text(encoding="utf-8")
             kept = [r for r in _parse(self.path, text, strict=False) if r["round"] <= state.round]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with replaced_atomically(self.path) as tmp:
+        with replaced_atomically(self.path, "metrics log") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  # closed in on_end
 

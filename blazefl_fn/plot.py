@@ -87,7 +87,7 @@ def plot_runs(
             ax.grid(visible=True, alpha=0.3)
         axes[0].legend()
         fig.tight_layout()
-        with replaced_atomically(target) as tmp:
+        with replaced_atomically(target, "plot") as tmp:
             fig.savefig(tmp, dpi=110)  # pyright: ignore[reportUnknownMemberType]  # kwargs untyped
     finally:
         plt.close(fig)

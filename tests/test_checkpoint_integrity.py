@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -384,10 +386,13 @@ def test_only_plain_dense_tensors_are_read(tmp_path: Path, tensor: Any, where: s
 
 
 _CONTEND = """
-import importlib.util, os, sys, time
-spec = importlib.util.spec_from_file_location("locks", sys.argv[1])
-locks = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(locks)  # just the module: no torch import per process
+import importlib, os, sys, time, types
+# The lock module and the stdlib-only modules it imports, under a stand-in package: importing
+# blazefl_fn itself would import torch in every contending process.
+package = types.ModuleType("files")
+package.__path__ = [os.path.dirname(sys.argv[1])]
+sys.modules["files"] = package
+locks = importlib.import_module("files._locks")
 target, marker = sys.argv[2], sys.argv[3]
 held = 0
 deadline = time.monotonic() + 3
@@ -460,3 +465,107 @@ def test_a_resealed_checkpoint_of_other_streams_is_refused(tmp_path: Path) -> No
     _edit(path, lambda d: d.__setitem__("streams", STREAMS_VERSION + 1), reseal=True)
     with pytest.raises(ValueError, match=f"random streams version {STREAMS_VERSION + 1}"):
         load_checkpoint(path, aux_template={"m": torch.ones(3)})
+
+
+# -- outputs that are not regular files: refused, never replaced or written through ------------
+
+
+def _make(kind: str, path: Path, target: Path) -> None:
+    """A node of ``kind`` at ``path``, made in the test's scratch directory (never /dev)."""
+    if kind == "device":
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o644, os.makedev(1, 3))  # what /dev/null is
+        except PermissionError:
+            pytest.skip("making a device node needs CAP_MKNOD")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        server.close()
+    elif kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "hardlink":
+        os.link(target, path)
+    else:
+        assert kind == "directory"
+        path.mkdir()
+
+
+def _snapshot(path: Path) -> tuple[int, int]:
+    info = os.lstat(path)
+    return info.st_mode, info.st_ino
+
+
+KINDS = {
+    "device": "a character device",
+    "fifo": "a FIFO",
+    "socket": "a socket",
+    "symlink": "a symbolic link",
+    "directory": "a directory",
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_metrics_log_that_is_not_a_regular_file_is_refused_untouched(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: the atomic rewrite renamed a regular file over the node (/dev/null replaced).
+    target = tmp_path / "precious"
+    target.write_text("precious\n")
+    path = tmp_path / "m.jsonl"
+    _make(kind, path, target)
+    before = _snapshot(path)
+    capsys.readouterr()
+    assert main([*SMALL, "--metrics", str(path)]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        f"blazefl-fn: error: metrics log {path} is {KINDS[kind]}, not a regular file; "
+        + ("give the path of the file it points to" if kind == "symlink"
+           else "blazefl-fn writes only regular files")
+    )  # fmt: skip
+    assert _snapshot(path) == before
+    assert target.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["precious", "m.jsonl"])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "symlink"])
+def test_a_checkpoint_file_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "precious"
+    target.write_text("precious\n")
+    (tmp_path / "ck").mkdir()
+    path = tmp_path / "ck" / CHECKPOINT_NAME
+    _make(kind, path, target)
+    before = _snapshot(path)
+    with pytest.raises(ValueError, match=f"is {KINDS[kind]}, not a regular file"):
+        save_checkpoint(path, ServerState(params={"w": torch.ones(2)}), {"seed": 0})
+    assert _snapshot(path) == before
+    assert target.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "hardlink", "device"])
+def test_a_planted_lock_file_is_refused_and_its_target_untouched(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: a symlink at ck/.checkpoint.pt.lock made the run truncate and overwrite its target.
+    target = tmp_path / "precious"
+    target.write_text("precious\n")
+    (tmp_path / "ck").mkdir()
+    lock = tmp_path / "ck" / f".{CHECKPOINT_NAME}.lock"
+    _make(kind, lock, target)
+    capsys.readouterr()
+    assert main([*SMALL, "--checkpoint-dir", str(tmp_path / "ck")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    expected = "a hard link" if kind == "hardlink" else KINDS[kind]
+    assert line == (
+        f"blazefl-fn: error: lock file {lock} is {expected}, not one blazefl-fn made; remove it"
+    )
+    assert target.read_text() == "precious\n"
+    assert os.listdir(tmp_path / "ck") == [lock.name]  # no checkpoint written
+
+
+def test_a_checkpoint_directory_may_be_a_symbolic_link(tmp_path: Path) -> None:
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "ck").symlink_to(tmp_path / "disk")
+    assert main([*SMALL, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    assert (tmp_path / "disk" / CHECKPOINT_NAME).is_file()
