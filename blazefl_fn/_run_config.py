@@ -4,12 +4,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
 from ._dp import AdaptiveClipping, CentralDP
-from ._validators import Validator, finite_number, int_at_least, one_of, plus_zero
+from ._validators import (
+    Validator,
+    check_ip_address,
+    check_ray_address,
+    finite_number,
+    int_at_least,
+    one_of,
+    plus_zero,
+)
 from .devices import check_device, parse_devices, uses_cuda
 
 ALGORITHMS = (
@@ -95,6 +103,17 @@ def _optional_text(_instance: object, attribute: attrs.Attribute[Any], value: ob
         raise ValueError(f"{attribute.name} must be a non-empty string, got {value!r}")
 
 
+def _optional_checked(check: Callable[[str, str], str]) -> Validator:
+    """A text field that is None or passes ``check(name, value)``."""
+
+    def validate(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        _optional_text(instance, attribute, value)
+        if value is not None:
+            check(attribute.name, cast(str, value))
+
+    return validate
+
+
 @attrs.frozen(kw_only=True)
 class RunConfig:
     """Everything that determines a simulation; the same config gives the same bits.
@@ -135,8 +154,12 @@ class RunConfig:
         default="cpu", converter=_resolve_auto, validator=_devices_field(parse_devices)
     )
     server_device: str = attrs.field(default="cpu", validator=_devices_field(check_device))
-    ray_address: str | None = attrs.field(default=None, validator=_optional_text)
-    ray_node_ip: str | None = attrs.field(default=None, validator=_optional_text)
+    ray_address: str | None = attrs.field(
+        default=None, validator=_optional_checked(check_ray_address)
+    )
+    ray_node_ip: str | None = attrs.field(
+        default=None, validator=_optional_checked(check_ip_address)
+    )
     client_timeout: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1e6))
     )
@@ -289,6 +312,10 @@ class RunConfig:
             raise ValueError(
                 f"client_timeout applies to the processes and ray executors, not to "
                 f"{self.executor!r} (a thread cannot be stopped; sequential runs in this process)"
+            )
+        if self.executor != "ray" and (self.ray_address, self.ray_node_ip) != (None, None):
+            raise ValueError(
+                f"ray_address and ray_node_ip apply to the ray executor, not to {self.executor!r}"
             )
         if self.executor != "vectorized" and (self.chunk, self.max_bytes) != (None, None):
             raise ValueError(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
+import re
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -137,3 +140,54 @@ def check_timeout(name: str, value: object) -> float | None:
     ):
         raise ValueError(f"{name} must be a positive number of seconds or None, got {value!r}")
     return float(value)
+
+
+def check_ip_address(name: str, value: str) -> str:
+    """``value`` if it is an IPv4 or IPv6 address (not a host name).
+
+    Raises:
+        ValueError: anything else, e.g. ``"not-an-ip"`` or ``"999.1.1.1"``.
+    """
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an IP address, got {value!r}") from None
+    return value
+
+
+def check_local_ip(name: str, value: str) -> str:
+    """``value`` if it is an IP address this machine can bind (one of its own).
+
+    Raises:
+        ValueError: not an IP address, or not one of this machine's (Ray would wait for it
+            for minutes).
+    """
+    address = ipaddress.ip_address(check_ip_address(name, value))
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((value, 0))
+        except OSError as exc:
+            raise ValueError(
+                f"{name} {value} is not an address of this machine ({exc.strerror or exc})"
+            ) from None
+    return value
+
+
+_RAY_ADDRESS = re.compile(
+    r"(?:ray://)?(?P<host>[A-Za-z0-9._\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>\d{1,5})"
+)
+
+
+def check_ray_address(name: str, value: str) -> str:
+    """``value`` if it is ``auto`` or ``[ray://]HOST:PORT`` with a port in 1..65535.
+
+    Raises:
+        ValueError: any other form.
+    """
+    match = _RAY_ADDRESS.fullmatch(value)
+    if value != "auto" and (match is None or not 1 <= int(match.group("port")) <= 65535):
+        raise ValueError(
+            f"{name} must be auto or HOST:PORT (port 1-65535, optionally ray://), got {value!r}"
+        )
+    return value

@@ -34,6 +34,7 @@ from . import portable
 from ._cli_flags import OVERSUBSCRIPTION, PROG, UsageError, build_parser
 from ._cli_signals import INTERRUPTED, TERMINATED, Terminated, release_import_guard, while_running
 from ._locks import holding
+from ._validators import check_local_ip
 from .checkpoint import checkpoint_file, read_config
 from .data.partition import partition_report
 from .keys import Key
@@ -120,9 +121,15 @@ def _resumed_config(argv: Sequence[str] | None, stored: RunConfig) -> RunConfig:
     given = vars(build_parser(only_given=True).parse_args(argv))
     changes = {k: v for k, v in given.items() if k in _CONFIG_FIELDS}
     executor = changes.get("executor", stored.executor)
-    if executor not in ("processes", "ray") and "client_timeout" not in changes:
-        # The stored timeout belonged to the executor the run leaves.
-        changes["client_timeout"] = None
+    # Settings that belonged to the executor the run leaves, unless given again.
+    leaving = {
+        "client_timeout": executor not in ("processes", "ray"),
+        "ray_address": executor != "ray",
+        "ray_node_ip": executor != "ray",
+    }
+    for field, left in leaving.items():
+        if left and field not in changes:
+            changes[field] = None
     return attrs.evolve(stored, **changes)
 
 
@@ -131,6 +138,12 @@ def _check_machine(args: argparse.Namespace, config: RunConfig) -> None:
     local = config.executor in ("threads", "processes") or (
         config.executor == "ray" and config.ray_address is None
     )
+    if config.ray_node_ip is not None:
+        # Ray waits minutes for an address this machine does not have: refuse it now.
+        try:
+            check_local_ip("ray_node_ip", config.ray_node_ip)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     cpus = os.cpu_count() or 1
     if local and config.workers > OVERSUBSCRIPTION * cpus and not args.oversubscribe:
         raise UsageError(

@@ -30,7 +30,8 @@ ENV = {
 def ray_pids() -> set[int]:
     """Processes of any Ray instance on this machine (GCS, raylets, workers, actors)."""
     out = subprocess.run(
-        ["pgrep", "-f", "gcs_server|raylet|ray::|default_worker.py|ray/dashboard|log_monitor"],
+        ["pgrep", "-f",
+         "gcs_server|raylet|ray::|default_worker.py|ray/dashboard|log_monitor|_ray_watch"],
         capture_output=True, text=True, check=False,
     ).stdout  # fmt: skip
     return {int(pid) for pid in out.split()} - {os.getpid()}

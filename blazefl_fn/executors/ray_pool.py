@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import logging
 import os
+import subprocess
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,11 +33,12 @@ from typing import Any, TypeVar, cast
 import torch
 
 from .. import portable
-from .._validators import check_int_at_least, check_timeout
+from .._validators import check_int_at_least, check_local_ip, check_ray_address, check_timeout
 from ..devices import cuda_determinism
 from ..jobs import ClientContext, ClientJob, ClientTask
 from ._errors import error_reply, rebuild_error
 from ._placement import Placement, TaskQueues, placed
+from ._ray_local import probe, signals_kept, watch_local_instance
 from .base import ClosingContext
 from .processes import WorkerError
 
@@ -166,6 +168,10 @@ class Ray(ClosingContext):
         client_timeout: float | None = None,
     ) -> None:
         self.client_timeout = check_timeout("client_timeout", client_timeout)
+        if address is not None:
+            check_ray_address("address", address)
+        if node_ip_address is not None:
+            check_local_ip("node_ip_address", node_ip_address)
         if workers is not None:
             check_int_at_least("workers", workers, 1)
         check_int_at_least("threads", threads, 1)
@@ -187,6 +193,7 @@ class Ray(ClosingContext):
         self._ray = _import_ray()
         self._started = False
         self._closed = False
+        self._watch: subprocess.Popen[bytes] | None = None
         self._actors: list[Any] = []
         self._contexts: dict[tuple[int, int, bool, bool], tuple[int, ClientContext[Any]]] = {}
         # How many times a client context was sent to the actors (once per context).
@@ -210,6 +217,8 @@ class Ray(ClosingContext):
             self.pids: list[int] = self._ray.get(
                 [a.ready.remote() for a in self._actors], timeout=start_timeout
             )
+            if self._started and address is None:
+                self._watch = watch_local_instance()
         except BaseException as exc:
             timed_out = isinstance(exc, self._ray.exceptions.GetTimeoutError)
             message = (
@@ -296,9 +305,11 @@ class Ray(ClosingContext):
                 options["num_cpus"] = max(1, int(workers * max(num_cpus_per_worker, 1)))
         else:
             options["address"] = address
+            probe(address)
         if node_ip_address is not None:
             options["_node_ip_address"] = node_ip_address
-        ray.init(**options)
+        with signals_kept():
+            ray.init(**options)
         self._started = True
 
     def _resources(self) -> str:
@@ -324,6 +335,10 @@ class Ray(ClosingContext):
         self._contexts.clear()
         if self._started and ray.is_initialized():
             ray.shutdown()
+        if self._watch is not None:
+            self._watch.kill()
+            self._watch.wait()
+            self._watch = None
 
     def _context_key(self, context: ClientContext[Any]) -> int:
         # Keyed by the identity of what a context holds, as in `Processes`: the ClientContext

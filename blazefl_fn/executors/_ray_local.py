@@ -1,0 +1,107 @@
+"""A Ray instance seen from its driver: joining one that answers, keeping the driver's signal
+handlers, and a local instance that dies with its driver (`_ray_watch`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Generator
+from pathlib import Path
+
+from .._owned_dirs import started
+
+# How long joining a cluster may wait for its address to answer at all.
+_CONNECT_SECONDS = 5.0
+
+
+def probe(address: str) -> None:
+    """Refuse, within seconds, to join a cluster whose address nothing answers at.
+
+    ``ray.init`` itself waits for a GCS for a minute or more.
+
+    Raises:
+        ConnectionError: no TCP connection to ``address`` (a ``HOST:PORT``; ``auto`` and
+            ``ray://`` addresses are left to Ray, which answers those at once).
+    """
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_SECONDS).close()
+    except OSError as exc:
+        reason = (
+            f"no answer within {_CONNECT_SECONDS:g} s"
+            if isinstance(exc, TimeoutError)
+            else (exc.strerror or str(exc)).lower()
+        )
+        raise ConnectionError(
+            f"no Ray cluster answers at {address} ({reason}); start one there "
+            "(ray start --head) or pass its address"
+        ) from None
+
+
+@contextlib.contextmanager
+def signals_kept() -> Generator[None]:
+    """Keep this process's SIGINT and SIGTERM handlers across ``ray.init``.
+
+    Ray installs its own SIGTERM handling (a six-line stack dump, then exit 1); the command
+    line handles SIGTERM as Ctrl-C, with the final checkpoint.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            if handler is not None:
+                signal.signal(s, handler)
+
+
+def ray_processes() -> list[tuple[int, int]]:
+    """The Ray processes below this one (``ray.init`` started them): ``(pid, start)`` each."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    found: list[tuple[int, int]] = []
+    todo = [os.getpid()]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            start = started(pid)
+            ray = command.startswith(b"ray::") or b"/ray/" in command  # its package's files
+            if ray and start is not None:
+                found.append((pid, start))
+    return found
+
+
+def watch_local_instance() -> subprocess.Popen[bytes] | None:
+    """Start `_ray_watch` over the local Ray instance's processes (None where there is no
+    ``/proc`` to find them)."""
+    me = started(os.getpid())
+    processes = ray_processes()
+    if me is None or not processes:
+        return None
+    script = os.path.join(os.path.dirname(__file__), "_ray_watch.py")
+    return subprocess.Popen(
+        [sys.executable, script, str(os.getpid()), str(me), *(f"{p}:{s}" for p, s in processes)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
