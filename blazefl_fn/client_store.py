@@ -18,23 +18,17 @@ next store with a memory budget made on the machine.
 
 from __future__ import annotations
 
-import collections
-import itertools
 import operator
 import os
-import shutil
-import threading
-import weakref
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any, SupportsIndex, cast, final
 
 import attrs
 import torch
 
-from ._owned_dirs import STORE_PREFIX, owned_dir, remove_dead_owners
+from ._store_backing import Backing, Record
 from ._validators import int_at_least
-from .tree import Params, TreeSpec, flatten, unflatten
+from .tree import Params, TreeSpec
 
 __all__ = ["ClientStore", "StoreOptions"]
 
@@ -84,160 +78,6 @@ class StoreOptions:
     spill_dir: str | None = attrs.field(default=None, converter=_path, validator=_spill_dir)
 
 
-@attrs.define(eq=False)
-class _Slot:
-    """Where one stored tree lies: a buffer in memory, or a file (``path``) once spilled."""
-
-    serial: int
-    nbytes: int
-    buffer: torch.Tensor | None
-    path: str | None = None
-
-
-@final
-class _Record:
-    """One client's stored tree, packed; immutable in value, movable to disk by its backing."""
-
-    __slots__ = ("__weakref__", "devices", "slot", "spec")
-
-    def __init__(self, slot: _Slot, spec: TreeSpec, devices: tuple[torch.device, ...]) -> None:
-        self.slot = slot
-        self.spec = spec
-        self.devices = devices
-
-
-def _release(backing: _Backing, slot: _Slot) -> None:
-    backing.release(slot)
-
-
-def _remove_dir(path: str, owner: int) -> None:
-    if os.getpid() == owner:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-class _Backing:
-    """The memory budget and spill files shared by a store and every version made from it."""
-
-    def __init__(self, options: StoreOptions) -> None:
-        self.options = options
-        # Re-entrant: a record's finalizer may run (garbage collection) while this thread
-        # holds the lock.
-        self._lock = threading.RLock()
-        self._resident: collections.OrderedDict[int, weakref.ref[_Record]] = (
-            collections.OrderedDict()
-        )
-        self._serials = itertools.count()
-        self.memory_bytes = 0
-        self.spilled_bytes = 0
-        self.spilled_files = 0
-        self._dir: str | None = None
-        # Shared by every record of one layout: a client's state has the same layout each time.
-        self._layouts: dict[tuple[TreeSpec, tuple[torch.device, ...]], Any] = {}
-        # A forked child that exits normally must not delete its parent's spill files.
-        self._pid = os.getpid()
-        if options.memory_bytes is not None:
-            # Spill directories of runs that were killed (SIGKILL runs no cleanup).
-            remove_dead_owners(STORE_PREFIX, options.spill_dir)
-
-    def record(self, params: Params) -> _Record:
-        """``params`` packed into a new record, spilling older ones beyond the budget."""
-        buffer, spec = flatten(params)
-        return self.adopt(buffer, spec, tuple(params[name].device for name in spec.names))
-
-    def adopt(
-        self, buffer: torch.Tensor, spec: TreeSpec, devices: tuple[torch.device, ...]
-    ) -> _Record:
-        """A new record holding ``buffer`` (packed as ``spec`` says), taken as it is."""
-        with self._lock:
-            spec, devices = self._layouts.setdefault((spec, devices), (spec, devices))
-            slot = _Slot(next(self._serials), int(buffer.numel()), buffer)
-            record = _Record(slot, spec, devices)
-            weakref.finalize(record, _release, self, slot)
-            self._resident[slot.serial] = weakref.ref(record)
-            self.memory_bytes += slot.nbytes
-            self._enforce()
-        return record
-
-    def load(self, record: _Record) -> dict[str, torch.Tensor]:
-        """The tree ``record`` holds (views of one buffer, on the devices it came from)."""
-        tree = unflatten(self.buffer(record), record.spec)
-        return {
-            name: t if device.type == "cpu" else t.to(device)
-            for (name, t), device in zip(tree.items(), record.devices, strict=True)
-        }
-
-    def buffer(self, record: _Record, *, copy: bool = True) -> torch.Tensor:
-        """A copy of ``record``'s packed bytes (a private map of its file, if spilled); with
-        ``copy=False``, an in-memory record's own buffer, for a reader that only reads."""
-        with self._lock:
-            slot = record.slot
-            buffer = slot.buffer
-            if buffer is not None:
-                if slot.serial in self._resident:  # not a tree of empty tensors
-                    self._resident.move_to_end(slot.serial)
-                # A copy, as a spilled tree's private map is: a reader that writes into what it
-                # was given changes no stored version, whether it was spilled or not.
-                return buffer.clone() if copy else buffer
-            assert slot.path is not None
-            # A private (copy-on-write) map: nothing a reader does reaches the file.
-            return torch.from_file(slot.path, shared=False, size=slot.nbytes, dtype=torch.uint8)
-
-    def release(self, slot: _Slot) -> None:
-        """Forget a record no store holds any more (its finalizer)."""
-        with self._lock:
-            if slot.buffer is not None:
-                self._resident.pop(slot.serial, None)
-                self.memory_bytes -= slot.nbytes
-                slot.buffer = None
-            elif slot.path is not None:
-                self.spilled_bytes -= slot.nbytes
-                self.spilled_files -= 1
-                if os.getpid() == self._pid:
-                    Path(slot.path).unlink(missing_ok=True)
-                slot.path = None
-
-    def _enforce(self) -> None:
-        budget = self.options.memory_bytes
-        while budget is not None and self.memory_bytes > budget and self._resident:
-            serial, ref = self._resident.popitem(last=False)
-            record = ref()
-            if record is None:
-                continue
-            try:
-                self._spill(record.slot)
-            except BaseException:
-                # Still in memory: keep it first in line, so the budget stays accounted for.
-                self._resident[serial] = ref
-                self._resident.move_to_end(serial, last=False)
-                raise
-
-    def _spill(self, slot: _Slot) -> None:
-        buffer = slot.buffer
-        assert buffer is not None
-        if slot.nbytes == 0:
-            return  # a tree of empty tensors costs no memory and has nothing to map
-        path = os.path.join(self._directory(), f"{slot.serial}.bin")
-        # Written in full before the slot points at it: a reader never sees half a file.
-        tmp = path + ".tmp"
-        try:
-            buffer.numpy().tofile(tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        slot.path = path
-        slot.buffer = None
-        self.memory_bytes -= slot.nbytes
-        self.spilled_bytes += slot.nbytes
-        self.spilled_files += 1
-
-    def _directory(self) -> str:
-        if self._dir is None:
-            # Named after this process: a later store removes it if this process was killed.
-            self._dir = owned_dir(STORE_PREFIX, self.options.spill_dir)
-            weakref.finalize(self, _remove_dir, self._dir, self._pid)
-        return self._dir
-
-
 _Node = tuple[Any, ...]
 
 
@@ -245,7 +85,7 @@ def _levels(num_clients: int) -> int:
     return max(1, -(-max(1, (num_clients - 1).bit_length()) // _BITS))
 
 
-def _get(node: _Node | None, client_id: int, shift: int) -> _Record | None:
+def _get(node: _Node | None, client_id: int, shift: int) -> Record | None:
     while node is not None:
         child = node[(client_id >> shift) & _MASK]
         if shift == 0:
@@ -254,7 +94,7 @@ def _get(node: _Node | None, client_id: int, shift: int) -> _Record | None:
     return None
 
 
-def _set(node: _Node | None, client_id: int, shift: int, value: _Record | None) -> _Node | None:
+def _set(node: _Node | None, client_id: int, shift: int, value: Record | None) -> _Node | None:
     children: list[Any] = list(node) if node is not None else [None] * _FAN
     index = (client_id >> shift) & _MASK
     children[index] = (
@@ -264,7 +104,7 @@ def _set(node: _Node | None, client_id: int, shift: int, value: _Record | None) 
     return None if all(child is None for child in children) else tuple(children)
 
 
-def _walk(node: _Node | None, prefix: int, shift: int) -> Iterator[tuple[int, _Record]]:
+def _walk(node: _Node | None, prefix: int, shift: int) -> Iterator[tuple[int, Record]]:
     if node is None:
         return
     for index, child in enumerate(node):
@@ -299,7 +139,7 @@ class ClientStore:
         (tensor([1., 1.]), {}, 0, 1)
     """
 
-    __slots__ = ("_backing", "_count", "_num_clients", "_root", "_shift")
+    __slots__ = ("_backing", "_count", "_num_clients", "_options", "_root", "_shift")
 
     def __init__(self, num_clients: int, options: StoreOptions | None = None) -> None:
         if isinstance(num_clients, bool) or not isinstance(num_clients, int):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -312,7 +152,8 @@ class ClientStore:
         self._shift = (_levels(num_clients) - 1) * _BITS
         self._root: _Node | None = None
         self._count = 0
-        self._backing = _Backing(options if options is not None else StoreOptions())
+        self._options = options if options is not None else StoreOptions()
+        self._backing = Backing(self._options.memory_bytes, self._options.spill_dir)
 
     @property
     def num_clients(self) -> int:
@@ -327,7 +168,7 @@ class ClientStore:
     @property
     def options(self) -> StoreOptions:
         """The memory budget and spill directory."""
-        return self._backing.options
+        return self._options
 
     @property
     def memory_bytes(self) -> int:
@@ -435,7 +276,7 @@ class ClientStore:
         """
         return self._derived(None, 0)
 
-    def _with_records(self, records: Mapping[int, _Record | None]) -> ClientStore:
+    def _with_records(self, records: Mapping[int, Record | None]) -> ClientStore:
         """A new version with ``records`` (checked ids; None forgets the client) set."""
         root, count = self._root, self._count
         for client_id, record in records.items():
@@ -450,6 +291,7 @@ class ClientStore:
         out._shift = self._shift
         out._root = root
         out._count = count
+        out._options = self._options
         out._backing = self._backing
         return out
 
