@@ -10,12 +10,12 @@ short write or a SIGBUS from a mapping of a truncated file.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import os
 import shutil
 import threading
 import weakref
-from pathlib import Path
 from typing import Any, final
 
 import attrs
@@ -29,6 +29,69 @@ __all__ = ["Backing", "Record", "SpillError"]
 
 class SpillError(OSError):
     """A spill file could not be written or read back whole (one line, naming where)."""
+
+
+def _where(path: str) -> str:
+    return f"client-state spill directory {os.path.dirname(path)}"
+
+
+def _write_spill(path: str, buffer: torch.Tensor) -> None:
+    """Write ``buffer`` to ``path`` in full, or raise `SpillError` (nothing left at ``path``).
+
+    Written to a temporary name, checked against its length, then renamed: a reader never sees
+    half a file, and a full disk or a file-size limit (``ulimit -f``) is an error here, not a
+    short file found rounds later.
+    """
+    data = buffer.numpy().data.cast("B")
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            written = f.write(data)
+            f.flush()
+            size = os.fstat(f.fileno()).st_size
+        if written != len(data) or size != len(data):
+            raise SpillError(
+                f"{_where(path)}: wrote {size} of {len(data)} bytes of {os.path.basename(path)} "
+                "(disk full or a file-size limit?)"
+            )
+        os.replace(tmp, path)
+    except SpillError:
+        raise
+    except OSError as exc:
+        raise SpillError(
+            f"{_where(path)}: cannot write {os.path.basename(path)}: {exc.strerror or exc}"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _read_spill(path: str, nbytes: int) -> torch.Tensor:
+    """The ``nbytes`` of ``path`` read into memory, or `SpillError` if the file is short.
+
+    Read, not mapped: a mapping of a file that someone truncates meanwhile ends the process
+    with SIGBUS at the first access past the new end.
+    """
+    out = torch.empty(nbytes, dtype=torch.uint8)
+    view = out.numpy().data.cast("B")
+    got = 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while got < nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+    except OSError as exc:
+        raise SpillError(
+            f"{_where(path)}: cannot read {os.path.basename(path)}: {exc.strerror or exc}"
+        ) from None
+    if got != nbytes:
+        raise SpillError(
+            f"{_where(path)}: {os.path.basename(path)} holds {got} of its {nbytes} bytes "
+            "(truncated or replaced while the run used it)"
+        )
+    return out
 
 
 @attrs.define(eq=False)
@@ -127,8 +190,8 @@ class Backing:
                 # was given changes no stored version, whether it was spilled or not.
                 return buffer.clone() if copy else buffer
             assert slot.path is not None
-            # A private (copy-on-write) map: nothing a reader does reaches the file.
-            return torch.from_file(slot.path, shared=False, size=slot.nbytes, dtype=torch.uint8)
+            # A fresh buffer: nothing a reader does reaches the file.
+            return _read_spill(slot.path, slot.nbytes)
 
     def release(self, slot: Slot) -> None:
         """Forget a record no store holds any more (its finalizer)."""
@@ -141,7 +204,9 @@ class Backing:
                 self.spilled_bytes -= slot.nbytes
                 self.spilled_files -= 1
                 if os.getpid() == self._pid:
-                    Path(slot.path).unlink(missing_ok=True)
+                    # A finalizer: a directory removed or replaced under the run is no error.
+                    with contextlib.suppress(OSError):
+                        os.unlink(slot.path)
                 slot.path = None
 
     def _enforce(self) -> None:
@@ -165,13 +230,7 @@ class Backing:
         if slot.nbytes == 0:
             return  # a tree of empty tensors costs no memory and has nothing to map
         path = os.path.join(self._directory(), f"{slot.serial}.bin")
-        # Written in full before the slot points at it: a reader never sees half a file.
-        tmp = path + ".tmp"
-        try:
-            buffer.numpy().tofile(tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        _write_spill(path, buffer)  # in full before the slot points at it
         slot.path = path
         slot.buffer = None
         self.memory_bytes -= slot.nbytes

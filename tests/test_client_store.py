@@ -6,6 +6,7 @@ import functools
 import gc
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -423,3 +424,64 @@ def test_a_killed_processs_spill_directory_is_removed_by_the_next_store(tmp_path
     mine.mkdir()
     ClientStore(4, StoreOptions(memory_bytes=1 << 20, spill_dir=str(tmp_path)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-store"]
+
+
+# -- spill files under attack: one error naming the directory, never a signal or a short file ---
+
+_SPILL_ATTACKS = {
+    # A file-size limit (as a full disk): the write is short. Before: no error, and rounds later
+    # "size <512> is smaller than the required mapping size".
+    "size-limit": """
+resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+store = store.updated({0: {"w": torch.ones(256)}})  # 1 KiB to spill
+""",
+    # A spill file truncated under the run, after a reader got a tree. Before: SIGBUS.
+    "truncated": """
+store = store.updated({0: {"w": torch.ones(4096)}})
+tree = store[0]
+(d,) = os.listdir(sys.argv[1])
+(f,) = os.listdir(os.path.join(sys.argv[1], d))
+os.truncate(os.path.join(sys.argv[1], d, f), 100)
+print(float(tree["w"].sum()), flush=True)  # what was read stays readable
+store[0]
+""",
+    # The spill directory replaced by a file. Before: one error and a finalizer traceback for
+    # every stored tree.
+    "replaced": """
+store = store.updated({i: {"w": torch.ones(16) * i} for i in range(50)})
+(d,) = os.listdir(sys.argv[1])
+shutil.rmtree(os.path.join(sys.argv[1], d))
+open(os.path.join(sys.argv[1], d), "w").close()
+store = store.updated({i: {"w": torch.zeros(16)} for i in range(50, 60)})
+""",
+}
+_SPILL_PRELUDE = """
+import os, resource, shutil, sys, torch
+from blazefl_fn.client_store import ClientStore, StoreOptions
+store = ClientStore(100, StoreOptions(memory_bytes=0, spill_dir=sys.argv[1]))
+"""
+_SPILL_REASONS = {
+    "size-limit": r"cannot write 0\.bin: File too large",
+    "truncated": r"0\.bin holds 100 of its 16384 bytes \(truncated or replaced",
+    "replaced": r"cannot write 50\.bin: Not a directory",
+}
+
+
+@pytest.mark.parametrize("attack", list(_SPILL_ATTACKS))
+def test_a_spill_file_problem_is_one_error_naming_the_directory(
+    tmp_path: Path, attack: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _SPILL_PRELUDE + _SPILL_ATTACKS[attack], str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr  # an exception, not a signal
+    assert "Exception ignored" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"blazefl_fn\._store_backing\.SpillError: client-state spill directory "
+        rf"{re.escape(str(tmp_path))}/blazefl-fn-store-\d+-\d+-\w+: {_SPILL_REASONS[attack]}.*",
+        last,
+    ), last
+    if attack == "truncated":
+        assert done.stdout == "4096.0\n"
