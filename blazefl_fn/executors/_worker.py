@@ -12,7 +12,7 @@ Messages from the parent (tuples, first item the kind):
   state_spec)`` when the task's message and state lie in the input buffer from ``offset``;
 - ``("stop",)``.
 
-Replies: ``("ready", pid, temporary_directory)`` once at start; ``("ok", index, result,
+Replies: ``("ready", pid)`` once at start; ``("ok", index, result,
 specs)`` where ``specs`` is ``(params_spec, state_spec)`` when the uplink's parameters and
 stored state were written into slot ``index`` instead of being pickled, else None; and
 ``("err", index, client_id, round, pickled_cause, summary, traceback_text)``.
@@ -21,12 +21,10 @@ stored state were written into slot ``index`` instead of being pickled, else Non
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing import util
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -52,15 +50,11 @@ def main(conn: Connection, threads: int, devices: tuple[str, ...] = ("cpu",)) ->
     # Ctrl-C during start-up is still pending: ignoring before unblocking discards it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    # multiprocessing's per-process temporary directory (a pymp-* directory, for sharing
-    # descriptors), made now so that the parent knows it: a worker killed with SIGKILL cannot
-    # remove it itself, so the parent does.
-    scratch = util.get_temp_dir()
-    _die_with_parent(scratch)
+    _die_with_parent()
     torch.set_num_threads(threads)
     placement = Placement(tuple(torch.device(d) for d in devices))
     try:
-        conn.send(("ready", os.getpid(), scratch))
+        conn.send(("ready", os.getpid()))
         # This process does nothing but client work: deterministic kernels for its lifetime.
         with cuda_determinism(placement.cuda):
             _serve(conn, placement)
@@ -68,7 +62,7 @@ def main(conn: Connection, threads: int, devices: tuple[str, ...] = ("cpu",)) ->
         pass  # the parent is gone: nobody is left to tell, so exit without a traceback
 
 
-def _die_with_parent(scratch: str, interval: float = 0.25) -> None:
+def _die_with_parent(interval: float = 0.25) -> None:
     """Exit, silently, within ``interval`` seconds of the parent's death, even mid-client.
 
     Otherwise a worker busy with a client notices only when it next talks to the pipe. A
@@ -81,7 +75,6 @@ def _die_with_parent(scratch: str, interval: float = 0.25) -> None:
         while True:
             time.sleep(interval)
             if os.getppid() != parent:  # re-parented: the parent is gone
-                shutil.rmtree(scratch, ignore_errors=True)  # os._exit runs no finalizer
                 os._exit(0)
 
     threading.Thread(target=watch, name="blazefl_fn-parent-watch", daemon=True).start()

@@ -24,14 +24,13 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import pickle
-import shutil
 import signal
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Sequence
-from multiprocessing import resource_tracker
+from multiprocessing import resource_tracker, util
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from multiprocessing.reduction import ForkingPickler
@@ -75,8 +74,6 @@ class _Worker:
     process: BaseProcess
     conn: Connection
     inflight: deque[int] = attrs.field(factory=lambda: deque[int]())
-    # Its multiprocessing temporary directory, removed here if the worker could not.
-    scratch: str | None = None
     # When the task at the head of ``inflight`` began running (the previous reply's arrival).
     since: float = 0.0
 
@@ -96,9 +93,6 @@ def _stop(workers: list[_Worker], graceful: bool) -> None:
             worker.process.kill()
             worker.process.join()
         worker.conn.close()
-        if worker.scratch is not None:
-            # Gone already unless the worker was killed (SIGKILL runs no cleanup).
-            shutil.rmtree(worker.scratch, ignore_errors=True)
     workers.clear()
 
 
@@ -206,6 +200,10 @@ class Processes(ClosingContext):
             # Started here, not inside the first `process.start()`: launching it unblocks
             # SIGINT in this thread, which would undo `_sigint_held` for the first worker.
             resource_tracker.ensure_running()
+            # multiprocessing's temporary directory (pymp-*, for sharing descriptors), made
+            # before the workers: they inherit it instead of making one each, which a worker
+            # killed with SIGKILL would leave behind. This process removes it when it exits.
+            util.get_temp_dir()
             with _sigint_held():
                 for i in range(workers):
                     parent_end, child_end = context.Pipe(duplex=True)
@@ -328,7 +326,7 @@ class Processes(ClosingContext):
                 except (EOFError, OSError):
                     raise WorkerError(start_failure(waiting[id(ready)].process)) from None
                 assert reply[0] == "ready"
-                waiting.pop(id(ready)).scratch = reply[2]
+                waiting.pop(id(ready))
 
     def _broadcast(self, message: tuple[Any, ...]) -> None:
         """Send ``message`` to every worker, pickled for each (tensor handles are one-shot).
