@@ -41,6 +41,7 @@ from .checkpoint import OutputLockedError as OutputLockedError
 from .checkpoint import load_checkpoint as load_checkpoint
 from .checkpoint import save_checkpoint as save_checkpoint
 from .client_store import ClientStore as ClientStore
+from .client_store import StateLayout as StateLayout
 from .client_store import StoreOptions as StoreOptions
 from .data.datasets import ClientData as ClientData
 from .data.datasets import FederatedDataset as FederatedDataset
@@ -160,6 +161,7 @@ __all__ = [
     "RunResult",
     "Sequential",
     "ServerState",
+    "StateLayout",
     "StoreOptions",
     "SyntheticClients",
     "TensorDataset",

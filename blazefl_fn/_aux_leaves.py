@@ -231,7 +231,7 @@ def _layout(reader: Reader) -> TreeSpec:
     """The layout ``[[name, dtype, shape], ...]`` at the reader's position (JSON)."""
     try:
         parsed, end = _DECODER.raw_decode(reader.text, reader.pos)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # malformed, or nested past the stack
         raise Mismatch from None
     reader.pos = end
     if not isinstance(parsed, list) or not parsed:
@@ -250,7 +250,10 @@ def _layout(reader: Reader) -> TreeSpec:
         if not all(type(d) is int and 0 <= d <= _MAX_DIM for d in dims):
             raise Mismatch
         # Meta tensors: the layout is computed without allocating anything.
-        meta[name] = torch.empty(cast(list[int], dims), dtype=dtype, device="meta")
+        try:
+            meta[name] = torch.empty(cast(list[int], dims), dtype=dtype, device="meta")
+        except (RuntimeError, OverflowError):  # its size overflows
+            raise Mismatch from None
     return tree_spec(meta)
 
 

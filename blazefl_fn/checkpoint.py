@@ -7,8 +7,12 @@ algorithm's ``aux`` state, flattened to tensors and plain values), the run's con
 JSON object (the run key is derived from its seed), the version of the random streams it ran on
 (`blazefl_fn.keys.STREAMS_VERSION`: a run is never continued on other streams), the SHA-256
 digest of the parameters, and a SHA-256 checksum of the whole content (configuration, round,
-parameters and aux state), all checked before anything is used: an edited or damaged
-checkpoint is refused with a one-line message, never resumed from.
+parameters and aux state), all checked before anything is used: a damaged checkpoint, or one
+edited without recomputing the checksum, is refused with a one-line message, never resumed
+from. The checksum stops corruption, not someone who rewrites the file and recomputes it:
+against that every field is checked for what it may hold (the parameters against the model,
+each client's stored state against the algorithm's `blazefl_fn.client_store.StateLayout`,
+allocations bounded by the file's size); the file is not signed.
 
 Writes go to a temporary file in the same directory, are flushed and fsynced, then renamed over
 the old checkpoint (`os.replace`), so the file is always either the previous checkpoint or the
@@ -241,7 +245,7 @@ def _read(path: Path) -> dict[str, Any]:
 def _json_object(path: Path, data: Mapping[str, Any], field: str) -> dict[str, Any]:
     try:
         value: object = json.loads(data[field])
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # malformed, or nested past the stack
         value = None
     if not isinstance(value, dict):
         raise ValueError(f"checkpoint {path}: field {field!r} is not a JSON object")
@@ -424,6 +428,9 @@ def _restore(
         raise ValueError(
             f"checkpoint {path}: aux leaf {exc} has the wrong shape or dtype"
         ) from None
+    except ValueError as exc:
+        # A stored client state that is not laid out as the algorithm keeps it.
+        raise ValueError(f"checkpoint {path}: {exc}") from None
     state = ServerState(params=params, round=data["round"], aux=cast(Any, aux))
     return Checkpoint(
         state=state,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .client_store import ClientStore, StoreOptions
+from .client_store import ClientStore, StateLayout, StoreOptions
 from .records import Uplink
 from .round import ClientInput
 
@@ -23,17 +23,21 @@ ClientStates = ClientStore
 """Every client's stored tree, by client id (empty: the client has not taken part yet)."""
 
 
-def initial_states(num_clients: int, options: StoreOptions | None = None) -> ClientStore:
+def initial_states(
+    num_clients: int, options: StoreOptions | None = None, layout: StateLayout | None = None
+) -> ClientStore:
     """The states of ``num_clients`` clients before any has taken part (an empty store).
 
     Args:
         num_clients: the federation's size.
         options: the store's memory budget and spill directory (`StoreOptions`).
+        layout: what every client's state holds (`StateLayout`), checked whenever a state is
+            stored or restored from a checkpoint; None accepts anything.
 
     Raises:
         ValueError: ``num_clients < 1``.
     """
-    return ClientStore(num_clients, options)
+    return ClientStore(num_clients, options, layout=layout)
 
 
 def dispatch_states(states: ClientStore, ids: Sequence[int]) -> list[ClientInput]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import operator
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, SupportsIndex, cast, final
 
 import attrs
@@ -30,7 +30,7 @@ from ._store_backing import Backing, Record
 from ._validators import int_at_least
 from .tree import Params, TreeSpec
 
-__all__ = ["ClientStore", "StoreOptions"]
+__all__ = ["ClientStore", "StateLayout", "StoreOptions"]
 
 _BITS = 6
 _FAN = 1 << _BITS
@@ -117,6 +117,95 @@ def _walk(node: _Node | None, prefix: int, shift: int) -> Iterator[tuple[int, Re
             yield from _walk(child, client_id, shift - _BITS)
 
 
+Shape = tuple[int | None, ...]
+"""A stored entry's shape; a None dimension may take any size up to `StateLayout.max_free`."""
+
+
+def _entries(value: object) -> tuple[tuple[str, torch.dtype, Shape], ...]:
+    items = cast(Any, value)
+    return tuple(sorted((str(n), d, tuple(s)) for n, d, s in items))
+
+
+@attrs.frozen
+class StateLayout:
+    """What every client's stored tree holds: each entry's name, dtype and shape.
+
+    A store with a layout refuses, with a `ValueError` naming the client and the entry, any
+    tree with other names, another dtype or another shape, whether a round stores it or a
+    checkpoint restores it. So a mismatched or forged checkpoint is refused at load (its
+    checksum can be recomputed by whoever edits it), never resumed with other bits, failed
+    rounds later, or broadcast into a huge allocation.
+
+    Attributes:
+        entries: ``(name, dtype, shape)`` of every entry, sorted by name.
+        max_free: the largest size a None dimension may take.
+
+    Examples:
+        >>> import torch
+        >>> layout = StateLayout.of({"w": torch.zeros(2, 3)})
+        >>> store = ClientStore(4, layout=layout).updated({1: {"w": torch.ones(2, 3)}})
+        >>> try:
+        ...     store.updated({2: {"w": torch.ones(3)}})
+        ... except ValueError as error:
+        ...     print(str(error).split("; ")[0])
+        client 2's stored state has 'w' float32 [3]
+    """
+
+    entries: tuple[tuple[str, torch.dtype, Shape], ...] = attrs.field(converter=_entries)
+    max_free: int = attrs.field(default=2**31 - 1, validator=int_at_least(0))
+
+    @classmethod
+    def of(cls, tree: Params, prefix: str = "") -> StateLayout:
+        """The layout of trees shaped like ``tree``, its names prefixed with ``prefix``."""
+        return cls(tuple((prefix + n, t.dtype, tuple(t.shape)) for n, t in tree.items()))
+
+    def plus(self, other: StateLayout) -> StateLayout:
+        """Both layouts' entries in one (the smaller ``max_free``).
+
+        Raises:
+            ValueError: the two name an entry alike.
+        """
+        names = {n for n, _, _ in self.entries} & {n for n, _, _ in other.entries}
+        if names:
+            raise ValueError(f"both layouts hold {sorted(names)}")
+        return StateLayout(self.entries + other.entries, min(self.max_free, other.max_free))
+
+    def check(
+        self,
+        client_id: int,
+        names: Sequence[str],
+        dtypes: Sequence[torch.dtype],
+        shapes: Sequence[Sequence[int]],
+    ) -> None:
+        """Refuse a tree of these entries unless it is laid out as this layout says.
+
+        Raises:
+            ValueError: other names, or an entry of another dtype or shape.
+        """
+        expected = {n: (d, s) for n, d, s in self.entries}
+        if sorted(names) != sorted(expected):
+            raise ValueError(
+                f"client {client_id}'s stored state holds {sorted(names)}; this algorithm "
+                f"keeps {sorted(expected)}"
+            )
+        for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+            want_dtype, want_shape = expected[name]
+            fits = len(shape) == len(want_shape) and all(
+                (w is None and 0 <= d <= self.max_free) or d == w
+                for d, w in zip(shape, want_shape, strict=True)
+            )
+            if dtype != want_dtype or not fits:
+                raise ValueError(
+                    f"client {client_id}'s stored state has {name!r} {_short(dtype)} "
+                    f"{list(shape)}; this algorithm keeps {name!r} {_short(want_dtype)} "
+                    f"{['*' if w is None else w for w in want_shape]}"
+                )
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 @final
 class ClientStore:
     """Each client's stored tree, by id, for clients ``0..num_clients-1``; an immutable value.
@@ -127,6 +216,7 @@ class ClientStore:
     Args:
         num_clients: the clients of the federation (>= 1).
         options: the memory budget and spill directory (`StoreOptions`).
+        layout: what every stored tree holds (`StateLayout`); None accepts any tree.
 
     Raises:
         ValueError: ``num_clients < 1``.
@@ -139,9 +229,15 @@ class ClientStore:
         (tensor([1., 1.]), {}, 0, 1)
     """
 
-    __slots__ = ("_backing", "_count", "_num_clients", "_options", "_root", "_shift")
+    __slots__ = ("_backing", "_count", "_layout", "_num_clients", "_options", "_root", "_shift")
 
-    def __init__(self, num_clients: int, options: StoreOptions | None = None) -> None:
+    def __init__(
+        self,
+        num_clients: int,
+        options: StoreOptions | None = None,
+        *,
+        layout: StateLayout | None = None,
+    ) -> None:
         if isinstance(num_clients, bool) or not isinstance(num_clients, int):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"num_clients must be an int, got {type(num_clients).__name__}")
         if num_clients < 1:
@@ -152,7 +248,10 @@ class ClientStore:
         self._shift = (_levels(num_clients) - 1) * _BITS
         self._root: _Node | None = None
         self._count = 0
+        if layout is not None and not isinstance(layout, StateLayout):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"layout must be a StateLayout, got {type(layout).__name__}")
         self._options = options if options is not None else StoreOptions()
+        self._layout = layout
         self._backing = Backing(self._options.memory_bytes, self._options.spill_dir)
 
     @property
@@ -169,6 +268,11 @@ class ClientStore:
     def options(self) -> StoreOptions:
         """The memory budget and spill directory."""
         return self._options
+
+    @property
+    def layout(self) -> StateLayout | None:
+        """What every stored tree holds (None: anything)."""
+        return self._layout
 
     @property
     def memory_bytes(self) -> int:
@@ -226,8 +330,8 @@ class ClientStore:
 
         Raises:
             IndexError: a client id is outside ``[0, num_clients)``.
-            ValueError: a buffer is not a 1-D uint8 CPU tensor of its layout's size, or a
-                layout is empty.
+            ValueError: a buffer is not a 1-D uint8 CPU tensor of its layout's size, a
+                layout is empty, or it is not the store's `StateLayout`.
         """
         checked: dict[int, tuple[torch.Tensor, TreeSpec]] = {}
         for client_id, (buffer, spec) in entries.items():
@@ -237,6 +341,8 @@ class ClientStore:
                     f"client {client_id}: a packed tree must be a 1-D uint8 CPU tensor of "
                     f"{spec.nbytes} bytes with at least one entry"
                 )
+            if self._layout is not None:
+                self._layout.check(client_id, spec.names, spec.dtypes, spec.shapes)
             checked[self._check(client_id)] = (buffer, spec)
         cpu = torch.device("cpu")
         return self._with_records(
@@ -251,11 +357,22 @@ class ClientStore:
 
         Raises:
             IndexError: a client id is outside ``[0, num_clients)``.
+            ValueError: a non-empty tree is not laid out as the store's `StateLayout` says.
         """
         # Everything is checked before anything is stored (or spilled).
         checked = {
             self._check(client_id): _tree(client_id, tree) for client_id, tree in trees.items()
         }
+        if self._layout is not None:
+            for client_id, tree in checked.items():
+                if tree:
+                    names = list(tree)
+                    self._layout.check(
+                        client_id,
+                        names,
+                        [tree[n].dtype for n in names],
+                        [tuple(tree[n].shape) for n in names],
+                    )
         return self._with_records(
             {
                 client_id: self._backing.record(tree) if tree else None
@@ -276,6 +393,20 @@ class ClientStore:
         """
         return self._derived(None, 0)
 
+    def laid_out(self, layout: StateLayout | None) -> ClientStore:
+        """This store, its trees checked against ``layout``, holding to it from now on.
+
+        Raises:
+            ValueError: a stored tree is not laid out so.
+        """
+        if layout is not None:
+            for client_id, record in _walk(self._root, 0, self._shift):
+                spec = record.spec
+                layout.check(client_id, spec.names, spec.dtypes, spec.shapes)
+        out = self._derived(self._root, self._count)
+        out._layout = layout
+        return out
+
     def _with_records(self, records: Mapping[int, Record | None]) -> ClientStore:
         """A new version with ``records`` (checked ids; None forgets the client) set."""
         root, count = self._root, self._count
@@ -292,11 +423,12 @@ class ClientStore:
         out._root = root
         out._count = count
         out._options = self._options
+        out._layout = self._layout
         out._backing = self._backing
         return out
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (self._num_clients, self.options, tuple(self.items())))
+        return (_rebuild, (self._num_clients, self.options, tuple(self.items()), self._layout))
 
     def __repr__(self) -> str:
         return (
@@ -330,6 +462,9 @@ def _tree(client_id: object, tree: object) -> Params:
 
 
 def _rebuild(
-    num_clients: int, options: StoreOptions, items: tuple[tuple[int, Params], ...]
+    num_clients: int,
+    options: StoreOptions,
+    items: tuple[tuple[int, Params], ...],
+    layout: StateLayout | None = None,
 ) -> ClientStore:
-    return ClientStore(num_clients, options).updated(dict(items))
+    return ClientStore(num_clients, options, layout=layout).updated(dict(items))

@@ -29,7 +29,7 @@ from blazefl_fn.cli import main
 from blazefl_fn.keys import STREAMS_VERSION
 from blazefl_fn.records import ServerState
 from blazefl_fn.run import RunConfig, simulate
-from blazefl_fn.tree import digest
+from blazefl_fn.tree import digest, flatten
 
 SMALL = ["run", "--rounds", "2", "--clients", "6", "--clients-per-round", "2", "--quiet"]
 
@@ -569,3 +569,79 @@ def test_a_checkpoint_directory_may_be_a_symbolic_link(tmp_path: Path) -> None:
     (tmp_path / "ck").symlink_to(tmp_path / "disk")
     assert main([*SMALL, "--checkpoint-dir", str(tmp_path / "ck")]) == 0
     assert (tmp_path / "disk" / CHECKPOINT_NAME).is_file()
+
+
+# -- forged client state: the checksum is recomputed, the layout still has to fit ---------------
+
+
+def _scaffold_checkpoint(tmp_path: Path) -> Path:
+    config = RunConfig(algorithm="scaffold", rounds=2, clients=6, clients_per_round=3)
+    simulate(config, checkpoint_dir=tmp_path / "ck")
+    return tmp_path / "ck" / CHECKPOINT_NAME
+
+
+_WEIGHT = '["1.weight","float32",[10,60]]'
+_BIAS = '["1.bias","float32",[10]]'
+_FORGERIES: dict[str, tuple[str, dict[str, torch.Tensor] | None, str]] = {
+    # kind: (the stored layout of client 0's tree, its tree, what the refusal says)
+    "dtype": (
+        '[["1.weight","int32",[10,60]],["1.bias","int32",[10]]]',
+        {
+            "1.weight": torch.zeros(10, 60, dtype=torch.int32),
+            "1.bias": torch.zeros(10, dtype=torch.int32),
+        },
+        "client 0's stored state has '1.weight' int32 [10, 60]; this algorithm keeps '1.weight' "
+        "float32 [10, 60]",
+    ),
+    "shape": (
+        '[["1.weight","float32",[1]],["1.bias","float32",[1]]]',
+        {"1.weight": torch.zeros(1), "1.bias": torch.zeros(1)},
+        "client 0's stored state has '1.weight' float32 [1]",
+    ),
+    # Broadcast against the model's [10, 60] it allocated ~1000x the file's size mid-round.
+    "broadcasting": (
+        f'[["1.weight","float32",[100000,1,1]],{_BIAS}]',
+        {"1.weight": torch.zeros(100000, 1, 1), "1.bias": torch.zeros(10)},
+        "client 0's stored state has '1.weight' float32 [100000, 1, 1]",
+    ),
+    "names": (
+        f'[["x","float32",[10,60]],{_BIAS}]',
+        {"x": torch.zeros(10, 60), "1.bias": torch.zeros(10)},
+        "client 0's stored state holds ['1.bias', 'x']; this algorithm keeps ['1.bias', "
+        "'1.weight']",
+    ),
+    "overflow": (
+        '[["1.weight","float32",[' + ",".join(["281474976710656"] * 8) + f"]],{_BIAS}]",
+        None,
+        "its algorithm state has structure",
+    ),
+    "nesting": ("[" * 100_000 + "]" * 100_000, None, "its algorithm state has structure"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_FORGERIES))
+def test_a_forged_client_state_is_refused_at_load_naming_the_file(
+    tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: the first four resumed silently (with other bits, or failing rounds later), the
+    # last two ended in an error that did not name the file (exit 3).
+    path = _scaffold_checkpoint(tmp_path)
+    layout, tree, message = _FORGERIES[kind]
+
+    def forge(data: dict[str, Any]) -> None:
+        original = f"0:P[{_WEIGHT},{_BIAS}]"
+        assert original in data["aux_structure"]
+        data["aux_structure"] = data["aux_structure"].replace(original, f"0:P{layout}")
+        if tree is not None:
+            index = next(
+                i for i, leaf in enumerate(data["aux_leaves"]) if leaf.dtype == torch.uint8
+            )
+            data["aux_leaves"][index] = flatten(tree)[0]
+
+    _edit(path, forge, reseal=True)
+    capsys.readouterr()
+    args = ["run", "--algorithm", "scaffold", "--rounds", "4", "--clients", "6",
+            "--clients-per-round", "3", "--quiet"]  # fmt: skip
+    assert main([*args, "--resume", str(tmp_path / "ck")]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"blazefl-fn: error: checkpoint {path}: {message}"), line

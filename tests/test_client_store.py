@@ -24,7 +24,7 @@ from blazefl_fn.algorithms.scaffold import ScaffoldState, scaffold
 from blazefl_fn.algorithms.scarlet import scarlet
 from blazefl_fn.checkpoint import load_checkpoint, save_checkpoint
 from blazefl_fn.client_state import collect_states, initial_states
-from blazefl_fn.client_store import ClientStore, StoreOptions
+from blazefl_fn.client_store import ClientStore, StateLayout, StoreOptions
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.executors import Sequential
 from blazefl_fn.keys import Key
@@ -32,7 +32,7 @@ from blazefl_fn.models import mlp
 from blazefl_fn.records import Uplink
 from blazefl_fn.round import make_round
 from blazefl_fn.run import run_rounds
-from blazefl_fn.tree import Params, digest, tree_spec, trees_equal
+from blazefl_fn.tree import Params, digest, flatten, tree_spec, trees_equal
 
 DTYPES = [torch.float32, torch.float64, torch.int64, torch.uint8, torch.bool, torch.bfloat16]
 
@@ -403,7 +403,7 @@ def test_a_stored_config_from_before_the_store_flags_takes_their_defaults() -> N
 
 _KILLED_WHILE_SPILLING = """
 import os, signal, sys, torch
-from blazefl_fn.client_store import ClientStore, StoreOptions
+from blazefl_fn.client_store import ClientStore, StateLayout, StoreOptions
 store = ClientStore(4, StoreOptions(memory_bytes=0, spill_dir=sys.argv[1]))
 store = store.updated({0: {"w": torch.ones(64)}, 1: {"w": torch.zeros(64)}})
 assert store.spilled_bytes > 0
@@ -457,7 +457,7 @@ store = store.updated({i: {"w": torch.zeros(16)} for i in range(50, 60)})
 }
 _SPILL_PRELUDE = """
 import os, resource, shutil, sys, torch
-from blazefl_fn.client_store import ClientStore, StoreOptions
+from blazefl_fn.client_store import ClientStore, StateLayout, StoreOptions
 store = ClientStore(100, StoreOptions(memory_bytes=0, spill_dir=sys.argv[1]))
 """
 _SPILL_REASONS = {
@@ -485,3 +485,44 @@ def test_a_spill_file_problem_is_one_error_naming_the_directory(
     ), last
     if attack == "truncated":
         assert done.stdout == "4096.0\n"
+
+
+# -- the layout a store holds its trees to ---------------------------------------------------------
+
+
+def test_a_layout_refuses_other_names_dtypes_and_shapes_and_keeps_to_free_rows() -> None:
+    layout = StateLayout.of({"w": torch.zeros(2, 3)}).plus(
+        StateLayout((("rows", torch.int64, (None,)),), max_free=4)
+    )
+    store = ClientStore(5, layout=layout)
+    good = {"w": torch.ones(2, 3), "rows": torch.arange(4)}
+    assert store.updated({1: good}).num_stored == 1
+    assert store.updated({1: {}}).num_stored == 0  # forgetting a client is always allowed
+    bad = {
+        "other names": ({"w": torch.ones(2, 3)}, "holds ['w']; this algorithm keeps ['rows', 'w']"),
+        "dtype": ({**good, "w": torch.ones(2, 3, dtype=torch.float64)}, "'w' float64 [2, 3]"),
+        "shape": ({**good, "w": torch.ones(3, 2)}, "'w' float32 [3, 2]"),
+        "rank": ({**good, "rows": torch.zeros(2, 2, dtype=torch.int64)}, "'rows' int64 [2, 2]"),
+        "too many rows": ({**good, "rows": torch.arange(5)}, "keeps 'rows' int64 ['*']"),
+    }
+    for what, (tree, message) in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            store.updated({3: tree})
+        buffer, spec = flatten(tree)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            store.with_packed({3: (buffer, spec)})
+        assert what
+
+
+def test_a_layout_survives_versions_pickles_and_checkpoint_templates() -> None:
+    layout = StateLayout.of({"w": torch.zeros(2)})
+    store = ClientStore(3, layout=layout).updated({0: {"w": torch.ones(2)}})
+    assert store.cleared().layout == layout
+    assert pickle.loads(pickle.dumps(store)).layout == layout
+    assert store.laid_out(None).updated({1: {"v": torch.ones(1)}}).num_stored == 2
+    with pytest.raises(ValueError, match="client 0's stored state holds"):
+        store.laid_out(StateLayout.of({"v": torch.zeros(1)}))
+    with pytest.raises(ValueError, match=r"both layouts hold \['w'\]"):
+        layout.plus(layout)
+    with pytest.raises(TypeError, match="layout must be a StateLayout"):
+        ClientStore(3, layout={"w": 1})  # type: ignore[arg-type]

@@ -74,7 +74,7 @@ def test_what_a_user_needs_to_write_an_algorithm_is_at_the_top_level() -> None:
         "build_template", "ModelFactory", "algorithms", "client_stages", "client_state",
         "LocalTraining", "LocalResult", "train", "trainable_names", "KeyedDropout",
         "MissingStage", "GlobalRNGError", "scaffold", "feddyn", "fednova", "stochastic",
-        "client_store", "ClientStore", "StoreOptions",
+        "client_store", "ClientStore", "StoreOptions", "StateLayout",
     ):  # fmt: skip
         assert name in fl.__all__, name
         assert hasattr(fl, name), name

@@ -23,7 +23,7 @@ import attrs
 import torch
 
 from ..client_state import collect_states, initial_states
-from ..client_store import ClientStore, StoreOptions
+from ..client_store import ClientStore, StateLayout, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import Distillation, LocalSGD
@@ -73,7 +73,10 @@ class _Init:
             targets=torch.zeros(self.public_per_round, self.num_classes),
             target_indices=torch.zeros(self.public_per_round, dtype=torch.int64),
             has_targets=False,
-            clients=initial_states(self.num_clients, self.store),
+            # Each client keeps its model, laid out as the server's.
+            clients=initial_states(
+                self.num_clients, self.store, StateLayout.of(params, prefix=_distill.MODEL)
+            ),
             clients_key=clients_key,
         )
         return ServerState(params=params, aux=aux)

@@ -36,7 +36,7 @@ import torch
 from .._validators import finite_number
 from ..client_stages import InnerProduct, ProximalLoss
 from ..client_state import ClientStates, collect_states, dispatch_states, initial_states
-from ..client_store import StoreOptions
+from ..client_store import StateLayout, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import LocalSGD
@@ -74,7 +74,9 @@ class _Init:
     def __call__(self, key: Key) -> ServerState[FedDynState]:
         params = from_module(build_module(self.model_fn, key))
         h = zeros_like(select(params, self.names))
-        return ServerState(params, aux=FedDynState(h, initial_states(self.num_clients, self.store)))
+        # Each g_k is laid out as h: a checkpoint with anything else is refused at load.
+        clients = initial_states(self.num_clients, self.store, StateLayout.of(h))
+        return ServerState(params, aux=FedDynState(h, clients))
 
 
 def feddyn_dispatch(state: ServerState[FedDynState], ids: Sequence[int]) -> list[ClientInput]:

@@ -30,7 +30,7 @@ import torch
 from .._validators import finite_number
 from ..client_stages import add_trees, chain
 from ..client_state import ClientStates, collect_states, dispatch_states, initial_states
-from ..client_store import StoreOptions
+from ..client_store import StateLayout, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import LocalSGD
@@ -74,9 +74,9 @@ class _Init:
     def __call__(self, key: Key) -> ServerState[ScaffoldState]:
         params = from_module(build_module(self.model_fn, key))
         c = zeros_like(select(params, self.names))
-        return ServerState(
-            params, aux=ScaffoldState(c, initial_states(self.num_clients, self.store))
-        )
+        # Each c_i is laid out as c: a checkpoint with anything else is refused at load.
+        clients = initial_states(self.num_clients, self.store, StateLayout.of(c))
+        return ServerState(params, aux=ScaffoldState(c, clients))
 
 
 def scaffold_broadcast(state: ServerState[ScaffoldState]) -> Downlink:

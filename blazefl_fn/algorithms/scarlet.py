@@ -25,7 +25,7 @@ import torch
 
 from .._validators import check_int_at_least
 from ..client_state import collect_states, initial_states
-from ..client_store import ClientStore, StoreOptions
+from ..client_store import ClientStore, StateLayout, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
 from ..local import Distillation, LocalSGD
@@ -117,15 +117,30 @@ class _Init:
     def __call__(self, key: Key) -> ServerState:
         empty = SoftLabelCache.empty(self.public_size, self.num_classes)
         params, server_key, clients_key = _distill.initial(self.model_fn, key)
+        # Each client keeps its model, laid out as the server's, and its sparse cache (a row
+        # per label it holds, at most one per public sample).
+        cache = StateLayout(
+            (
+                (_INDICES, torch.int64, (None,)),
+                (_LABELS, empty.labels.dtype, (None, self.num_classes)),
+                (_PRODUCED, torch.int64, (None,)),
+            ),
+            max_free=self.public_size,
+        )
+        layout = StateLayout.of(params, prefix=_distill.MODEL).plus(cache)
         # One memory budget for the clients' state and the server's record of it.
-        clients = initial_states(self.num_clients, self.store)
+        clients = initial_states(self.num_clients, self.store, layout)
+        known = StateLayout(
+            (("indices", torch.int64, (None,)), ("produced", torch.int64, (None,))),
+            max_free=self.public_size,
+        )
         aux = ScarletState(
             server_key=server_key,
             cache=empty,
             target_indices=torch.zeros(self.public_per_round, dtype=torch.int64),
             signals=torch.zeros(self.public_per_round, dtype=torch.uint8),
             has_targets=False,
-            known=clients.cleared(),
+            known=clients.cleared().laid_out(known),
             clients=clients,
             clients_key=clients_key,
         )
