@@ -9,7 +9,9 @@
   (a `KeyboardInterrupt`, so every cleanup path that handles Ctrl-C handles it), ending with
   status 143. A second Ctrl-C while the first is being handled (workers stopping, a final
   checkpoint being written) is not an exception in the middle of that cleanup: it says that
-  the run is stopping, and a third ends the process at once.
+  the run is stopping, and a third ends the process at once. And a worker killed while it
+  fetched a shared descriptor from this process (``--client-timeout``) is not a traceback from
+  multiprocessing's descriptor-sharing thread: the run reports that worker in its own line.
 
 Standard library only: it runs before torch is imported.
 """
@@ -21,9 +23,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
-from types import FrameType
+from types import FrameType, TracebackType
 
 PROG = "blazefl-fn"
 INTERRUPTED, TERMINATED = 130, 143
@@ -102,12 +104,31 @@ def while_running() -> Generator[None]:
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in saved:
         signal.signal(s, on_interrupt)
+    hook = sys.excepthook
+    sys.excepthook = _quiet_sharer(hook)
     try:
         yield
     finally:
         if presses == 0:
             for s, handler in saved.items():
                 signal.signal(s, handler)
+            sys.excepthook = hook
+
+
+def _quiet_sharer(hook: Callable[..., object]) -> Callable[..., object]:
+    """``hook``, except for a connection dropped in multiprocessing's descriptor sharer.
+
+    That thread (``resource_sharer``) hands file descriptors to worker processes and reports
+    its errors through ``sys.excepthook``; a worker killed mid-handshake is one of them.
+    """
+
+    def quiet(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        sharer = threading.current_thread().name.endswith("(_serve)")
+        if sharer and issubclass(kind, ConnectionError | EOFError):
+            return
+        hook(kind, value, tb)
+
+    return quiet
 
 
 guard_import()

@@ -4,10 +4,9 @@
 Every draw comes from a key: the central noise from the round's server key (`run_round` hands
 it to a keyed aggregate), local noise from the client's key, so a private run is as
 reproducible as any other. Noise is drawn by numpy's Philox keyed by all 128 bits of the key
-(`Key.numpy_generator`; a torch CPU generator keeps only 32 bits of its seed, so two of a
-run's ~10^5 client keys would likely share their noise), in float64, entry by entry in name
-order, and then moved to the entry's device: the same bits whichever device holds the model.
-It is a floating-point sampler, as a simulator needs; a deployment would want a secure one.
+(`Key.numpy_generator`), in float64, entry by entry in name order, and then moved to the
+entry's device: the same bits whichever device holds the model. It is a floating-point sampler,
+as a simulator needs; a deployment would want a secure one.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import attrs
 import numpy as np
 import torch
 
-from ._validators import finite_number, plus_zero
+from ._validators import finite_number, noise_multiplier, plus_zero
 from .aggregators import clip_by_norm, global_norm
 from .jobs import ClientTask, ClientUpdate, VectorizedUpdate
 from .keys import Key
@@ -95,9 +94,7 @@ class CentralDP:
     """
 
     clip_norm: float = attrs.field(validator=finite_number(positive=True, high=_MAX_NORM))
-    noise_multiplier: float = attrs.field(
-        converter=plus_zero, validator=finite_number(positive=False, high=1e6)
-    )
+    noise_multiplier: float = attrs.field(converter=plus_zero, validator=noise_multiplier())
     adaptive: AdaptiveClipping | None = None
 
     def update_noise_multiplier(self, expected_clients: float) -> float:
@@ -129,9 +126,7 @@ class LocalDP:
     standard deviation ``noise_multiplier * clip_norm`` from its own key before sending it."""
 
     clip_norm: float = attrs.field(validator=finite_number(positive=True, high=_MAX_NORM))
-    noise_multiplier: float = attrs.field(
-        converter=plus_zero, validator=finite_number(positive=False, high=1e6)
-    )
+    noise_multiplier: float = attrs.field(converter=plus_zero, validator=noise_multiplier())
 
 
 @attrs.frozen

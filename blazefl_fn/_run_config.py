@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -15,6 +16,7 @@ from ._validators import (
     check_ray_address,
     finite_number,
     int_at_least,
+    noise_multiplier,
     one_of,
     plus_zero,
 )
@@ -233,7 +235,7 @@ class RunConfig:
     )
     dp_clip: float = attrs.field(default=1.0, validator=finite_number(positive=True, high=1e12))
     dp_noise_multiplier: float = attrs.field(
-        default=1.0, converter=plus_zero, validator=finite_number(positive=False, high=1e6)
+        default=1.0, converter=plus_zero, validator=noise_multiplier()
     )
     dp_delta: float = attrs.field(default=1e-5, validator=finite_number(positive=True, below=1))
     dp_target_epsilon: float | None = attrs.field(
@@ -374,6 +376,8 @@ class RunConfig:
                 f"dp_target_epsilon={self.dp_target_epsilon!r} with dp_noise_multiplier 0: "
                 "without noise no round fits any budget"
             )
+        if self.dp_accountant == "prv":
+            self._check_prv()
         if self.dp_adaptive_quantile is not None:
             # The same rule the aggregate applies, checked here so that it is a bad value.
             adaptive_dp = AdaptiveClipping(
@@ -382,6 +386,17 @@ class RunConfig:
             CentralDP(self.dp_clip, self.dp_noise_multiplier, adaptive_dp).update_noise_multiplier(
                 float(self.clients_per_round)
             )
+
+    def _check_prv(self) -> None:
+        """Refuse, as a bad value, a PRV accounting that would take gigabytes of memory."""
+        from .privacy import check_accountant  # the DP stages import this module's neighbours
+
+        central = self.dp == "central"
+        z = self.dp_noise_multiplier if central else self.dp_noise_multiplier / 2
+        rate = self.clients_per_round / self.clients if central else 1.0
+        # Without Opacus the run itself says how to install it.
+        with contextlib.suppress(ImportError):
+            check_accountant("prv", z, rate, self.rounds, self.dp_delta)
 
     def _check_client_state(self) -> None:
         given = [

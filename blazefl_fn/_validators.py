@@ -87,6 +87,27 @@ def finite_number(
     return Bounded("a finite number", bound, test)
 
 
+MIN_NOISE_MULTIPLIER = 1e-3
+
+
+def noise_multiplier() -> Bounded:
+    """A DP noise multiplier: 0 (no noise) or a finite number in [0.001, 1e6].
+
+    Below 0.001 the epsilon of even one round is past 10**7, meaningless as a guarantee, and
+    the accountants' arithmetic breaks down (``z**2`` underflows to 0 near 1e-154).
+    """
+
+    def test(value: object) -> bool:
+        return (
+            not isinstance(value, bool)
+            and isinstance(value, int | float)
+            and math.copysign(1.0, value) > 0
+            and (value == 0 or MIN_NOISE_MULTIPLIER <= value <= 1e6)
+        )
+
+    return Bounded("0 (no noise) or a finite number", f"in [{MIN_NOISE_MULTIPLIER:g}, 1e+06]", test)
+
+
 def plus_zero(value: float) -> float:
     """``-0.0`` as ``0.0`` (the same number; libraries that check the sign bit refuse it).
 

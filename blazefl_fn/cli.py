@@ -342,7 +342,20 @@ def _main(argv: Sequence[str] | None) -> int:
             # The process's own command line: the kernel libraries read their pins once, at
             # their first kernel, so start afresh (same PID, same command and interpreter
             # flags) with the pins in the environment, whatever it held for them.
-            os.execve(sys.executable, sys.orig_argv, portable.with_pins(os.environ))
+            try:
+                os.execve(sys.executable, sys.orig_argv, portable.with_pins(os.environ))
+            except OSError as exc:
+                # E2BIG: the environment is at the kernel's limit, and the pins do not fit.
+                reason = exc.strerror or str(exc)
+                return _fail(
+                    UsageError(
+                        f"--portable restarts the command with its pins in the environment, "
+                        f"which failed ({reason}); shrink the environment, or set "
+                        f"{' '.join(f'{k}={v}' for k, v in portable.PINS.items())} yourself"
+                    ),
+                    _USAGE,
+                    debug,
+                )
         try:
             portable.enable()  # called in-process: refused if a kernel already ran
         except RuntimeError as exc:

@@ -11,8 +11,10 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -335,3 +337,115 @@ def test_a_malformed_metrics_log_on_resume_is_still_a_file_error(
     capsys.readouterr()
     assert cli.main(["run", "--rounds", "2", "--quiet", "--resume", ck, "--metrics", str(log)]) == 1
     assert "m.jsonl:1: not a JSON record" in capsys.readouterr().err
+
+
+# -- small holes left by earlier hardening: each one line with the documented status ------------
+
+
+@pytest.mark.slow
+def test_a_client_timeout_that_kills_workers_mid_handshake_is_still_one_line() -> None:
+    # Before: about half the runs added a ConnectionResetError traceback from multiprocessing's
+    # descriptor-sharing thread (a worker killed while fetching a shared tensor).
+    for _ in range(4):
+        done = _cli("run", "--executor", "processes", "--client-timeout", "1e-9", "--rounds", "1")
+        assert done.returncode == 3
+        assert "within client_timeout=1e-09 s" in _one_error_line(done)
+
+
+def test_a_noise_multiplier_the_accountant_cannot_take_is_a_bad_value(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: exit 1, "the rdp accountant cannot bound z=9.99989e-321 ...: float division by
+    # zero", once the run had started.
+    from blazefl_fn.cli import main
+
+    assert main(["run", "--dp", "central", "--dp-noise-multiplier", "1e-320"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (
+        "blazefl-fn: error: dp_noise_multiplier must be 0 (no noise) or a finite number in "
+        "[0.001, 1e+06], got 1e-320"
+    )
+
+
+def test_a_prv_accounting_of_gigabytes_is_refused_at_parse_time(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Before: z = 0.03 over 100 rounds grew past 24 GB until the kernel killed the run.
+    from blazefl_fn.cli import main
+
+    start = time.monotonic()
+    argv = ["run", "--dp", "central", "--dp-accountant", "prv", "--dp-noise-multiplier", "0.03",
+            "--rounds", "100"]  # fmt: skip
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("blazefl-fn: error: the prv accountant would discretize 100 rounds")
+    assert "use the rdp accountant" in line
+    assert time.monotonic() - start < 10
+
+
+def _idx(path: Path, dims: tuple[int, ...], data: bytes = b"") -> None:
+    path.write_bytes(bytes([0, 0, 8, len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + data)
+
+
+@pytest.mark.parametrize("empty", ["train", "t10k"])
+def test_an_mnist_split_without_examples_is_a_file_error_naming_it(
+    tmp_path: Path, empty: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: an empty test file exited 3 ("cannot evaluate on an empty dataset") and an empty
+    # training file said "num_samples must be an integer >= 1", neither naming the file.
+    from blazefl_fn.cli import main
+
+    for prefix in ("train", "t10k"):
+        n = 0 if prefix == empty else 20
+        _idx(tmp_path / f"{prefix}-images-idx3-ubyte", (n, 28, 28), bytes(n * 28 * 28))
+        _idx(tmp_path / f"{prefix}-labels-idx1-ubyte", (n,), bytes(i % 10 for i in range(n)))
+    argv = ["run", "--dataset", "mnist", "--data-dir", str(tmp_path), "--clients", "2",
+            "--clients-per-round", "1", "--rounds", "1", "--quiet"]  # fmt: skip
+    assert main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    path = tmp_path / f"{empty}-labels-idx1-ubyte"
+    assert line == f"blazefl-fn: error: {path}: holds no examples (0 labels)"
+
+
+def test_portable_in_an_environment_at_the_kernels_limit_is_one_line() -> None:
+    # Before: the restart with the pins failed with an OSError traceback (E2BIG).
+    argv = [sys.executable, "-m", "blazefl_fn", "run", "--rounds", "1", "--portable", "--quiet"]
+
+    def env_with(pad: int) -> dict[str, str]:
+        pins = ("ATEN_", "MKL_", "ONEDNN_")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(pins)}
+        for i in range(pad // 100_000):
+            env[f"PAD{i}"] = "x" * 100_000
+        env["PAD_REST"] = "x" * (pad % 100_000 + 1)
+        return env
+
+    # /bin/true under a name as long as the interpreter's (the kernel counts the file name):
+    # the same argv and environment, but only the exec itself is tried.
+    with tempfile.TemporaryDirectory(dir="/tmp") as scratch:
+        room = len(sys.executable) - len(scratch) - 1
+        if room < 1:
+            pytest.skip("the interpreter's path is too short to mirror")
+        probe = Path(scratch, "t" * room)
+        probe.symlink_to("/bin/true")
+
+        def starts(pad: int) -> bool:
+            try:
+                subprocess.run(argv, executable=probe, env=env_with(pad), check=True)
+            except OSError:
+                return False
+            return True
+
+        low, high = 0, 4 * 1024 * 1024
+        assert starts(low)
+        assert not starts(high)
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if starts(middle) else (low, middle)
+    # The command itself starts at `low`; its restart adds the pins, which no longer fit.
+    done = subprocess.run(
+        argv, env=env_with(low), capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = _one_error_line(done)
+    assert "--portable restarts the command with its pins in the environment" in line
+    assert "Argument list too long" in line

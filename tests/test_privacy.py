@@ -459,3 +459,28 @@ def test_the_vectorized_executor_runs_private_rounds_close_to_per_client(mode: s
     for name, value in per_client.state.params.items():
         torch.testing.assert_close(vectorized.state.params[name], value, rtol=1e-4, atol=1e-5)
     assert vectorized.privacy == per_client.privacy
+
+
+@pytest.mark.parametrize(
+    ("z", "q", "rounds"), [(0.3, 0.1, 100), (1.0, 0.1, 1000), (1.0, 0.01, 100_000), (2.0, 1.0, 7)]
+)
+def test_the_prv_grid_estimate_is_opacuss_own(z: float, q: float, rounds: int) -> None:
+    # The bound on the PRV accountant's memory reads the grid Opacus would build; if Opacus
+    # changes how it sizes the grid, this fails rather than the bound drifting.
+    from opacus.accountants import PRVAccountant
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
+
+    from blazefl_fn.privacy import prv_points
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        domain = PRVAccountant()._get_domain(  # pyright: ignore[reportPrivateUsage]
+            [PoissonSubsampledGaussianPRV(q, z)], [rounds], 0.01, 1e-5 / 1000
+        )
+    assert abs(prv_points(z, q, rounds, 1e-5) - domain.size) <= 2
+
+
+def test_the_prv_accountant_refuses_a_grid_of_gigabytes_before_building_it() -> None:
+    accountant = Accountant(noise_multiplier=0.03, sample_rate=0.1, delta=1e-5, method="prv")
+    with pytest.raises(ValueError, match=r"would discretize 100 rounds .* on 38\d,\d{3},\d{3}"):
+        accountant.epsilon(100)

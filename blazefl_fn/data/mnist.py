@@ -183,6 +183,9 @@ def _load_split(directory: Path, prefix: str) -> TensorDataset:
                 f"{labels_path}: declares {dims[0]} labels, more than the {_MAX_EXAMPLES} "
                 "an MNIST-format file may hold"
             )
+        if dims[0] == 0:
+            # An empty split: nothing to train on or to evaluate, said here, naming the file.
+            raise ValueError(f"{labels_path}: holds no examples (0 labels)")
 
     labels = _read_idx(labels_path, None, labels_header)
 
