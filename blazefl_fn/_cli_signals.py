@@ -77,25 +77,35 @@ def release_import_guard() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+class Running:
+    """What `while_running` learns of the run: whether the command ended it as stopped."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+
+
 @contextmanager
-def while_running() -> Generator[None]:
+def while_running() -> Generator[Running]:
     """SIGTERM as a `Terminated`, and a calm second Ctrl-C, for the block.
 
     Only in the command's own process, on its main thread (`main` called from Python, as the
-    tests do, changes no handler). Once interrupted, the calm handler stays for the rest of
-    the process: its shutdown (stopping workers, Ray) must not end in a traceback either.
+    tests do, changes no handler). Once interrupted (a Ctrl-C or SIGTERM this handler raised,
+    or one the command reports as having stopped it, ``Running.stopped``), the calm handler
+    stays for the rest of the process: its shutdown (stopping workers, Ray) must not end in a
+    traceback either.
     """
+    running = Running()
     if not (launched_as_cli() and _main_thread()):
-        yield
+        yield running
         return
     presses = 0
 
     def on_interrupt(signum: int, _frame: FrameType | None) -> None:
         nonlocal presses
         presses += 1
-        if presses == 1:
+        if presses == 1 and not running.stopped:
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-        if presses == 2:
+        if presses <= 2:
             _say("stopping (workers and files are being closed); interrupt again to quit at once")
             return
         _say("interrupted")
@@ -104,15 +114,15 @@ def while_running() -> Generator[None]:
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in saved:
         signal.signal(s, on_interrupt)
-    hook = sys.excepthook
-    sys.excepthook = _quiet_sharer(hook)
+    # For the rest of the process: the sharer thread may report a worker killed mid-handshake
+    # after the pool is closed, even after `main` has returned.
+    sys.excepthook = _quiet_sharer(sys.excepthook)
     try:
-        yield
+        yield running
     finally:
-        if presses == 0:
+        if presses == 0 and not running.stopped:
             for s, handler in saved.items():
                 signal.signal(s, handler)
-            sys.excepthook = hook
 
 
 def _quiet_sharer(hook: Callable[..., object]) -> Callable[..., object]:

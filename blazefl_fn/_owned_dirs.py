@@ -1,11 +1,14 @@
-"""Temporary directories named after the process that owns them, removed once it is dead.
+"""Private directories whose owner holds a lock on them, removed once no process holds it.
 
-A process killed with SIGKILL runs no cleanup, so what it made in the temporary directory
-stays: a client store's spill files, the ``pymp-*`` directories of killed worker processes.
-Every such directory this library makes is called ``PREFIX<pid>-<start>-<random>``, where
-``start`` is when the process started (Linux's ``/proc/<pid>/stat``, so that a reused pid
-is not mistaken for the owner), and the next process that makes one of the same kind
-removes those whose owner is gone (`remove_dead_owners`).
+A process killed with SIGKILL runs no cleanup, so a client store's spill directory would stay
+for ever. Each directory this library makes for a process (`owned_dir`) holds a file
+``.owner`` on which the owning process keeps an exclusive ``flock`` for as long as it uses the
+directory. The kernel drops the lock when the process exits, however it exits, so the next
+process that makes a directory of the same kind removes those it can lock
+(`remove_dead_owners`): their owners are gone. A directory in use by a process on another
+machine or in another container sharing the parent directory stays locked (``flock`` over
+NFS is forwarded to the server by Linux), and so does one whose lock file cannot be read:
+whatever cannot be shown to be abandoned is kept.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import stat
 import tempfile
 from pathlib import Path
 
+import attrs
+
 STORE_PREFIX = "blazefl-fn-store-"
-POOL_PREFIX = "blazefl-fn-pool-"
+_OWNER = ".owner"
 
 
 def alive(pid: int) -> bool:
@@ -44,47 +49,84 @@ def started(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
 
 
-def _owner_alive(pid: int, start: int) -> bool:
-    if not alive(pid):
-        return False
-    now = started(pid)
-    # No /proc (not Linux): a live pid is taken as the owner, erring towards keeping files.
-    return now is None or now == start
+@attrs.define
+class OwnedDir:
+    """A directory of this process's and the descriptor that holds its owner lock."""
+
+    path: str
+    lock_fd: int
+
+    def remove(self) -> None:
+        """Remove the directory, then let the lock go (idempotent; errors are ignored)."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.lock_fd)
+            self.lock_fd = -1
 
 
-def owned_dir(prefix: str, parent: str | None = None) -> str:
-    """A new private directory for this process under ``parent`` (default: the system's
-    temporary directory), after removing those of the same kind whose owner died.
+def owned_dir(prefix: str, parent: str | None = None) -> OwnedDir:
+    """A new private directory ``PREFIX<pid>-<random>`` under ``parent`` (default: the
+    system's temporary directory), locked by this process, after removing abandoned ones of
+    the same kind.
+
+    Raises:
+        OSError: the directory or its lock file could not be made.
     """
+    import fcntl  # POSIX; this library's spill directories are made on POSIX only
+
     remove_dead_owners(prefix, parent)
-    pid = os.getpid()
-    return tempfile.mkdtemp(prefix=f"{prefix}{pid}-{started(pid) or 0}-", dir=parent)
+    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    try:
+        # Locked under another name, then renamed: a directory whose ``.owner`` another
+        # process can see is already locked (the lock belongs to the file, not its name).
+        making = os.path.join(path, _OWNER + ".new")
+        fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(making, os.path.join(path, _OWNER))
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return OwnedDir(path, fd)
 
 
 def remove_dead_owners(prefix: str, parent: str | None = None) -> list[str]:
-    """Remove the directories ``PREFIX<pid>-<start>-*`` under ``parent`` whose owner is dead.
+    """Remove the directories ``PREFIX<pid>-*`` under ``parent`` that no process holds.
 
-    Only real directories of this user with exactly that name pattern are touched (never a
-    symlink, never anything else). Returns the removed paths.
+    Only real directories of this user with exactly that name pattern and an ``.owner`` file
+    that can be locked are touched (never a symlink, never anything else). Returns the removed
+    paths.
     """
+    import fcntl
+
     base = parent if parent is not None else tempfile.gettempdir()
-    pattern = re.compile(rf"{re.escape(prefix)}(\d{{1,10}})-(\d{{1,20}})-[\w]+")
+    pattern = re.compile(rf"{re.escape(prefix)}\d{{1,10}}-\w+")
     removed: list[str] = []
     try:
         names = os.listdir(base)
     except OSError:
         return removed
     for name in names:
-        match = pattern.fullmatch(name)
-        if match is None:
-            continue
-        pid, start = int(match.group(1)), int(match.group(2))
-        if pid == os.getpid() or _owner_alive(pid, start):
+        if pattern.fullmatch(name) is None:
             continue
         path = os.path.join(base, name)
-        with contextlib.suppress(OSError):
+        try:
             info = os.lstat(path)
-            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
-                shutil.rmtree(path)
-                removed.append(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            fd = os.open(os.path.join(path, _OWNER), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # no lock file (still being made, or not ours): keep it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # its owner holds it
+        try:
+            shutil.rmtree(path)
+            removed.append(path)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     return removed

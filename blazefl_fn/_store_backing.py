@@ -13,7 +13,6 @@ import collections
 import contextlib
 import itertools
 import os
-import shutil
 import threading
 import weakref
 from typing import Any, final
@@ -21,7 +20,7 @@ from typing import Any, final
 import attrs
 import torch
 
-from ._owned_dirs import STORE_PREFIX, owned_dir, remove_dead_owners
+from ._owned_dirs import STORE_PREFIX, OwnedDir, owned_dir, remove_dead_owners
 from .tree import Params, TreeSpec, flatten, unflatten
 
 __all__ = ["Backing", "Record", "SpillError"]
@@ -120,9 +119,10 @@ def _release(backing: Backing, slot: Slot) -> None:
     backing.release(slot)
 
 
-def _remove_dir(path: str, owner: int) -> None:
+def _remove_dir(directory: OwnedDir, owner: int) -> None:
+    # A forked child that exits normally must not delete its parent's spill files.
     if os.getpid() == owner:
-        shutil.rmtree(path, ignore_errors=True)
+        directory.remove()
 
 
 class Backing:
@@ -141,7 +141,7 @@ class Backing:
         self.memory_bytes = 0
         self.spilled_bytes = 0
         self.spilled_files = 0
-        self._dir: str | None = None
+        self._dir: OwnedDir | None = None
         # Shared by every record of one layout: a client's state has the same layout each time.
         self._layouts: dict[tuple[TreeSpec, tuple[torch.device, ...]], Any] = {}
         # A forked child that exits normally must not delete its parent's spill files.
@@ -178,7 +178,7 @@ class Backing:
         }
 
     def buffer(self, record: Record, *, copy: bool = True) -> torch.Tensor:
-        """A copy of ``record``'s packed bytes (a private map of its file, if spilled); with
+        """A copy of ``record``'s packed bytes (read from its file, if spilled); with
         ``copy=False``, an in-memory record's own buffer, for a reader that only reads."""
         with self._lock:
             slot = record.slot
@@ -186,7 +186,7 @@ class Backing:
             if buffer is not None:
                 if slot.serial in self._resident:  # not a tree of empty tensors
                     self._resident.move_to_end(slot.serial)
-                # A copy, as a spilled tree's private map is: a reader that writes into what it
+                # A copy, as a spilled tree's read is: a reader that writes into what it
                 # was given changes no stored version, whether it was spilled or not.
                 return buffer.clone() if copy else buffer
             assert slot.path is not None
@@ -239,7 +239,7 @@ class Backing:
 
     def _directory(self) -> str:
         if self._dir is None:
-            # Named after this process: a later store removes it if this process was killed.
+            # Locked by this process: a later store removes it if this process was killed.
             self._dir = owned_dir(STORE_PREFIX, self.spill_dir)
             weakref.finalize(self, _remove_dir, self._dir, self._pid)
-        return self._dir
+        return self._dir.path

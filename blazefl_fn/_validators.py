@@ -90,11 +90,12 @@ def finite_number(
 MIN_NOISE_MULTIPLIER = 1e-3
 
 
-def noise_multiplier() -> Bounded:
-    """A DP noise multiplier: 0 (no noise) or a finite number in [0.001, 1e6].
+def noise_multiplier(low: float = MIN_NOISE_MULTIPLIER) -> Bounded:
+    """A DP noise multiplier: 0 (no noise) or a finite number in ``[low, 1e6]``.
 
     Below 0.001 the epsilon of even one round is past 10**7, meaningless as a guarantee, and
-    the accountants' arithmetic breaks down (``z**2`` underflows to 0 near 1e-154).
+    the accountants' arithmetic breaks down (``z**2`` underflows to 0 near 1e-154). An
+    accountant takes down to half of it: local DP is charged at ``z / 2``.
     """
 
     def test(value: object) -> bool:
@@ -102,10 +103,10 @@ def noise_multiplier() -> Bounded:
             not isinstance(value, bool)
             and isinstance(value, int | float)
             and math.copysign(1.0, value) > 0
-            and (value == 0 or MIN_NOISE_MULTIPLIER <= value <= 1e6)
+            and (value == 0 or low <= value <= 1e6)
         )
 
-    return Bounded("0 (no noise) or a finite number", f"in [{MIN_NOISE_MULTIPLIER:g}, 1e+06]", test)
+    return Bounded("0 (no noise) or a finite number", f"in [{low:g}, 1e+06]", test)
 
 
 def plus_zero(value: float) -> float:

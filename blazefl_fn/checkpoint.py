@@ -10,9 +10,9 @@ digest of the parameters, and a SHA-256 checksum of the whole content (configura
 parameters and aux state), all checked before anything is used: a damaged checkpoint, or one
 edited without recomputing the checksum, is refused with a one-line message, never resumed
 from. The checksum stops corruption, not someone who rewrites the file and recomputes it:
-against that every field is checked for what it may hold (the parameters against the model,
-each client's stored state against the algorithm's `blazefl_fn.client_store.StateLayout`,
-allocations bounded by the file's size); the file is not signed.
+against that every field's structure is checked (the parameters against the model, each
+client's stored state against the algorithm's `blazefl_fn.client_store.StateLayout`,
+allocations bounded by the file's size), not its values: the file is not signed.
 
 Writes go to a temporary file in the same directory, are flushed and fsynced, then renamed over
 the old checkpoint (`os.replace`), so the file is always either the previous checkpoint or the
@@ -220,18 +220,24 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:  # pyright: ignore[reportUnknownMemberType]
         raise ValueError(f"{path} is not a blazefl_fn checkpoint")
     data = cast(dict[str, Any], payload)
-    # Format version 2 predates the field: its runs drew from stream version 1.
-    streams: object = 1 if data.get("version") == 2 else data.get("streams", STREAMS_VERSION)
-    if streams != STREAMS_VERSION:
+    # Compared as plain ints only: a forged tensor in either field is refused, not compared
+    # elementwise (which raises).
+    version: object = data.get("version")
+    if type(version) is not int or version not in (2, _VERSION):
+        shown = repr(version) if type(version) is int else f"a {type(version).__name__}"
         raise ValueError(
-            f"checkpoint {path} ran on random streams version {streams!r} and this blazefl_fn "
+            f"checkpoint {path} has format version {shown}; this blazefl_fn reads version "
+            f"{_VERSION}"
+        )
+    # Format version 2 predates the field: its runs drew from stream version 1. A missing
+    # field is named by `_check_fields`.
+    streams: object = 1 if version == 2 else data.get("streams", STREAMS_VERSION)
+    if type(streams) is not int or streams != STREAMS_VERSION:
+        shown = repr(streams) if type(streams) is int else f"a {type(streams).__name__}"
+        raise ValueError(
+            f"checkpoint {path} ran on random streams version {shown} and this blazefl_fn "
             f"draws from version {STREAMS_VERSION} (every draw uses the whole 128-bit key): "
             "resuming would continue on other streams, so start the run again (CHANGELOG.md)"
-        )
-    if data.get("version") != _VERSION:
-        raise ValueError(
-            f"checkpoint {path} has format version {data.get('version')!r}; this blazefl_fn "
-            f"reads version {_VERSION}"
         )
     _check_fields(path, data)
     if _content_sha256(data) != data["content_sha256"]:

@@ -3,7 +3,8 @@
 Every error is one line ``blazefl-fn: error: ...`` on stderr, never a traceback (unless
 ``--debug`` or ``BLAZEFL_FN_DEBUG=1`` asks for one), and the exit status says what kind:
 
-- 1: a missing, malformed, locked or already existing file (data, checkpoint, metrics log);
+- 1: a missing, malformed, locked or already existing file (data, checkpoint, metrics log),
+  or a Ray cluster that does not answer at ``--ray-address``;
 - 2: a bad flag or value;
 - 3: the run failed: a client raised, a worker died or exceeded ``--client-timeout``, training
   diverged (NaN or Inf), any error once the round loop began (other than a file's), or an
@@ -312,8 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     Given an ``argv`` list, it pins this process instead, refusing if a kernel already ran.
     """
     release_import_guard()
-    with while_running():
-        return _main(argv)
+    with while_running() as running:
+        status = _main(argv)
+        # A Ctrl-C caught elsewhere (a pool holding it while workers start) stopped it too.
+        running.stopped = status in (INTERRUPTED, TERMINATED)
+        return status
 
 
 def _main(argv: Sequence[str] | None) -> int:

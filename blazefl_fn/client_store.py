@@ -8,7 +8,7 @@ not change.
 
 Each stored tree is packed into one buffer. The buffers of one store and all the versions made
 from it count against one memory budget (`StoreOptions.memory_bytes`); beyond it the oldest
-buffers move to files in a spill directory, read back through a memory map when their client is
+buffers move to files in a spill directory, read back into memory when their client is
 sampled again. Spilling changes where bytes lie, never their values: a spilled store reads back
 bit for bit what was put in. A buffer (in memory or on disk) is released as soon as no live
 store version holds it, and the spill directory is removed when the last store using it is
@@ -132,9 +132,10 @@ class StateLayout:
 
     A store with a layout refuses, with a `ValueError` naming the client and the entry, any
     tree with other names, another dtype or another shape, whether a round stores it or a
-    checkpoint restores it. So a mismatched or forged checkpoint is refused at load (its
-    checksum can be recomputed by whoever edits it), never resumed with other bits, failed
-    rounds later, or broadcast into a huge allocation.
+    checkpoint restores it. So a checkpoint whose client state is laid out otherwise (from
+    another model, or forged, its checksum recomputed) is refused at load rather than failing
+    rounds later or broadcasting into a huge allocation. The layout is the structure, not the
+    values: a forged file can still hold wrong values of the right shape.
 
     Attributes:
         entries: ``(name, dtype, shape)`` of every entry, sorted by name.

@@ -57,7 +57,7 @@ from ._dp import (
     LocalNoiseUpdate,
     VectorizedLocalNoiseUpdate,
 )
-from ._validators import finite_number, noise_multiplier, one_of, plus_zero
+from ._validators import MIN_NOISE_MULTIPLIER, finite_number, noise_multiplier, one_of, plus_zero
 from .algorithms.compose import Aggregate, _Init  # pyright: ignore[reportPrivateUsage]
 from .jobs import VectorizedUpdate
 from .keys import Key
@@ -218,7 +218,10 @@ class Accountant:
         (0.0, 7.9)
     """
 
-    noise_multiplier: float = attrs.field(converter=plus_zero, validator=noise_multiplier())
+    # Down to half the mechanisms' floor: local DP is charged at z / 2.
+    noise_multiplier: float = attrs.field(
+        converter=plus_zero, validator=noise_multiplier(MIN_NOISE_MULTIPLIER / 2)
+    )
     sample_rate: float = attrs.field(validator=finite_number(positive=True, high=1.0))
     delta: float = attrs.field(validator=finite_number(positive=True, below=1.0))
     method: str = attrs.field(default="rdp", validator=one_of(ACCOUNTANTS))

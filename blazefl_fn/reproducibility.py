@@ -36,9 +36,11 @@ def build_template(model_fn: ModelFactory) -> torch.nn.Module:
 def build_module(model_fn: ModelFactory, key: Key) -> torch.nn.Module:
     """Call ``model_fn`` with torch's global RNG keyed by ``key``; global RNG state is restored.
 
-    The CPU generator's stream, and every CUDA device's, depends on all 128 bits of ``key``. A
-    factory that initialises CUDA itself (``nn.Linear(..., device="cuda")`` in a fresh process)
-    is called a second time, now with CUDA keyed too, so its weights come from ``key`` as well.
+    The CPU generator's stream, and every CUDA device's, depends on all 128 bits of ``key``
+    (each device gets the same stream). A factory that initialises CUDA itself
+    (``nn.Linear(..., device="cuda")`` in a fresh process) is called a second time, now with
+    CUDA keyed too, so its weights come from ``key`` as well; its first, discarded call drew on
+    CUDA's default generators, which had no state to restore before CUDA existed.
 
     Not thread-safe (it swaps the process-global generator state): call it from the driving
     thread, never inside a client update.

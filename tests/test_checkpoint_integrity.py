@@ -76,8 +76,21 @@ def test_any_edit_fails_the_content_checksum(tmp_path: Path, change: Any) -> Non
         (lambda d: d.__setitem__("config", "{not json"), "field 'config' is not a JSON object"),
         (lambda d: d.__setitem__("aux_leaves", "x"), "field 'aux_leaves' has type str"),
         (lambda d: d["aux_leaves"].append({"a": 1}), "aux leaf 1 is a dict"),
+        # Compared elementwise, a tensor raised "Boolean value of Tensor ... is ambiguous".
+        (lambda d: d.__setitem__("streams", torch.tensor([2, 2])), "streams version a Tensor"),
+        (lambda d: d.__setitem__("version", torch.tensor([3, 3])), "format version a Tensor"),
     ],
-    ids=["no-config", "bool-round", "negative-round", "list-config", "bad-json", "leaves", "leaf"],
+    ids=[
+        "no-config",
+        "bool-round",
+        "negative-round",
+        "list-config",
+        "bad-json",
+        "leaves",
+        "leaf",
+        "tensor-streams",
+        "tensor-version",
+    ],
 )
 def test_a_malformed_field_is_one_line_naming_it(tmp_path: Path, change: Any, message: str) -> None:
     path = _saved(tmp_path)

@@ -198,7 +198,9 @@ def test_a_second_ctrl_c_waits_for_the_cleanup(tmp_path: Path) -> None:
     lines = err.strip().splitlines()
     assert lines[0].startswith("blazefl-fn: stopping (workers and files are being closed)")
     assert lines[-1].startswith("blazefl-fn: interrupted; checkpoint of the last completed round")
-    assert load_checkpoint(tmp_path / "ck").state.round >= 3
+    # The final checkpoint was written whole: the last completed round, or the one before it
+    # when the Ctrl-C came between a round's log line and its end.
+    assert load_checkpoint(tmp_path / "ck").state.round >= 2
 
 
 @pytest.mark.parametrize("command", ["module", "script"])

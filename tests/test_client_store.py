@@ -102,7 +102,7 @@ def test_spilled_trees_are_exact_and_files_go_when_no_version_holds_them(tmp_pat
     assert full.memory_bytes == 0
     assert full.spilled_bytes > 0
     (spill_dir,) = tmp_path.iterdir()
-    assert len(list(spill_dir.iterdir())) == 13
+    assert len(list(spill_dir.glob("*.bin"))) == 13
     _equal(full, trees)
     # A reader cannot change what is stored: the map is private (copy-on-write).
     read = full[5]
@@ -110,10 +110,10 @@ def test_spilled_trees_are_exact_and_files_go_when_no_version_holds_them(tmp_pat
     assert trees_equal(full[5], trees[5])
     # Replacing a client drops its old file once no version holds it.
     half = full.updated({cid: {} for cid in range(6)})
-    assert len(list(spill_dir.iterdir())) == 13
+    assert len(list(spill_dir.glob("*.bin"))) == 13
     del full, read
     gc.collect()
-    assert len(list(spill_dir.iterdir())) == 7
+    assert len(list(spill_dir.glob("*.bin"))) == 7
     del half, store
     gc.collect()
     assert list(tmp_path.iterdir()) == []
@@ -419,7 +419,7 @@ def test_a_killed_processs_spill_directory_is_removed_by_the_next_store(tmp_path
     assert done.returncode == -signal.SIGKILL
     (left,) = tmp_path.iterdir()
     assert left.name.startswith("blazefl-fn-store-")
-    assert len(list(left.iterdir())) == 2
+    assert len(list(left.glob("*.bin"))) == 2
     mine = tmp_path / "not-a-store"  # anything else in the directory is left alone
     mine.mkdir()
     ClientStore(4, StoreOptions(memory_bytes=1 << 20, spill_dir=str(tmp_path)))
@@ -440,7 +440,7 @@ store = store.updated({0: {"w": torch.ones(256)}})  # 1 KiB to spill
 store = store.updated({0: {"w": torch.ones(4096)}})
 tree = store[0]
 (d,) = os.listdir(sys.argv[1])
-(f,) = os.listdir(os.path.join(sys.argv[1], d))
+(f,) = [n for n in os.listdir(os.path.join(sys.argv[1], d)) if n.endswith(".bin")]
 os.truncate(os.path.join(sys.argv[1], d, f), 100)
 print(float(tree["w"].sum()), flush=True)  # what was read stays readable
 store[0]
@@ -480,7 +480,7 @@ def test_a_spill_file_problem_is_one_error_naming_the_directory(
     last = done.stderr.strip().splitlines()[-1]
     assert re.fullmatch(
         rf"blazefl_fn\._store_backing\.SpillError: client-state spill directory "
-        rf"{re.escape(str(tmp_path))}/blazefl-fn-store-\d+-\d+-\w+: {_SPILL_REASONS[attack]}.*",
+        rf"{re.escape(str(tmp_path))}/blazefl-fn-store-\d+-\w+: {_SPILL_REASONS[attack]}.*",
         last,
     ), last
     if attack == "truncated":
@@ -526,3 +526,38 @@ def test_a_layout_survives_versions_pickles_and_checkpoint_templates() -> None:
         layout.plus(layout)
     with pytest.raises(TypeError, match="layout must be a StateLayout"):
         ClientStore(3, layout={"w": 1})  # type: ignore[arg-type]
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_spill_directory_whose_owner_holds_its_lock_is_kept_whatever_its_pid(
+    tmp_path: Path,
+) -> None:
+    # A run on another machine (or container) sharing the spill directory: its pid means
+    # nothing here, its lock does. Before: such a live directory was removed by pid alone.
+    live = tmp_path / "blazefl-fn-store-4000000-abcd1234"
+    live.mkdir()
+    (live / "0.bin").write_bytes(b"x")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(live / ".owner")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        unlocked = tmp_path / "blazefl-fn-store-4000001-ef567890"  # no .owner: being made
+        unlocked.mkdir()
+        ClientStore(4, StoreOptions(memory_bytes=1 << 20, spill_dir=str(tmp_path)))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unlocked.name])
+    finally:
+        holder.kill()
+        holder.communicate()
+    # Its owner gone, the lock is free: the next store removes it.
+    ClientStore(4, StoreOptions(memory_bytes=1 << 20, spill_dir=str(tmp_path)))
+    assert [p.name for p in tmp_path.iterdir()] == [unlocked.name]

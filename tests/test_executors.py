@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import multiprocessing as mp
 import os
@@ -193,28 +192,58 @@ def test_a_worker_that_died_between_rounds_is_reported() -> None:
     assert not any(alive(p) for p in pids)
 
 
-def _shm_and_fds() -> tuple[set[str], int]:
-    gc.collect()
-    return set(os.listdir("/dev/shm")), len(os.listdir("/proc/self/fd"))
+_LEAK_CHECK = textwrap.dedent(
+    """
+    import gc, os, re, sys
+    sys.path.insert(0, {tests!r})
+    import test_executors as t
+    from blazefl_fn.executors import Processes, Sequential
+    import _executor_helpers as helpers
+
+    def shm(pids):
+        # /dev/shm is shared by every process on the machine: count only segments named after
+        # this process or its workers (torch names them torch_<pid>_...).
+        names = os.listdir("/dev/shm")
+        return {{n for n in names if any(re.match(rf"torch_{{p}}_", n) for p in pids)}}
+
+    def fds():
+        gc.collect()
+        return len(os.listdir("/proc/self/fd"))
+
+    if __name__ == "__main__":
+        # multiprocessing starts per-process singletons on first use (the resource tracker's
+        # pipe, the descriptor-sharing listener, its temporary directory) that live as long as
+        # this process: start them before counting, so that only the executor's are counted.
+        with Processes(1) as warm_up:
+            t._rounds(warm_up)
+        fds_before = fds()
+        temp_before = set(os.listdir(os.environ["TMPDIR"]))
+        with Processes(2) as executor:
+            pids = {{os.getpid(), *(w.process.pid for w in executor._workers)}}
+            digest = t._rounds(executor)
+            assert executor.map(helpers.square, [5]) == [25]
+        assert digest == t._rounds(Sequential())
+        temp_after = set(os.listdir(os.environ["TMPDIR"]))
+        print(sorted(shm(pids)), fds() - fds_before, sorted(temp_after - temp_before))
+    """
+)
 
 
 def test_no_shared_memory_or_descriptor_outlives_the_executor(tmp_path: Path) -> None:
-    # multiprocessing starts two per-process singletons on first use (the resource tracker's
-    # pipe and the descriptor-sharing listener) that live as long as this process: start them
-    # before counting, so that only the executor's own resources are counted.
-    with Processes(1) as warm_up:
-        _rounds(warm_up)
-    shm_before, fds_before = _shm_and_fds()
-    temp_before = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
-    with Processes(2) as executor:
-        digest = _rounds(executor)
-        assert executor.map(helpers.square, [5]) == [25]
-    assert digest == _rounds(Sequential())
-    shm_after, fds_after = _shm_and_fds()
-    assert shm_after == shm_before
-    assert fds_after == fds_before
-    temp_after = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
-    assert not {n for n in temp_after - temp_before if "pymp" in n or "torch" in n}
+    # In a process of its own with a private temporary directory: it observes only what its
+    # own executor made, whatever else runs on the machine (issue 35: a count of pymp-*
+    # entries in the shared /tmp failed whenever another program used multiprocessing).
+    script = tmp_path / "leak_check.py"
+    script.write_text(_LEAK_CHECK.format(tests=str(Path(__file__).parent)))
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+        check=False, env={**os.environ, "TMPDIR": str(scratch)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # No segment, descriptor or temporary file of the executor's is left.
+    assert done.stdout.split() == ["[]", "0", "[]"], done.stdout
 
 
 _INTERRUPTED = textwrap.dedent(
@@ -420,9 +449,14 @@ def _one_reason(stderr: str) -> str:
     return last
 
 
-def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_script_without_the_main_guard_is_told_to_add_it(
+    tmp_path: Path, start_method: str
+) -> None:
     script = tmp_path / "unguarded.py"
-    script.write_text(_UNGUARDED)
+    script.write_text(
+        _UNGUARDED.replace("Processes(2)", f"Processes(2, start_method={start_method!r})")
+    )
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
     )

@@ -484,3 +484,10 @@ def test_the_prv_accountant_refuses_a_grid_of_gigabytes_before_building_it() -> 
     accountant = Accountant(noise_multiplier=0.03, sample_rate=0.1, delta=1e-5, method="prv")
     with pytest.raises(ValueError, match=r"would discretize 100 rounds .* on 38\d,\d{3},\d{3}"):
         accountant.epsilon(100)
+
+
+def test_local_dp_at_the_noise_floor_is_accounted_at_half_of_it() -> None:
+    # Local DP is charged at z / 2: an accountant must take what the mechanism allows.
+    accountant = Accountant.for_dp(LocalDP(1.0, 0.0015), 0.1, 1e-5)
+    assert accountant.noise_multiplier == 0.00075
+    assert accountant.epsilon(3) > 1e6

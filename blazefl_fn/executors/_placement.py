@@ -304,9 +304,11 @@ class PlacedJob(Generic[Data]):
 class InProcess(ClosingContext):
     """Base of the executors that run clients in this process: one `Placement` of devices.
 
-    Client work runs with torch's intra-op thread count at ``threads`` (held process-wide for
-    the duration of a map; the caller's setting is restored) and, on CUDA, with deterministic
-    kernels: the two switches the bits depend on. ``close`` releases what was placed;
+    Client work runs with torch's intra-op thread count at ``threads`` (set for the duration
+    of a map, the caller's setting restored afterwards) and, on CUDA, with deterministic
+    kernels: the two switches the bits depend on. Both are process-wide settings: run one
+    simulation at a time in a process (several executors may exist; their maps must not
+    overlap in time). ``close`` releases what was placed;
     subclasses that hold more (a thread pool) extend it.
     """
 
@@ -319,10 +321,11 @@ class InProcess(ClosingContext):
 
     def _pinned(self) -> contextlib.ExitStack:
         """Intra-op threads and CUDA determinism as the bits need them, for one map."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(intra_op_threads(self.threads))
-        stack.enter_context(cuda_determinism(self._placement.cuda))
-        return stack
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(intra_op_threads(self.threads))
+            stack.enter_context(cuda_determinism(self._placement.cuda))
+            # Handed over only once both are in place; a failure between them undoes the first.
+            return stack.pop_all()
 
     @property
     def placements(self) -> dict[tuple[int, int], int]:

@@ -47,10 +47,11 @@ def probe(address: str) -> None:
 
 @contextlib.contextmanager
 def signals_kept() -> Generator[None]:
-    """Keep this process's SIGINT and SIGTERM handlers across ``ray.init``.
+    """Keep this process's own SIGINT and SIGTERM handlers across ``ray.init``.
 
     Ray installs its own SIGTERM handling (a six-line stack dump, then exit 1); the command
-    line handles SIGTERM as Ctrl-C, with the final checkpoint.
+    line handles SIGTERM as Ctrl-C, with the final checkpoint, so its handlers are put back.
+    Python's defaults are not: there Ray's handling stays as Ray sets it.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -60,12 +61,15 @@ def signals_kept() -> Generator[None]:
         yield
     finally:
         for s, handler in saved.items():
-            if handler is not None:
+            # Only handlers of this program's own (the command line's): a library user with
+            # the default SIGTERM keeps Ray's, which shuts Ray down on the way out.
+            if callable(handler) and handler is not signal.default_int_handler:
                 signal.signal(s, handler)
 
 
-def ray_processes() -> list[tuple[int, int]]:
-    """The Ray processes below this one (``ray.init`` started them): ``(pid, start)`` each."""
+def ray_processes(package: str) -> list[tuple[int, int]]:
+    """The Ray processes below this one, ``(pid, start)`` each: those running Ray's own files
+    (under ``package``, Ray's directory) or named ``ray::...`` (its workers and agents)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
         if entry.name.isdigit():
@@ -74,6 +78,7 @@ def ray_processes() -> list[tuple[int, int]]:
             except OSError:
                 continue
             children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
+    marker = os.path.join(package, "").encode()
     found: list[tuple[int, int]] = []
     todo = [os.getpid()]
     while todo:
@@ -84,17 +89,16 @@ def ray_processes() -> list[tuple[int, int]]:
             except OSError:
                 continue
             start = started(pid)
-            ray = command.startswith(b"ray::") or b"/ray/" in command  # its package's files
-            if ray and start is not None:
+            if (command.startswith(b"ray::") or marker in command) and start is not None:
                 found.append((pid, start))
     return found
 
 
-def watch_local_instance() -> subprocess.Popen[bytes] | None:
+def watch_local_instance(package: str) -> subprocess.Popen[bytes] | None:
     """Start `_ray_watch` over the local Ray instance's processes (None where there is no
     ``/proc`` to find them)."""
     me = started(os.getpid())
-    processes = ray_processes()
+    processes = ray_processes(package)
     if me is None or not processes:
         return None
     script = os.path.join(os.path.dirname(__file__), "_ray_watch.py")
@@ -105,3 +109,15 @@ def watch_local_instance() -> subprocess.Popen[bytes] | None:
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def stop_watch(watch: subprocess.Popen[bytes]) -> None:
+    """Have a watcher kill what is left of its instance, and wait for it (the instance was
+    shut down, or the executor collected without ``close``)."""
+    with contextlib.suppress(OSError):
+        watch.terminate()
+    try:
+        watch.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        watch.kill()
+        watch.wait()

@@ -6,8 +6,8 @@ with code None while starting" with the cause scrolling past as worker traceback
 
 - a script without ``if __name__ == "__main__":`` around the code that runs rounds: every
   worker runs it again at import and builds a pool of its own. `refuse_in_worker_import` makes
-  such a worker exit at once with `EXIT_MAIN_REIMPORTED` (no traceback), and the parent names
-  the fix;
+  such a worker exit at once with `EXIT_MAIN_REIMPORTED` (no traceback; spawn and forkserver
+  alike), and the parent names the fix;
 - a script fed on standard input (``python - < run.py``): there is no file to import again.
   `main_not_importable` says so in the parent, before any worker starts.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 from multiprocessing import spawn
 from multiprocessing.process import BaseProcess
 
@@ -40,7 +41,11 @@ def refuse_in_worker_import() -> None:
     for the same mistake reads it); tests/test_executors.py fails if that marker goes away.
     """
     if getattr(mp.current_process(), "_inheriting", False):
-        raise SystemExit(EXIT_MAIN_REIMPORTED)
+        # os._exit, not SystemExit: a forkserver child turns any exception, SystemExit
+        # included, into status 1; nothing of this worker needs cleaning up yet.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_MAIN_REIMPORTED)
 
 
 def main_not_importable() -> str | None:

@@ -49,7 +49,7 @@ def main(conn: Connection, threads: int, devices: tuple[str, ...] = ("cpu",)) ->
     # The parent started this process with SIGINT blocked (`processes._sigint_held`), so a
     # Ctrl-C during start-up is still pending: ignoring before unblocking discards it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _die_with_parent()
     torch.set_num_threads(threads)
     placement = Placement(tuple(torch.device(d) for d in devices))

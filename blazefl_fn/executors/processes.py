@@ -98,30 +98,33 @@ def _stop(workers: list[_Worker], graceful: bool) -> None:
 
 @contextlib.contextmanager
 def _sigint_held() -> Generator[None]:
-    """Hold a Ctrl-C back while workers are started; raise it once they all are.
+    """Hold a Ctrl-C (and a SIGTERM) back while workers are started; deliver it once they are.
 
     A Ctrl-C reaches the whole process group: a worker still importing torch would die of it
-    with a traceback before its own handler is set, so workers are born with SIGINT blocked
-    (the mask survives exec; `_worker.main` ignores, then unblocks it). In this process a
-    Ctrl-C must not land inside ``Process.start()`` either, between launching a worker and
-    handing it its start-up data (the worker would fail reading it): it is recorded, and
-    `KeyboardInterrupt` raised after the block, when every started worker can be stopped.
-    Handlers can only be set from the main thread; other threads get the mask alone.
+    with a traceback before its own handler is set, so workers are born with SIGINT (and
+    SIGTERM) blocked (the mask survives exec; `_worker.main` unblocks them). In this process
+    neither must land inside ``Process.start()``, between launching a worker and handing it
+    its start-up data (the worker would fail reading it): they are recorded, and delivered
+    again after the block, to this process's own handlers, when every started worker can be
+    stopped. Handlers can only be set from the main thread; other threads get the mask alone.
     """
     caught: list[int] = []
+    held = {signal.SIGINT, signal.SIGTERM}
     main = threading.current_thread() is threading.main_thread()
-    handler = (
-        signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum)) if main else None
+    handlers = (
+        {s: signal.signal(s, lambda signum, _frame: caught.append(signum)) for s in held}
+        if main
+        else {}
     )
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a held Ctrl-C is delivered now
-        if main:
-            signal.signal(signal.SIGINT, handler)
-    if caught:
-        raise KeyboardInterrupt
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # held signals reach the handlers now
+    for signum in dict.fromkeys(caught):
+        signal.raise_signal(signum)
 
 
 class Processes(ClosingContext):

@@ -24,8 +24,8 @@ import contextlib
 import importlib
 import logging
 import os
-import subprocess
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
@@ -38,7 +38,7 @@ from ..devices import cuda_determinism
 from ..jobs import ClientContext, ClientJob, ClientTask
 from ._errors import error_reply, rebuild_error
 from ._placement import Placement, TaskQueues, placed
-from ._ray_local import probe, signals_kept, watch_local_instance
+from ._ray_local import probe, signals_kept, stop_watch, watch_local_instance
 from .base import ClosingContext
 from .processes import WorkerError
 
@@ -193,7 +193,8 @@ class Ray(ClosingContext):
         self._ray = _import_ray()
         self._started = False
         self._closed = False
-        self._watch: subprocess.Popen[bytes] | None = None
+        # Stops the watcher of a local instance this executor started (`_ray_watch`).
+        self._stop_watch: Callable[[], object] | None = None
         self._actors: list[Any] = []
         self._contexts: dict[tuple[int, int, bool, bool], tuple[int, ClientContext[Any]]] = {}
         # How many times a client context was sent to the actors (once per context).
@@ -217,8 +218,7 @@ class Ray(ClosingContext):
             self.pids: list[int] = self._ray.get(
                 [a.ready.remote() for a in self._actors], timeout=start_timeout
             )
-            if self._started and address is None:
-                self._watch = watch_local_instance()
+
         except BaseException as exc:
             timed_out = isinstance(exc, self._ray.exceptions.GetTimeoutError)
             message = (
@@ -311,6 +311,11 @@ class Ray(ClosingContext):
         with signals_kept():
             ray.init(**options)
         self._started = True
+        if address is None:
+            # At once, not after the actors: a driver killed while they start is covered too.
+            watch = watch_local_instance(os.path.dirname(ray.__file__))
+            if watch is not None:
+                self._stop_watch = weakref.finalize(self, stop_watch, watch)
 
     def _resources(self) -> str:
         try:
@@ -335,10 +340,8 @@ class Ray(ClosingContext):
         self._contexts.clear()
         if self._started and ray.is_initialized():
             ray.shutdown()
-        if self._watch is not None:
-            self._watch.kill()
-            self._watch.wait()
-            self._watch = None
+        if self._stop_watch is not None:
+            self._stop_watch()
 
     def _context_key(self, context: ClientContext[Any]) -> int:
         # Keyed by the identity of what a context holds, as in `Processes`: the ClientContext

@@ -35,8 +35,9 @@ class Threads(InProcess):
             the broadcast once per round and device; uplinks come back to the device of the
             server's parameters.
         threads: torch's intra-op threads for client work (>= 1; default 1, as on every
-            executor). torch's setting is process-wide, so it is held for the whole map (every
-            thread's client sees it) and the caller's is restored afterwards.
+            executor). It is set for the whole map and the caller's is restored afterwards;
+            each pool thread takes it at its first parallel operation (torch reads it once per
+            thread), so one pool keeps one count.
 
     Raises:
         ValueError: ``workers < 1``, ``threads < 1`` or a device that does not exist here.
