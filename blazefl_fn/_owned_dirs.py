@@ -41,10 +41,13 @@ def alive(pid: int) -> bool:
 
 
 def started(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot), or None where unknown."""
+    """When process ``pid`` started (clock ticks since boot); None where unknown, or once it
+    has exited (a zombie counts as gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
         return None
     return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
 

@@ -37,6 +37,18 @@ def ray_pids() -> set[int]:
     return {int(pid) for pid in out.split()} - {os.getpid()}
 
 
+def describe(pids: set[int]) -> list[str]:
+    """Each of ``pids`` with its command line, for a failure message."""
+    out: list[str] = []
+    for pid in sorted(pids):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            command = "(gone)"
+        out.append(f"{pid}: {command[:200]}")
+    return out
+
+
 def wait_until_gone(pids: set[int], seconds: float = 20.0) -> set[int]:
     """Those of ``pids`` still alive (not zombies) after waiting up to ``seconds``."""
     deadline = time.monotonic() + seconds

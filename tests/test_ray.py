@@ -16,7 +16,7 @@ import _executor_helpers as helpers
 import attrs
 import pytest
 import torch
-from _ray_helpers import ENV, HEAD_IP, ray_env, ray_pids, wait_until_gone
+from _ray_helpers import ENV, HEAD_IP, describe, ray_env, ray_pids, wait_until_gone
 
 from benchmarks.gpu_check import tiny_federation
 from blazefl_fn import tree
@@ -34,6 +34,10 @@ ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip insta
 __all__ = ["ray_env"]  # a fixture, used by name
 
 CPUS = 4
+
+# Ray's processes are counted machine-wide (`ray_pids`): tests that start Ray run one at a time,
+# on one worker of a parallel run (`make test`'s `--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +221,8 @@ def test_cli_ray_prints_the_sequential_digest_and_leaves_no_ray_process() -> Non
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert json.loads(out)["params_sha256"] == json.loads(plain.stdout)["params_sha256"]
-    assert wait_until_gone(ray_pids() - before) == set()
+    left = wait_until_gone(ray_pids() - before)
+    assert left == set(), describe(left)
 
 
 @pytest.mark.slow

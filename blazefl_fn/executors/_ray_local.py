@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Generator
 from pathlib import Path
 
@@ -92,6 +93,20 @@ def ray_processes(package: str) -> list[tuple[int, int]]:
             if (command.startswith(b"ray::") or marker in command) and start is not None:
                 found.append((pid, start))
     return found
+
+
+def reap(processes: list[tuple[int, int]], grace: float = 2.0) -> None:
+    """Kill what is left of ``processes`` (``(pid, start)`` pairs) after ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    left = processes
+    while left:
+        left = [(pid, start) for pid, start in left if started(pid) == start]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    for pid, _ in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def watch_local_instance(package: str) -> subprocess.Popen[bytes] | None:

@@ -38,7 +38,7 @@ from ..devices import cuda_determinism
 from ..jobs import ClientContext, ClientJob, ClientTask
 from ._errors import error_reply, rebuild_error
 from ._placement import Placement, TaskQueues, placed
-from ._ray_local import probe, signals_kept, stop_watch, watch_local_instance
+from ._ray_local import probe, ray_processes, reap, signals_kept, stop_watch, watch_local_instance
 from .base import ClosingContext
 from .processes import WorkerError
 
@@ -339,7 +339,11 @@ class Ray(ClosingContext):
         self._actors = []
         self._contexts.clear()
         if self._started and ray.is_initialized():
+            # Every process of an instance this executor started, taken while its tree is
+            # whole: Ray's shutdown leaves the raylet's agents to notice on their own.
+            mine = ray_processes(os.path.dirname(ray.__file__)) if self._stop_watch else []
             ray.shutdown()
+            reap(mine)
         if self._stop_watch is not None:
             self._stop_watch()
 
