@@ -9,7 +9,12 @@ STAMP := $(VENV)/.installed
 # Python trees to lint; benchmarks/ joins once it holds code.
 LINT_PATHS := $(wildcard blazefl_fn tests examples benchmarks tools mkdocs_hooks.py)
 
-.PHONY: run test lint typecheck pytest docs docs-serve compare clean ft-env test-ft bench-ft clean-ft
+.PHONY: run test test-quick lint typecheck pytest docs docs-serve compare clean ft-env test-ft bench-ft clean-ft
+
+# pytest workers (pytest-xdist): one per CPU, at most 4. Tests that start Ray share one worker
+# (`--dist loadgroup` with their `xdist_group("ray")` mark).
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PARALLEL := -n $(JOBS) --dist loadgroup
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,15 +29,35 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 
+TYPED_PATHS := blazefl_fn examples tools mkdocs_hooks.py
+
 typecheck: $(STAMP)
-	$(BIN)/pyright blazefl_fn examples tools mkdocs_hooks.py
+	$(BIN)/pyright $(TYPED_PATHS)
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
-# pytest includes the docs: tests/test_docs.py builds the site with --strict and
-# tests/test_tutorials.py runs every tutorial's code.
-test: lint typecheck pytest
+# The whole suite: ruff, then pyright beside pytest (its report follows pytest's). pytest
+# includes the docs: tests/test_docs.py builds the site with --strict and tests/test_tutorials.py
+# runs every tutorial's code.
+test: lint
+	@$(BIN)/pyright $(TYPED_PATHS) > $(VENV)/pyright.log 2>&1 & \
+	typecheck=$$!; \
+	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS); tests=$$?; \
+	wait $$typecheck; types=$$?; \
+	echo "pyright:"; cat $(VENV)/pyright.log; \
+	test $$tests -eq 0 && test $$types -eq 0
+
+# The edit-run loop, under 2 minutes: the core (keys, trees, records, rounds), the executors
+# on small inputs and the aggregator properties, without the slow end-to-end tests.
+QUICK := tests/test_keys.py tests/test_streams.py tests/test_tree.py tests/test_round.py \
+	tests/test_aggregators.py tests/test_server_transforms.py tests/test_executors.py \
+	tests/test_fedavg.py tests/test_client_stages.py tests/test_client_store.py \
+	tests/test_stochastic.py tests/test_nonfinite.py tests/test_transforms.py \
+	tests/test_checkpoint_integrity.py
+test-quick: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/python -m pytest $(PARALLEL) -m "not slow" $(QUICK) $(PYTEST_ARGS)
 
 # The documentation site, into site/ (ignored by git); the build fails on any warning.
 docs: $(STAMP)

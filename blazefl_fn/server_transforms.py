@@ -17,7 +17,8 @@ each other (or one is zero). Every transform computes and keeps its state in flo
 returns updates in the dtype of the delta it was given; `apply_updates` adds in float64 and
 rounds once, to the params' dtype. So FedAvg through ``sgd(1.0)`` gives back the aggregated
 parameters bitwise whenever that delta is exact, and within one ulp of the larger of the two
-values otherwise.
+values otherwise, with one exception: an aggregated ``-0.0`` next to a global ``+0.0`` comes
+back as ``+0.0`` (in IEEE 754, ``0 + (-0.0)`` is ``+0.0``), equal as a number, not in bits.
 
 **Non-floating entries** (e.g. BatchNorm's ``num_batches_tracked``) take the aggregated value:
 their delta is an int64 difference that every transform passes through unscaled, and no state

@@ -80,44 +80,9 @@ def readme_example() -> str:
     return found.group(1)
 
 
-def _user_script(code: str, executor: str, prelude: str = "") -> str:
-    # A user's own file: the example with its executor swapped, under the main guard that
-    # spawned workers need, and the torch thread count it ends with printed last.
-    assert "fl.Sequential()" in code
-    body = prelude + code.replace("fl.Sequential()", executor)
-    body += "\nimport torch\nprint(torch.get_num_threads())\n"
-    indented = "".join(f"    {line}\n" if line else "\n" for line in body.splitlines())
-    return 'if __name__ == "__main__":\n' + indented
-
-
-def _digest_and_threads(script: str, tmp_path: Path, name: str) -> tuple[str, str]:
-    path = tmp_path / f"example_{name}.py"  # not ray.py: it would shadow the package
-    path.write_text(script)
-    done = subprocess.run(
-        [sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        check=False, env={**os.environ, **RAY_ENV},
-    )  # fmt: skip
-    assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
-    digest, threads = done.stdout.split()[-2:]
-    return digest, threads
-
-
-def test_the_readme_example_unwrapped_gives_one_digest_on_every_executor(tmp_path: Path) -> None:
-    code = readme_example()
-    digests = {
-        e: _digest_and_threads(_user_script(code, x), tmp_path, e)[0] for e, x in EXECUTORS.items()
-    }
-    assert len(set(digests.values())) == 1, digests
-
-
-def test_a_thread_sensitive_model_gives_one_digest_whatever_the_callers_threads(
-    tmp_path: Path,
-) -> None:
-    # The same example with a wide MLP, whose matrix products round differently at 1 and at 3
-    # intra-op threads (measured: the two digests differ when set by hand), in a script that
-    # set torch's threads for its own work first. The library pins client work and the
-    # server's side of every round to the executor's count (1), then gives the 3 back.
-    code = readme_example()
+def _thread_sensitive(code: str) -> str:
+    """The example with a wide MLP, whose matrix products round differently at 1 and at 3
+    intra-op threads (measured: the two digests differ when set by hand)."""
     code = code.replace(
         "from blazefl_fn.models import logistic_regression", "from blazefl_fn.models import mlp"
     )
@@ -125,19 +90,61 @@ def test_a_thread_sensitive_model_gives_one_digest_whatever_the_callers_threads(
         "functools.partial(logistic_regression, data.input_shape, data.num_classes)",
         "functools.partial(mlp, data.input_shape, data.num_classes, hidden=(512, 512))",
     )
-    code = code.replace("fl.LocalSGD()", "fl.LocalSGD(batch_size=64)").replace(
-        "rounds=20", "rounds=3"
-    )
+    code = code.replace("fl.LocalSGD()", "fl.LocalSGD(batch_size=64)")
+    code = code.replace("rounds=20", "rounds=3")
     assert "hidden=(512, 512)" in code
     assert "batch_size=64" in code
-    prelude = "import torch\ntorch.set_num_threads(3)\n"
+    return code
+
+
+def _user_script(executor: str, *, three_threads_too: bool = False) -> str:
+    """A user's own file: the README's example with its executor swapped, as written; then, in
+    a script that set torch's threads to 3 for its own work, the thread-sensitive variant; each
+    printing its digest, the variant also the thread count the script ends with. Under the
+    main guard that spawned workers need."""
+    code = readme_example()
+    assert "fl.Sequential()" in code
+    parts = [code.replace("fl.Sequential()", executor)]
+    variant = _thread_sensitive(code)
+    parts.append(
+        "import torch\ntorch.set_num_threads(3)\n"
+        + variant.replace("fl.Sequential()", executor)
+        + "\nprint(torch.get_num_threads())\n"
+    )
+    if three_threads_too:  # the variant at 3 threads, said to the executor
+        parts.append(variant.replace("fl.Sequential()", "fl.Sequential(threads=3)"))
+    body = "\n".join(parts)
+    indented = "".join(f"    {line}\n" if line else "\n" for line in body.splitlines())
+    return 'if __name__ == "__main__":\n' + indented
+
+
+def _outputs(script: str, tmp_path: Path, name: str) -> list[str]:
+    path = tmp_path / f"example_{name}.py"  # not ray.py: it would shadow the package
+    path.write_text(script)
+    done = subprocess.run(
+        [sys.executable, str(path)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        check=False, env={**os.environ, **RAY_ENV},
+    )  # fmt: skip
+    assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
+    return done.stdout.split()
+
+
+@pytest.mark.xdist_group("ray")  # runs on Ray too
+def test_the_readme_example_unwrapped_gives_one_digest_on_every_executor(tmp_path: Path) -> None:
+    # One process per executor, as a user runs the example: no intra_op_threads wrapper. On a
+    # machine with more than one core the example alone agreed before the library pinned the
+    # threads; the thread-sensitive variant, in a script that set 3 threads, did not
+    # (Sequential and Threads computed at 3 threads, Processes and Ray at 1).
     results = {
-        e: _digest_and_threads(_user_script(code, x, prelude), tmp_path, e)
-        for e, x in EXECUTORS.items()
+        name: _outputs(_user_script(expr, three_threads_too=name == "sequential"), tmp_path, name)
+        for name, expr in EXECUTORS.items()
     }
-    assert len({digest for digest, _ in results.values()}) == 1, results
-    assert {threads for _, threads in results.values()} == {"3"}, results
-    # The model is thread-sensitive, so the check above can fail: a round at 3 threads gives
-    # other bits than one at 1.
-    three = _user_script(code, "fl.Sequential(threads=3)")
-    assert _digest_and_threads(three, tmp_path, "three")[0] != results["sequential"][0]
+    readme = {name: out[0] for name, out in results.items()}
+    variant = {name: out[1] for name, out in results.items()}
+    assert len(set(readme.values())) == 1, readme
+    assert len(set(variant.values())) == 1, variant
+    # The library gave the script its own 3 threads back.
+    assert {out[2] for out in results.values()} == {"3"}, results
+    # The variant is thread-sensitive, so the check above can fail: at 3 threads, said to the
+    # executor, it gives other bits.
+    assert results["sequential"][3] != variant["sequential"]

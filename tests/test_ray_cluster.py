@@ -34,7 +34,9 @@ from blazefl_fn.run import RunConfig, load_federation, make_algorithm, model_fac
 
 ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install -e '.[ray]'")
 
-pytestmark = pytest.mark.slow
+# Ray processes are counted machine-wide: tests that start Ray share one worker of a parallel
+# run (`make test` uses `--dist loadgroup`).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 RAY_CLI = str(Path(sys.executable).parent / "ray")
 

@@ -2,7 +2,8 @@
 pickling and preconditions.
 
 Measured exactness: ``params + sgd(1)(mean - params)`` (float64 delta, one rounding) is bitwise
-the mean whenever the float64 subtraction is exact: always for float16 params, and for
+the mean, up to the sign of zero (a mean of -0.0 next to a global +0.0 comes back +0.0), whenever
+the float64 subtraction is exact: always for float16 params, and for
 float32/bfloat16 params whenever each coordinate's global and aggregated values are within a
 factor 2**28 of each other (or one is zero). Otherwise it is within float64 rounding of the
 larger of the two: within one ulp of the params' dtype at that magnitude.
@@ -18,7 +19,7 @@ from typing import Any
 import attrs
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from blazefl_fn import testing, tree
@@ -99,16 +100,48 @@ def _close_magnitudes(params: tree.Params, other: tree.Params) -> bool:
     return True
 
 
+def _equal_up_to_the_sign_of_zero(a: tree.Params, b: tree.Params) -> bool:
+    """Bitwise equal, except that +0.0 and -0.0 count as one value."""
+    return a.keys() == b.keys() and all(
+        a[n].dtype == b[n].dtype and a[n].shape == b[n].shape and torch.equal(a[n], b[n]) for n in a
+    )
+
+
+# Found by hypothesis (issue 35): a mean that rounds to -0.0 next to a global +0.0.
+_SIGNED_ZERO = (
+    {"w": torch.tensor([0.0], dtype=torch.float16)},
+    testing.ClientBatch(
+        trees=(
+            {"w": torch.tensor([0.0], dtype=torch.float16)},
+            {"w": torch.tensor([-5.96e-08], dtype=torch.float16)},
+        ),
+        weights=(1.0, 1.0),
+    ),
+)
+
+
 @FEW
 @given(data=_global_and_batch([torch.float16], max_abs=None))
+@example(data=_SIGNED_ZERO)
 def test_sgd_one_on_the_mean_delta_is_fedavg_bitwise_for_float16(
     data: tuple[dict[str, torch.Tensor], testing.ClientBatch],
 ) -> None:
     params, batch = data
     aggregated = mean(batch.trees, batch.weights)
     new, state = server_step(sgd(1.0), params, aggregated, sgd(1.0).init(params))
-    assert tree.trees_equal(new, aggregated)
+    assert _equal_up_to_the_sign_of_zero(new, aggregated)
     assert isinstance(state, EmptyState)
+
+
+def test_a_mean_of_minus_zero_comes_back_as_plus_zero() -> None:
+    # The one exception to "bitwise", as the module says: 0 + (-0.0) is +0.0 in IEEE 754.
+    params, batch = _SIGNED_ZERO
+    aggregated = mean(batch.trees, batch.weights)
+    assert bool(torch.signbit(aggregated["w"]).all())
+    new, _ = server_step(sgd(1.0), params, aggregated, EmptyState())
+    assert not bool(torch.signbit(new["w"]).any())
+    assert not tree.trees_equal(new, aggregated)
+    assert _equal_up_to_the_sign_of_zero(new, aggregated)
 
 
 @FEW

@@ -59,6 +59,7 @@ def test_the_block_extractor_keeps_only_python_blocks(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")  # the quickstart starts Ray; Ray processes are counted
 @pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
 def test_tutorial_runs(page: Path, tmp_path: Path) -> None:
     name = page.stem
