@@ -37,15 +37,40 @@ def ray_pids() -> set[int]:
     return {int(pid) for pid in out.split()} - {os.getpid()}
 
 
+def strays(before: set[int]) -> set[int]:
+    """Ray processes that appeared since ``before = ray_pids()`` and do not descend from a Ray
+    process in ``before``: what a driver started and left behind.
+
+    A Ray instance that keeps running meanwhile (a test module's session, a cluster started by
+    hand) may start workers of its own at any time; those descend from its raylet, which is in
+    ``before``, and are not counted. A driver that has exited leaves its processes hanging off
+    init (or a subreaper) instead.
+    """
+    return {pid for pid in ray_pids() - before if not before & _ancestors(pid)}
+
+
+def _ancestors(pid: int) -> set[int]:
+    """``pid`` and its parents, up to (not including) init."""
+    chain: set[int] = set()
+    while pid > 1 and pid not in chain:
+        chain.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return chain
+
+
 def describe(pids: set[int]) -> list[str]:
     """Each of ``pids`` with its command line, for a failure message."""
     out: list[str] = []
     for pid in sorted(pids):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
         except OSError:
-            command = "(gone)"
-        out.append(f"{pid}: {command[:200]}")
+            command, state, parent = "(gone)", "-", "-"
+        out.append(f"{pid} (parent {parent}, {state}): {command[:200]}")
     return out
 
 

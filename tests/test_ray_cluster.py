@@ -20,7 +20,7 @@ from typing import Any
 import _executor_helpers as helpers
 import pytest
 import torch
-from _ray_helpers import ENV, HEAD_IP, NODE_IP, ray_pids, wait_until_gone
+from _ray_helpers import ENV, HEAD_IP, NODE_IP, describe, ray_pids, strays, wait_until_gone
 
 from benchmarks.gpu_check import tiny_federation
 from blazefl_fn import tree
@@ -73,7 +73,8 @@ def cluster() -> Iterator[dict[str, Any]]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        assert wait_until_gone(ray_pids() - before) == set()
+        left = wait_until_gone(strays(before))
+        assert left == set(), describe(left)
 
 
 def _digest(algorithm: Any, clients: Any, executor: Any) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from _ray_helpers import ENV as RAY_ENV
-from _ray_helpers import ray_pids, wait_until_gone
+from _ray_helpers import describe, ray_pids, strays, wait_until_gone
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "docs" / "tutorials"
 # The four pages the documentation promises; a new page is picked up by the glob below.
@@ -72,7 +72,8 @@ def test_tutorial_runs(page: Path, tmp_path: Path) -> None:
         timeout=600, check=False,
     )  # fmt: skip
     assert done.returncode == 0, f"{name}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
-    assert not wait_until_gone(ray_pids() - before), "the tutorial left Ray processes behind"
+    left = wait_until_gone(strays(before))
+    assert not left, f"the tutorial left Ray processes behind: {describe(left)}"
 
 
 PYRIGHT = Path(sys.executable).parent / "pyright"
