@@ -83,7 +83,7 @@ def measure(
     with make_executor(name, workers, threads) as executor:
         started = time.perf_counter() - start
         round_fn = fl.make_round(algorithm, clients, executor)
-        state, reports = fl.run_rounds(round_fn, state, run_key, rounds)
+        state, reports = fl.run_rounds(round_fn, state, run_key, until=rounds)
     seconds = [r.seconds for r in reports]
     later = seconds[1:] or seconds
     return Row(

@@ -112,7 +112,9 @@ def run_case(case: Case, spec: str, device: torch.device, repeat: int, rounds: i
         torch.cuda.reset_peak_memory_stats(device)
     used: float | None = None
     with executor(spec, device) as ex:
-        state, reports = fl.run_rounds(fl.make_round(algorithm, clients, ex), state, key, rounds)
+        state, reports = fl.run_rounds(
+            fl.make_round(algorithm, clients, ex), state, key, until=rounds
+        )
         if cuda:
             torch.cuda.synchronize(device)
             free, total = torch.cuda.mem_get_info(device)
@@ -229,7 +231,7 @@ def _two_rounds(
     placed = fl.on_server(algorithm, server)
     state = fl.devices.to_device(placed.init(key.fold_in("init")), server)
     round_fn = fl.make_round(placed, federation.data.clients, ex)
-    state, _ = fl.run_rounds(round_fn, state, key, 2)
+    state, _ = fl.run_rounds(round_fn, state, key, until=2)
     return fl.tree.digest(state.params)
 
 

@@ -43,7 +43,7 @@ def child(args: argparse.Namespace) -> None:
     with intra_op_threads(1), make_executor(name, int(workers or 1), 1) as ex:
         state = algorithm.init(key.fold_in("init"))
         state, reports = fl.run_rounds(
-            fl.make_round(algorithm, clients, ex), state, key, args.rounds
+            fl.make_round(algorithm, clients, ex), state, key, until=args.rounds
         )
     later = [r.seconds for r in reports][1:] or [reports[0].seconds]
     print(json.dumps({

@@ -137,7 +137,9 @@ def run_case(case: Case, spec: str, device: torch.device, repeat: int, rounds: i
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     with executor(spec, device, len(clients)) as ex:
-        state, reports = fl.run_rounds(fl.make_round(algorithm, clients, ex), state, key, rounds)
+        state, reports = fl.run_rounds(
+            fl.make_round(algorithm, clients, ex), state, key, until=rounds
+        )
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     later = [r.seconds for r in reports][1:] or [reports[0].seconds]
     return Row(

@@ -118,18 +118,31 @@ def run_rounds(
     round_fn: RoundFn[A],
     state: ServerState[A],
     run_key: Key,
-    rounds: int,
+    rounds: None = None,
     on_round: Callable[[ServerState[A], RoundReport], None] | None = None,
+    *,
+    until: int | None = None,
 ) -> tuple[ServerState[A], tuple[RoundReport, ...]]:
-    """Run rounds until ``state.round == rounds``, round ``t`` with key ``run_key.fold_in(t)``.
+    """Run rounds until ``state.round == until``, round ``t`` with key ``run_key.fold_in(t)``.
 
-    ``rounds`` is the total the run should have completed, as in `run_loop`: a state restored
-    at round ``t`` runs ``rounds - t`` more. Because the key of a round depends only on its
+    ``until`` is the total the run should have completed, as in `run_loop`: a state restored
+    at round ``t`` runs ``until - t`` more. Because the key of a round depends only on its
     index, a run that stops after round ``t`` and continues from that state gives the same bits
     as an uninterrupted one.
 
+    Args:
+        round_fn: ``(state, round_key) -> (state, report)``, e.g. from `make_round`.
+        state: the state to start from (round 0, or a restored checkpoint).
+        run_key: the run's key.
+        rounds: refused. In 0.1.0 ``run_rounds(round_fn, state, key, N)`` ran ``N`` more
+            rounds; the count is now the total and is named ``until``, so that code written
+            for the old meaning fails here instead of running another number of rounds.
+        on_round: called with each new state and its report.
+        until: the total number of completed rounds to stop at (keyword only).
+
     Raises:
-        ValueError: ``rounds`` is below ``state.round``.
+        TypeError: ``rounds`` was given (the old call), or ``until`` is missing or not an int.
+        ValueError: ``until`` is below ``state.round``.
 
     Examples:
         >>> import blazefl_fn as fl
@@ -140,15 +153,29 @@ def run_rounds(
         ...                  local=fl.LocalSGD())
         >>> with fl.Sequential() as ex:
         ...     round_fn = fl.make_round(algo, data.clients, ex)
-        ...     state, reports = run_rounds(round_fn, algo.init(key), key, rounds=2)
-        ...     state, more = run_rounds(round_fn, state, key, rounds=3)  # one more
+        ...     state, reports = run_rounds(round_fn, algo.init(key), key, until=2)
+        ...     state, more = run_rounds(round_fn, state, key, until=state.round + 1)  # one more
         >>> state.round, len(reports), len(more)
         (3, 2, 1)
     """
-    if rounds < state.round:
-        raise ValueError(f"rounds={rounds} is below the state's completed rounds {state.round}")
+    if rounds is not None:
+        raise TypeError(
+            f"run_rounds(..., rounds={rounds!r}) is the 0.1.0 call, which ran that many more "
+            "rounds; the count is now the total to stop at, named until= (CHANGELOG.md): pass "
+            f"until={rounds!r} to stop at round {rounds!r}, or until=state.round + {rounds!r} "
+            f"for {rounds!r} more"
+        )
+    if until is None:
+        raise TypeError(
+            "run_rounds needs until=, the total number of completed rounds to stop at "
+            "(a state restored at round t runs until - t more)"
+        )
+    if not isinstance(until, int) or isinstance(until, bool):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise TypeError(f"until must be an int, got {until!r}")
+    if until < state.round:
+        raise ValueError(f"until={until} is below the state's completed rounds {state.round}")
     reports: list[RoundReport] = []
-    while state.round < rounds:
+    while state.round < until:
         state, report = round_fn(state, run_key.fold_in(state.round))
         reports.append(report)
         if on_round is not None:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
             state = attacked.init(run_key.fold_in("init"))
             round_fn = fl.make_round(attacked, data.clients, executor)
-            state, _ = fl.run_rounds(round_fn, state, run_key, args.rounds)
+            state, _ = fl.run_rounds(round_fn, state, run_key, until=args.rounds)
             accuracy[name] = fl.evaluate(template, state.params, data.test)["accuracy"]
             print(f"{name:<22} accuracy under attack {accuracy[name]:.4f}")
     return accuracy

@@ -133,7 +133,9 @@ def run(
 ) -> fl.ServerState[A]:
     """``rounds`` rounds of ``algorithm`` from its initial state; pyright tracks ``A``."""
     round_fn = fl.make_round(algorithm, clients, executor)
-    state, _ = fl.run_rounds(round_fn, algorithm.init(run_key.fold_in("init")), run_key, rounds)
+    state, _ = fl.run_rounds(
+        round_fn, algorithm.init(run_key.fold_in("init")), run_key, until=rounds
+    )
     return state
 
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         for algorithm in (base, variant):
             state = algorithm.init(run_key.fold_in("init"))
             round_fn = fl.make_round(algorithm, data.clients, executor)
-            state, _ = fl.run_rounds(round_fn, state, run_key, args.rounds)
+            state, _ = fl.run_rounds(round_fn, state, run_key, until=args.rounds)
             metrics = fl.evaluate(template, state.params, data.test)
             digests[algorithm.name] = tree.digest(state.params)
             print(

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     }
     with intra_op_threads(1), executors[argv[0]]() as ex:
         state = algorithm.init(key.fold_in("init"))
-        state, _ = fl.run_rounds(fl.make_round(algorithm, clients, ex), state, key, 2)
+        state, _ = fl.run_rounds(fl.make_round(algorithm, clients, ex), state, key, until=2)
     print(fl.tree.digest(state.params), portable.cpu_capability())
 
 

@@ -47,7 +47,7 @@ def _run(algorithm_fn: functools.partial[object], rounds: int = 3) -> dict[str, 
             make_round(algorithm, data.clients, executor),  # type: ignore[arg-type]
             algorithm.init(key.fold_in("init")),  # type: ignore[attr-defined]
             key,
-            rounds,
+            until=rounds,
         )
     return dict(state.params)
 

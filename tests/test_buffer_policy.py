@@ -137,7 +137,9 @@ def test_a_model_without_buffers_aggregates_as_before() -> None:
             aggregate=Aggregate(server=adam(0.1), clip_norm=0.5, buffers=buffers),
         )  # fmt: skip
         with fl.Sequential() as ex:
-            state, _ = fl.run_rounds(fl.make_round(algo, data.clients, ex), algo.init(KEY), KEY, 2)
+            state, _ = fl.run_rounds(
+                fl.make_round(algo, data.clients, ex), algo.init(KEY), KEY, until=2
+            )
         digests.append(tree.digest(state.params))
     assert digests[0] == digests[1]
 

@@ -270,9 +270,11 @@ def test_a_spilled_store_gives_the_same_bits_and_resumes_bitwise(
     key, init = Key.from_seed(3), Key.from_seed(4)
     with Sequential() as executor:
         kept_algo, spilled_algo = factory(StoreOptions(memory_bytes=None)), factory(spill)
-        kept, _ = run_rounds(make_round(kept_algo, CLIENTS, executor), kept_algo.init(init), key, 6)
+        kept, _ = run_rounds(
+            make_round(kept_algo, CLIENTS, executor), kept_algo.init(init), key, until=6
+        )
         half, _ = run_rounds(
-            make_round(spilled_algo, CLIENTS, executor), spilled_algo.init(init), key, 3
+            make_round(spilled_algo, CLIENTS, executor), spilled_algo.init(init), key, until=3
         )
         assert half.aux.clients.memory_bytes == 0
         assert half.aux.clients.spilled_bytes > 0
@@ -281,7 +283,7 @@ def test_a_spilled_store_gives_the_same_bits_and_resumes_bitwise(
         assert _digests(restored) == _digests(half)
         assert restored.aux.clients.spilled_bytes > 0  # the resumed store keeps the budget
         rest = functools.partial(run_rounds, make_round(spilled_algo, CLIENTS, executor))
-        resumed, _ = rest(restored, key, 6)
+        resumed, _ = rest(restored, key, until=6)
     assert _digests(resumed) == _digests(kept)
     assert resumed.aux.clients.num_stored == kept.aux.clients.num_stored < 12
 
@@ -290,7 +292,10 @@ def test_a_checkpoint_of_another_federation_size_is_refused(tmp_path: Path) -> N
     algo = _scaffold(None)
     with Sequential() as executor:
         state, _ = run_rounds(
-            make_round(algo, CLIENTS, executor), algo.init(Key.from_seed(0)), Key.from_seed(0), 1
+            make_round(algo, CLIENTS, executor),
+            algo.init(Key.from_seed(0)),
+            Key.from_seed(0),
+            until=1,
         )
     save_checkpoint(tmp_path, state, {})
     other = scaffold(MODEL, num_clients=13, clients_per_round=3, local=LOCAL)
@@ -376,7 +381,10 @@ def test_scarlet_shares_one_budget_between_its_two_stores() -> None:
     algo = _scarlet(StoreOptions(memory_bytes=4_000))
     with Sequential() as executor:
         state, _ = run_rounds(
-            make_round(algo, CLIENTS, executor), algo.init(Key.from_seed(0)), Key.from_seed(0), 3
+            make_round(algo, CLIENTS, executor),
+            algo.init(Key.from_seed(0)),
+            Key.from_seed(0),
+            until=3,
         )
     clients, known = state.aux.clients, state.aux.known
     assert clients.memory_bytes == known.memory_bytes <= 20_000

@@ -428,7 +428,7 @@ def _fedavg_digest(clients: Sequence[ClientData], executor: fl.Executor, dim: in
     key = Key.from_seed(5)
     with executor:
         state, reports = fl.run_rounds(
-            fl.make_round(algo, clients, executor), algo.init(key), key, 3
+            fl.make_round(algo, clients, executor), algo.init(key), key, until=3
         )
     assert len(reports) == 3
     return fl.tree.digest(state.params)
@@ -468,7 +468,7 @@ def test_placement_does_not_keep_lazy_clients() -> None:
         model_fn = functools.partial(logistic_regression, (4,), 10)
         algo = fl.fedavg(model_fn, num_clients=6, clients_per_round=4, local=fl.LocalSGD())
         with executor:
-            fl.run_rounds(fl.make_round(algo, data.clients, executor), algo.init(key), key, 4)
+            fl.run_rounds(fl.make_round(algo, data.clients, executor), algo.init(key), key, until=4)
             counts[name] = executor.placements
     # Eager clients are placed once each; lazy ones at every round that samples them.
     assert set(counts["eager"].values()) == {1}

@@ -251,7 +251,10 @@ def _digest(executor: Executor, rounds: int = 3) -> str:
     algo = _toy(per_round=6)
     clients = [0.5 * i for i in range(10)]
     state, _ = run_rounds(
-        make_round(algo, clients, executor), algo.init(Key.from_seed(0)), Key.from_seed(1), rounds
+        make_round(algo, clients, executor),
+        algo.init(Key.from_seed(0)),
+        Key.from_seed(1),
+        until=rounds,
     )
     return tree.digest(state.params)
 

@@ -302,7 +302,7 @@ def test_scarlet_whole_public_set_each_round_requests_on_expiry_only() -> None:
     algo = _scarlet(public_per_round=PUBLIC_SIZE, cache_duration=2)
     with Sequential() as executor:
         state, reports = run_rounds(
-            make_round(algo, CLIENTS, executor), algo.init(INIT_KEY), RUN_KEY, 5
+            make_round(algo, CLIENTS, executor), algo.init(INIT_KEY), RUN_KEY, until=5
         )
     full = 3 * PUBLIC_SIZE * CLASSES * 4
     assert [r.bytes_up for r in reports] == [full, 0, full, 0, full]
@@ -322,7 +322,7 @@ def _whole_set_state(rounds: int) -> tuple[Algorithm[ClientData], ServerState]:
     algo = _scarlet(clients_per_round=NUM_CLIENTS, public_per_round=PUBLIC_SIZE, cache_duration=3)
     with Sequential() as executor:
         state, _ = run_rounds(
-            make_round(algo, CLIENTS, executor), algo.init(INIT_KEY), RUN_KEY, rounds
+            make_round(algo, CLIENTS, executor), algo.init(INIT_KEY), RUN_KEY, until=rounds
         )
     return algo, state
 
@@ -430,7 +430,7 @@ def _run_on(
     algo: Algorithm[ClientData], executor: Executor, rounds: int
 ) -> tuple[dict[str, str], list[tuple[tuple[int, ...], int, int, int]]]:
     state, reports = run_rounds(
-        make_round(algo, CLIENTS, executor), algo.init(INIT_KEY), RUN_KEY, rounds
+        make_round(algo, CLIENTS, executor), algo.init(INIT_KEY), RUN_KEY, until=rounds
     )
     digests = {n: digest({n: t}) for n, t in _whole_state(state).items()}
     digests["params"] = digest(state.params)
@@ -479,13 +479,13 @@ def test_checkpoint_round_trip_continues_bitwise(
     algo = factory()
     with Sequential() as executor:
         round_fn = make_round(algo, CLIENTS, executor)
-        whole, whole_reports = run_rounds(round_fn, algo.init(INIT_KEY), RUN_KEY, 4)
-        half, _ = run_rounds(round_fn, algo.init(INIT_KEY), RUN_KEY, 2)
+        whole, whole_reports = run_rounds(round_fn, algo.init(INIT_KEY), RUN_KEY, until=4)
+        half, _ = run_rounds(round_fn, algo.init(INIT_KEY), RUN_KEY, until=2)
         save_checkpoint(tmp_path, half, {"algorithm": algo.name})
         loaded = load_checkpoint(tmp_path, aux_template=algo.init(Key.from_seed(99)).aux).state
         assert loaded.round == 2
         assert digest(_whole_state(loaded)) == digest(_whole_state(half))
-        rest, rest_reports = run_rounds(round_fn, loaded, RUN_KEY, 4)  # up to 4 in all
+        rest, rest_reports = run_rounds(round_fn, loaded, RUN_KEY, until=4)  # up to 4 in all
     assert digest(_whole_state(rest)) == digest(_whole_state(whole))
     assert [(r.bytes_down, r.bytes_up, r.clients) for r in rest_reports] == [
         (r.bytes_down, r.bytes_up, r.clients) for r in whole_reports[2:]

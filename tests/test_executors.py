@@ -50,7 +50,7 @@ def _rounds(
 ) -> str:
     algo = _algorithm(update, per_round=6)
     state = algo.init(Key.from_seed(0))
-    state, _ = run_rounds(make_round(algo, clients, executor), state, Key.from_seed(1), 3)
+    state, _ = run_rounds(make_round(algo, clients, executor), state, Key.from_seed(1), until=3)
     return tree.digest(state.params)
 
 

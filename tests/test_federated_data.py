@@ -67,7 +67,7 @@ def test_processes_receive_the_dataset_once_per_pool_not_per_round() -> None:
     with Processes(2) as executor:
         round_fn = make_round(algorithm, data.clients, executor)
         assert executor.context_sends == 2  # sent by make_round, before the first round
-        _state, reports = run_rounds(round_fn, algorithm.init(run_key), run_key, 4)
+        _state, reports = run_rounds(round_fn, algorithm.init(run_key), run_key, until=4)
         assert len(reports) == 4
         assert executor.context_sends == 2  # one per worker, for all 4 rounds
 

@@ -58,7 +58,7 @@ def _digest(algorithm: Any, clients: Any, executor: Any, rounds: int = 2) -> str
     with intra_op_threads(1):
         state, _ = run_rounds(
             make_round(algorithm, clients, executor), algorithm.init(key.fold_in("init")), key,
-            rounds,
+            until=rounds,
         )  # fmt: skip
     return tree.digest(state.params)
 

@@ -81,7 +81,10 @@ def _digest(algorithm: Any, clients: Any, executor: Any) -> str:
     key = Key.from_seed(0)
     with intra_op_threads(1):
         state, _ = run_rounds(
-            make_round(algorithm, clients, executor), algorithm.init(key.fold_in("init")), key, 2
+            make_round(algorithm, clients, executor),
+            algorithm.init(key.fold_in("init")),
+            key,
+            until=2,
         )
     return tree.digest(state.params)
 

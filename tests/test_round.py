@@ -131,9 +131,9 @@ def test_resumed_rounds_equal_an_uninterrupted_run() -> None:
     round_fn = make_round(algo, CLIENTS, Sequential())
     run_key = Key.from_seed(9)
     start = algo.init(Key.from_seed(0))
-    whole, reports = run_rounds(round_fn, start, run_key, 4)
-    half, _ = run_rounds(round_fn, start, run_key, 2)
-    resumed, later = run_rounds(round_fn, half, run_key, 4)  # up to 4 rounds in all
+    whole, reports = run_rounds(round_fn, start, run_key, until=4)
+    half, _ = run_rounds(round_fn, start, run_key, until=2)
+    resumed, later = run_rounds(round_fn, half, run_key, until=4)  # up to 4 rounds in all
     assert tree.digest(whole.params) == tree.digest(resumed.params)
     assert [r.round for r in reports] == [0, 1, 2, 3]
     assert [r.clients for r in reports[2:]] == [r.clients for r in later]

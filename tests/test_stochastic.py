@@ -49,7 +49,7 @@ def _digest(model: Callable[..., nn.Module], executor: fl.Executor, allow: bool 
     algo = attrs.evolve(algo, allow_global_rng=allow)
     with executor:
         state, _ = fl.run_rounds(
-            fl.make_round(algo, DATA.clients, executor), algo.init(KEY), KEY, 2
+            fl.make_round(algo, DATA.clients, executor), algo.init(KEY), KEY, until=2
         )
     return fl.tree.digest(state.params)
 

@@ -66,7 +66,7 @@ def _digest(algorithm: str, executor: fl.Executor) -> str:
     algo = ALGORITHMS[algorithm]()
     with executor, intra_op_threads(1):
         state, _ = fl.run_rounds(
-            fl.make_round(algo, CLIENTS, executor), algo.init(KEY), KEY, ROUNDS
+            fl.make_round(algo, CLIENTS, executor), algo.init(KEY), KEY, until=ROUNDS
         )
     return fl.tree.digest(state.params)
 

@@ -10,8 +10,10 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 import blazefl_fn as fl
 from blazefl_fn.run import RunConfig, load_federation, model_factory
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import blazefl_fn as fl
 from blazefl_fn.algorithms import ScaffoldState
+from blazefl_fn.round import RoundFn
 
 
 def variate_names(state: fl.ServerState[ScaffoldState]) -> list[str]:
@@ -36,6 +39,12 @@ def wrong(state: fl.ServerState[ScaffoldState]) -> int:
 
 def mixed(algo: fl.Algorithm[fl.ClientData, ScaffoldState], other: fl.ServerState[int]) -> None:
     algo.aggregate(other, [])  # a state of another algorithm: pyright must say so
+
+
+def resumed(round_fn: RoundFn[ScaffoldState], state: fl.ServerState[ScaffoldState]) -> None:
+    fl.run_rounds(round_fn, state, fl.Key.from_seed(0), 2)  # the 0.1.0 call: pyright must say so
+    fl.run_rounds(round_fn, state, fl.Key.from_seed(0), rounds=2)  # the same, by keyword
+    fl.run_rounds(round_fn, state, fl.Key.from_seed(0), until=2)
 """
 
 
@@ -66,6 +75,9 @@ def test_user_code_outside_the_repository_type_checks_against_the_installed_pack
     assert flagged == {
         "return state.aux.momentum  # no such field: pyright must say so",
         "algo.aggregate(other, [])  # a state of another algorithm: pyright must say so",
+        "fl.run_rounds(round_fn, state, fl.Key.from_seed(0), 2)  # the 0.1.0 call: pyright must "
+        "say so",
+        "fl.run_rounds(round_fn, state, fl.Key.from_seed(0), rounds=2)  # the same, by keyword",
     }, [d["message"] for d in errors]
 
 
@@ -90,12 +102,47 @@ def test_rounds_means_the_total_in_both_run_loops() -> None:
     )
     with fl.Sequential() as ex:
         round_fn = fl.make_round(algo, data.clients, ex)
-        state, reports = fl.run_rounds(round_fn, algo.init(key), key, 2)
-        again, none = fl.run_rounds(round_fn, state, key, 2)
+        state, reports = fl.run_rounds(round_fn, algo.init(key), key, until=2)
+        again, none = fl.run_rounds(round_fn, state, key, until=2)
         looped = fl.run_loop(round_fn, state, key, 3)
-        stepped, one = fl.run_rounds(round_fn, state, key, 3)
-        with pytest.raises(ValueError, match="rounds=1 is below the state's completed rounds 2"):
-            fl.run_rounds(round_fn, state, key, 1)
+        stepped, one = fl.run_rounds(round_fn, state, key, until=3)
+        with pytest.raises(ValueError, match="until=1 is below the state's completed rounds 2"):
+            fl.run_rounds(round_fn, state, key, until=1)
     assert (len(reports), len(none), len(one), len(looped.reports)) == (2, 0, 1, 1)
     assert again is state
     assert fl.tree.digest(stepped.params) == fl.tree.digest(looped.state.params)
+
+
+@pytest.mark.parametrize("call", ["positional", "keyword", "with on_round"])
+def test_a_run_rounds_call_written_for_0_1_0_is_refused_naming_the_change(call: str) -> None:
+    # Before: run_rounds(round_fn, restored_at_2, key, 2), written for "2 more rounds", ran
+    # none and returned as if it had (and N above the restored round ran fewer than N).
+    algo = fl.fedavg(
+        lambda: torch.nn.Linear(2, 1), num_clients=2, clients_per_round=1, local=fl.LocalSGD()
+    )
+    state = algo.init(fl.Key.from_seed(0))
+    ran: list[int] = []
+
+    def round_fn(s: Any, _key: fl.Key) -> Any:
+        ran.append(s.round)
+        raise AssertionError("no round may run")
+
+    old: Any = fl.run_rounds
+    args: tuple[Any, ...] = (round_fn, state, fl.Key.from_seed(1))
+    calls = {
+        "positional": lambda: old(*args, 2),
+        "keyword": lambda: old(*args, rounds=2),
+        "with on_round": lambda: old(*args, 2, print),
+    }
+    with pytest.raises(TypeError) as caught:
+        calls[call]()
+    assert str(caught.value) == (
+        "run_rounds(..., rounds=2) is the 0.1.0 call, which ran that many more rounds; the "
+        "count is now the total to stop at, named until= (CHANGELOG.md): pass until=2 to stop "
+        "at round 2, or until=state.round + 2 for 2 more"
+    )
+    assert ran == []
+    with pytest.raises(TypeError, match="run_rounds needs until="):
+        old(round_fn, state, fl.Key.from_seed(1))
+    with pytest.raises(TypeError, match=r"until must be an int, got 2\.0"):
+        old(round_fn, state, fl.Key.from_seed(1), until=2.0)

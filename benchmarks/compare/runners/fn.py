@@ -64,7 +64,7 @@ def run(case: Case) -> RunnerResult:
         round_fn = fl.make_round(algorithm, clients, executor)
         loop_start = time.time()
         start = time.perf_counter()
-        state, reports = fl.run_rounds(round_fn, state, run_key, work.rounds)
+        state, reports = fl.run_rounds(round_fn, state, run_key, until=work.rounds)
         loop_seconds = time.perf_counter() - start
     return RunnerResult(
         loop_start=loop_start,
