@@ -72,6 +72,13 @@ def build_parser(*, only_given: bool = False) -> _Parser:
     run.add_argument("--rounds", type=int, default=defaults.rounds)
     run.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
     run.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    run.add_argument(
+        "--drop-last",
+        action="store_true",
+        default=defaults.drop_last,
+        help="leave out each epoch's final local batch when it is smaller than --batch-size "
+        "(a BatchNorm model cannot train on a batch of one example)",
+    )
     run.add_argument("--lr", type=float, default=defaults.lr, help="local SGD learning rate")
     run.add_argument("--seed", type=int, default=defaults.seed)
     run.add_argument("--executor", choices=EXECUTORS, default=defaults.executor)

@@ -258,6 +258,7 @@ def _algorithm(
         batch_size=config.batch_size,
         lr=config.lr,
         transform=train_transform(config),
+        drop_last=config.drop_last,
     )
     common: dict[str, Any] = {
         "num_clients": num_clients,

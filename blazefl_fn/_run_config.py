@@ -147,6 +147,7 @@ class RunConfig:
     rounds: int = attrs.field(default=100, validator=int_at_least(0, _COUNT))
     local_epochs: int = attrs.field(default=1, validator=int_at_least(1, _EPOCHS))
     batch_size: int = attrs.field(default=10, validator=int_at_least(1, _COUNT))
+    drop_last: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     lr: float = attrs.field(default=0.01, validator=finite_number(positive=True, high=_RATE))
     seed: int = attrs.field(default=0, validator=int_at_least(0, 2**128 - 1))
     executor: str = attrs.field(default="sequential", validator=one_of(EXECUTORS))

@@ -43,7 +43,7 @@ from .metrics_log import MetricsLog
 from .plot import plot_runs
 from .progress import progress_callback
 from .records import ServerState
-from .run import RunConfig, config_from_dict, load_central, simulate, split
+from .run import RunConfig, config_dict, config_from_dict, load_central, simulate, split
 from .runner import Callback
 
 __all__ = ["main"]
@@ -164,7 +164,9 @@ def _checkpoint_stamp(directory: str | None) -> tuple[int, int, int] | None:
     return (info.st_ino, info.st_mtime_ns, info.st_size)
 
 
-def _metrics_log(args: argparse.Namespace, stack: contextlib.ExitStack) -> MetricsLog | None:
+def _metrics_log(
+    args: argparse.Namespace, config: RunConfig, stack: contextlib.ExitStack
+) -> MetricsLog | None:
     """The ``--metrics`` log, locked for this run; a fresh run refuses to replace records."""
     if args.metrics is None:
         return None
@@ -175,7 +177,7 @@ def _metrics_log(args: argparse.Namespace, stack: contextlib.ExitStack) -> Metri
             f"metrics log {args.metrics} already holds records; continue its run (--resume) or "
             "replace it (--overwrite)"
         )
-    return MetricsLog(path, portable.numerics())
+    return MetricsLog(path, portable.numerics(), config_dict(config))
 
 
 def _run(args: argparse.Namespace, config: RunConfig) -> int:
@@ -184,7 +186,7 @@ def _run(args: argparse.Namespace, config: RunConfig) -> int:
         with contextlib.ExitStack() as stack:
             progress = sys.stderr if args.json else sys.stdout
             callbacks: list[Callback] = [progress_callback(progress, quiet=args.quiet)]
-            log = _metrics_log(args, stack)
+            log = _metrics_log(args, config, stack)
             if log is not None:
                 callbacks.append(log)
                 stack.callback(log.close)
@@ -251,6 +253,9 @@ def _run_locked(args: argparse.Namespace, config: RunConfig, callbacks: list[Cal
         "skipped_clients": sum(len(r.skipped) for r in result.reports),
         "privacy": None if result.privacy is None else dict(result.privacy),
         "stop_reason": result.stop_reason,
+        # Every setting the run resolved (after --resume, the checkpoint's with the flags given
+        # over it): a results file traces back to the run that made it.
+        "config": config_dict(config),
     }
     if args.json:
         # Strict JSON: a NaN or an infinity (e.g. the loss of an empty test set) is null.

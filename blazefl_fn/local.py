@@ -67,6 +67,8 @@ class LocalSGD:
         transform: an optional augmentation applied to every training batch, drawing from the
             client key's ``"augment"`` child; it must be picklable to run in worker processes.
         hooks: `GradientHook`s applied in order to every gradient before each step.
+        drop_last: leave out each epoch's final batch when it is smaller than ``batch_size``
+            (`LocalTraining.drop_last`).
     """
 
     epochs: int = attrs.field(default=1, validator=int_at_least(1))
@@ -74,6 +76,7 @@ class LocalSGD:
     lr: float = attrs.field(default=0.01, validator=finite_number(positive=True))
     transform: Transform | None = None
     hooks: tuple[GradientHook, ...] = attrs.field(default=(), converter=tuple)
+    drop_last: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def training(self) -> LocalTraining:
         """This configuration as a `LocalTraining` (what `train_local` runs)."""
@@ -84,6 +87,7 @@ class LocalSGD:
             lr=self.lr,
             optimizer=optimizer,
             augment=self.transform,
+            drop_last=self.drop_last,
         )
 
 

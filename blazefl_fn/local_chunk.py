@@ -162,7 +162,11 @@ def _schedule(
     draws them (one per epoch), so the batches are the per-client path's batches.
     """
     size = config.batch_size
-    steps = [config.epochs * math.ceil(len(d) / size) for d in clients]
+
+    def batches_of(n: int) -> int:  # per epoch, as `ClientData.batches` makes them
+        return n // size if config.drop_last else math.ceil(n / size)
+
+    steps = [config.epochs * batches_of(len(d)) for d in clients]
     longest = max(steps, default=0)
     positions = torch.zeros(len(clients), longest, size, dtype=torch.int64)
     valid = torch.zeros(len(clients), longest, size, dtype=torch.bool)
@@ -171,12 +175,13 @@ def _schedule(
         if n == 0:
             continue
         generator = key.torch_generator()
-        per_epoch = math.ceil(n / size)
+        per_epoch = batches_of(n)
+        used = min(n, per_epoch * size)  # all rows, or the full batches' rows with drop_last
         order = torch.zeros(config.epochs, per_epoch * size, dtype=torch.int64)
         mask = torch.zeros(config.epochs, per_epoch * size, dtype=torch.bool)
         for epoch in range(config.epochs):
-            order[epoch, :n] = torch.randperm(n, generator=generator)
-            mask[epoch, :n] = True
+            order[epoch, :used] = torch.randperm(n, generator=generator)[:used]
+            mask[epoch, :used] = True
         positions[c, : steps[c]] = order.view(-1, size)
         valid[c, : steps[c]] = mask.view(-1, size)
     return positions, valid, steps

@@ -40,6 +40,9 @@ class LocalTraining:
         loss_terms: added to the mean cross-entropy of each batch before differentiating.
         augment: an optional augmentation of every training batch, drawing from the client
             key's ``"augment"`` child; picklable to run in worker processes.
+        drop_last: leave out each epoch's final batch when it is smaller than ``batch_size``
+            (`ClientData.batches`): a BatchNorm model cannot train on a batch of one example.
+            A client with fewer examples than ``batch_size`` then takes no step.
 
     Examples:
         >>> from blazefl_fn.client_stages import add_trees, chain, momentum
@@ -55,6 +58,7 @@ class LocalTraining:
     optimizer: GradientTransform | None = None
     loss_terms: tuple[LossTerm, ...] = attrs.field(default=(), converter=tuple)
     augment: Transform | None = None
+    drop_last: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
 @attrs.frozen
@@ -63,7 +67,8 @@ class LocalResult:
 
     Attributes:
         examples: the client's training examples (its aggregation weight in FedAvg).
-        steps: optimizer steps taken (``epochs * ceil(examples / batch_size)``).
+        steps: optimizer steps taken (``epochs * ceil(examples / batch_size)``; ``floor``
+            with ``drop_last``).
         loss: mean cross-entropy over every example seen, loss terms excluded; ``nan``
             without data.
     """
@@ -172,7 +177,9 @@ def train(
     seen = steps = 0
     with keyed_rng(key.fold_in("dropout")):
         for _ in range(training.epochs):
-            for batch, y in data.batches(training.batch_size, generator):
+            for batch, y in data.batches(
+                training.batch_size, generator, drop_last=training.drop_last
+            ):
                 x = (
                     batch
                     if augment is None or not training.augment

@@ -12,7 +12,11 @@ A record::
      "seconds": 0.84, "wall": 2.51}
 
 A private run (`blazefl_fn.privacy`) adds ``"privacy": {"epsilon": 2.13, "delta": 1e-05}``,
-the budget spent after that round (``epsilon`` null when no noise is added).
+the budget spent after that round (``epsilon`` null when no noise is added). Given a ``config``
+(the command line gives its resolved `RunConfig` as a dict), the first record each run writes
+carries it as ``"config"``: round 1 of a fresh run, the first resumed round after ``--resume``
+(whose executor or workers may differ), so every record can be traced to the settings that
+produced it.
 
 ``round`` counts completed rounds (1 for the first), ``seconds`` is the round's own time and
 ``wall`` the time since the (possibly resumed) run began.
@@ -88,15 +92,22 @@ class MetricsLog(Callback):
 
     At the start of a loop it keeps only the records of rounds the starting state has completed
     (none for a fresh run), so a resumed run neither loses nor repeats a round. ``numerics``
-    (how the run computes: `blazefl_fn.portable.numerics`) is written into every record.
+    (how the run computes: `blazefl_fn.portable.numerics`) is written into every record, and
+    ``config`` (JSON-serialisable settings, e.g. `blazefl_fn.run.config_dict` of the run's
+    config) into the first record this loop writes.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], numerics: Mapping[str, object] | None = None
+        self,
+        path: str | os.PathLike[str],
+        numerics: Mapping[str, object] | None = None,
+        config: Mapping[str, object] | None = None,
     ) -> None:
         self.path = Path(path)
         self.numerics = dict(numerics or {})
+        self.config = None if config is None else dict(config)
         self._file: IO[str] | None = None
+        self._first = True
 
     def on_begin(self, state: ServerState, rounds: int) -> None:
         # Before reading it: a FIFO would block the read, a device be replaced by the write.
@@ -109,6 +120,7 @@ class MetricsLog(Callback):
         with replaced_atomically(self.path, "metrics log") as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  # closed in on_end
+        self._first = True
 
     def on_round_end(self, event: RoundEvent) -> None:
         if self._file is None:
@@ -130,8 +142,11 @@ class MetricsLog(Callback):
             record["privacy"] = _metrics(event.privacy)
         if self.numerics:
             record["numerics"] = self.numerics
+        if self._first and self.config is not None:
+            record["config"] = self.config
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self._first = False
 
     def close(self) -> None:
         """Close the file (also done at the end of the loop and on interrupt)."""

@@ -237,7 +237,7 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
-    missing = sorted(known - set(values) - _OPTIONAL_FIELDS)
+    missing = sorted(known - set(values) - _OPTIONAL_FIELDS - _LATER_FIELDS)
     if frozenset(missing) >= _ADDED_FIELDS:
         missing = [name for name in missing if name not in _ADDED_FIELDS]  # before DP: off
     if missing:
@@ -252,6 +252,9 @@ with some of them is refused: it was edited."""
 _OPTIONAL_FIELDS = frozenset({"client_state_memory_mb", "client_state_dir"})
 """Fields added later that never change the bits: a stored config without them takes their
 defaults."""
+_LATER_FIELDS = frozenset({"drop_last"})
+"""Fields added after checkpoint format 3 was written whose default is what every run before
+them did (every final batch was trained on): a stored config without them takes the default."""
 
 
 def check_resumable(stored: RunConfig, requested: RunConfig) -> None:

@@ -220,3 +220,33 @@ def test_ctrl_c_while_importing_torch_is_one_line(command: str) -> None:
     # Before: a KeyboardInterrupt traceback from inside torch's import.
     assert proc.returncode == 130, err
     assert err == "blazefl-fn: interrupted\n"
+
+
+def test_json_and_the_metrics_log_carry_the_resolved_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: neither said which learning rate, model or executor produced the numbers.
+    log, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    base = [
+        "run",
+        "--quiet",
+        "--json",
+        "--clients",
+        "4",
+        "--clients-per-round",
+        "2",
+        "--lr",
+        "0.05",
+    ]
+    assert main([*base, "--rounds", "2", "--metrics", str(log), "--checkpoint-dir", str(ck)]) == 0
+    fresh = json.loads(capsys.readouterr().out)["config"]
+    assert main([*base, "--rounds", "3", "--metrics", str(log), "--resume", str(ck),
+                 "--executor", "threads"]) == 0  # fmt: skip
+    resumed = json.loads(capsys.readouterr().out)["config"]
+    assert (fresh["lr"], fresh["executor"], fresh["rounds"]) == (0.05, "sequential", 2)
+    assert (resumed["lr"], resumed["executor"], resumed["rounds"]) == (0.05, "threads", 3)
+    records = read_metrics(log)
+    assert [r.get("config") for r in records] == [fresh, None, resumed]
+    assert RunConfig(**resumed) == RunConfig(
+        clients=4, clients_per_round=2, lr=0.05, rounds=3, executor="threads"
+    )

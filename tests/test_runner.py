@@ -374,6 +374,24 @@ def test_metrics_log_writes_each_round_and_truncates_on_resume(tmp_path: Path) -
     assert first.state.round == 5
 
 
+def test_the_first_record_of_each_loop_carries_the_config(tmp_path: Path) -> None:
+    path, key = tmp_path / "m.jsonl", Key.from_seed(0)
+    first = run_loop(
+        _counter_round, _start(), key, 2, callbacks=[MetricsLog(path, config={"lr": 0.1})]
+    )
+    run_loop(_counter_round, first.state, key, 4, callbacks=[MetricsLog(path, config={"lr": 0.2})])
+    configs = [r.get("config") for r in read_metrics(path)]
+    assert configs == [{"lr": 0.1}, None, {"lr": 0.2}, None]
+    run_loop(
+        _counter_round,
+        _start(),
+        key,
+        1,
+        callbacks=[MetricsLog(path)],
+    )
+    assert "config" not in read_metrics(path)[0]  # none given, none written
+
+
 def test_read_metrics_errors(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"round": 1}\nnot json\n')

@@ -60,9 +60,28 @@ class ClientData:
         return int(self.indices.shape[0])
 
     def batches(
-        self, batch_size: int, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        *,
+        drop_last: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Mini-batches of ``(x, y)``, shuffled by ``generator`` (in order when it is None)."""
+        """Mini-batches of ``(x, y)``, shuffled by ``generator`` (in order when it is None).
+
+        With ``drop_last``, a final batch smaller than ``batch_size`` is left out (a client
+        with fewer examples than ``batch_size`` then yields none), as a BatchNorm model needs:
+        it cannot train on a batch of one example. The shuffle is drawn all the same, so the
+        full batches are those of ``drop_last=False``.
+
+        Examples:
+            >>> import torch
+            >>> base = TensorDataset(torch.zeros(5, 1), torch.arange(5))
+            >>> client = ClientData(base, torch.arange(5))
+            >>> [y.tolist() for _, y in client.batches(2)]
+            [[0, 1], [2, 3], [4]]
+            >>> [y.tolist() for _, y in client.batches(2, drop_last=True)]
+            [[0, 1], [2, 3]]
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         order = self.indices
@@ -70,7 +89,8 @@ class ClientData:
             # Drawn by the (CPU) generator and then moved: every device sees the same order.
             permutation = torch.randperm(order.shape[0], generator=generator)
             order = order[permutation.to(order.device)]
-        for start in range(0, order.shape[0], batch_size):
+        end = order.shape[0] - order.shape[0] % batch_size if drop_last else order.shape[0]
+        for start in range(0, end, batch_size):
             rows = order[start : start + batch_size]
             yield self.base.x[rows], self.base.y[rows]
 
