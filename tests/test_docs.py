@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import pkgutil
 import subprocess
@@ -138,3 +139,14 @@ def test_every_public_name_has_a_docstring() -> None:
             if not mkdocs_hooks.resolved(mkdocs_hooks.export(name, export)).docstring:
                 undocumented.append(f"{name}.{export}")
     assert not undocumented, f"public names without a docstring: {undocumented}"
+
+
+def test_the_site_opened_from_the_disk_loads_its_search_index_as_a_script(site: Path) -> None:
+    # Before: search fetched search/search_index.json, which a browser refuses from file://.
+    script = (site / "search" / "search_index.js").read_text(encoding="utf-8")
+    assert script.startswith("var __index = ")
+    index = json.loads(script.removeprefix("var __index = "))
+    titles = {doc["title"] for doc in index["docs"]}
+    assert {"Changelog", "Command line", "blazefl_fn.run"} <= titles
+    # Pages link each other as files (site/guide.html), not as directories a server resolves.
+    assert 'href="guide.html"' in (site / "index.html").read_text(encoding="utf-8")

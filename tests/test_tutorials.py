@@ -23,6 +23,9 @@ TUTORIALS = Path(__file__).resolve().parents[1] / "docs" / "tutorials"
 # The four pages the documentation promises; a new page is picked up by the glob below.
 EXPECTED = {"quickstart", "dsfl", "reproducibility", "property-testing"}
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+_OUTPUT = re.compile(r"^```text\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+_DIGEST = re.compile(r"\b[0-9a-f]{16}\b")
+PORTABLE = "fl.portable.enable()"
 PAGES = sorted(TUTORIALS.glob("*.md"))
 
 
@@ -74,6 +77,12 @@ def test_tutorial_runs(page: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, f"{name}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     left = wait_until_gone(strays(before))
     assert not left, f"the tutorial left Ray processes behind: {describe(left)}"
+    if PORTABLE in page.read_text():
+        # A page that runs portable shows the digests any x86-64 machine prints: every one of
+        # them must be what this run printed.
+        shown = set(_DIGEST.findall("\n".join(_OUTPUT.findall(page.read_text()))))
+        assert shown, f"{name} runs portable but shows no digest"
+        assert shown <= set(_DIGEST.findall(done.stdout)), (shown, done.stdout)
 
 
 PYRIGHT = Path(sys.executable).parent / "pyright"
