@@ -16,7 +16,7 @@ Three parts, each case in a fresh Python process so that its peak RSS is its own
   10 per round) for ``--long-rounds`` rounds, sequential and on ``Processes(2)``: the RSS of
   the driver and of the largest worker at round 200, half-way and at the end.
 
-    python -m benchmarks.scale --data-dir ../shared/data/mnist           # everything
+    python -m benchmarks.scale --data-dir ~/data/mnist    # everything (blazefl-fn data mnist DIR)
     python -m benchmarks.scale --parts synthetic --sizes 1000,10000 --rounds 5
 """
 

@@ -1,5 +1,5 @@
-"""The ``blazefl-fn`` command line's flags: one argparse parser for ``run``, ``plot`` and
-``partition``, whose ``run`` defaults are `RunConfig`'s."""
+"""The ``blazefl-fn`` command line's flags: one argparse parser for ``run``, ``plot``,
+``partition`` and ``data``, whose ``run`` defaults are `RunConfig`'s."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import attrs
 
 from ._cli_signals import PROG
 from ._validators import documented_range
+from .data.download import check_url
 from .run import (
     ALGORITHMS,
     DATASETS,
@@ -418,7 +419,68 @@ def build_parser(*, only_given: bool = False) -> _Parser:
     part.add_argument("--seed", type=int, default=defaults.seed)
     add_partition_flags(part, defaults)
     part.add_argument("--json", action="store_true", help="print the counts as JSON")
+    add_data_command(commands)
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A ``--timeout`` value: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _mirror_url(text: str) -> str:
+    """A ``--mirror`` value: an http, https or file URL."""
+    try:
+        check_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_data_command(commands: Any) -> None:
+    """The ``data`` command: download a dataset into a directory, verified.
+
+    ``commands`` is the root parser's subparsers action (argparse's type for it is private).
+    """
+    data = commands.add_parser(
+        "data",
+        help="download a dataset (verified, resumable)",
+        description="Download MNIST, CIFAR-10 or CIFAR-100 into DIR, checked against pinned "
+        "checksums; an interrupted download continues where it stopped, and files already "
+        "there and verified are not downloaded again. Then: blazefl-fn run --dataset NAME "
+        "--data-dir DIR.",
+    )
+    data.add_argument("dataset", choices=("mnist", "cifar10", "cifar100"))
+    data.add_argument("directory", metavar="DIR", help="where the files go (created if missing)")
+    data.add_argument(
+        "--mirror",
+        action="append",
+        type=_mirror_url,
+        metavar="URL",
+        help="a base URL serving the dataset's files (http, https or file), instead of the "
+        "default sources; repeat it to try several in order",
+    )
+    data.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for a server at each step (default 60)",
+    )
+    data.add_argument(
+        "--quiet", action="store_true", help="no progress bar (drawn only on a terminal anyway)"
+    )
+    data.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, print the full traceback before the one-line message",
+    )
 
 
 def add_partition_flags(parser: argparse.ArgumentParser, defaults: Any) -> None:

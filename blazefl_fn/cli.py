@@ -4,6 +4,7 @@ Every error is one line ``blazefl-fn: error: ...`` on stderr, never a traceback 
 ``--debug`` or ``BLAZEFL_FN_DEBUG=1`` asks for one), and the exit status says what kind:
 
 - 1: a missing, malformed, locked or already existing file (data, checkpoint, metrics log),
+  a failed ``data`` download (no server answers, a broken connection, a checksum mismatch),
   or a Ray cluster that does not answer at ``--ray-address``;
 - 2: a bad flag or value;
 - 3: the run failed: a client raised, a worker died or exceeded ``--client-timeout``, training
@@ -37,6 +38,8 @@ from ._cli_signals import INTERRUPTED, TERMINATED, Terminated, release_import_gu
 from ._locks import holding
 from ._validators import check_local_ip
 from .checkpoint import checkpoint_file, read_config
+from .data.cifar import download_cifar10, download_cifar100
+from .data.mnist import MNIST_MIRRORS, download_mnist
 from .data.partition import partition_report
 from .keys import Key
 from .metrics_log import MetricsLog
@@ -294,6 +297,36 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    """``blazefl-fn data NAME DIR``: download a dataset, verified, and say how to use it."""
+    progress = not args.quiet
+    mirrors: tuple[str, ...] | None = None if args.mirror is None else tuple(args.mirror)
+    try:
+        if args.dataset == "mnist":
+            root = download_mnist(
+                args.directory,
+                mirrors=MNIST_MIRRORS if mirrors is None else mirrors,
+                timeout=args.timeout,
+                progress=progress,
+            )
+        else:
+            fetch = download_cifar10 if args.dataset == "cifar10" else download_cifar100
+            root = fetch(args.directory, mirrors=mirrors, timeout=args.timeout, progress=progress)
+    except KeyboardInterrupt as exc:
+        word, status = _stopped(exc)
+        print(
+            f"{PROG}: {word}; the partial download is kept, hidden, in {args.directory}: "
+            "run the same command again to continue it",
+            file=sys.stderr,
+        )
+        return status
+    print(
+        f"{args.dataset} is ready in {root}; use it with: "
+        f"{PROG} run --dataset {args.dataset} --data-dir {root}"
+    )
+    return 0
+
+
 def _one_line(exc: BaseException) -> str:
     """``exc``'s message on one line (a worker's message may span several)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -372,6 +405,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         if args.command == "plot":
             return _plot(args)
+        if args.command == "data":
+            return _data(args)
         return _run(args, config) if args.command == "run" else _partition(args, config)
     except _RunFailed as exc:
         return _fail(exc.__cause__ or exc, _RUN, debug)

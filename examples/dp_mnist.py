@@ -6,7 +6,8 @@ Each run is FedAvg with central client-level DP (`blazefl_fn.privacy`): updates 
 spent after ``--rounds`` rounds (at ``--delta``, RDP accountant) and the final test accuracy.
 Needs the privacy extra (``pip install 'blazefl_fn[privacy]'``).
 
-    python examples/dp_mnist.py --data-dir ../shared/data/mnist --rounds 50
+    blazefl-fn data mnist ~/data/mnist      # once: MNIST, downloaded and verified
+    python examples/dp_mnist.py --data-dir ~/data/mnist --rounds 50
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ is split over the clients with a Dirichlet(alpha) label skew. Both algorithms se
 data, the same client sampling and the same public samples each round (one seed); only the
 aggregation (ERA vs Enhanced ERA) and SCARLET's soft-label cache differ.
 
-    python examples/dsfl_vs_scarlet.py --data-dir ../shared/data/mnist --rounds 40 --every 4
+    blazefl-fn data mnist ~/data/mnist      # once: MNIST, downloaded and verified
+    python examples/dsfl_vs_scarlet.py --data-dir ~/data/mnist --rounds 40 --every 4
 
 (about 8 minutes on 2 cores; the measured table is in docs/distillation.md).
 

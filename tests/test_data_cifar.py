@@ -1,14 +1,12 @@
-"""Tests for the CIFAR loaders (python and binary formats), the restricted unpickler, the
-verified download helper and the safe tar extractor. All files are tiny fakes in tmp_path."""
+"""Tests for the CIFAR loaders (python and binary formats) and the restricted unpickler, and
+that a downloaded, extracted archive loads. All files are tiny fakes in tmp_path."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import tarfile
-import urllib.error
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +19,10 @@ from _memory import traced_peak
 from blazefl_fn.data.cifar import (
     CIFAR10_PYTHON_MD5,
     CIFAR100_PYTHON_MD5,
-    download,
-    extract_tar,
     load_cifar10,
     load_cifar100,
 )
+from blazefl_fn.data.download import download, extract_tar
 
 PIXELS = 3072
 
@@ -300,107 +297,12 @@ def test_cifar100_binary_checks_each_label_kind(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Download
+# Download and extraction (their own tests are in test_data_download.py)
 
 
 def test_md5_constants_look_right() -> None:
     assert len(CIFAR10_PYTHON_MD5) == 32
     assert len(CIFAR100_PYTHON_MD5) == 32
-
-
-def _source(tmp_path: Path, payload: bytes = b"hello cifar" * 1000) -> tuple[str, bytes]:
-    src = tmp_path / "src" / "archive.bin"
-    src.parent.mkdir()
-    src.write_bytes(payload)
-    return src.as_uri(), payload
-
-
-def test_download_sha256_and_md5(tmp_path: Path) -> None:
-    url, payload = _source(tmp_path)
-    out = tmp_path / "out"
-    got = download(url, out / "a.bin", hashlib.sha256(payload).hexdigest())
-    assert got == out / "a.bin"
-    assert got.read_bytes() == payload
-    got = download(url, out / "b.bin", md5=hashlib.md5(payload).hexdigest().upper())
-    assert got.read_bytes() == payload
-    assert sorted(p.name for p in out.iterdir()) == ["a.bin", "b.bin"]
-
-
-def test_download_skips_existing_verified_file(tmp_path: Path) -> None:
-    dest = tmp_path / "a.bin"
-    dest.write_bytes(b"already here")
-    missing = (tmp_path / "missing").as_uri()  # fetching it would fail
-    sha = hashlib.sha256(b"already here").hexdigest()
-    assert download(missing, dest, sha) == dest
-
-
-def test_download_mismatch_leaves_nothing(tmp_path: Path) -> None:
-    url, _ = _source(tmp_path)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "a.bin").write_bytes(b"old content")
-    with pytest.raises(ValueError, match=r"sha256 mismatch, expected 0{64}, got [0-9a-f]{64}"):
-        download(url, out / "a.bin", "0" * 64)
-    assert [p.name for p in out.iterdir()] == ["a.bin"]
-    assert (out / "a.bin").read_bytes() == b"old content"
-    with pytest.raises(ValueError, match="md5 mismatch"):
-        download(url, out / "b.bin", md5="f" * 32)
-    assert [p.name for p in out.iterdir()] == ["a.bin"]
-
-
-def test_download_failure_leaves_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    with pytest.raises(urllib.error.URLError):
-        download((tmp_path / "missing").as_uri(), out / "a.bin", "0" * 64)
-    assert list(out.iterdir()) == []
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({}, "exactly one"),
-        ({"sha256": "0" * 64, "md5": "0" * 32}, "exactly one"),
-        ({"sha256": "abc"}, "64 hex digits"),
-        ({"md5": "z" * 32}, "32 hex digits"),
-    ],
-)
-def test_download_argument_errors(tmp_path: Path, kwargs: dict[str, str], message: str) -> None:
-    url, _ = _source(tmp_path)
-    with pytest.raises(ValueError, match=message):
-        download(url, tmp_path / "x", **kwargs)
-    assert not (tmp_path / "x").exists()
-
-
-def test_download_rejects_other_schemes(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="scheme 'ftp'"):
-        download("ftp://example.invalid/x", tmp_path / "x", "0" * 64)
-
-
-# --------------------------------------------------------------------------------------------
-# Tar extraction
-
-
-def _tar(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for info, data in members:
-            if data is not None:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-            else:
-                tar.addfile(info)
-    return path
-
-
-def _file(name: str) -> tarfile.TarInfo:
-    return tarfile.TarInfo(name)
-
-
-def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    return info
 
 
 def test_download_extract_and_load_end_to_end(tmp_path: Path) -> None:
@@ -414,49 +316,6 @@ def test_download_extract_and_load_end_to_end(tmp_path: Path) -> None:
     train, test = load_cifar10(root)
     assert len(train) == 10
     assert len(test) == 2
-
-
-@pytest.mark.parametrize(
-    ("member", "message"),
-    [
-        ((_file("/etc/evil"), b"x"), "unsafe member path"),
-        ((_file("a/../../evil"), b"x"), "unsafe member path"),
-        ((_file("../evil"), b"x"), "unsafe member path"),
-        ((_link("a/link", "../../outside"), None), "links outside"),
-        ((_link("link", "/etc/passwd"), None), "absolute"),
-        ((_link("hard", "../x", tarfile.LNKTYPE), None), "links outside"),
-        ((_link("dev", "", tarfile.CHRTYPE), None), "not a regular file"),
-    ],
-)
-def test_extract_rejects_unsafe_members(
-    tmp_path: Path, member: tuple[tarfile.TarInfo, bytes | None], message: str
-) -> None:
-    archive = _tar(tmp_path / "a.tar.gz", [(_file("ok.txt"), b"fine"), member])
-    out = tmp_path / "deep" / "out"
-    with pytest.raises(ValueError, match=message):
-        extract_tar(archive, out)
-    assert not out.exists()  # nothing extracted, not even the safe member
-    assert not (tmp_path / "evil").exists()
-    assert not (tmp_path / "deep" / "evil").exists()
-
-
-def test_extract_safe_archive_with_internal_link(tmp_path: Path) -> None:
-    archive = _tar(
-        tmp_path / "a.tar.gz",
-        [(_file("d/ok.txt"), b"fine"), (_link("d/alias", "ok.txt"), None)],
-    )
-    out = extract_tar(archive, tmp_path / "out")
-    assert (out / "d" / "ok.txt").read_bytes() == b"fine"
-    assert (out / "d" / "alias").read_bytes() == b"fine"
-
-
-def test_extract_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="not found"):
-        extract_tar(tmp_path / "missing.tar.gz", tmp_path / "out")
-    bad = tmp_path / "bad.tar.gz"
-    bad.write_bytes(b"\x1f\x8b garbage")
-    with pytest.raises(ValueError, match=r"bad\.tar\.gz: corrupt archive"):
-        extract_tar(bad, tmp_path / "out")
 
 
 # -- bounded allocation (issue 21, item 6: a 238-byte batch became 100,000 images) -------------

@@ -1,13 +1,18 @@
-"""Federated datasets: records, partitioners, augmentation, and the Synthetic, MNIST and CIFAR
-loaders."""
+"""Federated datasets: records, partitioners, augmentation, the Synthetic, MNIST and CIFAR
+loaders, and verified downloads of MNIST and CIFAR."""
 
-from .cifar import download as download
-from .cifar import extract_tar as extract_tar
+from .cifar import download_cifar10 as download_cifar10
+from .cifar import download_cifar100 as download_cifar100
 from .cifar import load_cifar10 as load_cifar10
 from .cifar import load_cifar100 as load_cifar100
 from .datasets import ClientData as ClientData
 from .datasets import FederatedDataset as FederatedDataset
 from .datasets import TensorDataset as TensorDataset
+from .download import ChecksumError as ChecksumError
+from .download import DownloadError as DownloadError
+from .download import download as download
+from .download import extract_tar as extract_tar
+from .mnist import download_mnist as download_mnist
 from .mnist import load_mnist as load_mnist
 from .mnist import mnist_federated as mnist_federated
 from .mnist import read_idx as read_idx
@@ -36,7 +41,9 @@ from .transforms import random_horizontal_flip as random_horizontal_flip
 
 __all__ = [
     "Chain",
+    "ChecksumError",
     "ClientData",
+    "DownloadError",
     "FederatedDataset",
     "Normalize",
     "Partition",
@@ -51,6 +58,9 @@ __all__ = [
     "cifar_train_transform",
     "dirichlet",
     "download",
+    "download_cifar10",
+    "download_cifar100",
+    "download_mnist",
     "extract_tar",
     "iid",
     "iid_unbalanced",

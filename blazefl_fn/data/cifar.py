@@ -1,5 +1,5 @@
-"""CIFAR-10 / CIFAR-100 from local files (python-pickle or binary format), plus an opt-in
-download helper with digest verification and a safe tar extractor.
+"""CIFAR-10 / CIFAR-100 from local files (python-pickle or binary format), plus opt-in
+verified downloads of the python-version archives.
 
 Both official formats are accepted and detected automatically, in the given directory or in its
 usual subfolder (``cifar-10-batches-py``, ``cifar-10-batches-bin``, ``cifar-100-python``,
@@ -11,27 +11,23 @@ The python-format batches are pickles. They are read with a restricted unpickler
 only what a CIFAR batch needs (numpy's array reconstruction, a latin-1 ``bytes`` helper and
 builtin containers); any other global is refused with a ValueError before anything is called.
 
-Nothing is ever downloaded implicitly: `download` and `extract_tar` are explicit helpers.
+Nothing is ever downloaded implicitly: `download_cifar10` and `download_cifar100` are explicit,
+built on `blazefl_fn.data.download`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
-import hashlib
 import io
 import math
 import os
 import pickle
 import posixpath
-import tarfile
+import shutil
 import tempfile
 import urllib.parse
-import urllib.request
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TextIO, cast
 
 import attrs
 import numpy as np
@@ -39,14 +35,15 @@ import numpy.typing as npt
 import torch
 
 from .datasets import TensorDataset
+from .download import download, extract_tar
 
 __all__ = [
     "CIFAR10_PYTHON_MD5",
     "CIFAR10_PYTHON_URL",
     "CIFAR100_PYTHON_MD5",
     "CIFAR100_PYTHON_URL",
-    "download",
-    "extract_tar",
+    "download_cifar10",
+    "download_cifar100",
     "load_cifar10",
     "load_cifar100",
 ]
@@ -54,14 +51,13 @@ __all__ = [
 CIFAR10_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 """Where the CIFAR-10 python-version archive is published."""
 CIFAR10_PYTHON_MD5 = "c58f30108f718f92721af3b95e74349a"
-"""The MD5 of that archive as its publisher lists it (pass it as ``md5=`` to `download`)."""
+"""The MD5 of that archive as its publisher lists it (`download_cifar10` checks it)."""
 CIFAR100_PYTHON_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 """Where the CIFAR-100 python-version archive is published."""
 CIFAR100_PYTHON_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-"""The MD5 of that archive as its publisher lists it (pass it as ``md5=`` to `download`)."""
+"""The MD5 of that archive as its publisher lists it (`download_cifar100` checks it)."""
 
 _PIXELS = 3 * 32 * 32
-_CHUNK = 1 << 20
 _MAX_PICKLE = 512 << 20
 
 # --------------------------------------------------------------------------------------------
@@ -456,131 +452,140 @@ def load_cifar100(
 
 
 # --------------------------------------------------------------------------------------------
-# Download and extraction (opt-in, never called by the loaders)
+# Download (opt-in, never called by the loaders)
 # --------------------------------------------------------------------------------------------
 
 
-def _digest_of(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm, usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(
+def _download_cifar(
+    directory: str | os.PathLike[str],
     url: str,
-    destination: str | os.PathLike[str],
-    sha256: str | None = None,
-    *,
-    md5: str | None = None,
-    timeout: float = 60.0,
+    md5: str,
+    folder: str,
+    mirrors: Sequence[str] | None,
+    timeout: float,
+    progress: bool | TextIO,
 ) -> Path:
-    """Download ``url`` to ``destination``, verified against exactly one of ``sha256``/``md5``.
-
-    The body is streamed into a temporary file next to ``destination``, fsynced, checked and
-    then moved into place with `os.replace`, so ``destination`` is either absent, its previous
-    content, or the complete verified file, never a partial one. If ``destination`` already
-    holds content with the expected digest, nothing is downloaded. Only ``http``, ``https``
-    and ``file`` URLs are accepted.
-
-    Returns:
-        ``destination`` as a `Path`.
-
-    Raises:
-        ValueError: Not exactly one digest given, a malformed digest, an unsupported URL
-            scheme, or a digest mismatch (the downloaded file is discarded).
-        OSError: The download itself failed (``urllib.error.URLError`` and friends).
-    """
-    if (sha256 is None) == (md5 is None):
-        raise ValueError("download needs exactly one of sha256= or md5=")
-    algorithm, expected, length = (
-        ("sha256", sha256, 64) if sha256 is not None else ("md5", md5 or "", 32)
-    )
-    expected = (expected or "").strip().lower()
-    if len(expected) != length or any(c not in "0123456789abcdef" for c in expected):
-        raise ValueError(f"{algorithm} must be {length} hex digits, got {expected!r}")
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme not in ("http", "https", "file"):
-        raise ValueError(f"unsupported URL scheme {scheme!r} in {url!r}")
-
-    target = Path(destination)
-    if target.is_file() and _digest_of(target, algorithm) == expected:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-
-    fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    temp = Path(temp_name)
-    try:
-        h = hashlib.new(algorithm, usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            while chunk := resp.read(_CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        got = h.hexdigest()
-        if got != expected:
-            raise ValueError(f"{url}: {algorithm} mismatch, expected {expected}, got {got}")
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    return target
-
-
-def _check_member(archive: str, member: tarfile.TarInfo) -> None:
-    """Refuse absolute paths, ``..`` components, links leaving the tree and special files."""
-    name = member.name.replace("\\", "/")
-    if name.startswith("/") or posixpath.isabs(name) or ".." in name.split("/"):
-        raise ValueError(f"{archive}: unsafe member path {member.name!r}")
-    if member.issym() or member.islnk():
-        link = member.linkname.replace("\\", "/")
-        if link.startswith("/"):
-            raise ValueError(f"{archive}: member {member.name!r} links to absolute {link!r}")
-        base = posixpath.dirname(name) if member.issym() else ""
-        resolved = posixpath.normpath(posixpath.join(base, link))
-        if resolved == ".." or resolved.startswith("../"):
-            raise ValueError(f"{archive}: member {member.name!r} links outside to {link!r}")
-    elif not (member.isfile() or member.isdir()):
-        raise ValueError(f"{archive}: member {member.name!r} is not a regular file or folder")
-
-
-def extract_tar(archive: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:
-    """Safely extract a (possibly gzip-compressed) tar ``archive`` into ``directory``.
-
-    Every member is checked first (no absolute paths, no ``..`` components, no links out of
-    the tree, no devices); then extraction uses tarfile's ``"data"`` filter where available.
-
-    Returns:
-        ``directory`` as a `Path`.
-
-    Raises:
-        FileNotFoundError: ``archive`` does not exist.
-        ValueError: The archive is corrupt or holds an unsafe member (nothing is extracted).
-    """
-    name = os.fspath(archive)
+    """Download the archive at ``url`` (or of the same name at each of ``mirrors``) into
+    ``directory`` and extract its ``folder`` beside it, atomically."""
     root = Path(directory)
-    if not Path(name).is_file():
-        raise FileNotFoundError(f"tar archive not found: {name}")
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"{root} is not a directory")
+    name = posixpath.basename(urllib.parse.urlsplit(url).path)
+    if mirrors is not None:
+        bases = (mirrors,) if isinstance(mirrors, str) else tuple(mirrors)
+        urls = [base if base.endswith("/") else base + "/" for base in bases]
+        sources: list[str] = [base + name for base in urls]
+    else:
+        sources = [url]
+    if (root / folder).is_dir():
+        return root
+    archive = download(sources, root / name, md5=md5, timeout=timeout, progress=progress)
+    # Extracted beside the target and renamed into place: a folder that exists is complete.
+    temp = Path(tempfile.mkdtemp(prefix=f".{folder}.", suffix=".tmp", dir=root))
     try:
-        with tarfile.open(name, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
-                _check_member(name, member)
-            root.mkdir(parents=True, exist_ok=True)
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(root, members=members, filter="data")
-            else:  # pragma: no cover - Python without PEP 706; members were checked above
-                tar.extractall(root, members=members)
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise ValueError(f"{name}: corrupt archive ({type(e).__name__}: {e})") from e
+        extract_tar(archive, temp)
+        if not (temp / folder).is_dir():
+            raise ValueError(f"{archive}: holds no {folder}/ folder")
+        try:
+            (temp / folder).rename(root / folder)
+        except OSError:
+            if not (root / folder).is_dir():  # else another process extracted it meanwhile
+                raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     return root
+
+
+def download_cifar10(
+    directory: str | os.PathLike[str],
+    *,
+    mirrors: Sequence[str] | None = None,
+    timeout: float = 60.0,
+    progress: bool | TextIO = True,
+) -> Path:
+    """Download CIFAR-10 (python version) into ``directory``, verified, for `load_cifar10`.
+
+    ``directory`` then holds ``cifar-10-python.tar.gz`` (170 MB, checked against
+    `CIFAR10_PYTHON_MD5`) and ``cifar-10-batches-py/`` extracted from it (with `extract_tar`,
+    into a hidden folder renamed into place, so the folder is complete once it exists). The
+    archive is downloaded with `blazefl_fn.data.download.download`: atomic, resumable, and not
+    again when it is already there and verified. When ``cifar-10-batches-py/`` exists, nothing
+    is done (remove it to download and extract again).
+
+    Args:
+        directory: where the archive and the folder go (created if missing).
+        mirrors: base URLs to fetch ``cifar-10-python.tar.gz`` from instead of
+            `CIFAR10_PYTHON_URL`, tried in order.
+        timeout: seconds to wait for the server at each step.
+        progress: ``True`` draws a progress bar on stderr when it is a terminal; a stream
+            draws it there; ``False`` draws nothing.
+
+    Returns:
+        ``directory`` as a `Path` (pass it to `load_cifar10`).
+
+    Raises:
+        DownloadError: No source could be reached or the connection broke (an `OSError`
+            naming the URL and the reason; the next call resumes).
+        ChecksumError: The archive is not the published one (a `ValueError`).
+        ValueError: A bad mirror URL or timeout, or an archive without the folder.
+        NotADirectoryError: ``directory`` is a file.
+
+    Examples:
+        >>> from blazefl_fn.data import download_cifar10, load_cifar10
+        >>> train, test = load_cifar10(download_cifar10("data/cifar10"))  # doctest: +SKIP
+    """
+    return _download_cifar(
+        directory,
+        CIFAR10_PYTHON_URL,
+        CIFAR10_PYTHON_MD5,
+        "cifar-10-batches-py",
+        mirrors,
+        timeout,
+        progress,
+    )
+
+
+def download_cifar100(
+    directory: str | os.PathLike[str],
+    *,
+    mirrors: Sequence[str] | None = None,
+    timeout: float = 60.0,
+    progress: bool | TextIO = True,
+) -> Path:
+    """Download CIFAR-100 (python version) into ``directory``, verified, for `load_cifar100`.
+
+    ``directory`` then holds ``cifar-100-python.tar.gz`` (169 MB, checked against
+    `CIFAR100_PYTHON_MD5`) and ``cifar-100-python/`` extracted from it, as
+    `download_cifar10` does for CIFAR-10.
+
+    Args:
+        directory: where the archive and the folder go (created if missing).
+        mirrors: base URLs to fetch ``cifar-100-python.tar.gz`` from instead of
+            `CIFAR100_PYTHON_URL`, tried in order.
+        timeout: seconds to wait for the server at each step.
+        progress: ``True`` draws a progress bar on stderr when it is a terminal; a stream
+            draws it there; ``False`` draws nothing.
+
+    Returns:
+        ``directory`` as a `Path` (pass it to `load_cifar100`).
+
+    Raises:
+        DownloadError: No source could be reached or the connection broke (an `OSError`
+            naming the URL and the reason; the next call resumes).
+        ChecksumError: The archive is not the published one (a `ValueError`).
+        ValueError: A bad mirror URL or timeout, or an archive without the folder.
+        NotADirectoryError: ``directory`` is a file.
+
+    Examples:
+        >>> from blazefl_fn.data import download_cifar100, load_cifar100
+        >>> train, test = load_cifar100(download_cifar100("data/cifar100"))  # doctest: +SKIP
+    """
+    return _download_cifar(
+        directory,
+        CIFAR100_PYTHON_URL,
+        CIFAR100_PYTHON_MD5,
+        "cifar-100-python",
+        mirrors,
+        timeout,
+        progress,
+    )

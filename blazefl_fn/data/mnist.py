@@ -1,4 +1,5 @@
-"""MNIST from local IDX files (the LeCun format, raw or gzip), with an IID federated split."""
+"""MNIST from local IDX files (the LeCun format, raw or gzip), with an IID federated split, and
+an opt-in verified download of those files (`download_mnist`, ``blazefl-fn data mnist DIR``)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, TextIO, cast
 
+import attrs
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -18,9 +20,50 @@ import torch
 from .._validators import check_int_at_least
 from ..keys import Key
 from .datasets import ClientData, FederatedDataset, TensorDataset
+from .download import check_url, download, has_content
 from .partition import iid
 
-__all__ = ["load_mnist", "mnist_federated", "read_idx"]
+__all__ = ["MNIST_MIRRORS", "download_mnist", "load_mnist", "mnist_federated", "read_idx"]
+
+MNIST_MIRRORS: tuple[str, ...] = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+"""Where `download_mnist` fetches MNIST's four ``.gz`` files from, tried in this order."""
+
+
+@attrs.frozen
+class _Pinned:
+    """One MNIST file: its name, and the size and SHA-256 of its decompressed IDX content."""
+
+    stem: str
+    size: int
+    sha256: str
+
+
+# The original MNIST IDX files (the mirrors' .gz files differ: they were recompressed).
+_MNIST_FILES = (
+    _Pinned(
+        "train-images-idx3-ubyte",
+        47_040_016,
+        "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    ),
+    _Pinned(
+        "train-labels-idx1-ubyte",
+        60_008,
+        "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    ),
+    _Pinned(
+        "t10k-images-idx3-ubyte",
+        7_840_016,
+        "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    ),
+    _Pinned(
+        "t10k-labels-idx1-ubyte",
+        10_008,
+        "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    ),
+)
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -155,6 +198,14 @@ def _parse_idx(
     return data.astype(dtype.newbyteorder("="), copy=False)
 
 
+def _is_gzip(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return file.read(2) == _GZIP_MAGIC
+    except OSError:
+        return False
+
+
 def _find(directory: Path, stem: str) -> Path:
     """The first existing spelling of an MNIST file (dashed or dotted, raw or ``.gz``)."""
     dotted = stem.replace("-idx", ".idx", 1)
@@ -223,6 +274,87 @@ def load_mnist(directory: str | os.PathLike[str]) -> tuple[TensorDataset, Tensor
     if not root.is_dir():
         raise FileNotFoundError(f"MNIST directory not found: {root}")
     return _load_split(root, "train"), _load_split(root, "t10k")
+
+
+def _already_there(root: Path, pinned: _Pinned) -> bool:
+    """Whether the file `load_mnist` would read for ``pinned`` holds the original content."""
+    try:
+        path = _find(root, pinned.stem)
+    except FileNotFoundError:
+        return False
+    return has_content(path, pinned.sha256, size=pinned.size, gunzip=_is_gzip(path))
+
+
+def download_mnist(
+    directory: str | os.PathLike[str],
+    *,
+    mirrors: Sequence[str] = MNIST_MIRRORS,
+    timeout: float = 60.0,
+    progress: bool | TextIO = True,
+) -> Path:
+    """Download MNIST's four files into ``directory``, verified, so that `load_mnist` reads it.
+
+    Each ``NAME.gz`` is fetched from the first of ``mirrors`` that serves it, decompressed, and
+    its content checked against the size and SHA-256 of the original MNIST IDX file, pinned
+    here (mirrors recompressed the files, so their ``.gz`` bytes differ; the content may not).
+    ``directory`` then holds the four raw IDX files ``train-images-idx3-ubyte``,
+    ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``
+    (55 MB), each in place only once verified. A file that `load_mnist` would read already
+    holding the original content (raw or ``.gz``, dashed or dotted name) is not downloaded
+    again. Each download is `blazefl_fn.data.download.download`'s: atomic (an interrupted one
+    leaves only a hidden ``.NAME.<tag>.part`` file) and resumable (the next call continues it).
+
+    Args:
+        directory: where the files go (created if missing).
+        mirrors: base URLs that serve the four ``.gz`` files (``https://host/mnist/`` serving
+            ``https://host/mnist/train-images-idx3-ubyte.gz``, ...), tried in order for each
+            file; ``file:`` URLs work too.
+        timeout: seconds to wait for a server at each step (connect, each read).
+        progress: ``True`` draws a progress bar on stderr when it is a terminal; a stream
+            draws it there; ``False`` draws nothing.
+
+    Returns:
+        ``directory`` as a `Path` (pass it to `load_mnist` or ``--data-dir``).
+
+    Raises:
+        DownloadError: No mirror could be reached for a file, or the connection broke (an
+            `OSError`, one line naming each URL and its reason; the next call resumes).
+        ChecksumError: A mirror served other content and none the original (a `ValueError`
+            naming the URL and both digests; nothing is left in ``directory``).
+        ValueError: No mirror, a mirror that is not an ``http``, ``https`` or ``file`` URL, or
+            a bad ``timeout``.
+        NotADirectoryError: ``directory`` is a file.
+
+    Examples:
+        >>> from blazefl_fn.data import download_mnist, load_mnist
+        >>> train, test = load_mnist(download_mnist("data/mnist"))  # doctest: +SKIP
+        >>> len(train), len(test)  # doctest: +SKIP
+        (60000, 10000)
+    """
+    bases = (mirrors,) if isinstance(mirrors, str) else tuple(mirrors)
+    if not bases:
+        raise ValueError("download_mnist needs at least one mirror")
+    if not 0 < timeout < math.inf:  # NaN fails too
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    bases = tuple(base if base.endswith("/") else base + "/" for base in bases)
+    for base in bases:
+        check_url(base)
+    root = Path(directory)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"MNIST directory {root} is not a directory")
+    for pinned in _MNIST_FILES:
+        if _already_there(root, pinned):
+            continue
+        download(
+            [base + pinned.stem + ".gz" for base in bases],
+            root / pinned.stem,
+            pinned.sha256,
+            gunzip=True,
+            size=pinned.size,
+            timeout=timeout,
+            progress=progress,
+        )
+    return root
 
 
 def mnist_federated(
