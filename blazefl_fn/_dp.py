@@ -38,7 +38,8 @@ __all__ = [
     "private_mean_delta",
 ]
 
-S = TypeVar("S")
+# Covariant (a frozen record): a ``DPState[MomentumState]`` is a ``DPState[object]``.
+S = TypeVar("S", covariant=True)
 Data = TypeVar("Data")
 
 _F64 = torch.float64
@@ -132,7 +133,16 @@ class LocalDP:
 @attrs.frozen
 class DPState(Generic[S]):
     """``ServerState.aux`` of a central-DP algorithm: the server optimizer's state and the
-    current clip norm (it moves under adaptive clipping, so checkpoints keep it)."""
+    current clip norm (it moves under adaptive clipping, so checkpoints keep it).
+
+    Generic in ``server``, the aux of the algorithm `blazefl_fn.privacy.privatize` wrapped:
+    ``privatize(fedavg(...), CentralDP(...))`` holds a ``DPState[Mapping[str, Tensor]]`` (an
+    empty dict), ``privatize(fedavgm(...), CentralDP(...))`` a ``DPState[MomentumState]``.
+
+    Attributes:
+        server: the wrapped algorithm's own aux (its server optimizer's state).
+        clip_norm: the current clip norm ``C``.
+    """
 
     server: S
     clip_norm: float

@@ -30,10 +30,11 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, cast, overload
 
 import attrs
 import torch
+from typing_extensions import TypeVar
 
 from ._atomic import replaced_atomically
 from ._aux_leaves import SCALARS, BadLeaf, Mismatch, Reader, fit, flatten
@@ -65,11 +66,23 @@ _FORMAT = "blazefl_fn.checkpoint"
 _VERSION = 3
 
 
-@attrs.frozen(eq=False)
-class Checkpoint:
-    """A loaded checkpoint: the state and the configuration it was written with."""
+# The loaded state's aux: the type of the ``aux_template`` it was loaded with. Covariant and
+# defaulting to object, as `ServerState`'s: a bare ``Checkpoint`` means any aux.
+Aux = TypeVar("Aux", covariant=True, default=object)
+A = TypeVar("A")
 
-    state: ServerState
+
+@attrs.frozen(eq=False)
+class Checkpoint(Generic[Aux]):
+    """A loaded checkpoint: the state and the configuration it was written with.
+
+    Generic in the state's ``aux``, which `load_checkpoint` rebuilds in the structure of its
+    ``aux_template``: ``load_checkpoint(path, aux_template=algorithm.init(key).aux)`` is a
+    ``Checkpoint[A]`` for an ``Algorithm[Data, A]``, so its ``state`` goes back into the
+    algorithm's rounds without a cast.
+    """
+
+    state: ServerState[Aux]
     config: Mapping[str, Any]
     numerics: Mapping[str, Any] = attrs.field(factory=dict[str, Any])
 
@@ -341,9 +354,17 @@ class StoredCheckpoint:
         """The stored run configuration (`blazefl_fn.run.config_dict`'s form)."""
         return _json_object(self.path, self.payload, "config")
 
+    @overload
+    def load(
+        self, aux_template: None = None, params_template: Mapping[str, torch.Tensor] | None = None
+    ) -> Checkpoint[Mapping[str, torch.Tensor]]: ...
+    @overload
+    def load(
+        self, aux_template: A, params_template: Mapping[str, torch.Tensor] | None = None
+    ) -> Checkpoint[A]: ...
     def load(
         self, aux_template: object = None, params_template: Mapping[str, torch.Tensor] | None = None
-    ) -> Checkpoint:
+    ) -> Checkpoint[Any]:
         """The stored state, checked against the templates (see `load_checkpoint`)."""
         return _restore(self.path, self.payload, aux_template, params_template)
 
@@ -369,11 +390,23 @@ def read_checkpoint(location: str | os.PathLike[str]) -> StoredCheckpoint:
     return StoredCheckpoint(path, _read(path))
 
 
+@overload
+def load_checkpoint(
+    location: str | os.PathLike[str],
+    aux_template: None = None,
+    params_template: Mapping[str, torch.Tensor] | None = None,
+) -> Checkpoint[Mapping[str, torch.Tensor]]: ...
+@overload
+def load_checkpoint(
+    location: str | os.PathLike[str],
+    aux_template: A,
+    params_template: Mapping[str, torch.Tensor] | None = None,
+) -> Checkpoint[A]: ...
 def load_checkpoint(
     location: str | os.PathLike[str],
     aux_template: object = None,
     params_template: Mapping[str, torch.Tensor] | None = None,
-) -> Checkpoint:
+) -> Checkpoint[Any]:
     """Load the checkpoint at ``location`` (a directory or file), verified before use.
 
     Args:
@@ -383,6 +416,14 @@ def load_checkpoint(
             (``{}``).
         params_template: the model's parameters (e.g. ``algorithm.init(key).params``), whose
             names, shapes and dtypes the stored ones must have; None checks only their digest.
+
+    Returns:
+        The checkpoint, typed by ``aux_template``: its state's ``aux`` is rebuilt in the
+        template's structure, of the template's type (the attrs records, dicts, tuples, lists,
+        tensors and client stores algorithms keep; another mapping class comes back as a
+        dict, a named tuple as a tuple). With an ``Algorithm[Data, A]``,
+        ``load_checkpoint(path, algorithm.init(key).aux)`` is a ``Checkpoint[A]``; without a
+        template, a ``Checkpoint[Mapping[str, torch.Tensor]]`` (the empty aux).
 
     Raises:
         FileNotFoundError: there is no checkpoint there.
@@ -398,7 +439,7 @@ def _restore(
     data: Mapping[str, Any],
     aux_template: object,
     params_template: Mapping[str, torch.Tensor] | None,
-) -> Checkpoint:
+) -> Checkpoint[Any]:
     params = cast(dict[str, torch.Tensor], data["params"])
     if digest(params) != data["params_sha256"]:
         raise ValueError(f"checkpoint {path}: the parameters do not match their stored digest")

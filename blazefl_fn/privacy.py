@@ -1,7 +1,7 @@
 """Client-level differential privacy: DP-FedAvg as stages, and an accountant with a budget.
 
-`privatize` turns an algorithm built by `blazefl_fn.algorithms.compose` (the FedAvg family)
-into a private one:
+`privatize` turns an algorithm of the FedAvg family (`blazefl_fn.algorithms.fedavg` and every
+algorithm `blazefl_fn.algorithms.compose` builds) into a private one:
 
 - **central** (`CentralDP`, McMahan et al. 2018): the server clips each client's update to
   ``C``, adds Gaussian noise of standard deviation ``z * C`` to the sum once per round, drawn
@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 
 import attrs
 
@@ -79,6 +79,7 @@ __all__ = [
 ]
 
 Data = TypeVar("Data")
+A = TypeVar("A")
 
 ACCOUNTANTS = ("rdp", "prv")
 """The accountants `Accountant` offers: Opacus's ``RDPAccountant`` and ``PRVAccountant``."""
@@ -287,6 +288,24 @@ def _full_names(algorithm: Algorithm[Any, Any]) -> tuple[str, ...]:
     return tuple(algorithm.init(Key.from_seed(0)).params)
 
 
+@overload
+def privatize(
+    algorithm: Algorithm[Data, A],
+    dp: CentralDP,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    sampling: Literal["poisson", "fixed"] = "poisson",
+) -> Algorithm[Data, DPState[A]]: ...
+@overload
+def privatize(
+    algorithm: Algorithm[Data, A],
+    dp: LocalDP,
+    *,
+    num_clients: int,
+    clients_per_round: int,
+    sampling: Literal["poisson", "fixed"] = "poisson",
+) -> Algorithm[Data, A]: ...
 def privatize(
     algorithm: Algorithm[Data, Any],
     dp: CentralDP | LocalDP,
@@ -298,10 +317,11 @@ def privatize(
     """``algorithm`` with client-level DP: central (the server noises) or local (clients do).
 
     Args:
-        algorithm: built by `blazefl_fn.algorithms.compose` (fedavg's family: its aggregate
-            stage is an `Aggregate`); for central DP with the mean aggregator and no
-            ``clip_norm`` of its own, and buffers (BatchNorm statistics) only under
-            ``Aggregate(buffers="with_params")``; for local DP, a model without buffers.
+        algorithm: of the FedAvg family: `blazefl_fn.algorithms.fedavg`, `fedprox`,
+            `fedavgm`, ... or any built by `blazefl_fn.algorithms.compose` (its aggregate stage
+            is an `Aggregate`); for central DP with the mean aggregator and no ``clip_norm``
+            of its own, not central-private already, and buffers (BatchNorm statistics) only
+            under ``Aggregate(buffers="with_params")``; for local DP, a model without buffers.
             Its sampler is replaced by the one ``sampling`` names.
         dp: `CentralDP` or `LocalDP`.
         num_clients: clients in the federation.
@@ -309,31 +329,37 @@ def privatize(
             ``clients_per_round / num_clients``, or exactly this many with ``"fixed"``.
         sampling: ``"poisson"`` (what the accountants assume) or ``"fixed"``.
 
+    Returns:
+        The private algorithm. Under `CentralDP` its states' ``aux`` is a `DPState` holding
+        ``algorithm``'s aux (``DPState.server``) and the clip norm: ``privatize(fedavg(...),
+        CentralDP(...))`` is an ``Algorithm[ClientData, DPState[Mapping[str, Tensor]]]``.
+        Under `LocalDP` the server is unchanged and so is the aux type.
+
     Raises:
         ValueError: an algorithm or model the chosen DP cannot privatise, or bad counts.
         TypeError: ``dp`` is not a `CentralDP` or `LocalDP`.
 
     Examples:
         >>> import functools
-        >>> from blazefl_fn.algorithms.compose import compose
+        >>> from blazefl_fn.algorithms import fedavg
         >>> from blazefl_fn.local import LocalSGD
         >>> from blazefl_fn.models import logistic_regression
-        >>> algo = compose("fedavg", functools.partial(logistic_regression, (60,), 10),
-        ...                num_clients=100, clients_per_round=10, local=LocalSGD(),
-        ...                aggregate=Aggregate())
+        >>> algo = fedavg(functools.partial(logistic_regression, (60,), 10),
+        ...               num_clients=100, clients_per_round=10, local=LocalSGD())
         >>> private = privatize(algo, CentralDP(clip_norm=1.0, noise_multiplier=1.0),
         ...                     num_clients=100, clients_per_round=10)
-        >>> type(private.init(Key.from_seed(0)).aux).__name__
-        'DPState'
+        >>> private.init(Key.from_seed(0)).aux
+        DPState(server={}, clip_norm=1.0)
     """
     if not isinstance(cast(object, dp), CentralDP | LocalDP):
         raise TypeError(f"dp must be a CentralDP or a LocalDP, got {type(dp).__name__}")
     aggregate = algorithm.aggregate
     if not isinstance(aggregate, Aggregate) or not isinstance(algorithm.init, _Init):
         raise ValueError(
-            f"privatize needs an algorithm built by compose (an Aggregate stage); "
-            f"{algorithm.name!r} aggregates by its own rule"
+            "privatize needs an algorithm of the FedAvg family (fedavg, or one built by "
+            f"compose: an Aggregate stage); {algorithm.name!r} aggregates by its own rule"
         )
+    stage = cast(Aggregate[Any], aggregate)
     if not 1 <= clients_per_round <= num_clients:
         raise ValueError(
             f"clients_per_round must be in [1, num_clients={num_clients}], got {clients_per_round}"
@@ -346,17 +372,23 @@ def privatize(
         else uniform_sampler(num_clients, clients_per_round)
     }
     full = _full_names(algorithm)
-    trainable = aggregate.trainable or full
+    trainable = stage.trainable or full
     buffers = sorted(set(full) - set(trainable))
     if isinstance(dp, CentralDP):
-        if buffers and aggregate.buffers == "aggregate":
+        if stage.privacy is not None:
+            # Its aux is a DPState already: a second one would replace the first, not nest.
+            raise ValueError(
+                f"{algorithm.name!r} has central DP already; privatize the algorithm it was "
+                "made from"
+            )
+        if buffers and stage.buffers == "aggregate":
             raise ValueError(
                 f"central DP privatises the trainable parameters; the model has buffers "
                 f"{buffers[:4]} (e.g. BatchNorm statistics) that would be averaged without "
-                "noise: use a model without them, or Aggregate(buffers='with_params') to clip "
-                "and noise them as parameters"
+                "noise: use a model without them, or compose(..., aggregate=Aggregate("
+                "buffers='with_params')) to clip and noise them as parameters"
             )
-        private = attrs.evolve(aggregate, privacy=dp, expected_clients=float(clients_per_round))
+        private = attrs.evolve(stage, privacy=dp, expected_clients=float(clients_per_round))
         dp.update_noise_multiplier(float(clients_per_round))  # refuses a spent count budget
         changes["aggregate"] = private
         changes["init"] = attrs.evolve(algorithm.init, privacy=dp)

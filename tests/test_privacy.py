@@ -20,6 +20,7 @@ from blazefl_fn._dp import LocalNoiseUpdate
 from blazefl_fn.aggregators import clip_by_norm, global_norm
 from blazefl_fn.algorithms.compose import Aggregate, compose
 from blazefl_fn.algorithms.fedavg import fedavg
+from blazefl_fn.algorithms.scaffold import scaffold
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.jobs import ClientTask, VectorizedUpdate
 from blazefl_fn.keys import Key
@@ -257,8 +258,10 @@ def test_a_non_finite_local_update_is_sent_as_nan_for_the_policy_to_handle() -> 
 
 def test_privatize_refuses_what_it_cannot_privatise() -> None:
     common: dict[str, Any] = {"num_clients": 4, "clients_per_round": 2, "local": LocalSGD()}
-    with pytest.raises(ValueError, match="built by compose"):
-        privatize(fedavg(MODEL, **common), CentralDP(1.0, 1.0), num_clients=4, clients_per_round=2)
+    common_counts = {"num_clients": 4, "clients_per_round": 2}
+    with pytest.raises(ValueError, match="'scaffold' aggregates by its own rule"):
+        privatize(scaffold(MODEL, **common), CentralDP(1.0, 1.0), **common_counts)
+    privatize(fedavg(MODEL, **common), CentralDP(1.0, 1.0), num_clients=4, clients_per_round=2)
     from blazefl_fn.aggregators import median
 
     robust = compose("fedmedian", MODEL, **common, aggregate=Aggregate(aggregator=median))

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,25 @@ import pytest
 import torch
 
 import blazefl_fn as fl
+from blazefl_fn.privacy import DPState
 from blazefl_fn.run import RunConfig, load_federation, model_factory
+from blazefl_fn.server_transforms import (
+    AdaptiveState,
+    ChainState,
+    MomentumState,
+    adam,
+    chain,
+    momentum,
+    sgd,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PYRIGHT = Path(sys.executable).parent / "pyright"
 
 MISUSE = """
 from __future__ import annotations
+
+import torch
 
 import blazefl_fn as fl
 from blazefl_fn.algorithms import ScaffoldState
@@ -45,6 +58,44 @@ def resumed(round_fn: RoundFn[ScaffoldState], state: fl.ServerState[ScaffoldStat
     fl.run_rounds(round_fn, state, fl.Key.from_seed(0), 2)  # the 0.1.0 call: pyright must say so
     fl.run_rounds(round_fn, state, fl.Key.from_seed(0), rounds=2)  # the same, by keyword
     fl.run_rounds(round_fn, state, fl.Key.from_seed(0), until=2)
+
+
+def model() -> torch.nn.Module:
+    return torch.nn.Linear(2, 1)
+
+
+def plain_and_private(key: fl.Key) -> None:
+    algo = fl.fedavg(model, num_clients=4, clients_per_round=2, local=fl.LocalSGD())
+    state = algo.init(key)
+    print(len(state.aux))  # FedAvg's aux: an empty mapping
+    print(state.aux.c)  # a FedAvg state has no aux field c: pyright must say so
+    private = fl.privatize(
+        algo, fl.CentralDP(clip_norm=1.0, noise_multiplier=1.0), num_clients=4, clients_per_round=2
+    )
+    noised = private.init(key)
+    print(noised.aux.clip_norm, len(noised.aux.server))  # DP's clip norm and FedAvg's aux
+    print(noised.aux.clip)  # a typo of clip_norm: pyright must say so
+    algo.aggregate(noised, [])  # a private state fed to the plain algorithm: pyright must say so
+    local = fl.privatize(algo, fl.LocalDP(1.0, 1.0), num_clients=4, clients_per_round=2)
+    print(len(local.init(key).aux))  # local DP keeps the server, and its aux
+    restored = fl.load_checkpoint("ck", aux_template=noised.aux).state
+    private.aggregate(restored, [])  # a checkpoint loaded for this algorithm
+
+
+def composed(key: fl.Key) -> None:
+    aggregate = fl.Aggregate(server=fl.server_transforms.momentum(lr=1.0, beta=0.9))
+    algo = fl.compose(
+        "my-fedavgm", model, num_clients=4, clients_per_round=2, local=fl.LocalSGD(),
+        aggregate=aggregate,
+    )
+    state = algo.init(key)
+    print(sorted(state.aux.velocity))  # FedAvgM's server momentum
+    print(state.aux.velocty)  # a typo of velocity: pyright must say so
+    restored = fl.load_checkpoint("ck", aux_template=state.aux).state
+    print(sorted(restored.aux.velocity))  # a checkpoint loaded for this algorithm
+    fl.fedavgm(model, num_clients=4, clients_per_round=2, local=fl.LocalSGD()).aggregate(
+        restored, []
+    )  # the named FedAvgM takes the composed one's state
 """
 
 
@@ -78,7 +129,70 @@ def test_user_code_outside_the_repository_type_checks_against_the_installed_pack
         "fl.run_rounds(round_fn, state, fl.Key.from_seed(0), 2)  # the 0.1.0 call: pyright must "
         "say so",
         "fl.run_rounds(round_fn, state, fl.Key.from_seed(0), rounds=2)  # the same, by keyword",
+        # Each was not flagged while fedavg, compose and privatize returned an Any aux.
+        "print(state.aux.c)  # a FedAvg state has no aux field c: pyright must say so",
+        "print(noised.aux.clip)  # a typo of clip_norm: pyright must say so",
+        "algo.aggregate(noised, [])  # a private state fed to the plain algorithm: pyright must "
+        "say so",
+        "print(state.aux.velocty)  # a typo of velocity: pyright must say so",
     }, [d["message"] for d in errors]
+
+
+NAMED: dict[str, Any] = {
+    "fedavg": {}, "fedprox": {"mu": 0.1}, "fedavgm": {}, "fedadam": {}, "fedyogi": {},
+    "fedadagrad": {}, "fedmedian": {}, "trimmed_mean_fedavg": {}, "krum_fedavg": {},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_a_named_algorithms_aux_is_what_its_return_type_says(name: str) -> None:
+    build = getattr(fl, name)
+    declared = typing.get_args(typing.get_type_hints(build)["return"])[1]
+    algo = build(
+        lambda: torch.nn.Linear(2, 1), num_clients=6, clients_per_round=5, local=fl.LocalSGD(),
+        **NAMED[name],
+    )  # fmt: skip
+    aux = algo.init(fl.Key.from_seed(0)).aux
+    assert isinstance(aux, typing.get_origin(declared) or declared), (name, aux, declared)
+    private = fl.privatize(algo, fl.LocalDP(1.0, 1.0), num_clients=6, clients_per_round=5)
+    assert type(private.init(fl.Key.from_seed(0)).aux) is type(aux)  # local DP: the same aux
+    if name in ("fedmedian", "trimmed_mean_fedavg", "krum_fedavg"):
+        return  # central DP needs the mean
+    central = fl.privatize(algo, fl.CentralDP(1.0, 1.0), num_clients=6, clients_per_round=5)
+    wrapped = central.init(fl.Key.from_seed(0)).aux
+    assert isinstance(wrapped, DPState)
+    assert type(wrapped.server) is type(aux)
+
+
+def test_composes_aux_is_its_aggregate_stages() -> None:
+    def build(aggregate: fl.Aggregate[Any]) -> object:
+        algo = fl.compose(
+            "x", lambda: torch.nn.Linear(2, 1), num_clients=4, clients_per_round=2,
+            local=fl.LocalSGD(), aggregate=aggregate,
+        )  # fmt: skip
+        return algo.init(fl.Key.from_seed(0)).aux
+
+    assert build(fl.Aggregate()) == {}
+    assert isinstance(build(fl.Aggregate(server=momentum(1.0))), MomentumState)
+    assert isinstance(build(fl.Aggregate(server=chain(sgd(1.0)))), ChainState)
+    dp = fl.CentralDP(1.0, 1.0)
+    private = build(fl.Aggregate(server=adam(0.1), privacy=dp, expected_clients=2.0))
+    assert isinstance(private, DPState)
+    assert isinstance(private.server, AdaptiveState)
+
+
+def test_a_checkpoint_loads_as_its_templates_type(tmp_path: Path) -> None:
+    algo = fl.fedavgm(
+        lambda: torch.nn.Linear(2, 1), num_clients=4, clients_per_round=2, local=fl.LocalSGD()
+    )
+    state = algo.init(fl.Key.from_seed(0))
+    fl.save_checkpoint(tmp_path, state, {})
+    assert isinstance(fl.load_checkpoint(tmp_path, state.aux).state.aux, MomentumState)
+    empty = fl.fedavg(
+        lambda: torch.nn.Linear(2, 1), num_clients=4, clients_per_round=2, local=fl.LocalSGD()
+    )
+    fl.save_checkpoint(tmp_path / "empty", empty.init(fl.Key.from_seed(0)), {})
+    assert fl.load_checkpoint(tmp_path / "empty").state.aux == {}
 
 
 def test_what_a_user_needs_to_write_an_algorithm_is_at_the_top_level() -> None:

@@ -3,19 +3,24 @@ stage (optional delta clipping -> aggregator -> optional server transform).
 
 Every algorithm of the library is a call of `compose` with a few stages:
 
-============  ==================================  ======================================
-algorithm     client stage                        aggregate stage
-============  ==================================  ======================================
-fedavg        local SGD                           weighted mean
-fedprox       local SGD + `ProximalTerm` (mu)     weighted mean
-fedavgm       local SGD                           weighted mean -> `momentum` (lr, beta)
-fedadam       local SGD                           weighted mean -> `adam` (Reddi et al.)
-fedyogi       local SGD                           weighted mean -> `yogi`
-fedadagrad    local SGD                           weighted mean -> `adagrad`
-fedmedian     local SGD                           coordinate-wise median
-trimmed-mean  local SGD                           trimmed mean (beta)
-krum          local SGD                           Krum / Multi-Krum (f, m)
-============  ==================================  ======================================
+============  ===============================  ======================================  =============
+algorithm     client stage                     aggregate stage                         ``aux``
+============  ===============================  ======================================  =============
+fedavg        local SGD                        weighted mean                           ``{}``
+fedprox       local SGD + `ProximalTerm` (mu)  weighted mean                           ``{}``
+fedavgm       local SGD                        weighted mean -> `momentum` (lr, beta)  MomentumState
+fedadam       local SGD                        weighted mean -> `adam` (Reddi et al.)  AdaptiveState
+fedyogi       local SGD                        weighted mean -> `yogi`                 AdaptiveState
+fedadagrad    local SGD                        weighted mean -> `adagrad`              AdaptiveState
+fedmedian     local SGD                        coordinate-wise median                  ``{}``
+trimmed-mean  local SGD                        trimmed mean (beta)                     ``{}``
+krum          local SGD                        Krum / Multi-Krum (f, m)                ``{}``
+============  ===============================  ======================================  =============
+
+The ``aux`` column is what `ServerState.aux` holds, and each function's return type says it:
+``{}`` is typed ``Mapping[str, torch.Tensor]`` (``fl.Algorithm[fl.ClientData,
+Mapping[str, torch.Tensor]]``), the others are the server optimizer's state record
+(`blazefl_fn.server_transforms`), so that pyright flags a misspelt ``state.aux`` field.
 
 Any of them takes ``clip_norm``: each client's delta (its parameters minus the global ones) is
 clipped to that global L2 norm before aggregation.
@@ -31,10 +36,12 @@ as parameters (the behaviour before this policy).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Literal, cast
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Generic, Literal, cast, overload
 
 import attrs
+import torch
+from typing_extensions import TypeVar
 
 from .._dp import CentralDP, DPState, private_mean_delta
 from ..aggregators import Aggregator, clip_by_norm, krum, mean, median, trimmed_mean
@@ -46,6 +53,8 @@ from ..records import ServerState, Uplink
 from ..reproducibility import ModelFactory, build_module, build_template
 from ..round import Algorithm, uniform_sampler
 from ..server_transforms import (
+    AdaptiveState,
+    MomentumState,
     ServerTransform,
     adagrad,
     adam,
@@ -73,14 +82,24 @@ __all__ = [
 ]
 
 
+# The aux of the states an `Aggregate` maps, which its arguments decide (its ``__init__``
+# overloads). Covariant, so that a dict of different stages can feed `compose`.
+Aux = TypeVar("Aux", covariant=True, default=Any)
+A = TypeVar("A")
+S = TypeVar("S")
+
+
 @attrs.frozen
 class _Init:
+    """The aux `Aggregate`'s overloads promise: ``{}`` or the server transform's state, in a
+    `DPState` under central DP."""
+
     model_fn: ModelFactory
     server: ServerTransform[Any] | None
     trainable: tuple[str, ...] | None = None
     privacy: CentralDP | None = None
 
-    def __call__(self, key: Key) -> ServerState:
+    def __call__(self, key: Key) -> ServerState[Any]:
         params = from_module(build_module(self.model_fn, key))
         stepped = params if self.trainable is None else select(params, self.trainable)
         aux: object = {} if self.server is None else self.server.init(stepped)
@@ -90,8 +109,13 @@ class _Init:
 
 
 @attrs.frozen
-class Aggregate:
+class Aggregate(Generic[Aux]):
     """The aggregate stage: clip client deltas, aggregate weighted by examples, server step.
+
+    Generic in the ``aux`` of the states it maps, which its arguments decide:
+    ``Aggregate()`` is an ``Aggregate[Mapping[str, torch.Tensor]]`` (the empty aux, ``{}``),
+    ``Aggregate(server=momentum(...))`` an ``Aggregate[MomentumState]`` (the server
+    transform's state), and with ``privacy`` it is a `DPState` of either.
 
     Attributes:
         aggregator: combines the (clipped) client parameters with weights ``num_examples``.
@@ -125,6 +149,63 @@ class Aggregate:
     privacy: CentralDP | None = None
     expected_clients: float | None = None
 
+    if TYPE_CHECKING:  # attrs writes the __init__; these say which aux the arguments make.
+
+        @overload
+        def __init__(
+            self: Aggregate[Mapping[str, torch.Tensor]],
+            aggregator: Aggregator = mean,
+            server: None = None,
+            clip_norm: float | None = None,
+            buffers: Literal["aggregate", "with_params"] = "aggregate",
+            trainable: tuple[str, ...] | None = None,
+            privacy: None = None,
+            expected_clients: float | None = None,
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: Aggregate[S],
+            aggregator: Aggregator = mean,
+            server: ServerTransform[S] = ...,
+            clip_norm: float | None = None,
+            buffers: Literal["aggregate", "with_params"] = "aggregate",
+            trainable: tuple[str, ...] | None = None,
+            privacy: None = None,
+            expected_clients: float | None = None,
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: Aggregate[DPState[Mapping[str, torch.Tensor]]],
+            aggregator: Aggregator = mean,
+            server: None = None,
+            clip_norm: float | None = None,
+            buffers: Literal["aggregate", "with_params"] = "aggregate",
+            trainable: tuple[str, ...] | None = None,
+            privacy: CentralDP = ...,
+            expected_clients: float | None = None,
+        ) -> None: ...
+        @overload
+        def __init__(
+            self: Aggregate[DPState[S]],
+            aggregator: Aggregator = mean,
+            server: ServerTransform[S] = ...,
+            clip_norm: float | None = None,
+            buffers: Literal["aggregate", "with_params"] = "aggregate",
+            trainable: tuple[str, ...] | None = None,
+            privacy: CentralDP = ...,
+            expected_clients: float | None = None,
+        ) -> None: ...
+        def __init__(
+            self,
+            aggregator: Aggregator = mean,
+            server: ServerTransform[Any] | None = None,
+            clip_norm: float | None = None,
+            buffers: Literal["aggregate", "with_params"] = "aggregate",
+            trainable: tuple[str, ...] | None = None,
+            privacy: CentralDP | None = None,
+            expected_clients: float | None = None,
+        ) -> None: ...
+
     def __attrs_post_init__(self) -> None:
         if self.privacy is None:
             return
@@ -144,7 +225,9 @@ class Aggregate:
         """The entries clipping, aggregation and the server step act on (None: all)."""
         return self.trainable if self.buffers == "aggregate" else None
 
-    def __call__(self, state: ServerState, uplinks: Sequence[Uplink]) -> ServerState:
+    def __call__(
+        self: Aggregate[A], state: ServerState[A], uplinks: Sequence[Uplink]
+    ) -> ServerState[A]:
         """The next state (refused with ``privacy``: its noise needs the round's key)."""
         if self.privacy is not None:
             raise TypeError(
@@ -154,13 +237,14 @@ class Aggregate:
         return self.with_key(state, uplinks, None)
 
     def with_key(
-        self, state: ServerState, uplinks: Sequence[Uplink], key: Key | None
-    ) -> ServerState:
+        self: Aggregate[A], state: ServerState[A], uplinks: Sequence[Uplink], key: Key | None
+    ) -> ServerState[A]:
         """The next state; ``key`` draws central DP's noise (unused without ``privacy``)."""
         if self.privacy is not None:
             if key is None:
                 raise TypeError("a central-DP aggregate needs the round's key")
-            return self._private(state, uplinks, self.privacy, key)
+            # Under privacy the aux is a DPState (the overloads of __init__).
+            return cast(ServerState[A], self._private(state, uplinks, self.privacy, key))
         weights = [u.num_examples for u in uplinks]
         if sum(weights) == 0:
             return attrs.evolve(state, round=state.round + 1)
@@ -183,7 +267,7 @@ class Aggregate:
 
     def _private(
         self, state: ServerState, uplinks: Sequence[Uplink], dp: CentralDP, key: Key
-    ) -> ServerState:
+    ) -> ServerState[DPState[Any]]:
         aux = state.aux
         if not isinstance(aux, DPState):
             raise TypeError(f"a central-DP aggregate needs a DPState aux, got {type(aux).__name__}")
@@ -210,9 +294,15 @@ def compose(
     num_clients: int,
     clients_per_round: int,
     local: LocalSGD,
-    aggregate: Aggregate,
-) -> Algorithm[ClientData]:
+    aggregate: Aggregate[A],
+) -> Algorithm[ClientData, A]:
     """An algorithm from its stages: uniform sampling, ``local`` training, ``aggregate``.
+
+    Returns:
+        The algorithm, typed by the ``aux`` its states hold, which is the aggregate stage's
+        (`Aggregate`): ``Mapping[str, torch.Tensor]`` (an empty dict) without a server
+        transform, the transform's state with one (``MomentumState`` for ``momentum``), a
+        `DPState` of either under central DP.
 
     Raises:
         ValueError: ``clients_per_round`` is not in ``[1, num_clients]``.
@@ -227,13 +317,14 @@ def compose(
         >>> type(algo.init(Key.from_seed(0)).aux).__name__
         'MomentumState'
     """
+    sample = uniform_sampler(num_clients, clients_per_round)
     template = build_template(model_fn)
     if aggregate.trainable is None:
         aggregate = attrs.evolve(aggregate, trainable=trainable_names(template, aliases=True))
     return Algorithm(
         name=name,
         init=_Init(model_fn, aggregate.server, aggregate.stepped_names(), aggregate.privacy),
-        sample=uniform_sampler(num_clients, clients_per_round),
+        sample=sample,
         broadcast=broadcast_params,
         client_update=LocalSGDUpdate(template, local),
         aggregate=aggregate,
@@ -248,8 +339,13 @@ def fedprox(
     local: LocalSGD,
     mu: float,
     clip_norm: float | None = None,
-) -> Algorithm[ClientData]:
-    """FedProx (Li et al. 2020): local SGD with the proximal term ``mu/2 ||w - w_global||^2``."""
+) -> Algorithm[ClientData, Mapping[str, torch.Tensor]]:
+    """FedProx (Li et al. 2020): local SGD with the proximal term ``mu/2 ||w - w_global||^2``.
+
+    Returns:
+        The algorithm; its states' ``aux`` is empty (``{}``, typed
+        ``Mapping[str, torch.Tensor]``).
+    """
     hooked = attrs.evolve(local, hooks=(*local.hooks, ProximalTerm(mu)))
     return compose(
         "fedprox", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
@@ -266,8 +362,12 @@ def fedavgm(
     server_lr: float = 1.0,
     beta: float = 0.9,
     clip_norm: float | None = None,
-) -> Algorithm[ClientData]:
-    """FedAvgM (Hsu et al. 2019): server momentum on the averaged update."""
+) -> Algorithm[ClientData, MomentumState]:
+    """FedAvgM (Hsu et al. 2019): server momentum on the averaged update.
+
+    Returns:
+        The algorithm; its states' ``aux`` is the server optimizer's `MomentumState`.
+    """
     return compose(
         "fedavgm", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
         local=local, aggregate=Aggregate(server=momentum(server_lr, beta), clip_norm=clip_norm),
@@ -285,8 +385,12 @@ def fedadam(
     b2: float = 0.99,
     tau: float = 1e-3,
     clip_norm: float | None = None,
-) -> Algorithm[ClientData]:
-    """FedAdam (Reddi et al. 2021): Adam on the averaged update, no bias correction."""
+) -> Algorithm[ClientData, AdaptiveState]:
+    """FedAdam (Reddi et al. 2021): Adam on the averaged update, no bias correction.
+
+    Returns:
+        The algorithm; its states' ``aux`` is the server optimizer's `AdaptiveState`.
+    """
     return compose(
         "fedadam", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
         local=local,
@@ -305,8 +409,12 @@ def fedyogi(
     b2: float = 0.99,
     tau: float = 1e-3,
     clip_norm: float | None = None,
-) -> Algorithm[ClientData]:
-    """FedYogi (Reddi et al. 2021): Yogi's additive second moment on the averaged update."""
+) -> Algorithm[ClientData, AdaptiveState]:
+    """FedYogi (Reddi et al. 2021): Yogi's additive second moment on the averaged update.
+
+    Returns:
+        The algorithm; its states' ``aux`` is the server optimizer's `AdaptiveState`.
+    """
     return compose(
         "fedyogi", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
         local=local,
@@ -323,8 +431,12 @@ def fedadagrad(
     server_lr: float = 0.1,
     tau: float = 1e-3,
     clip_norm: float | None = None,
-) -> Algorithm[ClientData]:
-    """FedAdagrad (Reddi et al. 2021): Adagrad on the averaged update."""
+) -> Algorithm[ClientData, AdaptiveState]:
+    """FedAdagrad (Reddi et al. 2021): Adagrad on the averaged update.
+
+    Returns:
+        The algorithm; its states' ``aux`` is the server optimizer's `AdaptiveState`.
+    """
     return compose(
         "fedadagrad", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
         local=local, aggregate=Aggregate(server=adagrad(server_lr, tau), clip_norm=clip_norm),
@@ -338,8 +450,13 @@ def fedmedian(
     clients_per_round: int,
     local: LocalSGD,
     clip_norm: float | None = None,
-) -> Algorithm[ClientData]:
-    """FedMedian (Yin et al. 2018): the coordinate-wise median of the client models."""
+) -> Algorithm[ClientData, Mapping[str, torch.Tensor]]:
+    """FedMedian (Yin et al. 2018): the coordinate-wise median of the client models.
+
+    Returns:
+        The algorithm; its states' ``aux`` is empty (``{}``, typed
+        ``Mapping[str, torch.Tensor]``).
+    """
     return compose(
         "fedmedian", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
         local=local, aggregate=Aggregate(aggregator=median, clip_norm=clip_norm),
@@ -354,9 +471,14 @@ def trimmed_mean_fedavg(
     local: LocalSGD,
     beta: float = 0.1,
     clip_norm: float | None = None,
-) -> Algorithm[ClientData]:
+) -> Algorithm[ClientData, Mapping[str, torch.Tensor]]:
     """Trimmed-mean FedAvg (Yin et al. 2018): per coordinate, drop the ``beta`` fraction of
-    largest and smallest client values, average the rest."""
+    largest and smallest client values, average the rest.
+
+    Returns:
+        The algorithm; its states' ``aux`` is empty (``{}``, typed
+        ``Mapping[str, torch.Tensor]``).
+    """
     return compose(
         "trimmed-mean", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
         local=local, aggregate=Aggregate(aggregator=trimmed_mean(beta), clip_norm=clip_norm),
@@ -372,9 +494,13 @@ def krum_fedavg(
     f: int = 1,
     m: int = 1,
     clip_norm: float | None = None,
-) -> Algorithm[ClientData]:
+) -> Algorithm[ClientData, Mapping[str, torch.Tensor]]:
     """Krum (Blanchard et al. 2017), or Multi-Krum with ``m > 1``, tolerating ``f`` Byzantine
     clients; needs ``clients_per_round > 2f + 2``.
+
+    Returns:
+        The algorithm; its states' ``aux`` is empty (``{}``, typed
+        ``Mapping[str, torch.Tensor]``).
 
     Raises:
         ValueError: ``clients_per_round <= 2f + 2`` (checked here, not in the first round).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import attrs
 import torch
@@ -13,8 +13,8 @@ from ..local import LocalSGD, train_local
 from ..local_chunk import client_bytes, train_local_chunk
 from ..local_training import LocalTraining, train
 from ..records import Downlink, ServerState, Uplink
-from ..reproducibility import ModelFactory, build_module, build_template
-from ..round import Algorithm, ClientTask, uniform_sampler
+from ..reproducibility import ModelFactory, build_module
+from ..round import Algorithm, ClientTask
 from ..tree import from_module, weighted_mean
 
 __all__ = [
@@ -121,8 +121,12 @@ def fedavg(
     num_clients: int,
     clients_per_round: int,
     local: LocalSGD,
-) -> Algorithm[ClientData]:
+) -> Algorithm[ClientData, Mapping[str, torch.Tensor]]:
     """FedAvg: sample uniformly, train locally with SGD, average weighted by examples.
+
+    Built by `blazefl_fn.algorithms.compose` with the plain ``Aggregate()`` stage (the weighted
+    mean, which gives the bits of `mean_by_examples`), so `blazefl_fn.privacy.privatize`
+    accepts it.
 
     Args:
         model_fn: builds the model (a plain ``nn.Module``); the initial weights come from the
@@ -130,6 +134,10 @@ def fedavg(
         num_clients: clients in the federation.
         clients_per_round: clients sampled each round, without replacement.
         local: local training hyperparameters.
+
+    Returns:
+        The algorithm; its states' ``aux`` is empty (``{}``, typed
+        ``Mapping[str, torch.Tensor]``), so pyright flags any ``state.aux.<field>``.
 
     Raises:
         ValueError: ``clients_per_round`` is not in ``[1, num_clients]``.
@@ -139,16 +147,13 @@ def fedavg(
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = fedavg(functools.partial(logistic_regression, (60,), 10),
         ...               num_clients=30, clients_per_round=10, local=LocalSGD())
-        >>> algo.name, sorted(algo.init(Key.from_seed(0)).params)
-        ('fedavg', ['1.bias', '1.weight'])
+        >>> state = algo.init(Key.from_seed(0))
+        >>> algo.name, sorted(state.params), state.aux
+        ('fedavg', ['1.bias', '1.weight'], {})
     """
-    sample = uniform_sampler(num_clients, clients_per_round)
-    template = build_template(model_fn)
-    return Algorithm(
-        name="fedavg",
-        init=ModelInit(model_fn),
-        sample=sample,
-        broadcast=broadcast_params,
-        client_update=LocalSGDUpdate(template, local),
-        aggregate=mean_by_examples,
-    )
+    from .compose import Aggregate, compose  # compose imports this module's stages
+
+    return compose(
+        "fedavg", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
+        local=local, aggregate=Aggregate(),
+    )  # fmt: skip
