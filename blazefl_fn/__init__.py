@@ -16,6 +16,7 @@ from . import client_state as client_state
 from . import client_store as client_store
 from . import data as data
 from . import devices as devices
+from . import portable as portable
 from . import privacy as privacy
 from . import server_transforms as server_transforms
 from . import stochastic as stochastic
@@ -198,6 +199,7 @@ __all__ = [
     "make_round",
     "on_server",
     "poisson_sampler",
+    "portable",
     "privacy",
     "privatize",
     "read_metrics",

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -229,14 +231,27 @@ _LEAK_CHECK = textwrap.dedent(
 )
 
 
-def test_no_shared_memory_or_descriptor_outlives_the_executor(tmp_path: Path) -> None:
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A private temporary directory with a short path, for a child's ``TMPDIR``.
+
+    multiprocessing binds its sockets there (``pymp-*/listener-*``), and an AF_UNIX path holds
+    at most 107 bytes: under ``tmp_path`` in a parallel run
+    (``/tmp/pytest-of-USER/pytest-N/popen-gwK/<test name>/``) it did not fit.
+    """
+    path = Path(tempfile.mkdtemp(prefix="bfl-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_no_shared_memory_or_descriptor_outlives_the_executor(
+    tmp_path: Path, scratch: Path
+) -> None:
     # In a process of its own with a private temporary directory: it observes only what its
     # own executor made, whatever else runs on the machine (issue 35: a count of pymp-*
     # entries in the shared /tmp failed whenever another program used multiprocessing).
     script = tmp_path / "leak_check.py"
     script.write_text(_LEAK_CHECK.format(tests=str(Path(__file__).parent)))
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300,
         check=False, env={**os.environ, "TMPDIR": str(scratch)},
@@ -513,33 +528,35 @@ _POOL_SCRIPT = textwrap.dedent(
 )
 
 
-def _pool_script(tmp_path: Path, mode: str, **popen: Any) -> subprocess.Popen[str]:
+def _pool_script(tmp_path: Path, scratch: Path, mode: str, **popen: Any) -> subprocess.Popen[str]:
     script = tmp_path / "pool.py"
     script.write_text(_POOL_SCRIPT)
-    scratch = tmp_path / "tmp"
-    scratch.mkdir(exist_ok=True)
     return subprocess.Popen(
         [sys.executable, str(script), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env={**os.environ, "TMPDIR": str(scratch)}, **popen,
     )  # fmt: skip
 
 
-def test_killed_workers_leave_nothing_in_the_temporary_directory(tmp_path: Path) -> None:
+def test_killed_workers_leave_nothing_in_the_temporary_directory(
+    tmp_path: Path, scratch: Path
+) -> None:
     # Before: each killed worker left its pymp-* directory in the temporary directory.
-    proc = _pool_script(tmp_path, "kill-workers")
+    proc = _pool_script(tmp_path, scratch, "kill-workers")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert out == "worker error\n"
-    assert os.listdir(tmp_path / "tmp") == []
+    assert os.listdir(scratch) == []
 
 
-def test_workers_of_a_driver_killed_with_sigkill_leave_nothing_behind(tmp_path: Path) -> None:
-    proc = _pool_script(tmp_path, "wait")
+def test_workers_of_a_driver_killed_with_sigkill_leave_nothing_behind(
+    tmp_path: Path, scratch: Path
+) -> None:
+    proc = _pool_script(tmp_path, scratch, "wait")
     assert proc.stdout is not None
     assert proc.stdout.readline() == "ready\n"
     family = descendants(proc.pid)
     # One pymp-* directory, the driver's: its workers share it rather than make their own.
-    (driver_dir,) = os.listdir(tmp_path / "tmp")
+    (driver_dir,) = os.listdir(scratch)
     proc.kill()
     proc.communicate(timeout=60)
     deadline = time.monotonic() + 30  # the workers notice their parent is gone
@@ -547,4 +564,4 @@ def test_workers_of_a_driver_killed_with_sigkill_leave_nothing_behind(tmp_path: 
         time.sleep(0.1)
     assert not any(alive(p) for p in family)
     # The driver's own directory stays, as any Python program's killed with SIGKILL does.
-    assert os.listdir(tmp_path / "tmp") == [driver_dir]
+    assert os.listdir(scratch) == [driver_dir]
