@@ -112,10 +112,15 @@ def replaced_atomically(path: Path, what: str = "output") -> Generator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    # Persist the rename itself.
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename into ``directory`` durable (best effort: where a directory cannot be
+    opened or fsynced, nothing happens)."""
     with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
-            os.fsync(dir_fd)
+            os.fsync(fd)
         finally:
-            os.close(dir_fd)
+            os.close(fd)

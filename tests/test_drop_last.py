@@ -125,3 +125,11 @@ def test_cli_drop_last_changes_the_bits_and_is_in_the_resolved_config(tmp_path: 
         rounds=2, clients=4, clients_per_round=2, batch_size=7, drop_last=True
     )
     assert fl.LocalSGD(drop_last=True).drop_last  # exported where users build it
+
+
+def test_cli_drop_last_takes_no_value(capsys: pytest.CaptureFixture[str]) -> None:
+    from blazefl_fn.cli import main
+
+    assert main(["run", "--drop-last=yes", "--rounds", "1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "blazefl-fn: error: argument --drop-last: ignored explicit argument 'yes'"

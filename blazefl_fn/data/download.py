@@ -50,6 +50,7 @@ from typing import Any, BinaryIO, Literal, Protocol, TextIO, cast
 
 import attrs
 
+from .._atomic import fsync_directory
 from .._locks import holding
 
 __all__ = ["ChecksumError", "DownloadError", "download", "extract_tar"]
@@ -415,17 +416,6 @@ def has_content(
     return _is_verified(Path(path), _expected(sha256, None), size, gunzip=gunzip)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (POSIX only)."""
-    if hasattr(os, "O_DIRECTORY"):
-        with contextlib.suppress(OSError):
-            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
 def _install(
     url: str, part: Path, target: Path, digest: _Digest, size: int | None, gunzip: bool
 ) -> None:
@@ -440,7 +430,7 @@ def _install(
         with open(part, "rb+") as file:
             os.fsync(file.fileno())
         os.replace(part, target)
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
         return
     fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     temp = Path(temp_name)
@@ -454,7 +444,7 @@ def _install(
         with contextlib.suppress(OSError):
             temp.unlink()
         raise
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 def _fetch_and_install(
