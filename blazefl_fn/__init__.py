@@ -64,14 +64,10 @@ from .jobs import VectorizedUpdate as VectorizedUpdate
 from .keys import STREAMS_VERSION as STREAMS_VERSION
 from .keys import Key as Key
 from .local import Distillation as Distillation
-from .local import GradientHook as GradientHook
-from .local import LocalSGD as LocalSGD
-from .local import ProximalTerm as ProximalTerm
 from .local import evaluate as evaluate
 from .local import evaluate_clients as evaluate_clients
-from .local import train_local as train_local
-from .local_chunk import train_local_chunk as train_local_chunk
 from .local_training import LocalResult as LocalResult
+from .local_training import LocalSGD as LocalSGD
 from .local_training import LocalTraining as LocalTraining
 from .local_training import Trained as Trained
 from .local_training import train as train
@@ -136,7 +132,6 @@ __all__ = [
     "Executor",
     "FederatedDataset",
     "GlobalRNGError",
-    "GradientHook",
     "Key",
     "KeyedAggregate",
     "KeyedDropout",
@@ -154,7 +149,6 @@ __all__ = [
     "PoissonSampler",
     "PrivacyBudget",
     "Processes",
-    "ProximalTerm",
     "Ray",
     "RoundEvent",
     "RoundReport",
@@ -213,8 +207,6 @@ __all__ = [
     "simulate",
     "stochastic",
     "train",
-    "train_local",
-    "train_local_chunk",
     "trainable_names",
     "tree",
     "trimmed_mean_fedavg",

@@ -58,7 +58,8 @@ from .executors.sequential import Sequential
 from .executors.threads import Threads
 from .executors.vectorized import Vectorized
 from .keys import Key
-from .local import Distillation, LocalSGD
+from .local import Distillation
+from .local_training import LocalSGD
 from .models import cnn, logistic_regression, mlp
 from .privacy import Accountant, AdaptiveClipping, CentralDP, LocalDP, privatize
 from .reproducibility import ModelFactory
@@ -257,7 +258,7 @@ def _algorithm(
         epochs=config.local_epochs,
         batch_size=config.batch_size,
         lr=config.lr,
-        transform=train_transform(config),
+        augment=train_transform(config),
         drop_last=config.drop_last,
     )
     common: dict[str, Any] = {

@@ -3,7 +3,7 @@
 Local training (`blazefl_fn.local_training.train`) takes, at every step, the gradients of the
 trainable parameters by name, passes them through a `GradientTransform` (a chain of stages:
 corrections, momentum, ...), and steps ``p <- p - lr * direction``. Loss terms add to the
-training loss before the backward pass (FedProx's and FedDyn's regularisers).
+training loss before the backward pass (FedDyn's regulariser).
 
 A stage sees a `StepInput`: the current parameters, the anchor (their values at the start of
 local training, i.e. the downlink's) and named trees the client update supplies (SCAFFOLD's
@@ -13,10 +13,9 @@ be stored as client state between rounds (`chain` packs its stages' states by in
 ==========================  ==================================================================
 stage                       direction
 ==========================  ==================================================================
-`add_proximal` (mu)         ``g + mu * (w - anchor)`` (FedProx, as a gradient term)
+`add_proximal` (mu)         ``g + mu * (w - anchor)`` (FedProx's term, in its one form)
 `add_trees` (plus, minus)   ``g + sum(plus trees) - sum(minus trees)`` (SCAFFOLD's ``c - c_i``)
 `momentum` (beta)           ``m <- beta * m + g``; ``m`` (torch SGD's heavy ball)
-`from_hook` (hook)          a `blazefl_fn.local.GradientHook` per parameter
 ==========================  ==================================================================
 """
 
@@ -33,16 +32,13 @@ from ._validators import finite_number
 from .tree import Params, pack, unpack
 
 __all__ = [
-    "GradientHook",
     "GradientTransform",
     "InnerProduct",
     "LossTerm",
-    "ProximalLoss",
     "StepInput",
     "add_proximal",
     "add_trees",
     "chain",
-    "from_hook",
     "identity",
     "momentum",
 ]
@@ -53,19 +49,6 @@ Tree = dict[str, torch.Tensor]
 def _finite(_instance: object, attribute: attrs.Attribute[float], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{attribute.name} must be a finite number, got {value!r}")
-
-
-class GradientHook(Protocol):
-    """Changes a parameter's gradient before each local SGD step (e.g. a proximal term).
-
-    Called with the parameter's current value, its gradient and its value at the start of
-    local training (the downlink); returns the gradient to step with. It must not write into
-    its arguments, and must be picklable to run in worker processes.
-    """
-
-    def __call__(
-        self, param: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor
-    ) -> torch.Tensor: ...
 
 
 @attrs.frozen(eq=False)
@@ -176,7 +159,8 @@ class _Proximal:
 def add_proximal(mu: float) -> GradientTransform:
     """FedProx's term ``mu/2 ||w - anchor||^2`` as its gradient ``mu * (w - anchor)``.
 
-    The same arithmetic as `blazefl_fn.local.ProximalTerm`, so the same bits.
+    The one form of FedProx's term (`blazefl_fn.algorithms.fedprox` uses it); vectorised
+    training runs it for a whole chunk of clients through ``vmap``.
 
     Raises:
         ValueError: ``mu`` is negative or not finite.
@@ -247,22 +231,6 @@ def momentum(beta: float) -> GradientTransform:
     return _Momentum(float(beta))
 
 
-@attrs.frozen
-class _FromHook:
-    hook: GradientHook
-
-    def init(self, params: Params) -> Tree:
-        return {}
-
-    def update(self, grads: Params, state: Params, inputs: StepInput) -> tuple[Tree, Tree]:
-        return {n: self.hook(inputs.params[n], g, inputs.anchor[n]) for n, g in grads.items()}, {}
-
-
-def from_hook(hook: GradientHook) -> GradientTransform:
-    """A per-parameter `GradientHook` ``(param, grad, anchor) -> grad`` as a stage."""
-    return _FromHook(hook)
-
-
 class LossTerm(Protocol):
     """A term added to the training loss, differentiated with it (e.g. a regulariser).
 
@@ -271,25 +239,6 @@ class LossTerm(Protocol):
     """
 
     def __call__(self, params: Params, inputs: StepInput) -> torch.Tensor: ...
-
-
-@attrs.frozen
-class ProximalLoss:
-    """``mu/2 * ||w - anchor||^2`` over every trainable parameter (FedProx's, FedDyn's term).
-
-    Examples:
-        >>> import torch
-        >>> w = {"w": torch.tensor([3.0], requires_grad=True)}
-        >>> inputs = StepInput(params=w, anchor={"w": torch.tensor([1.0])}, trees={}, step=0)
-        >>> ProximalLoss(0.5)(w, inputs)
-        tensor(1., grad_fn=<MulBackward0>)
-    """
-
-    mu: float = attrs.field(validator=finite_number(positive=False))
-
-    def __call__(self, params: Params, inputs: StepInput) -> torch.Tensor:
-        total = sum((((p - inputs.anchor[n]) ** 2).sum() for n, p in params.items()))
-        return torch.as_tensor(total) * (self.mu / 2)
 
 
 @attrs.frozen

@@ -72,7 +72,7 @@ class VectorizedUpdate(Protocol[Data_contra]):
     """A client update that can also train a whole chunk of clients in one vectorised pass.
 
     `blazefl_fn.executors.Vectorized` calls `update_chunk` for updates with these two methods
-    (the LocalSGD family: `blazefl_fn.algorithms.fedavg.LocalSGDUpdate`) and runs any other
+    (the LocalSGD family: `blazefl_fn.algorithms.fedavg.TrainUpdate`) and runs any other
     update one client at a time. ``update_chunk`` must give, per task, what the update's
     ``__call__`` gives up to float rounding.
     """

@@ -1,4 +1,4 @@
-"""Client-side computation shared by the algorithms: local SGD, distillation, evaluation.
+"""Client-side computation beside training: distillation, prediction, evaluation.
 
 These functions work on a private deep copy of a template module, so they never write into the
 template or into the parameter tensors they are given, and they are safe to run concurrently.
@@ -16,97 +16,19 @@ from torch.nn import functional as F
 from ._module_copy import accumulate, load_params, mean_loss, sgd_step
 from ._module_copy import working_copy as working_copy
 from ._validators import finite_number, int_at_least
-from .client_stages import GradientHook, chain, from_hook
 from .data.datasets import ClientData, TensorDataset
-from .data.transforms import Transform
 from .keys import Key
-from .local_training import LocalTraining, train
 from .stochastic import keyed_rng
 from .tree import Params, from_module
 
 __all__ = [
     "Distillation",
-    "GradientHook",
-    "LocalSGD",
-    "ProximalTerm",
     "distill",
     "evaluate",
     "evaluate_clients",
     "predict_probs",
-    "train_local",
     "working_copy",
 ]
-
-
-@attrs.frozen
-class ProximalTerm:
-    """FedProx's proximal term ``mu/2 * ||w - w_global||^2``: adds ``mu * (w - w_global)``.
-
-    Examples:
-        >>> import torch
-        >>> ProximalTerm(0.5)(torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([1.0]))
-        tensor([2.])
-    """
-
-    mu: float = attrs.field(validator=finite_number(positive=False))
-
-    def __call__(
-        self, param: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor
-    ) -> torch.Tensor:
-        return grad.add(param - anchor, alpha=self.mu)
-
-
-@attrs.frozen
-class LocalSGD:
-    """Hyperparameters of local training: plain mini-batch SGD (no momentum) on cross-entropy.
-
-    FedAvg's local training; `training` gives it as the general `LocalTraining` (the hooks
-    become a `chain` of `from_hook` stages).
-
-    Attributes:
-        transform: an optional augmentation applied to every training batch, drawing from the
-            client key's ``"augment"`` child; it must be picklable to run in worker processes.
-        hooks: `GradientHook`s applied in order to every gradient before each step.
-        drop_last: leave out each epoch's final batch when it is smaller than ``batch_size``
-            (`LocalTraining.drop_last`).
-    """
-
-    epochs: int = attrs.field(default=1, validator=int_at_least(1))
-    batch_size: int = attrs.field(default=10, validator=int_at_least(1))
-    lr: float = attrs.field(default=0.01, validator=finite_number(positive=True))
-    transform: Transform | None = None
-    hooks: tuple[GradientHook, ...] = attrs.field(default=(), converter=tuple)
-    drop_last: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
-
-    def training(self) -> LocalTraining:
-        """This configuration as a `LocalTraining` (what `train_local` runs)."""
-        optimizer = chain(*(from_hook(h) for h in self.hooks)) if self.hooks else None
-        return LocalTraining(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            optimizer=optimizer,
-            augment=self.transform,
-            drop_last=self.drop_last,
-        )
-
-
-def train_local(
-    template: torch.nn.Module,
-    params: Params,
-    data: ClientData,
-    key: Key,
-    config: LocalSGD,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Train a copy of ``template`` loaded with ``params`` on ``data``; shuffling uses ``key``.
-
-    Returns:
-        The trained parameters (new tensors) and ``{"loss": mean training loss}`` over every
-        example seen (``nan`` if the client has no data; its parameters are returned unchanged).
-        `blazefl_fn.local_training.train` gives the number of steps too.
-    """
-    trained = train(template, params, data, key, config.training())
-    return trained.params, {"loss": trained.result.loss}
 
 
 @attrs.frozen

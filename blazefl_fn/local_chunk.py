@@ -1,6 +1,6 @@
-"""Local SGD for a chunk of clients at once: stacked parameters, one `torch.func` step for all.
+"""Local training for a chunk of clients at once: stacked parameters, one step for all.
 
-`train_local_chunk` computes what `blazefl_fn.local.train_local` computes for each client of a
+`train_chunk` computes what `blazefl_fn.local_training.train` computes for each client of a
 chunk, in one vectorised step per local step instead of one small step per client:
 
 - each client's batches come from its own key, exactly as `ClientData.batches` orders them
@@ -9,7 +9,9 @@ chunk, in one vectorised step per local step instead of one small step per clien
 - clients of unequal sizes are padded and masked: a padded row adds nothing to its client's
   loss, and a client whose data is used up (or that has none) stops changing, so its step and
   example counts are exact;
-- gradient hooks (FedProx's `ProximalTerm`) run per client through ``vmap``.
+- the optimizer's stages (FedProx's `add_proximal`, `momentum`, ...) run per client through
+  ``vmap``, their state stacked like the parameters; loss terms are not vectorised (a
+  `LocalTraining` with loss terms trains one client at a time, see `vectorizable`).
 
 The results equal the per-client path's up to float rounding (a batched kernel sums in another
 order), not bit for bit; for a given device and chunk they are bitwise reproducible.
@@ -31,13 +33,16 @@ from torch.func import functional_call, vmap  # pyright: ignore[reportUnknownVar
 from torch.nn import functional as F
 
 from ._module_copy import working_copy
+from .client_stages import GradientTransform, StepInput
 from .data.datasets import ClientData
 from .keys import Key
-from .local import LocalSGD
+from .local_training import LocalResult, LocalTraining, Trained
 from .stochastic import KeyedDropout
 from .tree import Params, trees_equal
 
-__all__ = ["check_vectorizable", "client_bytes", "train_local_chunk"]
+Tree = dict[str, torch.Tensor]
+
+__all__ = ["check_vectorizable", "client_bytes", "train_chunk", "vectorizable"]
 
 # Layers whose training has no per-client meaning inside one vmapped step: dropout draws from
 # torch's global RNG; BatchNorm mixes the rows of a batch (padded rows included) and updates
@@ -93,6 +98,17 @@ def check_vectorizable(template: nn.Module) -> None:
             )
 
 
+def vectorizable(training: LocalTraining) -> bool:
+    """Whether `train_chunk` vectorises ``training``: all of it but loss terms.
+
+    Examples:
+        >>> from blazefl_fn.local_training import LocalSGD
+        >>> vectorizable(LocalSGD())
+        True
+    """
+    return not training.loss_terms
+
+
 def _trainable(module: nn.Module) -> dict[str, str]:
     """Every state-dict name of a trainable parameter -> the name it is trained under.
 
@@ -110,7 +126,9 @@ def _device_of(params: Params) -> torch.device:
     return torch.device("cpu")
 
 
-def client_bytes(template: nn.Module, params: Params, data: ClientData, config: LocalSGD) -> int:
+def client_bytes(
+    template: nn.Module, params: Params, data: ClientData, config: LocalTraining
+) -> int:
     """About how many bytes one client adds to a vectorised chunk at its peak.
 
     Four copies of the trainable parameters (the stacked value, its gradient, the stepped
@@ -131,9 +149,9 @@ def client_bytes(template: nn.Module, params: Params, data: ClientData, config: 
     x = data.base.x[rows]
     if x.shape[0] < config.batch_size:
         x = x.new_zeros((config.batch_size, *x.shape[1:]))
-    if config.transform is not None:
+    if config.augment is not None:
         # Only the shape and dtype of the result matter; a key of its own, never the client's.
-        x = config.transform(x, Key.from_seed(0).fold_in("probe").torch_generator())
+        x = config.augment(x, Key.from_seed(0).fold_in("probe").torch_generator())
     saved = 0
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -154,7 +172,7 @@ def client_bytes(template: nn.Module, params: Params, data: ClientData, config: 
 
 
 def _schedule(
-    clients: Sequence[ClientData], keys: Sequence[Key], config: LocalSGD
+    clients: Sequence[ClientData], keys: Sequence[Key], config: LocalTraining
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Every client's batches as positions into its own indices: ``(C, S, B)``, a mask, steps.
 
@@ -211,30 +229,31 @@ def _pool(
     return x, y, flat.to(device)
 
 
-def train_local_chunk(
+def train_chunk(
     template: nn.Module,
     params: Params,
     clients: Sequence[ClientData],
     keys: Sequence[Key],
-    config: LocalSGD,
-) -> list[tuple[dict[str, torch.Tensor], dict[str, float]]]:
-    """`train_local` for every client of a chunk at once, from the same starting ``params``.
+    config: LocalTraining,
+) -> list[Trained]:
+    """`train` for every client of a chunk at once, from the same starting ``params``.
 
     Args:
         template: the architecture (loaded with each client's stacked parameters in turn by
             ``torch.func.functional_call``; never written into).
         params: the starting parameters (the downlink), on the device to train on.
         clients: the chunk's data, on that device too.
-        keys: each client's key (batch order and augmentation), as `train_local` takes it.
-        config: local training hyperparameters.
+        keys: each client's key (batch order and augmentation), as `train` takes it.
+        config: local training (without loss terms: `vectorizable`).
 
     Returns:
-        Per client, in order: its trained parameters and ``{"loss": mean training loss}``
-        (``nan`` for a client without data, whose parameters come back unchanged).
+        Per client, in order, what `train` returns: its trained parameters (new tensors), its
+        `LocalResult` (loss ``nan`` for a client without data, whose parameters come back
+        unchanged) and its optimizer's final state.
 
     Raises:
-        ValueError: the model cannot be vectorised (`check_vectorizable`), or ``clients``
-            and ``keys`` differ in length.
+        ValueError: the model or ``config`` cannot be vectorised (`check_vectorizable`,
+            `vectorizable`), or ``clients`` and ``keys`` differ in length.
 
     Examples:
         >>> import torch
@@ -244,13 +263,18 @@ def train_local_chunk(
         >>> clients = [ClientData(base, torch.arange(0, 5)), ClientData(base, torch.arange(5, 12))]
         >>> keys = [Key.from_seed(0).fold_in(c) for c in range(2)]
         >>> params = {k: v.detach() for k, v in net.state_dict().items()}
-        >>> out = train_local_chunk(net, params, clients, keys, LocalSGD(batch_size=4))
-        >>> [sorted(p) for p, _ in out]
-        [['bias', 'weight'], ['bias', 'weight']]
+        >>> out = train_chunk(net, params, clients, keys, LocalTraining(batch_size=4))
+        >>> [(sorted(t.params), t.result.steps) for t in out]
+        [(['bias', 'weight'], 2), (['bias', 'weight'], 2)]
     """
     if len(clients) != len(keys):
         raise ValueError(f"got {len(clients)} clients but {len(keys)} keys")
     check_vectorizable(template)
+    if not vectorizable(config):
+        raise ValueError(
+            f"loss terms are not vectorised (loss_terms={config.loss_terms!r}); train them "
+            "one client at a time with `train`"
+        )
     if not clients:
         return []
     device = _device_of(params)
@@ -268,7 +292,7 @@ def train_local_chunk(
     per_step: list[list[int]] = counts.T.numpy().tolist()
     masks = valid.to(device=device, dtype=torch.float32)
     sizes = counts.to(device)
-    augments = [k.fold_in("augment").torch_generator() for k in keys] if config.transform else []
+    augments = [k.fold_in("augment").torch_generator() for k in keys] if config.augment else []
 
     def logits_of(trainable: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(module, {**fixed, **trainable}, (x,))  # ties follow `trainable`
@@ -277,27 +301,41 @@ def train_local_chunk(
     # (clients' losses do not share parameters, so the gradient of their sum is each one's
     # own), which costs far less Python per step than vmap of grad.
     forward = vmap(logits_of, randomness="error")
-    hooks = [_ChunkHook(hook) for hook in config.hooks]
+    anchor = {n: params[n].detach() for n in names}
+    optimizer = None if config.optimizer is None else _ChunkOptimizer(config.optimizer, anchor)
+    state: Tree = optimizer.init(count) if optimizer is not None else {}
     totals = torch.zeros(count, dtype=torch.float64, device=device)
     for t in range(max(steps, default=0)):
         x = x_pool[rows[:, t]]
-        if config.transform is not None:
-            x = _augment(x, per_step[t], augments, config.transform)
+        if config.augment is not None:
+            x = _augment(x, per_step[t], augments, config.augment)
         losses, grads = _losses_and_grads(forward, stacked, x, y_pool[rows[:, t]], masks[:, t])
         active = None if all(s > t for s in steps) else (sizes[:, t] > 0)
-        stacked = {
-            n: _stepped(n, stacked[n], grads[n], params[n], hooks, config.lr, active) for n in names
-        }
+        present = {n: g for n, g in grads.items() if g is not None}
+        if optimizer is not None and present:
+            # `train` passes the stages only the gradients that exist, as here.
+            directions, new_state = optimizer.update(present, state, stacked, t)
+            state = {n: _where(active, new_state[n], state.get(n)) for n in new_state}
+        else:
+            directions = present
+        stacked = {n: _stepped(stacked[n], directions.get(n), config.lr, active) for n in names}
         totals = totals + losses.detach().to(torch.float64) * sizes[:, t]
     _check_buffers_untouched(fixed, params)
     seen: list[int] = valid.sum(dim=(1, 2)).numpy().tolist()
     means: list[float] = (totals.cpu() / torch.tensor(seen, dtype=torch.float64)).numpy().tolist()
-    # New tensors per client, as `train_local` returns: no client's uplink holds the chunk.
-    trained = [
-        {n: (stacked[aliases[n]][c] if n in aliases else params[n]).clone() for n in params}
+    # New tensors per client, as `train` returns: no client's uplink holds the chunk.
+    return [
+        Trained(
+            params={
+                n: (stacked[aliases[n]][c] if n in aliases else params[n]).clone() for n in params
+            },
+            result=LocalResult(
+                examples=len(clients[c]), steps=steps[c], loss=means[c] if seen[c] else math.nan
+            ),
+            optimizer_state={n: s[c].clone() for n, s in state.items()},
+        )
         for c in range(count)
     ]
-    return [(tree, {"loss": means[c] if seen[c] else math.nan}) for c, tree in enumerate(trained)]
 
 
 def _losses_and_grads(
@@ -338,46 +376,67 @@ def _augment(
 
 
 def _stepped(
-    name: str,
-    value: torch.Tensor,
-    grad: torch.Tensor | None,
-    anchor: torch.Tensor,
-    hooks: list[_ChunkHook],
-    lr: float,
-    active: torch.Tensor | None,
+    value: torch.Tensor, direction: torch.Tensor | None, lr: float, active: torch.Tensor | None
 ) -> torch.Tensor:
-    if grad is None:
-        return value  # `train_local` skips a parameter without a gradient, hooks included
-    for hook in hooks:
-        grad = hook(name, value, grad, anchor)
-    new = value.add(grad, alpha=-lr)
-    if active is None:
+    if direction is None:
+        return value  # `train` skips a parameter without a gradient, stages included
+    return _where(active, value.add(direction, alpha=-lr), value)
+
+
+def _where(
+    active: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor | None
+) -> torch.Tensor:
+    """``new`` for the clients still training, ``old`` for those done (all of them: None)."""
+    if active is None or old is None:
         return new
-    return torch.where(active.view(-1, *([1] * (value.dim() - 1))), new, value)
+    return torch.where(active.view(-1, *([1] * (new.dim() - 1))), new, old)
 
 
-class _ChunkHook:
-    """A `GradientHook` over stacked clients: ``vmap`` of it, or a loop where ``vmap`` fails.
+class _ChunkOptimizer:
+    """A `GradientTransform` over stacked clients: ``vmap`` of it, or a loop where ``vmap`` fails.
 
-    ``vmap`` cannot run a hook with data-dependent control flow (``if grad.norm() > c``);
-    such a hook is then called once per client, as on the per-client path (slower, same
-    values). The choice is made per parameter name, the first time it is met.
+    ``vmap`` cannot run a stage with data-dependent control flow (``if grad.norm() > c``); such
+    an optimizer is then called once per client, as on the per-client path (slower, same
+    values). The choice is made once per chunk, at the first step.
     """
 
-    def __init__(self, hook: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
-        self._hook = hook
-        self._mapped = vmap(hook, in_dims=(0, 0, None), randomness="error")
-        self._looped: set[str] = set()
+    def __init__(self, optimizer: GradientTransform, anchor: Params) -> None:
+        self._optimizer = optimizer
+        self._anchor = anchor
+        self._looped = False
 
-    def __call__(
-        self, name: str, value: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor
-    ) -> torch.Tensor:
-        if name not in self._looped:
+    def init(self, count: int) -> dict[str, torch.Tensor]:
+        # Every client starts from the same anchor, so from the same state.
+        first = self._optimizer.init(self._anchor)
+        return {n: s.expand(count, *s.shape).clone() for n, s in first.items()}
+
+    def _one(self, grads: Params, state: Params, current: Params, step: int) -> tuple[Tree, Tree]:
+        inputs = StepInput(params=current, anchor=self._anchor, trees={}, step=step)
+        return self._optimizer.update(grads, state, inputs)
+
+    def update(self, grads: Params, state: Params, current: Params, step: int) -> tuple[Tree, Tree]:
+        if not self._looped:
+
+            def one(g: Params, s: Params, p: Params) -> tuple[Tree, Tree]:
+                return self._one(g, s, p, step)
+
             try:
-                return self._mapped(value, grad, anchor)
+                return vmap(one, randomness="error")(dict(grads), dict(state), dict(current))
             except RuntimeError:
-                self._looped.add(name)
-        return torch.stack([self._hook(v, g, anchor) for v, g in zip(value, grad, strict=True)])
+                self._looped = True
+        count = next(iter(grads.values())).shape[0]
+        outs = [
+            self._one(
+                {n: g[c] for n, g in grads.items()},
+                {n: s[c] for n, s in state.items()},
+                {n: p[c] for n, p in current.items()},
+                step,
+            )
+            for c in range(count)
+        ]
+        directions = {n: torch.stack([o[0][n] for o in outs]) for n in outs[0][0]}
+        states = {n: torch.stack([o[1][n] for o in outs]) for n in outs[0][1]}
+        return directions, states
 
 
 def _untied(tree: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict[str, torch.Tensor]:

@@ -1,10 +1,11 @@
 """Local training as a composition: data loss + loss terms -> gradients -> optimizer stages -> step.
 
-`train` is the one local training loop of the library. What differs between algorithms is
-data, not code: a `LocalTraining` record names the optimizer (a `GradientTransform`, e.g. a
-`chain` of stages from `blazefl_fn.client_stages`) and the loss terms, and the client update
-supplies named trees (control variates, previous gradients) and optimizer state. `LocalSGD`
-(FedAvg's local training) is `LocalTraining` with no stages.
+`train` is the one local training loop of the library and `LocalTraining` its one
+configuration. What differs between algorithms is data, not code: a `LocalTraining` record
+names the optimizer (a `GradientTransform`, e.g. a `chain` of stages from
+`blazefl_fn.client_stages`) and the loss terms, and the client update supplies named trees
+(control variates, previous gradients) and optimizer state. `LocalSGD` (FedAvg's local
+training) builds a `LocalTraining` with no stages.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .keys import Key
 from .stochastic import keyed_rng
 from .tree import Params, from_module
 
-__all__ = ["LocalResult", "LocalTraining", "Trained", "train", "trainable_names"]
+__all__ = ["LocalResult", "LocalSGD", "LocalTraining", "Trained", "train", "trainable_names"]
 
 
 @attrs.frozen
@@ -59,6 +60,32 @@ class LocalTraining:
     loss_terms: tuple[LossTerm, ...] = attrs.field(default=(), converter=tuple)
     augment: Transform | None = None
     drop_last: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+
+
+def LocalSGD(  # a constructor of `LocalTraining`, named as the record it once was
+    *,
+    epochs: int = 1,
+    batch_size: int = 10,
+    lr: float = 0.01,
+    augment: Transform | None = None,
+    drop_last: bool = False,
+) -> LocalTraining:
+    """Plain mini-batch SGD (no optimizer stages, no loss terms): FedAvg's local training.
+
+    A `LocalTraining` with ``optimizer=None``; add stages with ``attrs.evolve(local,
+    optimizer=...)`` or build a `LocalTraining` directly.
+
+    Raises:
+        ValueError: a hyperparameter out of range.
+
+    Examples:
+        >>> local = LocalSGD(lr=0.1)
+        >>> type(local).__name__, local.lr, local.optimizer
+        ('LocalTraining', 0.1, None)
+    """
+    return LocalTraining(
+        epochs=epochs, batch_size=batch_size, lr=lr, augment=augment, drop_last=drop_last
+    )
 
 
 @attrs.frozen

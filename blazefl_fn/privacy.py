@@ -342,7 +342,7 @@ def privatize(
     Examples:
         >>> import functools
         >>> from blazefl_fn.algorithms import fedavg
-        >>> from blazefl_fn.local import LocalSGD
+        >>> from blazefl_fn.local_training import LocalSGD
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = fedavg(functools.partial(logistic_regression, (60,), 10),
         ...               num_clients=100, clients_per_round=10, local=LocalSGD())

@@ -361,7 +361,7 @@ def on_server(algorithm: Algorithm[Data, A], device: torch.device) -> Algorithm[
     Examples:
         >>> import functools, torch
         >>> from blazefl_fn.algorithms.fedavg import fedavg
-        >>> from blazefl_fn.local import LocalSGD
+        >>> from blazefl_fn.local_training import LocalSGD
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = fedavg(functools.partial(logistic_regression, (4,), 2),
         ...               num_clients=3, clients_per_round=2, local=LocalSGD())

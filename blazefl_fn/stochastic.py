@@ -3,7 +3,7 @@
 ``nn.Dropout`` draws from torch's global RNG, which every thread and process shares and no
 key controls: the same seed then gives different bits on different executors. `KeyedDropout`
 (and the functional `dropout`) draw from a generator made from a `Key` instead. Local training
-(`blazefl_fn.local_training.train`, `blazefl_fn.local.train_local`, `distill`) makes each
+(`blazefl_fn.local_training.train`, `blazefl_fn.local.distill`) makes each
 client's ``key.fold_in("dropout")`` the current key while it runs, so a model built with
 `KeyedDropout` is reproducible on every executor without further code. Elsewhere, set a key
 with `keyed_rng`.

@@ -20,7 +20,7 @@ import attrs
 
 import blazefl_fn as fl
 from blazefl_fn import aggregators, server_transforms, tree
-from blazefl_fn.algorithms import Aggregate, LocalSGDUpdate, compose
+from blazefl_fn.algorithms import Aggregate, TrainUpdate, compose
 from blazefl_fn.data import ClientData, synthetic
 from blazefl_fn.models import logistic_regression
 
@@ -29,7 +29,7 @@ from blazefl_fn.models import logistic_regression
 class SignFlipAttack:
     """A client stage: clients in ``attackers`` send ``global + factor * honest update``."""
 
-    honest: LocalSGDUpdate
+    honest: TrainUpdate
     attackers: frozenset[int]
     factor: float = -10.0
 

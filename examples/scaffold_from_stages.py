@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     data = synthetic(1.0, 1.0, num_clients=30, key=run_key.fold_in("data"))
     model_fn = functools.partial(logistic_regression, data.input_shape, data.num_classes)
     local = fl.LocalSGD(lr=0.01)
-    mine = my_scaffold(model_fn, 30, 10, local.training())
+    mine = my_scaffold(model_fn, 30, 10, local)
     shipped = fl.scaffold(model_fn, num_clients=30, clients_per_round=10, local=local)
     template = fl.build_module(model_fn, run_key.fold_in("template"))
     with fl.Threads(2) as executor:

@@ -8,13 +8,15 @@ import json
 import attrs
 import pytest
 import torch
+from _training import train_local
 
 from blazefl_fn.algorithms.compose import Aggregate, compose, fedavgm, fedprox
 from blazefl_fn.algorithms.fedavg import fedavg
 from blazefl_fn.cli import main
+from blazefl_fn.client_stages import add_proximal
 from blazefl_fn.executors import Sequential
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD, ProximalTerm, train_local
+from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.models import logistic_regression
 from blazefl_fn.reproducibility import build_module
 from blazefl_fn.round import make_round
@@ -73,7 +75,7 @@ def test_fedprox_pulls_local_models_towards_the_global_one(seed: int) -> None:
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     drift: dict[float, float] = {}
     for mu in (0.0, 1.0, 4.0):
-        local = attrs.evolve(LOCAL, hooks=(ProximalTerm(mu),))
+        local = attrs.evolve(LOCAL, optimizer=add_proximal(mu))
         trained, _ = train_local(model, start, data.clients[0], Key.from_seed(3), local)
         drift[mu] = sum(float(d.norm()) ** 2 for d in sub(trained, start).values())
     # With lr * mu < 1 the proximal step is a contraction towards the start.

@@ -10,21 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blazefl_fn import tree
+from blazefl_fn.algorithms.feddyn import _Quadratic  # pyright: ignore[reportPrivateUsage]
 from blazefl_fn.client_stages import (
     InnerProduct,
-    ProximalLoss,
     StepInput,
     add_proximal,
     add_trees,
     chain,
-    from_hook,
     identity,
     momentum,
 )
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD, ProximalTerm, train_local
-from blazefl_fn.local_training import LocalTraining, train, trainable_names
+from blazefl_fn.local_training import LocalSGD, LocalTraining, train, trainable_names
 from blazefl_fn.models import mlp
 from blazefl_fn.reproducibility import build_module
 
@@ -45,15 +43,14 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tree.from_module(module)
 
 
-def test_train_without_stages_is_train_local_bit_for_bit() -> None:
+def test_local_sgd_is_local_training_without_stages() -> None:
     model, data = _model(), _client()
     config = LocalSGD(epochs=2, batch_size=5, lr=0.1)
-    expected, metrics = train_local(model, _params(model), data, KEY, config)
-    out = train(model, _params(model), data, KEY, LocalTraining(epochs=2, batch_size=5, lr=0.1))
-    assert tree.trees_equal(out.params, expected)
-    assert out.result.loss == metrics["loss"]
+    assert config == LocalTraining(epochs=2, batch_size=5, lr=0.1)
+    out = train(model, _params(model), data, KEY, config)
     assert out.result.examples == 37
     assert out.result.steps == 2 * math.ceil(37 / 5)
+    assert out.optimizer_state == {}
 
 
 def test_identity_stage_and_zero_trees_give_plain_sgd_bits() -> None:
@@ -70,20 +67,23 @@ def test_identity_stage_and_zero_trees_give_plain_sgd_bits() -> None:
         assert tree.trees_equal(out.params, plain.params)
 
 
-def test_proximal_stage_equals_the_proximal_hook_bit_for_bit() -> None:
-    model, data = _model(), _client()
-    hooked, _ = train_local(
-        model, _params(model), data, KEY, LocalSGD(lr=0.1, hooks=(ProximalTerm(0.3),))
-    )
+def test_proximal_stage_is_fedprox_s_gradient() -> None:
+    """One step of FedProx by hand (Li et al. 2020, eq. 2): ``w - lr * (g + mu (w - w_t))``."""
+    model, data = _model(), _client(n=5)
+    start = _params(model)
     staged = train(
-        model, _params(model), data, KEY, LocalTraining(lr=0.1, optimizer=add_proximal(0.3))
-    )
-    wrapped = train(
-        model, _params(model), data, KEY,
-        LocalTraining(lr=0.1, optimizer=chain(from_hook(ProximalTerm(0.3)))),
+        model, start, data, KEY,
+        LocalTraining(lr=0.1, batch_size=5, optimizer=add_proximal(0.3)),
     )  # fmt: skip
-    assert tree.trees_equal(staged.params, hooked)
-    assert tree.trees_equal(wrapped.params, hooked)
+    plain = train(model, start, data, KEY, LocalTraining(lr=0.1, batch_size=5))
+    # At the first (only) step w == w_t, so the term is zero: the plain step, bit for bit.
+    assert tree.trees_equal(staged.params, plain.params)
+    two = train(
+        model, start, data, KEY,
+        LocalTraining(lr=0.1, batch_size=5, epochs=2, optimizer=add_proximal(0.3)),
+    )  # fmt: skip
+    plain_two = train(model, start, data, KEY, LocalTraining(lr=0.1, batch_size=5, epochs=2))
+    assert not tree.trees_equal(two.params, plain_two.params)
 
 
 def test_proximal_loss_term_matches_the_proximal_gradient_stage() -> None:
@@ -93,7 +93,7 @@ def test_proximal_loss_term_matches_the_proximal_gradient_stage() -> None:
         model, _params(model), data, KEY, LocalTraining(lr=0.1, optimizer=add_proximal(0.5))
     )
     as_loss = train(
-        model, _params(model), data, KEY, LocalTraining(lr=0.1, loss_terms=(ProximalLoss(0.5),))
+        model, _params(model), data, KEY, LocalTraining(lr=0.1, loss_terms=(_Quadratic(0.5),))
     )
     for name in as_stage.params:
         assert torch.allclose(as_stage.params[name], as_loss.params[name], atol=1e-6)
@@ -211,7 +211,7 @@ def test_chained_momentum_keeps_its_state_under_its_index(
     assert torch.equal(tree.unpack(state, "1")["w"], alone_state["w"])
 
 
-def test_inner_product_and_proximal_loss_values() -> None:
+def test_inner_product_and_quadratic_loss_values() -> None:
     w = {
         "a": torch.tensor([1.0, 2.0], requires_grad=True),
         "b": torch.tensor([3.0], requires_grad=True),
@@ -219,7 +219,7 @@ def test_inner_product_and_proximal_loss_values() -> None:
     anchor = {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([1.0])}
     h = {"a": torch.tensor([2.0, -1.0]), "b": torch.tensor([0.5])}
     inputs = StepInput(params=w, anchor=anchor, trees={"h": h}, step=0)
-    assert float(ProximalLoss(2.0)(w, inputs).detach()) == pytest.approx(1 + 4 + 4)  # (2/2) * 9
+    assert float(_Quadratic(2.0)(w, inputs).detach()) == pytest.approx(1 + 4 + 4)  # (2/2) * 9
     assert float(InnerProduct("h", -1.0)(w, inputs).detach()) == pytest.approx(-(2 - 2 + 1.5))
 
 

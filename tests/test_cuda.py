@@ -15,13 +15,14 @@ import _executor_helpers as helpers
 import attrs
 import pytest
 import torch
+from _training import train_local
 
 from blazefl_fn import _streams
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads
 from blazefl_fn.jobs import ClientContext, ClientError, ClientJob, ClientTask
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD, train_local
+from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.models import cnn
 from blazefl_fn.records import Downlink, Uplink
 from blazefl_fn.reproducibility import build_module

@@ -15,6 +15,7 @@ import _executor_helpers as helpers
 import attrs
 import pytest
 import torch
+from _training import train_local
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,7 +41,7 @@ from blazefl_fn.executors._placement import (
 )
 from blazefl_fn.jobs import ClientContext, ClientJob, ClientTask
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD, train_local
+from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.models import logistic_regression
 from blazefl_fn.records import Downlink, ServerState, Uplink
 from blazefl_fn.reproducibility import build_module

@@ -28,7 +28,7 @@ from blazefl_fn.executors import Processes, Sequential, Threads
 from blazefl_fn.executors.base import Executor
 from blazefl_fn.jobs import ClientError
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD
+from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.models import mlp
 from blazefl_fn.records import RoundReport, ServerState
 from blazefl_fn.reproducibility import intra_op_threads

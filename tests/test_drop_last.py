@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _training import train_local, train_local_chunk
 from torch import nn
 
 import blazefl_fn as fl
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD, train_local
-from blazefl_fn.local_chunk import train_local_chunk
-from blazefl_fn.local_training import LocalTraining, train
+from blazefl_fn.local_training import LocalSGD, LocalTraining, train
 from blazefl_fn.reproducibility import build_template
 from blazefl_fn.run import RunConfig, check_resumable, config_dict, config_from_dict
 from blazefl_fn.tree import from_module
@@ -68,8 +67,8 @@ def test_a_client_smaller_than_a_batch_takes_no_step_with_drop_last() -> None:
 
 
 def test_local_sgd_passes_drop_last_to_its_training() -> None:
-    assert LocalSGD(drop_last=True).training().drop_last
-    assert not LocalSGD().training().drop_last
+    assert LocalSGD(drop_last=True).drop_last
+    assert not LocalSGD().drop_last
     with pytest.raises(TypeError):
         LocalTraining(drop_last=1)  # type: ignore[arg-type]
 

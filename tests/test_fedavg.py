@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 from _rng import global_rng_untouched
+from _training import train_local
 
 from blazefl_fn import tree
 from blazefl_fn.algorithms.fedavg import fedavg, mean_by_examples
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.executors import Sequential
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD, evaluate, train_local
+from blazefl_fn.local import evaluate
+from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.models import logistic_regression, mlp
 from blazefl_fn.records import ServerState, Uplink
 from blazefl_fn.reproducibility import build_module

@@ -17,7 +17,7 @@ from test_data_cifar import cifar10_binary
 from blazefl_fn.algorithms.fedavg import fedavg
 from blazefl_fn.executors import Processes
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD
+from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.round import make_round
 from blazefl_fn.run import (
     RunConfig,

@@ -10,11 +10,15 @@ would break them.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from blazefl_fn.run import RunConfig, simulate
+from blazefl_fn.run import RunConfig
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 _COMMON = dict(clients=6, clients_per_round=3, batch_size=10, portable=True)
@@ -55,16 +59,47 @@ def config_for(name: str, *, rounds: int) -> RunConfig:
     return RunConfig(rounds=rounds, **{**_COMMON, **CASES[name]})  # pyright: ignore[reportArgumentType]
 
 
+def _resume_all(scratch: Path) -> dict[str, tuple[str, str]]:
+    """Per case: the resumed and the uninterrupted digest, in a fresh process (portable
+    numerics must be on before torch runs its first kernel)."""
+    for name in CASES:
+        (scratch / name).mkdir()
+        (scratch / name / "checkpoint.pt").write_bytes((GOLDEN / f"{name}.pt").read_bytes())
+    script = (
+        "import json, sys\n"
+        "from test_golden_checkpoints import CASES, MNIST, config_for\n"
+        "from pathlib import Path\n"
+        "from blazefl_fn.run import simulate\n"
+        "out = {}\n"
+        "for name in CASES:\n"
+        "    if CASES[name].get('dataset') == 'mnist' and not Path(MNIST).is_dir():\n"
+        "        continue\n"
+        "    config = config_for(name, rounds=4)\n"
+        "    resumed = simulate(config, resume=Path(sys.argv[1]) / name).params_sha256\n"
+        "    out[name] = (resumed, simulate(config).params_sha256)\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(scratch)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result: dict[str, tuple[str, str]] = json.loads(done.stdout)
+    return result
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str]]:
+    return _resume_all(tmp_path_factory.mktemp("golden"))
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_a_golden_checkpoint_resumes_to_the_uninterrupted_bits(
-    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    name: str, resumed: dict[str, tuple[str, str]]
 ) -> None:
-    monkeypatch.chdir(REPO)
-    if CASES[name].get("dataset") == "mnist" and not Path(MNIST).is_dir():
+    if name not in resumed:
         pytest.skip(f"MNIST not found at {REPO / MNIST}")
-    checkpoint = tmp_path / name
-    checkpoint.mkdir()
-    (checkpoint / "checkpoint.pt").write_bytes((GOLDEN / f"{name}.pt").read_bytes())
-    resumed = simulate(config_for(name, rounds=4), resume=checkpoint)
-    assert resumed.params_sha256 == simulate(config_for(name, rounds=4)).params_sha256
-    assert resumed.params_sha256 == UNINTERRUPTED[name]
+    digest, uninterrupted = resumed[name]
+    assert digest == uninterrupted
+    assert digest == UNINTERRUPTED[name]

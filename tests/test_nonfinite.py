@@ -21,7 +21,7 @@ from blazefl_fn.data import ClientData, synthetic
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads
 from blazefl_fn.jobs import ClientUpdate, NonFiniteError
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD
+from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.models import logistic_regression
 from blazefl_fn.records import Downlink, RoundReport, ServerState, Uplink
 from blazefl_fn.round import Algorithm, ClientInput, ClientTask, make_round, uniform_sampler

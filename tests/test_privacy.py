@@ -24,7 +24,7 @@ from blazefl_fn.algorithms.scaffold import scaffold
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.jobs import ClientTask, VectorizedUpdate
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD
+from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.metrics_log import MetricsLog, read_metrics
 from blazefl_fn.models import logistic_regression
 from blazefl_fn.privacy import (

@@ -259,7 +259,7 @@ def test_fednova_with_momentum_runs_and_refuses_hooks() -> None:
             MODEL_FN,
             num_clients=6,
             clients_per_round=3,
-            local=attrs.evolve(LOCAL, hooks=(fl.ProximalTerm(0.1),)),
+            local=attrs.evolve(LOCAL, optimizer=fl.client_stages.add_proximal(0.1)),
         )
     with pytest.raises(ValueError, match="momentum beta must be in"):
         fednova(MODEL_FN, num_clients=6, clients_per_round=3, local=LOCAL, momentum=1.0)

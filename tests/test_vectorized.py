@@ -1,4 +1,4 @@
-"""`Vectorized` and `train_local_chunk`: per-client semantics, reproducible bits, clear refusals."""
+"""`Vectorized` and `train_chunk`: per-client semantics, reproducible bits, clear refusals."""
 
 from __future__ import annotations
 
@@ -14,20 +14,22 @@ from collections.abc import Sequence
 import attrs
 import pytest
 import torch
+from _training import train_local, train_local_chunk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from blazefl_fn.algorithms.compose import fedprox
-from blazefl_fn.algorithms.fedavg import LocalSGDUpdate, fedavg
+from blazefl_fn.algorithms.fedavg import TrainUpdate, fedavg
 from blazefl_fn.cli import main
+from blazefl_fn.client_stages import GradientTransform, StepInput, add_proximal
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.data.transforms import cifar_train_transform
 from blazefl_fn.executors import PerClientFallback, Sequential, Threads, Vectorized
 from blazefl_fn.jobs import ChunkError, ClientError, ClientTask, VectorizedUpdate
 from blazefl_fn.keys import Key
-from blazefl_fn.local import LocalSGD, ProximalTerm, train_local
-from blazefl_fn.local_chunk import check_vectorizable, client_bytes, train_local_chunk
+from blazefl_fn.local_chunk import check_vectorizable, client_bytes
+from blazefl_fn.local_training import LocalSGD, LocalTraining
 from blazefl_fn.models import cnn, logistic_regression
 from blazefl_fn.records import Downlink, ServerState, Uplink
 from blazefl_fn.reproducibility import build_template
@@ -68,9 +70,9 @@ def test_chunk_matches_per_client_training_with_unequal_sizes_hooks_and_augmenta
     template = build_template(CNN)
     params = from_module(template)
     before = digest(params)
-    config = LocalSGD(
-        epochs=2, batch_size=8, lr=0.05, hooks=(ProximalTerm(0.1),),
-        transform=cifar_train_transform(),
+    config = LocalTraining(
+        epochs=2, batch_size=8, lr=0.05, optimizer=add_proximal(0.1),
+        augment=cifar_train_transform(),
     )  # fmt: skip
     expected = _per_client(template, params, clients, keys, config)
     got = train_local_chunk(template, params, clients, keys, config)
@@ -100,8 +102,8 @@ def test_chunk_equals_per_client_up_to_rounding(
     keys = [Key.from_seed(batch_size).fold_in(c) for c in range(len(clients))]
     template = build_template(LOGREG)
     params = from_module(template)
-    hooks = () if mu is None else (ProximalTerm(mu),)
-    config = LocalSGD(epochs=epochs, batch_size=batch_size, lr=0.1, hooks=hooks)
+    stage = None if mu is None else add_proximal(mu)
+    config = LocalTraining(epochs=epochs, batch_size=batch_size, lr=0.1, optimizer=stage)
     expected = _per_client(template, params, clients, keys, config)
     got = train_local_chunk(template, params, clients, keys, config)
     for (want, _), (have, _), size in zip(expected, got, sizes, strict=True):
@@ -164,7 +166,7 @@ def _algorithm(model: nn.Module | None = None, **local: object) -> Algorithm[Cli
     algo = fedavg(CNN, num_clients=8, clients_per_round=8, local=config)
     if model is None:
         return algo
-    return attrs.evolve(algo, client_update=LocalSGDUpdate(model, config))
+    return attrs.evolve(algo, client_update=TrainUpdate(model, config))
 
 
 def _run(
@@ -458,19 +460,29 @@ def test_results_are_new_tensors_of_their_own() -> None:
             assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
-def _clip_by_norm(param: torch.Tensor, grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    # Data-dependent control flow: vmap cannot trace it, so it runs once per client.
-    if grad.norm() > 0.05:
-        return grad * (0.05 / grad.norm())
-    return grad
+@attrs.frozen
+class _ClipByNorm:
+    """A stage with data-dependent control flow: vmap cannot trace it, so it runs per client."""
+
+    def init(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def update(
+        self, grads: dict[str, torch.Tensor], state: dict[str, torch.Tensor], inputs: StepInput
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        out = {}
+        for n, g in grads.items():
+            out[n] = g * (0.05 / g.norm()) if g.norm() > 0.05 else g
+        return out, {}
 
 
-def test_a_hook_that_vmap_cannot_run_is_called_per_client() -> None:
+def test_a_stage_that_vmap_cannot_run_is_called_per_client() -> None:
     clients = _federation([9, 14], (6,))
     keys = [Key.from_seed(2).fold_in(c) for c in range(2)]
     template = build_template(LOGREG)
     params = from_module(template)
-    config = LocalSGD(batch_size=4, lr=0.5, hooks=(_clip_by_norm,))
+    stage: GradientTransform = _ClipByNorm()
+    config = LocalTraining(batch_size=4, lr=0.5, optimizer=stage)
     expected = _per_client(template, params, clients, keys, config)
     got = train_local_chunk(template, params, clients, keys, config)
     for (want, _), (have, _) in zip(expected, got, strict=True):
@@ -517,7 +529,7 @@ def test_a_transform_that_changes_dtype_runs_through_the_executor() -> None:
     clients = [ClientData(base, torch.arange(i * 10, (i + 1) * 10)) for i in range(4)]
     algo = fedavg(
         LOGREG, num_clients=4, clients_per_round=4,
-        local=LocalSGD(batch_size=4, lr=0.1, transform=_ToFloat()),
+        local=LocalSGD(batch_size=4, lr=0.1, augment=_ToFloat()),
     )  # fmt: skip
     reference = _run(algo, clients, Sequential(), 2)
     vectorized = _run(algo, clients, Vectorized(max_bytes=10**9), 2)

@@ -12,7 +12,6 @@ from .compose import krum_fedavg as krum_fedavg
 from .compose import trimmed_mean_fedavg as trimmed_mean_fedavg
 from .dsfl import DSFLState as DSFLState
 from .dsfl import dsfl as dsfl
-from .fedavg import LocalSGDUpdate as LocalSGDUpdate
 from .fedavg import ModelInit as ModelInit
 from .fedavg import TrainUpdate as TrainUpdate
 from .fedavg import broadcast_params as broadcast_params
@@ -45,7 +44,6 @@ __all__ = [
     "DSFLState",
     "FedDynState",
     "FedDynUpdate",
-    "LocalSGDUpdate",
     "ModelInit",
     "ScaffoldState",
     "ScaffoldUpdate",

@@ -7,7 +7,8 @@ import torch
 
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import Distillation, LocalSGD, distill, predict_probs, train_local
+from ..local import Distillation, distill, predict_probs
+from ..local_training import LocalTraining, train
 from ..reproducibility import ModelFactory, build_module
 from ..tree import Params, from_module
 
@@ -114,7 +115,7 @@ class LocalStep:
 
     template: torch.nn.Module
     public: torch.Tensor
-    local: LocalSGD
+    local: LocalTraining
     distillation: Distillation
     num_classes: int
 
@@ -143,8 +144,9 @@ class LocalStep:
                 self.distillation,
             )
             metrics.update(distilled)
-        params, trained = train_local(self.template, params, data, key, self.local)
-        metrics.update(trained)
+        trained = train(self.template, params, data, key, self.local)
+        params = trained.params
+        metrics["loss"] = trained.result.loss
         if request.numel() == 0:
             probs = torch.empty(0, self.num_classes, device=self.public.device)
         else:

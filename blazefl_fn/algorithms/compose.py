@@ -1,4 +1,4 @@
-"""Algorithms as compositions: a client stage (local SGD + gradient hooks) and an aggregate
+"""Algorithms as compositions: a client stage (local training + optimizer stages) and an aggregate
 stage (optional delta clipping -> aggregator -> optional server transform).
 
 Every algorithm of the library is a call of `compose` with a few stages:
@@ -7,7 +7,7 @@ Every algorithm of the library is a call of `compose` with a few stages:
 algorithm     client stage                     aggregate stage                         ``aux``
 ============  ===============================  ======================================  =============
 fedavg        local SGD                        weighted mean                           ``{}``
-fedprox       local SGD + `ProximalTerm` (mu)  weighted mean                           ``{}``
+fedprox       local SGD + `add_proximal` (mu)  weighted mean                           ``{}``
 fedavgm       local SGD                        weighted mean -> `momentum` (lr, beta)  MomentumState
 fedadam       local SGD                        weighted mean -> `adam` (Reddi et al.)  AdaptiveState
 fedyogi       local SGD                        weighted mean -> `yogi`                 AdaptiveState
@@ -45,10 +45,10 @@ from typing_extensions import TypeVar
 
 from .._dp import CentralDP, DPState, private_mean_delta
 from ..aggregators import Aggregator, clip_by_norm, krum, mean, median, trimmed_mean
+from ..client_stages import add_proximal, chain
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import LocalSGD, ProximalTerm
-from ..local_training import trainable_names
+from ..local_training import LocalTraining, trainable_names
 from ..records import ServerState, Uplink
 from ..reproducibility import ModelFactory, build_module, build_template
 from ..round import Algorithm, uniform_sampler
@@ -66,7 +66,7 @@ from ..server_transforms import (
 )
 from ..tree import from_module, select
 from ._stateful import merge_buffers
-from .fedavg import LocalSGDUpdate, broadcast_params
+from .fedavg import TrainUpdate, broadcast_params
 
 __all__ = [
     "Aggregate",
@@ -293,7 +293,7 @@ def compose(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     aggregate: Aggregate[A],
 ) -> Algorithm[ClientData, A]:
     """An algorithm from its stages: uniform sampling, ``local`` training, ``aggregate``.
@@ -312,7 +312,7 @@ def compose(
         >>> from blazefl_fn.models import logistic_regression
         >>> from blazefl_fn.server_transforms import momentum
         >>> algo = compose("my-fedavgm", functools.partial(logistic_regression, (60,), 10),
-        ...                num_clients=30, clients_per_round=10, local=LocalSGD(),
+        ...                num_clients=30, clients_per_round=10, local=LocalTraining(),
         ...                aggregate=Aggregate(server=momentum(lr=1.0, beta=0.9)))
         >>> type(algo.init(Key.from_seed(0)).aux).__name__
         'MomentumState'
@@ -326,7 +326,7 @@ def compose(
         init=_Init(model_fn, aggregate.server, aggregate.stepped_names(), aggregate.privacy),
         sample=sample,
         broadcast=broadcast_params,
-        client_update=LocalSGDUpdate(template, local),
+        client_update=TrainUpdate(template, local),
         aggregate=aggregate,
     )
 
@@ -336,7 +336,7 @@ def fedprox(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     mu: float,
     clip_norm: float | None = None,
 ) -> Algorithm[ClientData, Mapping[str, torch.Tensor]]:
@@ -346,7 +346,10 @@ def fedprox(
         The algorithm; its states' ``aux`` is empty (``{}``, typed
         ``Mapping[str, torch.Tensor]``).
     """
-    hooked = attrs.evolve(local, hooks=(*local.hooks, ProximalTerm(mu)))
+    term = add_proximal(mu)
+    hooked = attrs.evolve(
+        local, optimizer=term if local.optimizer is None else chain(local.optimizer, term)
+    )
     return compose(
         "fedprox", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
         local=hooked, aggregate=Aggregate(clip_norm=clip_norm),
@@ -358,7 +361,7 @@ def fedavgm(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     server_lr: float = 1.0,
     beta: float = 0.9,
     clip_norm: float | None = None,
@@ -379,7 +382,7 @@ def fedadam(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     server_lr: float = 0.01,
     b1: float = 0.9,
     b2: float = 0.99,
@@ -403,7 +406,7 @@ def fedyogi(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     server_lr: float = 0.01,
     b1: float = 0.9,
     b2: float = 0.99,
@@ -427,7 +430,7 @@ def fedadagrad(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     server_lr: float = 0.1,
     tau: float = 1e-3,
     clip_norm: float | None = None,
@@ -448,7 +451,7 @@ def fedmedian(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     clip_norm: float | None = None,
 ) -> Algorithm[ClientData, Mapping[str, torch.Tensor]]:
     """FedMedian (Yin et al. 2018): the coordinate-wise median of the client models.
@@ -468,7 +471,7 @@ def trimmed_mean_fedavg(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     beta: float = 0.1,
     clip_norm: float | None = None,
 ) -> Algorithm[ClientData, Mapping[str, torch.Tensor]]:
@@ -490,7 +493,7 @@ def krum_fedavg(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     f: int = 1,
     m: int = 1,
     clip_norm: float | None = None,

@@ -26,7 +26,8 @@ from ..client_state import collect_states, initial_states
 from ..client_store import ClientStore, StateLayout, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import Distillation, LocalSGD
+from ..local import Distillation
+from ..local_training import LocalTraining
 from ..records import Downlink, ServerState, Uplink
 from ..reproducibility import ModelFactory, build_template
 from ..round import Algorithm, ClientInput, ClientTask, uniform_sampler
@@ -179,7 +180,7 @@ def dsfl(
     num_classes: int,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     public_per_round: int = 1000,
     temperature: float = 0.1,
     distillation: Distillation | None = None,
@@ -208,7 +209,7 @@ def dsfl(
         >>> from blazefl_fn.models import mlp
         >>> algo = dsfl(functools.partial(mlp, (4,), 3), public=torch.randn(50, 4),
         ...             num_classes=3, num_clients=5, clients_per_round=2,
-        ...             local=LocalSGD(), public_per_round=20)
+        ...             local=LocalTraining(), public_per_round=20)
         >>> state = algo.init(Key.from_seed(0))
         >>> state.aux.clients.num_stored, algo.broadcast(state).params["request"].shape
         (0, torch.Size([20]))

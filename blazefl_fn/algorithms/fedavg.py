@@ -9,16 +9,14 @@ import torch
 
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import LocalSGD, train_local
-from ..local_chunk import client_bytes, train_local_chunk
-from ..local_training import LocalTraining, train
+from ..local_chunk import client_bytes, train_chunk, vectorizable
+from ..local_training import LocalTraining, Trained, train
 from ..records import Downlink, ServerState, Uplink
 from ..reproducibility import ModelFactory, build_module
 from ..round import Algorithm, ClientTask
 from ..tree import from_module, weighted_mean
 
 __all__ = [
-    "LocalSGDUpdate",
     "ModelInit",
     "TrainUpdate",
     "broadcast_params",
@@ -55,42 +53,14 @@ class ModelInit:
 
 
 @attrs.frozen
-class LocalSGDUpdate:
-    """The client stage: local SGD from the downlink parameters; uplinks the new parameters.
+class TrainUpdate:
+    """The client stage of the LocalSGD family: `train`, then uplink the trained parameters.
 
+    The uplink carries the parameters, ``{"loss": mean training loss}`` and the steps taken.
     A record rather than a closure, so it can be sent to worker processes. It is a
     `blazefl_fn.jobs.VectorizedUpdate`: `blazefl_fn.executors.Vectorized` trains a chunk of
-    clients in one step with `update_chunk`.
-    """
-
-    template: torch.nn.Module
-    config: LocalSGD
-
-    def __call__(self, downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
-        params, metrics = train_local(self.template, downlink.params, data, task.key, self.config)
-        return Uplink(
-            client_id=task.client_id, num_examples=len(data), params=params, metrics=metrics
-        )
-
-    def update_chunk(
-        self, downlink: Downlink, data: Sequence[ClientData], tasks: Sequence[ClientTask]
-    ) -> list[Uplink]:
-        """What ``__call__`` gives for each task, trained as one chunk (`train_local_chunk`)."""
-        keys = [task.key for task in tasks]
-        trained = train_local_chunk(self.template, downlink.params, data, keys, self.config)
-        return [
-            Uplink(client_id=task.client_id, num_examples=len(d), params=params, metrics=metrics)
-            for task, d, (params, metrics) in zip(tasks, data, trained, strict=True)
-        ]
-
-    def client_bytes(self, downlink: Downlink, data: ClientData) -> int:
-        """About how many bytes one client adds to a chunk (`local_chunk.client_bytes`)."""
-        return client_bytes(self.template, downlink.params, data, self.config)
-
-
-@attrs.frozen
-class TrainUpdate:
-    """A client stage for any `LocalTraining`: uplinks the trained parameters and its steps.
+    clients in one step with `update_chunk` (a ``training`` with loss terms one client at a
+    time, as ``__call__`` does).
 
     Examples:
         >>> from blazefl_fn.client_stages import momentum
@@ -106,13 +76,31 @@ class TrainUpdate:
     def __call__(self, downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
         """Train from the downlink's parameters with the client's key."""
         trained = train(self.template, downlink.params, data, task.key, self.training)
-        return Uplink(
-            client_id=task.client_id,
-            num_examples=len(data),
-            params=trained.params,
-            metrics={"loss": trained.result.loss},
-            steps=trained.result.steps,
-        )
+        return _uplink(task, data, trained)
+
+    def update_chunk(
+        self, downlink: Downlink, data: Sequence[ClientData], tasks: Sequence[ClientTask]
+    ) -> list[Uplink]:
+        """What ``__call__`` gives for each task, trained as one chunk (`train_chunk`)."""
+        if not vectorizable(self.training):
+            return [self(downlink, d, task) for d, task in zip(data, tasks, strict=True)]
+        keys = [task.key for task in tasks]
+        trained = train_chunk(self.template, downlink.params, data, keys, self.training)
+        return [_uplink(task, d, t) for task, d, t in zip(tasks, data, trained, strict=True)]
+
+    def client_bytes(self, downlink: Downlink, data: ClientData) -> int:
+        """About how many bytes one client adds to a chunk (`local_chunk.client_bytes`)."""
+        return client_bytes(self.template, downlink.params, data, self.training)
+
+
+def _uplink(task: ClientTask, data: ClientData, trained: Trained) -> Uplink:
+    return Uplink(
+        client_id=task.client_id,
+        num_examples=len(data),
+        params=trained.params,
+        metrics={"loss": trained.result.loss},
+        steps=trained.result.steps,
+    )
 
 
 def fedavg(
@@ -120,7 +108,7 @@ def fedavg(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
 ) -> Algorithm[ClientData, Mapping[str, torch.Tensor]]:
     """FedAvg: sample uniformly, train locally with SGD, average weighted by examples.
 
@@ -146,7 +134,7 @@ def fedavg(
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = fedavg(functools.partial(logistic_regression, (60,), 10),
-        ...               num_clients=30, clients_per_round=10, local=LocalSGD())
+        ...               num_clients=30, clients_per_round=10, local=LocalTraining())
         >>> state = algo.init(Key.from_seed(0))
         >>> algo.name, sorted(state.params), state.aux
         ('fedavg', ['1.bias', '1.weight'], {})

@@ -4,7 +4,7 @@ Round ``t``, with ``theta`` the global model, ``alpha`` the regulariser weight a
 client ``k``'s gradient state (zero before it first takes part):
 
 1. client ``k`` minimises ``L_k(w) - <g_k, w> + alpha/2 ||w - theta||^2`` (`dynamic`: the
-   `InnerProduct` and `ProximalLoss` loss terms) to ``theta_k``, sets
+   `InnerProduct` and quadratic loss terms) to ``theta_k``, sets
    ``g_k <- g_k - alpha * (theta_k - theta)`` and keeps it; it uploads ``theta_k``;
 2. the server sets ``h <- h - (alpha / num_clients) * sum_k(theta_k - theta)`` and
    ``theta <- mean_k(theta_k) - h / alpha`` (uniform means over the sampled clients, as in the
@@ -34,12 +34,11 @@ import attrs
 import torch
 
 from .._validators import finite_number
-from ..client_stages import InnerProduct, ProximalLoss
+from ..client_stages import InnerProduct, StepInput
 from ..client_state import ClientStates, collect_states, dispatch_states, initial_states
 from ..client_store import StateLayout, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import LocalSGD
 from ..local_training import LocalTraining, train, trainable_names
 from ..records import Downlink, ServerState, Uplink
 from ..reproducibility import ModelFactory, build_module, build_template
@@ -93,8 +92,24 @@ def dynamic(training: LocalTraining, alpha: float) -> LocalTraining:
         >>> len(dynamic(LocalTraining(), 0.01).loss_terms)
         2
     """
-    terms = (InnerProduct("grad", -1.0), ProximalLoss(alpha))
+    terms = (InnerProduct("grad", -1.0), _Quadratic(alpha))
     return attrs.evolve(training, loss_terms=(*training.loss_terms, *terms))
+
+
+@attrs.frozen
+class _Quadratic:
+    """``alpha/2 * ||w - anchor||^2`` as a loss term: FedDyn's quadratic regulariser.
+
+    FedProx's term is the `blazefl_fn.client_stages.add_proximal` stage, whose gradient is the
+    same up to float rounding; FedDyn keeps the loss-term form its checkpoints' bits were
+    written with (a run resumed across versions must continue on the same arithmetic).
+    """
+
+    alpha: float = attrs.field(validator=finite_number(positive=True))
+
+    def __call__(self, params: Params, inputs: StepInput) -> torch.Tensor:
+        total = sum((((p - inputs.anchor[n]) ** 2).sum() for n, p in params.items()))
+        return torch.as_tensor(total) * (self.alpha / 2)
 
 
 @attrs.frozen
@@ -156,7 +171,7 @@ def feddyn(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     alpha: float = 0.01,
     store: StoreOptions | None = None,
 ) -> Algorithm[ClientData, FedDynState]:
@@ -172,14 +187,14 @@ def feddyn(
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = feddyn(functools.partial(logistic_regression, (60,), 10),
-        ...               num_clients=30, clients_per_round=10, local=LocalSGD())
+        ...               num_clients=30, clients_per_round=10, local=LocalTraining())
         >>> sorted(algo.init(Key.from_seed(0)).aux.h)
         ['1.bias', '1.weight']
     """
     initial_states(num_clients, store)  # checks the store options now, not at init
     template = build_template(model_fn)
     names = trainable_names(template, aliases=True)
-    training = dynamic(local.training(), alpha)
+    training = dynamic(local, alpha)
     return Algorithm(
         name="feddyn",
         init=_Init(model_fn, num_clients, names, store),

@@ -21,8 +21,7 @@ import attrs
 
 from ..client_stages import momentum as momentum_stage
 from ..data.datasets import ClientData
-from ..local import LocalSGD
-from ..local_training import trainable_names
+from ..local_training import LocalTraining, trainable_names
 from ..records import ServerState, Uplink
 from ..reproducibility import ModelFactory, build_template
 from ..round import Algorithm, uniform_sampler
@@ -73,7 +72,7 @@ def fednova(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     momentum: float = 0.0,
 ) -> Algorithm[ClientData]:
     """FedNova for local SGD with optional momentum ``rho = momentum``.
@@ -86,16 +85,18 @@ def fednova(
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = fednova(functools.partial(logistic_regression, (60,), 10),
-        ...                num_clients=30, clients_per_round=10, local=LocalSGD(), momentum=0.9)
+        ...                num_clients=30, clients_per_round=10, local=LocalTraining(),
+        ...                momentum=0.9)
         >>> algo.name
         'fednova'
     """
-    if local.hooks:
+    if local.optimizer is not None or local.loss_terms:
         raise ValueError(
-            f"fednova normalises SGD (with momentum); local.hooks={local.hooks!r} change "
-            "the normaliser, so they are not supported"
+            "fednova normalises SGD (with momentum); optimizer stages or loss terms in local "
+            f"(optimizer={local.optimizer!r}, loss_terms={local.loss_terms!r}) change the "
+            "normaliser, so they are not supported"
         )
-    training = local.training()
+    training = local
     if momentum != 0.0:
         training = attrs.evolve(training, optimizer=momentum_stage(momentum))
     template = build_template(model_fn)

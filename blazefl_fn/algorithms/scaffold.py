@@ -16,8 +16,8 @@ step size:
 Variates cover the trainable parameters; buffers (BatchNorm statistics) are averaged weighted by
 examples. Under full participation ``c`` stays the mean of the clients' ``c_i``. A sampled
 client without data counts in the means with ``y_i = x`` and no change of ``c_i``. Option II's
-``(x - y_i) / (K * lr)`` is the mean step direction of plain SGD; with ``LocalSGD.hooks`` (e.g. a
-proximal term) it is the mean of the hooked directions instead.
+``(x - y_i) / (K * lr)`` is the mean step direction of plain SGD; with optimizer stages in
+``local`` (e.g. a proximal term) it is the mean of the staged directions instead.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from ..client_state import ClientStates, collect_states, dispatch_states, initia
 from ..client_store import StateLayout, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import LocalSGD
 from ..local_training import LocalTraining, train, trainable_names
 from ..records import Downlink, ServerState, Uplink
 from ..reproducibility import ModelFactory, build_module, build_template
@@ -162,7 +161,7 @@ def scaffold(
     *,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     server_lr: float = 1.0,
     store: StoreOptions | None = None,
 ) -> Algorithm[ClientData, ScaffoldState]:
@@ -178,7 +177,7 @@ def scaffold(
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = scaffold(functools.partial(logistic_regression, (60,), 10),
-        ...                 num_clients=30, clients_per_round=10, local=LocalSGD())
+        ...                 num_clients=30, clients_per_round=10, local=LocalTraining())
         >>> state = algo.init(Key.from_seed(0))
         >>> sorted(state.aux.c), state.aux.clients.num_stored
         (['1.bias', '1.weight'], 0)
@@ -191,7 +190,7 @@ def scaffold(
         init=_Init(model_fn, num_clients, names, store),
         sample=uniform_sampler(num_clients, clients_per_round),
         broadcast=scaffold_broadcast,
-        client_update=ScaffoldUpdate(template, corrected(local.training())),
+        client_update=ScaffoldUpdate(template, corrected(local)),
         aggregate=_Aggregate(num_clients, server_lr, names),
         dispatch=scaffold_dispatch,
     )

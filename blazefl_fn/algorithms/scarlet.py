@@ -28,7 +28,8 @@ from ..client_state import collect_states, initial_states
 from ..client_store import ClientStore, StateLayout, StoreOptions
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import Distillation, LocalSGD
+from ..local import Distillation
+from ..local_training import LocalTraining
 from ..records import Downlink, ServerState, Uplink
 from ..reproducibility import ModelFactory, build_template
 from ..round import Algorithm, ClientInput, ClientTask, uniform_sampler
@@ -323,7 +324,7 @@ def scarlet(
     num_classes: int,
     num_clients: int,
     clients_per_round: int,
-    local: LocalSGD,
+    local: LocalTraining,
     public_per_round: int = 1000,
     cache_duration: int = 10,
     exponent: float = 2.0,
@@ -356,7 +357,7 @@ def scarlet(
         >>> from blazefl_fn.models import mlp
         >>> algo = scarlet(functools.partial(mlp, (4,), 3), public=torch.randn(50, 4),
         ...                num_classes=3, num_clients=5, clients_per_round=2,
-        ...                local=LocalSGD(), public_per_round=20, cache_duration=5)
+        ...                local=LocalTraining(), public_per_round=20, cache_duration=5)
         >>> state = algo.init(Key.from_seed(0))
         >>> tuple(known_versions(state.aux, 4).shape), algo.broadcast(state).params["request"].shape
         ((50,), torch.Size([20]))
