@@ -93,7 +93,7 @@ def exports_table(module_path: str) -> str:
 
 def flag_ranges_table() -> str:
     """The Markdown table of the numeric ``run`` flags' accepted values."""
-    from blazefl_fn._cli_flags import flag_ranges  # the hook's only use of it
+    from blazefl_fn.cli._flags import flag_ranges
 
     rows = ["| flag | accepted values |", "|---|---|"]
     rows += [f"| `{flag}` | {accepted} |" for flag, accepted in flag_ranges()]

@@ -28,8 +28,7 @@ import torch
 
 import blazefl_fn as fl
 from blazefl_fn.data import ClientData, TensorDataset
-from blazefl_fn.models import cnn
-from blazefl_fn.reproducibility import intra_op_threads
+from blazefl_fn.models import cnn, intra_op_threads
 
 DEFAULT_CONFIGS = "sequential:1,threads:1,threads:2,threads:3,processes:1,processes:2,processes:3"
 

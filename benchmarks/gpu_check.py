@@ -38,10 +38,10 @@ from benchmarks import vectorized
 from benchmarks.compare.models import resnet18
 from benchmarks.executors import cifar_shaped
 from blazefl_fn.data import ClientData, FederatedDataset, TensorDataset
-from blazefl_fn.devices import check_device
-from blazefl_fn.models import cnn
-from blazefl_fn.reproducibility import intra_op_threads
-from blazefl_fn.run import ALGORITHMS, RunConfig, make_algorithm
+from blazefl_fn.executors.devices import check_device
+from blazefl_fn.models import cnn, intra_op_threads
+from blazefl_fn.run.config import ALGORITHMS, RunConfig
+from blazefl_fn.run.simulate import make_algorithm
 
 EXECUTORS = ("sequential:1", "threads:2", "threads:4", "processes:2")
 MiB = 2**20
@@ -229,7 +229,7 @@ def _two_rounds(
 ) -> str:
     key = fl.Key.from_seed(0)
     placed = fl.on_server(algorithm, server)
-    state = fl.devices.to_device(placed.init(key.fold_in("init")), server)
+    state = fl.executors.devices.to_device(placed.init(key.fold_in("init")), server)
     round_fn = fl.make_round(placed, federation.data.clients, ex)
     state, _ = fl.run_rounds(round_fn, state, key, until=2)
     return fl.tree.digest(state.params)

@@ -28,8 +28,7 @@ def child(args: argparse.Namespace) -> None:
         portable.enable()
     import blazefl_fn as fl
     from benchmarks.executors import cifar_shaped, make_executor
-    from blazefl_fn.models import cnn
-    from blazefl_fn.reproducibility import intra_op_threads
+    from blazefl_fn.models import cnn, intra_op_threads
 
     key = fl.Key.from_seed(0)
     clients = cifar_shaped(args.clients, args.samples, key.fold_in("data"))

@@ -40,10 +40,10 @@ import torch
 import blazefl_fn as fl
 from blazefl_fn.algorithms.scaffold import scaffold
 from blazefl_fn.algorithms.scarlet import scarlet
-from blazefl_fn.client_store import ClientStore
 from blazefl_fn.data import ClientData, TensorDataset, synthetic
 from blazefl_fn.data.mnist import load_mnist
 from blazefl_fn.models import logistic_regression, mlp
+from blazefl_fn.server.client_state import ClientStore
 
 MiB = 2**20
 

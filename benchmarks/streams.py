@@ -31,8 +31,7 @@ import torch
 
 import blazefl_fn as fl
 from blazefl_fn.data import ClientData, TensorDataset
-from blazefl_fn.models import cnn
-from blazefl_fn.reproducibility import intra_op_threads
+from blazefl_fn.models import cnn, intra_op_threads
 
 
 def _version_1(key: fl.Key) -> torch.Generator:

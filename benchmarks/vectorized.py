@@ -37,9 +37,8 @@ import torch
 import blazefl_fn as fl
 from blazefl_fn.data import ClientData, TensorDataset
 from blazefl_fn.data.synthetic import synthetic
-from blazefl_fn.devices import check_device
-from blazefl_fn.models import cnn, logistic_regression, mlp
-from blazefl_fn.reproducibility import intra_op_threads
+from blazefl_fn.executors.devices import check_device
+from blazefl_fn.models import cnn, intra_op_threads, logistic_regression, mlp
 from blazefl_fn.tree import Params
 
 EXECUTORS = ("sequential", "threads:2", "vectorized:10", "vectorized:100", "vectorized:all")

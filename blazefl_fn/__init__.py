@@ -7,19 +7,20 @@ Examples:
     (1, 2)
 """
 
-# First, before torch: Ctrl-C while the blazefl-fn command is still importing ends it quietly.
-from . import _cli_signals  # noqa: F401  # pyright: ignore[reportUnusedImport] (arms it)
-from . import aggregators as aggregators
+# First, before torch: Ctrl-C while the blazefl-fn command is still importing ends it quietly
+# (importing the cli package arms it; its machinery loads only when main runs).
+from . import cli as cli
+
+# isort: split
 from . import algorithms as algorithms
-from . import client_stages as client_stages
-from . import client_state as client_state
-from . import client_store as client_store
+from . import client as client
 from . import data as data
-from . import devices as devices
+from . import errors as errors
+from . import executors as executors
 from . import portable as portable
 from . import privacy as privacy
-from . import server_transforms as server_transforms
-from . import stochastic as stochastic
+from . import run as run
+from . import server as server
 from . import tree as tree
 from .algorithms.compose import Aggregate as Aggregate
 from .algorithms.compose import compose as compose
@@ -37,77 +38,82 @@ from .algorithms.feddyn import feddyn as feddyn
 from .algorithms.fednova import fednova as fednova
 from .algorithms.scaffold import scaffold as scaffold
 from .algorithms.scarlet import scarlet as scarlet
-from .checkpoint import CheckpointWriter as CheckpointWriter
-from .checkpoint import OutputLockedError as OutputLockedError
-from .checkpoint import load_checkpoint as load_checkpoint
-from .checkpoint import save_checkpoint as save_checkpoint
-from .client_store import ClientStore as ClientStore
-from .client_store import StateLayout as StateLayout
-from .client_store import StoreOptions as StoreOptions
+from .client import chunk as _chunk  # noqa: F401  # pyright: ignore[reportUnusedImport]
+from .client import distillation as _distillation  # noqa: F401  # pyright: ignore[reportUnusedImport]
+from .client import optim as _client_optim  # noqa: F401  # pyright: ignore[reportUnusedImport]
+from .client.distillation import Distillation as Distillation
+from .client.evaluation import evaluate as evaluate
+from .client.evaluation import evaluate_clients as evaluate_clients
+from .client.stochastic import KeyedDropout as KeyedDropout
+from .client.training import LocalResult as LocalResult
+from .client.training import LocalSGD as LocalSGD
+from .client.training import LocalTraining as LocalTraining
+from .client.training import Trained as Trained
+from .client.training import train as train
+from .client.training import trainable_names as trainable_names
 from .data.datasets import ClientData as ClientData
 from .data.datasets import FederatedDataset as FederatedDataset
 from .data.datasets import TensorDataset as TensorDataset
 from .data.synthetic import SyntheticClients as SyntheticClients
+from .errors import ChunkError as ChunkError
+from .errors import ClientError as ClientError
+from .errors import GlobalRNGError as GlobalRNGError
+from .errors import MissingStage as MissingStage
+from .errors import NonFiniteError as NonFiniteError
+from .errors import OutputLockedError as OutputLockedError
+from .errors import PerClientFallback as PerClientFallback
+from .errors import WorkerError as WorkerError
 from .executors.base import Executor as Executor
+from .executors.jobs import VectorizedUpdate as VectorizedUpdate
 from .executors.processes import Processes as Processes
-from .executors.processes import WorkerError as WorkerError
 from .executors.ray_pool import Ray as Ray
 from .executors.sequential import Sequential as Sequential
 from .executors.threads import Threads as Threads
-from .executors.vectorized import PerClientFallback as PerClientFallback
 from .executors.vectorized import Vectorized as Vectorized
-from .jobs import ChunkError as ChunkError
-from .jobs import GlobalRNGError as GlobalRNGError
-from .jobs import MissingStage as MissingStage
-from .jobs import NonFiniteError as NonFiniteError
-from .jobs import VectorizedUpdate as VectorizedUpdate
 from .keys import STREAMS_VERSION as STREAMS_VERSION
 from .keys import Key as Key
-from .local import Distillation as Distillation
-from .local import evaluate as evaluate
-from .local import evaluate_clients as evaluate_clients
-from .local_training import LocalResult as LocalResult
-from .local_training import LocalSGD as LocalSGD
-from .local_training import LocalTraining as LocalTraining
-from .local_training import Trained as Trained
-from .local_training import train as train
-from .local_training import trainable_names as trainable_names
-from .metrics_log import MetricsLog as MetricsLog
-from .metrics_log import read_metrics as read_metrics
-from .privacy import Accountant as Accountant
-from .privacy import AdaptiveClipping as AdaptiveClipping
-from .privacy import CentralDP as CentralDP
-from .privacy import LocalDP as LocalDP
-from .privacy import PrivacyBudget as PrivacyBudget
-from .privacy import privatize as privatize
+from .models import ModelFactory as ModelFactory
+from .models import build_module as build_module
+from .models import build_template as build_template
+from .privacy.mechanisms import AdaptiveClipping as AdaptiveClipping
+from .privacy.mechanisms import CentralDP as CentralDP
+from .privacy.mechanisms import LocalDP as LocalDP
+from .privacy.privatize import Accountant as Accountant
+from .privacy.privatize import PrivacyBudget as PrivacyBudget
+from .privacy.privatize import privatize as privatize
+from .records import ClientInput as ClientInput
+from .records import ClientTask as ClientTask
 from .records import Downlink as Downlink
 from .records import RoundReport as RoundReport
 from .records import ServerState as ServerState
 from .records import Uplink as Uplink
-from .reproducibility import ModelFactory as ModelFactory
-from .reproducibility import build_module as build_module
-from .reproducibility import build_template as build_template
 from .round import Algorithm as Algorithm
-from .round import ClientError as ClientError
-from .round import ClientInput as ClientInput
-from .round import ClientTask as ClientTask
 from .round import KeyedAggregate as KeyedAggregate
-from .round import PoissonSampler as PoissonSampler
 from .round import make_round as make_round
 from .round import on_server as on_server
-from .round import poisson_sampler as poisson_sampler
 from .round import run_round as run_round
-from .round import uniform_sampler as uniform_sampler
-from .run import RunConfig as RunConfig
-from .run import RunResult as RunResult
-from .run import run_rounds as run_rounds
-from .run import simulate as simulate
-from .runner import Callback as Callback
-from .runner import EarlyStop as EarlyStop
-from .runner import LoopResult as LoopResult
-from .runner import RoundEvent as RoundEvent
-from .runner import run_loop as run_loop
-from .stochastic import KeyedDropout as KeyedDropout
+from .run.checkpoint import CheckpointWriter as CheckpointWriter
+from .run.checkpoint import load_checkpoint as load_checkpoint
+from .run.checkpoint import save_checkpoint as save_checkpoint
+from .run.config import RunConfig as RunConfig
+from .run.loop import Callback as Callback
+from .run.loop import EarlyStop as EarlyStop
+from .run.loop import LoopResult as LoopResult
+from .run.loop import RoundEvent as RoundEvent
+from .run.loop import run_loop as run_loop
+from .run.metrics_log import MetricsLog as MetricsLog
+from .run.metrics_log import read_metrics as read_metrics
+from .run.simulate import RunResult as RunResult
+from .run.simulate import run_rounds as run_rounds
+from .run.simulate import simulate as simulate
+from .server import aggregators as _aggregators  # noqa: F401  # pyright: ignore[reportUnusedImport]
+from .server import optim as _server_optim  # noqa: F401  # pyright: ignore[reportUnusedImport]
+from .server.client_state import ClientStore as ClientStore
+from .server.client_state import StateLayout as StateLayout
+from .server.client_state import StoreOptions as StoreOptions
+from .server.sampling import PoissonSampler as PoissonSampler
+from .server.sampling import poisson_sampler as poisson_sampler
+from .server.sampling import uniform_sampler as uniform_sampler
 
 __version__ = "0.2.0.dev0"
 
@@ -166,19 +172,18 @@ __all__ = [
     "Vectorized",
     "VectorizedUpdate",
     "WorkerError",
-    "aggregators",
     "algorithms",
     "build_module",
     "build_template",
-    "client_stages",
-    "client_state",
-    "client_store",
+    "cli",
+    "client",
     "compose",
     "data",
-    "devices",
     "dsfl",
+    "errors",
     "evaluate",
     "evaluate_clients",
+    "executors",
     "fedadagrad",
     "fedadam",
     "fedavg",
@@ -197,15 +202,15 @@ __all__ = [
     "privacy",
     "privatize",
     "read_metrics",
+    "run",
     "run_loop",
     "run_round",
     "run_rounds",
     "save_checkpoint",
     "scaffold",
     "scarlet",
-    "server_transforms",
+    "server",
     "simulate",
-    "stochastic",
     "train",
     "trainable_names",
     "tree",

@@ -24,8 +24,10 @@ bit give streams that are independent in practice.
 from __future__ import annotations
 
 import fractions
+import functools
 import hashlib
 import math
+import sys
 from collections.abc import Iterator
 from typing import Final, cast
 
@@ -33,9 +35,10 @@ import attrs
 import numpy as np
 import torch
 
-from ._streams import key_generator
-
-__all__ = ["STREAMS_VERSION", "Key"]
+__all__ = [
+    "STREAMS_VERSION",
+    "Key",
+]
 
 STREAMS_VERSION: Final = 2
 """The version of the random streams a `Key` makes; every change to them changes results.
@@ -226,3 +229,99 @@ def _randbelow(stream: Iterator[int], n: int) -> int:
         word = next(stream)
         if word < limit:
             return word % n
+
+
+_MT_WORDS = 624
+_SEED_BYTES = 8
+# CPUGeneratorImplState: u64 seed, i32 left, i32 seeded, u64 next, u64 state[624], then the
+# normal-sample caches.
+_WORDS_AT = 24
+_TAG_MT19937 = b"blazefl_fn.streams.v2:mt19937"
+_TAG_PHILOX = b"blazefl_fn.streams.v2:philox"
+# A seed above 32 bits: the stored 64-bit seed and the 32 bits mt19937 keeps both show.
+PROBE_SEED = (0x5EED << 32) | 5489
+
+
+def _reference_mt19937(seed: int) -> list[int]:
+    """mt19937's reference initialisation (``init_genrand``) of a 32-bit seed."""
+    state = [seed & 0xFFFFFFFF]
+    for i in range(1, _MT_WORDS):
+        previous = state[-1]
+        state.append((1812433253 * (previous ^ (previous >> 30)) + i) & 0xFFFFFFFF)
+    return state
+
+
+@functools.cache
+def _cpu_layout() -> tuple[bytes, bytes]:
+    """The CPU state's bytes between the seed and the words, and after the words, verified."""
+    probe = torch.Generator()
+    probe.manual_seed(PROBE_SEED)
+    return layout_of(probe.get_state().numpy().tobytes())
+
+
+def layout_of(raw: bytes) -> tuple[bytes, bytes]:
+    """Split ``raw``, the state of a CPU generator seeded with `PROBE_SEED`, around its words.
+
+    Raises:
+        RuntimeError: ``raw`` is not laid out as this module writes states (torch changed).
+    """
+    end = _WORDS_AT + 8 * _MT_WORDS
+    expected_words = np.array(_reference_mt19937(PROBE_SEED), dtype="<u8").tobytes()
+    fields = np.frombuffer(raw[_SEED_BYTES:_WORDS_AT], dtype="<i4") if len(raw) >= end else None
+    if (
+        sys.byteorder != "little"
+        or fields is None
+        or int.from_bytes(raw[:_SEED_BYTES], "little") != PROBE_SEED
+        or fields.tolist() != [1, 1, 0, 0]  # left = 1, seeded = 1, next = 0 (u64)
+        or raw[_WORDS_AT:end] != expected_words
+    ):
+        raise RuntimeError(
+            f"torch {torch.__version__} lays out its CPU generator state differently from what "
+            "blazefl_fn writes (seed, left, seeded, next, 624 words), so it cannot make 128-bit "
+            "streams; use a torch this blazefl_fn supports or report it"
+        )
+    return raw[_SEED_BYTES:_WORDS_AT], raw[end:]
+
+
+def cpu_state(bits: bytes) -> torch.Tensor:
+    """The CPU generator state (a uint8 tensor for `torch.Generator.set_state`) of ``bits``.
+
+    The stored seed (`torch.Generator.initial_seed`) is the key's first 64 bits, as before
+    stream version 2; the draws come from the 624 words, which depend on all 128.
+    """
+    between, after = _cpu_layout()
+    words = hashlib.shake_128(_TAG_MT19937 + bits).digest(4 * _MT_WORDS)
+    widened = np.frombuffer(words, dtype="<u4").astype("<u8").tobytes()
+    return torch.frombuffer(
+        bytearray(bits[:_SEED_BYTES] + between + widened + after), dtype=torch.uint8
+    )
+
+
+def philox_seed_offset(bits: bytes) -> tuple[int, int]:
+    """The Philox seed (64 bits) and counter offset (60 bits, a multiple of 4) of ``bits``."""
+    digest = hashlib.shake_128(_TAG_PHILOX + bits).digest(16)
+    seed = int.from_bytes(digest[:8], "little")
+    # Torch's CUDA offsets count in fours; 2**62 leaves room for 2**62 draws before wrapping.
+    offset = (int.from_bytes(digest[8:], "little") >> 4) << 2
+    return seed, offset
+
+
+def key_generator(generator: torch.Generator, bits: bytes) -> torch.Generator:
+    """Put ``generator`` (fresh or used, any device) at the start of the stream of ``bits``.
+
+    Raises:
+        ValueError: the generator's device has neither mt19937 nor a settable Philox offset.
+    """
+    if generator.device.type == "cpu":
+        generator.set_state(cpu_state(bits))
+        return generator
+    seed, offset = philox_seed_offset(bits)
+    generator.manual_seed(seed)
+    try:
+        generator.set_offset(offset)
+    except (RuntimeError, AttributeError) as exc:
+        raise ValueError(
+            f"cannot key a {generator.device.type} generator with all 128 bits of a Key "
+            f"(its offset cannot be set: {str(exc).splitlines()[0] if str(exc) else exc!r})"
+        ) from exc
+    return generator

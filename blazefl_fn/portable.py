@@ -11,7 +11,7 @@ environment before then.
 - The CLI's ``blazefl-fn run --portable`` starts itself again with the pins in place when its
   environment lacks them, whatever the user's environment said.
 - From Python, call `enable` before the first tensor operation of the process (importing
-  blazefl_fn and torch runs none); `blazefl_fn.run.simulate` does for a config with
+  blazefl_fn and torch runs none); `blazefl_fn.run.simulate.simulate` does for a config with
   ``portable=True``. Worker processes inherit the pins (spawned after `enable`); Ray actors get
   them through their runtime environment.
 

@@ -14,9 +14,17 @@ import attrs
 import torch
 from typing_extensions import TypeVar
 
+from .keys import Key
 from .tree import Params
 
-__all__ = ["Downlink", "RoundReport", "ServerState", "Uplink"]
+__all__ = [
+    "ClientInput",
+    "ClientTask",
+    "Downlink",
+    "RoundReport",
+    "ServerState",
+    "Uplink",
+]
 
 _non_negative = attrs.validators.ge(0)
 
@@ -119,3 +127,42 @@ class RoundReport:
     bytes_up: int
     seconds: float
     skipped: tuple[int, ...] = ()
+
+
+@attrs.frozen(eq=False)
+class ClientTask:
+    """One client's work in one round: who, when, its key, and what only it receives.
+
+    Attributes:
+        client_id: the client.
+        round: the round index (0-based).
+        key: the client's key for this round.
+        message: the part of the downlink meant for this client alone (e.g. SCARLET's cache
+            catch-up); sent over the network, so it counts in ``RoundReport.bytes_down``.
+        state: the client's own stored state from its previous round (e.g. its local model),
+            as `Algorithm.dispatch` hands it over; it stays on the client, so it is not
+            counted as communication.
+        device: the device the client runs on, set by the executor (its data, the downlink,
+            ``message`` and ``state`` are already there); a client update that makes new
+            tensors makes them here.
+    """
+
+    client_id: int
+    round: int
+    key: Key
+    message: Params = attrs.field(factory=dict[str, torch.Tensor])
+    state: Params = attrs.field(factory=dict[str, torch.Tensor])
+    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+
+
+@attrs.frozen(eq=False)
+class ClientInput:
+    """What one sampled client receives besides the common downlink.
+
+    Attributes:
+        message: data for this client alone; counted as communication (``bytes_down``).
+        state: the client's stored state from its last round; not communication.
+    """
+
+    message: Params = attrs.field(factory=dict[str, torch.Tensor])
+    state: Params = attrs.field(factory=dict[str, torch.Tensor])

@@ -13,44 +13,34 @@ so a client's key depends neither on which other clients were sampled nor on the
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Generic, Literal, Protocol, cast, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, Literal, Protocol, cast, runtime_checkable
 
 import attrs
 import torch
 from typing_extensions import TypeVar
 
-from ._aux_leaves import nonfinite_leaves
-from ._validators import finite_number, int_at_least
-from .devices import cuda_determinism, to_device
+from .errors import NonFiniteError
 from .executors.base import Executor, Preparing, threads_of
-from .jobs import (
-    ClientContext,
-    ClientError,
-    ClientJob,
-    ClientTask,
-    ClientUpdate,
-    NonFiniteError,
-)
+from .executors.devices import cuda_determinism, to_device
+from .executors.jobs import ClientContext, ClientJob, ClientUpdate
 from .keys import Key
-from .records import Downlink, RoundReport, ServerState, Uplink
-from .reproducibility import intra_op_threads
-from .tree import Params, nbytes, nonfinite
+from .models import intra_op_threads
+from .records import ClientInput, ClientTask, Downlink, RoundReport, ServerState, Uplink
+from .server.client_state import ClientStore
+from .server.sampling import Sampler
+from .tree import nbytes, nonfinite
 
 __all__ = [
     "Algorithm",
-    "ClientError",
-    "ClientInput",
-    "ClientTask",
     "KeyedAggregate",
-    "PoissonSampler",
     "RoundFn",
     "make_round",
+    "nonfinite_leaves",
     "on_server",
-    "poisson_sampler",
     "run_round",
-    "uniform_sampler",
 ]
 
 Data = TypeVar("Data")
@@ -59,22 +49,8 @@ Data = TypeVar("Data")
 # the parameter existed; annotate ``Algorithm[Data, MyAux]`` to have it checked.
 A = TypeVar("A", default=Any)
 
-Sampler = Callable[[ServerState, Key], Sequence[int]]
 RoundFn = Callable[[ServerState[A], Key], tuple[ServerState[A], RoundReport]]
 """One round as a pure function, ``(state, key) -> (next state, report)``; see `make_round`."""
-
-
-@attrs.frozen(eq=False)
-class ClientInput:
-    """What one sampled client receives besides the common downlink.
-
-    Attributes:
-        message: data for this client alone; counted as communication (``bytes_down``).
-        state: the client's stored state from its last round; not communication.
-    """
-
-    message: Params = attrs.field(factory=dict[str, torch.Tensor])
-    state: Params = attrs.field(factory=dict[str, torch.Tensor])
 
 
 Dispatch = Callable[[ServerState[A], Sequence[int]], Sequence[ClientInput]]
@@ -119,7 +95,7 @@ class Algorithm(Generic[Data, A]):
             state), given the ids in ascending order. Algorithms whose clients keep state
             between rounds (DS-FL's local models, SCARLET's caches) keep it in the server
             state's ``aux``, hand it out here and collect it from ``Uplink.state``
-            (`blazefl_fn.client_state`). Without it, clients receive no message or state: a
+            (`blazefl_fn.server.client_state`). Without it, clients receive no message or state: a
             client that looks one up fails with `MissingStage`, and clients that return state
             fail the round, since nothing would keep it.
         allow_global_rng: let client updates draw from torch's global generator (e.g.
@@ -144,64 +120,6 @@ class Algorithm(Generic[Data, A]):
     nonfinite: Literal["raise", "skip"] = attrs.field(
         default="raise", validator=attrs.validators.in_(("raise", "skip"))
     )
-
-
-def uniform_sampler(num_clients: int, clients_per_round: int) -> Sampler:
-    """Samples ``clients_per_round`` distinct clients uniformly from ``num_clients``.
-
-    Raises:
-        ValueError: ``num_clients < 1`` or ``clients_per_round`` not in ``[1, num_clients]``.
-
-    Examples:
-        >>> from blazefl_fn.records import ServerState
-        >>> sample = uniform_sampler(100, 3)
-        >>> len(set(sample(ServerState(params={}), Key.from_seed(0))))
-        3
-    """
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if not 1 <= clients_per_round <= num_clients:
-        raise ValueError(
-            f"clients_per_round must be in [1, num_clients={num_clients}], got {clients_per_round}"
-        )
-
-    def sample(_state: ServerState, key: Key) -> tuple[int, ...]:
-        return key.choice(num_clients, clients_per_round)
-
-    return sample
-
-
-@attrs.frozen
-class PoissonSampler:
-    """Poisson sampling: every client takes part independently with probability ``rate``.
-
-    The number of clients varies from round to round and may be zero (the round then runs
-    with no client: the aggregate sees no uplink). This is the sampling DP accountants assume
-    for the sampled Gaussian mechanism (`blazefl_fn.privacy`). Costs O(num_clients) per round
-    (`Key.bernoulli`).
-    """
-
-    num_clients: int = attrs.field(validator=int_at_least(1))
-    rate: float = attrs.field(validator=finite_number(positive=True, high=1.0))
-    allows_empty: ClassVar[bool] = True
-
-    def __call__(self, _state: ServerState, key: Key) -> tuple[int, ...]:
-        return key.bernoulli(self.num_clients, self.rate)
-
-
-def poisson_sampler(num_clients: int, rate: float) -> PoissonSampler:
-    """A `PoissonSampler` over ``num_clients`` clients.
-
-    Raises:
-        ValueError: ``num_clients < 1`` or ``rate`` not in ``(0, 1]``.
-
-    Examples:
-        >>> from blazefl_fn.records import ServerState
-        >>> sample = poisson_sampler(1000, 0.01)
-        >>> 0 < len(sample(ServerState(params={}), Key.from_seed(0))) < 30
-        True
-    """
-    return PoissonSampler(num_clients, rate)
 
 
 def _check_ids(
@@ -255,7 +173,7 @@ def _check_kept(algorithm: Algorithm[Data, A], uplinks: Sequence[Uplink], round_
         raise ValueError(
             f"{algorithm.name}: clients {stateful[:5]} returned stored state in round "
             f"{round_index + 1}, but the algorithm has no dispatch stage to keep it and hand it "
-            "back; add one (Algorithm.dispatch, see blazefl_fn.client_state)"
+            "back; add one (Algorithm.dispatch, see blazefl_fn.server.client_state)"
         )
 
 
@@ -355,13 +273,13 @@ def on_server(algorithm: Algorithm[Data, A], device: torch.device) -> Algorithm[
     """``algorithm`` with its server stages' tensors on ``device`` (where the state lives).
 
     The server stages (``sample``, ``broadcast``, ``aggregate``, ``dispatch``) are placed with
-    `blazefl_fn.devices.to_device`; ``init`` is kept (place the state it makes), and so is
+    `blazefl_fn.executors.devices.to_device`; ``init`` is kept (place the state it makes), and so is
     ``client_update``, which the executor places on each client's device.
 
     Examples:
         >>> import functools, torch
         >>> from blazefl_fn.algorithms.fedavg import fedavg
-        >>> from blazefl_fn.local_training import LocalSGD
+        >>> from blazefl_fn.client.training import LocalSGD
         >>> from blazefl_fn.models import logistic_regression
         >>> algo = fedavg(functools.partial(logistic_regression, (4,), 2),
         ...               num_clients=3, clients_per_round=2, local=LocalSGD())
@@ -395,3 +313,37 @@ def make_round(
         return run_round(algorithm, clients, executor, state, key)
 
     return round_fn
+
+
+def nonfinite_leaves(obj: object, where: str = "aux") -> list[str]:
+    """Where ``obj`` (a server's aux state) holds a NaN or an infinity, as `flatten` names
+    places: floating-point tensors and floats, through mappings, sequences and attrs records.
+
+    A `ClientStore` is not searched: what it holds came from uplinks, which rounds screen
+    before storing. Other objects are not searched either (an aux state need only be
+    checkpointable when checkpoints are written).
+
+    Examples:
+        >>> nonfinite_leaves({"m": torch.ones(2), "v": (torch.tensor([float("inf")]), 1.0)})
+        ['aux.v[0]']
+    """
+    found: list[str] = []
+    if isinstance(obj, torch.Tensor):
+        floating = obj.is_floating_point() or obj.is_complex()
+        if floating and not bool(torch.isfinite(obj).all()):
+            found.append(where)
+    elif isinstance(obj, float):
+        if not math.isfinite(obj):
+            found.append(where)
+    elif isinstance(obj, Mapping):
+        mapping = cast(Mapping[object, object], obj)
+        for name in sorted(mapping, key=str):
+            found += nonfinite_leaves(mapping[name], f"{where}.{name}")
+    elif isinstance(obj, tuple | list):
+        items = cast(tuple[object, ...] | list[object], obj)
+        for i, value in enumerate(items):
+            found += nonfinite_leaves(value, f"{where}[{i}]")
+    elif attrs.has(type(obj)) and not isinstance(obj, ClientStore):
+        for field in attrs.fields(type(obj)):
+            found += nonfinite_leaves(getattr(obj, field.name), f"{where}.{field.name}")
+    return found

@@ -19,10 +19,12 @@ import functools
 import attrs
 
 import blazefl_fn as fl
-from blazefl_fn import aggregators, server_transforms, tree
+from blazefl_fn import tree
 from blazefl_fn.algorithms import Aggregate, TrainUpdate, compose
 from blazefl_fn.data import ClientData, synthetic
 from blazefl_fn.models import logistic_regression
+from blazefl_fn.server import aggregators
+from blazefl_fn.server import optim as server_transforms
 
 
 @attrs.frozen

@@ -1,7 +1,7 @@
 """Write your own stateful algorithm from public stages: SCAFFOLD in one page of user code.
 
-Everything here comes from the public API (``blazefl_fn``, ``blazefl_fn.client_stages``,
-``blazefl_fn.client_state``, ``blazefl_fn.tree``); ``make typecheck`` checks this file with
+Everything here comes from the public API (``blazefl_fn``, ``blazefl_fn.client.optim``,
+``blazefl_fn.server.client_state``, ``blazefl_fn.tree``); ``make typecheck`` checks this file with
 pyright strict. It runs this SCAFFOLD and the shipped ``fl.scaffold`` on Synthetic(1, 1) with
 the same key and prints both digests: they are the same bits.
 
@@ -19,9 +19,11 @@ import attrs
 import torch
 
 import blazefl_fn as fl
-from blazefl_fn import client_stages, client_state, tree
+from blazefl_fn import tree
+from blazefl_fn.client import optim as client_stages
 from blazefl_fn.data import synthetic
 from blazefl_fn.models import logistic_regression
+from blazefl_fn.server import client_state
 
 
 @attrs.frozen(eq=False)

@@ -9,8 +9,7 @@ import time
 
 import torch
 
-from blazefl_fn.jobs import ClientTask
-from blazefl_fn.records import Downlink, Uplink
+from blazefl_fn.records import ClientTask, Downlink, Uplink
 
 
 def square(x: int) -> int:

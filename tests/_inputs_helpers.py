@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from blazefl_fn.jobs import ClientTask
-from blazefl_fn.records import Downlink, Uplink
+from blazefl_fn.records import ClientTask, Downlink, Uplink
 
 # Elements in the extra state `grow_update` returns: far more than any task's input.
 GROWN = 50_000

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
+from blazefl_fn.client.chunk import train_chunk
+from blazefl_fn.client.training import LocalTraining, train
 from blazefl_fn.data.datasets import ClientData
 from blazefl_fn.keys import Key
-from blazefl_fn.local_chunk import train_chunk
-from blazefl_fn.local_training import LocalTraining, train
 from blazefl_fn.tree import Params
 
 

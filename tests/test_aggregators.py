@@ -1,4 +1,5 @@
-"""Aggregators: hypothesis properties (through `blazefl_fn.testing`), golden values, errors.
+"""Aggregators: hypothesis properties (through `blazefl_fn.testing.aggregators`), golden values,
+errors.
 
 Exactness, measured by these properties:
 
@@ -23,8 +24,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blazefl_fn import aggregators, testing, tree
-from blazefl_fn.aggregators import (
+from blazefl_fn import tree
+from blazefl_fn.server import aggregators
+from blazefl_fn.server.aggregators import (
     Krum,
     TrimmedMean,
     clip_by_norm,
@@ -35,6 +37,7 @@ from blazefl_fn.aggregators import (
     median,
     trimmed_mean,
 )
+from blazefl_fn.testing import aggregators as testing
 
 NARROW = (torch.float32, torch.float16, torch.bfloat16)
 FEW = settings(max_examples=25)

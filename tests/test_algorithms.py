@@ -12,23 +12,16 @@ from _training import train_local
 
 from blazefl_fn.algorithms.compose import Aggregate, compose, fedavgm, fedprox
 from blazefl_fn.algorithms.fedavg import fedavg
-from blazefl_fn.cli import main
-from blazefl_fn.client_stages import add_proximal
+from blazefl_fn.cli._commands import main
+from blazefl_fn.client.optim import add_proximal
+from blazefl_fn.client.training import LocalSGD
 from blazefl_fn.executors import Sequential
 from blazefl_fn.keys import Key
-from blazefl_fn.local_training import LocalSGD
-from blazefl_fn.models import logistic_regression
-from blazefl_fn.reproducibility import build_module
+from blazefl_fn.models import build_module, logistic_regression
 from blazefl_fn.round import make_round
-from blazefl_fn.run import (
-    ALGORITHMS,
-    DISTILLATION,
-    RunConfig,
-    load_federation,
-    run_rounds,
-    simulate,
-)
-from blazefl_fn.server_transforms import sgd
+from blazefl_fn.run.config import ALGORITHMS, DISTILLATION, RunConfig
+from blazefl_fn.run.simulate import load_federation, run_rounds, simulate
+from blazefl_fn.server.optim import sgd
 from blazefl_fn.tree import digest, sub
 
 CONFIG = RunConfig(clients=8, clients_per_round=6, rounds=3)

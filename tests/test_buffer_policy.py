@@ -14,8 +14,9 @@ import blazefl_fn as fl
 from blazefl_fn import tree
 from blazefl_fn.algorithms.compose import Aggregate, compose
 from blazefl_fn.models import logistic_regression
-from blazefl_fn.run import RunConfig, load_federation
-from blazefl_fn.server_transforms import adam
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import load_federation
+from blazefl_fn.server.optim import adam
 
 KEY = fl.Key.from_seed(0)
 
@@ -86,7 +87,7 @@ def test_a_robust_aggregator_stays_robust_for_the_statistics() -> None:
     state = _state()
     honest = [_client(state, i, 0.1, 1.0, 10) for i in range(4)]
     attacker = _client(state, 4, 0.1, 1e6, 10)
-    new = Aggregate(aggregator=fl.aggregators.median, trainable=TRAINABLE)(
+    new = Aggregate(aggregator=fl.server.aggregators.median, trainable=TRAINABLE)(
         state, [*honest, attacker]
     )
     assert torch.allclose(new.params["2.running_var"], state.params["2.running_var"] + 1.0)

@@ -21,14 +21,14 @@ import pytest
 import torch
 
 from blazefl_fn import OutputLockedError
-from blazefl_fn import checkpoint as checkpoint_module
-from blazefl_fn._atomic import remove_stale_temps
-from blazefl_fn._locks import holding
-from blazefl_fn.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_config, save_checkpoint
-from blazefl_fn.cli import main
+from blazefl_fn._files import holding, remove_stale_temps
+from blazefl_fn.cli._commands import main
 from blazefl_fn.keys import STREAMS_VERSION
 from blazefl_fn.records import ServerState
-from blazefl_fn.run import RunConfig, simulate
+from blazefl_fn.run import checkpoint as checkpoint_module
+from blazefl_fn.run.checkpoint import CHECKPOINT_NAME, load_checkpoint, read_config, save_checkpoint
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import simulate
 from blazefl_fn.tree import digest, flatten
 
 SMALL = ["run", "--rounds", "2", "--clients", "6", "--clients-per-round", "2", "--quiet"]
@@ -204,7 +204,7 @@ def test_a_writer_killed_mid_write_leaves_a_temp_that_the_next_run_removes(
     # A writer that dies (SIGKILL) inside torch.save: its temp file stays behind.
     script = (
         "import os, signal, torch\n"
-        "from blazefl_fn.checkpoint import save_checkpoint\n"
+        "from blazefl_fn.run.checkpoint import save_checkpoint\n"
         "from blazefl_fn.records import ServerState\n"
         "real = torch.save\n"
         "def dying(obj, f):\n"
@@ -226,8 +226,8 @@ def test_a_writer_killed_mid_write_leaves_a_temp_that_the_next_run_removes(
 
 _HOLD = (
     "import sys, time\n"
-    "from blazefl_fn._locks import holding\n"
-    "from blazefl_fn.checkpoint import locked\n"
+    "from blazefl_fn._files import holding\n"
+    "from blazefl_fn.run.checkpoint import locked\n"
     "path, kind = sys.argv[1:]\n"
     "with locked(path) if kind == 'checkpoint' else holding(path, 'x'):\n"
     "    print('held', flush=True)\n"
@@ -405,7 +405,7 @@ import importlib, os, sys, time, types
 package = types.ModuleType("files")
 package.__path__ = [os.path.dirname(sys.argv[1])]
 sys.modules["files"] = package
-locks = importlib.import_module("files._locks")
+locks = importlib.import_module("files._files")
 target, marker = sys.argv[2], sys.argv[3]
 held = 0
 deadline = time.monotonic() + 3
@@ -425,12 +425,12 @@ print(held)
 def test_contending_processes_never_hold_the_lock_together(tmp_path: Path) -> None:
     # Holders remove the lock file as they let go: a process that opened the old file must
     # notice and retry, or two processes could hold "the" lock at once.
-    from blazefl_fn import _locks
+    from blazefl_fn import _files
 
     target, marker = tmp_path / "m.jsonl", tmp_path / "inside"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _CONTEND, _locks.__file__, str(target), str(marker)],
+            [sys.executable, "-c", _CONTEND, _files.__file__, str(target), str(marker)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -14,12 +14,13 @@ import torch
 from _cli import run_cli
 from _memory import traced_peak
 
-from blazefl_fn import _run_build as run_build
-from blazefl_fn._run_build import evaluation_clients
-from blazefl_fn.cli import main
+from blazefl_fn.cli._commands import main
 from blazefl_fn.data import SyntheticClients, synthetic
 from blazefl_fn.keys import Key
-from blazefl_fn.run import SYNTHETIC_EAGER_CLIENTS, RunConfig, load_federation
+from blazefl_fn.run import _build as run_build
+from blazefl_fn.run._build import evaluation_clients
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import SYNTHETIC_EAGER_CLIENTS, load_federation
 
 QUICK = ["--clients", "6", "--clients-per-round", "3", "--rounds", "2"]
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import attrs
 import pytest
 
-from blazefl_fn._cli_flags import build_parser, flag_ranges
-from blazefl_fn.cli import json_safe
-from blazefl_fn.run import RunConfig
+from blazefl_fn.cli._commands import json_safe
+from blazefl_fn.cli._flags import build_parser, flag_ranges
+from blazefl_fn.run.config import RunConfig
 
 # The default synthetic job, with a ReLU MLP and a learning rate that makes client 17's
 # training blow up in round 1 (measured on streams version 2: the other sampled clients stay
@@ -303,7 +303,8 @@ def test_a_value_error_inside_the_round_loop_is_a_run_failure_not_a_file_error(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Before: any ValueError exited 1, which the docs define as a problem with a file.
-    from blazefl_fn import cli, run
+    from blazefl_fn.cli import _commands as cli
+    from blazefl_fn.run import simulate as run
 
     def failing_round(*_: object) -> object:
         def round_fn(*_: object) -> object:
@@ -328,7 +329,7 @@ def test_a_value_error_inside_the_round_loop_is_a_run_failure_not_a_file_error(
 def test_a_malformed_metrics_log_on_resume_is_still_a_file_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from blazefl_fn import cli
+    from blazefl_fn.cli import _commands as cli
 
     ck, log = str(tmp_path / "ck"), tmp_path / "m.jsonl"
     assert cli.main(["run", "--rounds", "1", "--quiet", "--checkpoint-dir", ck,
@@ -357,7 +358,7 @@ def test_a_noise_multiplier_the_accountant_cannot_take_is_a_bad_value(
 ) -> None:
     # Before: exit 1, "the rdp accountant cannot bound z=9.99989e-321 ...: float division by
     # zero", once the run had started.
-    from blazefl_fn.cli import main
+    from blazefl_fn.cli._commands import main
 
     assert main(["run", "--dp", "central", "--dp-noise-multiplier", "1e-320"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -371,7 +372,7 @@ def test_a_prv_accounting_of_gigabytes_is_refused_at_parse_time(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Before: z = 0.03 over 100 rounds grew past 24 GB until the kernel killed the run.
-    from blazefl_fn.cli import main
+    from blazefl_fn.cli._commands import main
 
     start = time.monotonic()
     argv = ["run", "--dp", "central", "--dp-accountant", "prv", "--dp-noise-multiplier", "0.03",
@@ -393,7 +394,7 @@ def test_an_mnist_split_without_examples_is_a_file_error_naming_it(
 ) -> None:
     # Before: an empty test file exited 3 ("cannot evaluate on an empty dataset") and an empty
     # training file said "num_samples must be an integer >= 1", neither naming the file.
-    from blazefl_fn.cli import main
+    from blazefl_fn.cli._commands import main
 
     for prefix in ("train", "t10k"):
         n = 0 if prefix == empty else 20

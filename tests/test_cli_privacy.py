@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from _cli import run_cli
 
-from blazefl_fn.metrics_log import read_metrics
-from blazefl_fn.privacy import Accountant
+from blazefl_fn.privacy.privatize import Accountant
+from blazefl_fn.run.metrics_log import read_metrics
 
 pytest.importorskip("opacus.accountants")
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from _procs import alive, descendants
 
-from blazefl_fn.checkpoint import load_checkpoint
-from blazefl_fn.cli import main
-from blazefl_fn.metrics_log import read_metrics
-from blazefl_fn.run import RunConfig, simulate
+from blazefl_fn.cli._commands import main
+from blazefl_fn.run.checkpoint import load_checkpoint
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.metrics_log import read_metrics
+from blazefl_fn.run.simulate import simulate
 
 ROUNDS = 30
 FLAGS = ["--rounds", str(ROUNDS), "--local-epochs", "3", "--quiet", "--json"]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from blazefl_fn import tree
 from blazefl_fn.algorithms.feddyn import _Quadratic  # pyright: ignore[reportPrivateUsage]
-from blazefl_fn.client_stages import (
+from blazefl_fn.client.optim import (
     InnerProduct,
     StepInput,
     add_proximal,
@@ -20,11 +20,10 @@ from blazefl_fn.client_stages import (
     identity,
     momentum,
 )
+from blazefl_fn.client.training import LocalSGD, LocalTraining, train, trainable_names
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.keys import Key
-from blazefl_fn.local_training import LocalSGD, LocalTraining, train, trainable_names
-from blazefl_fn.models import mlp
-from blazefl_fn.reproducibility import build_module
+from blazefl_fn.models import build_module, mlp
 
 KEY = Key.from_seed(3)
 

@@ -22,16 +22,21 @@ from hypothesis import strategies as st
 import blazefl_fn as fl
 from blazefl_fn.algorithms.scaffold import ScaffoldState, scaffold
 from blazefl_fn.algorithms.scarlet import scarlet
-from blazefl_fn.checkpoint import load_checkpoint, save_checkpoint
-from blazefl_fn.client_state import collect_states, initial_states
-from blazefl_fn.client_store import ClientStore, StateLayout, StoreOptions
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.executors import Sequential
 from blazefl_fn.keys import Key
 from blazefl_fn.models import mlp
 from blazefl_fn.records import Uplink
 from blazefl_fn.round import make_round
-from blazefl_fn.run import run_rounds
+from blazefl_fn.run.checkpoint import load_checkpoint, save_checkpoint
+from blazefl_fn.run.simulate import run_rounds
+from blazefl_fn.server.client_state import (
+    ClientStore,
+    StateLayout,
+    StoreOptions,
+    collect_states,
+    initial_states,
+)
 from blazefl_fn.tree import Params, digest, flatten, tree_spec, trees_equal
 
 DTYPES = [torch.float32, torch.float64, torch.int64, torch.uint8, torch.bool, torch.bfloat16]
@@ -336,7 +341,7 @@ A = '[["a","float32",[1]]]'  # the layout of a tree {"a": one float32}
     ],
 )
 def test_an_edited_store_structure_is_refused(text: str) -> None:
-    from blazefl_fn import _aux_leaves
+    from blazefl_fn.run import _aux_leaves
 
     leaves: list[object] = [torch.zeros(64, dtype=torch.uint8)] * 2
     with pytest.raises(_aux_leaves.Mismatch):
@@ -348,14 +353,14 @@ def test_an_edited_store_structure_is_refused(text: str) -> None:
     [torch.zeros(63, dtype=torch.uint8), torch.zeros(64), torch.zeros(2, 32, dtype=torch.uint8), 3],
 )
 def test_a_stored_leaf_of_the_wrong_size_or_kind_is_refused(leaf: object) -> None:
-    from blazefl_fn import _aux_leaves
+    from blazefl_fn.run import _aux_leaves
 
     with pytest.raises(_aux_leaves.BadLeaf):
         _aux_leaves.fit(ClientStore(12), _aux_leaves.Reader(f"Store12[3:P{A}]", [leaf]))
 
 
 def test_a_stored_structure_round_trips() -> None:
-    from blazefl_fn import _aux_leaves
+    from blazefl_fn.run import _aux_leaves
 
     trees = {
         3: {
@@ -402,7 +407,8 @@ def test_a_checkpoint_from_before_the_store_is_refused_with_the_reason(tmp_path:
 
 
 def test_a_stored_config_from_before_the_store_flags_takes_their_defaults() -> None:
-    from blazefl_fn.run import RunConfig, config_dict, config_from_dict
+    from blazefl_fn.run.config import RunConfig
+    from blazefl_fn.run.simulate import config_dict, config_from_dict
 
     stored = {k: v for k, v in config_dict(RunConfig()).items() if not k.startswith("client_state")}
     assert "client_state_memory_mb" not in stored
@@ -411,7 +417,7 @@ def test_a_stored_config_from_before_the_store_flags_takes_their_defaults() -> N
 
 _KILLED_WHILE_SPILLING = """
 import os, signal, sys, torch
-from blazefl_fn.client_store import ClientStore, StateLayout, StoreOptions
+from blazefl_fn.server.client_state import ClientStore, StateLayout, StoreOptions
 store = ClientStore(4, StoreOptions(memory_bytes=0, spill_dir=sys.argv[1]))
 store = store.updated({0: {"w": torch.ones(64)}, 1: {"w": torch.zeros(64)}})
 assert store.spilled_bytes > 0
@@ -465,7 +471,7 @@ store = store.updated({i: {"w": torch.zeros(16)} for i in range(50, 60)})
 }
 _SPILL_PRELUDE = """
 import os, resource, shutil, sys, torch
-from blazefl_fn.client_store import ClientStore, StateLayout, StoreOptions
+from blazefl_fn.server.client_state import ClientStore, StateLayout, StoreOptions
 store = ClientStore(100, StoreOptions(memory_bytes=0, spill_dir=sys.argv[1]))
 """
 _SPILL_REASONS = {
@@ -487,7 +493,7 @@ def test_a_spill_file_problem_is_one_error_naming_the_directory(
     assert "Exception ignored" not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert re.fullmatch(
-        rf"blazefl_fn\._store_backing\.SpillError: client-state spill directory "
+        rf"blazefl_fn\.errors\.SpillError: client-state spill directory "
         rf"{re.escape(str(tmp_path))}/blazefl-fn-store-\d+-\w+: {_SPILL_REASONS[attack]}.*",
         last,
     ), last

@@ -17,17 +17,18 @@ import pytest
 import torch
 from _training import train_local
 
-from blazefl_fn import _streams
+from blazefl_fn import keys as streams
+from blazefl_fn.client.stochastic import KeyedDropout, keyed_rng
+from blazefl_fn.client.training import LocalSGD
 from blazefl_fn.data.datasets import ClientData, TensorDataset
+from blazefl_fn.errors import ClientError
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads
-from blazefl_fn.jobs import ClientContext, ClientError, ClientJob, ClientTask
+from blazefl_fn.executors.jobs import ClientContext, ClientJob
 from blazefl_fn.keys import Key
-from blazefl_fn.local_training import LocalSGD
-from blazefl_fn.models import cnn
-from blazefl_fn.records import Downlink, Uplink
-from blazefl_fn.reproducibility import build_module
-from blazefl_fn.run import ALGORITHMS, DISTILLATION, RunConfig, simulate
-from blazefl_fn.stochastic import KeyedDropout, keyed_rng
+from blazefl_fn.models import build_module, cnn
+from blazefl_fn.records import ClientTask, Downlink, Uplink
+from blazefl_fn.run.config import ALGORITHMS, DISTILLATION, RunConfig
+from blazefl_fn.run.simulate import simulate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -227,7 +228,7 @@ def _cuda_draws(key: Key) -> list[torch.Tensor]:
 def test_cuda_streams_depend_on_every_bit_of_the_key() -> None:
     key = Key.from_seed(2026)
     generator = key.torch_generator(CUDA)
-    assert (generator.initial_seed(), generator.get_offset()) == _streams.philox_seed_offset(
+    assert (generator.initial_seed(), generator.get_offset()) == streams.philox_seed_offset(
         key.bits
     )
     ours = _cuda_draws(key)
@@ -243,7 +244,7 @@ def test_cuda_streams_depend_on_every_bit_of_the_key() -> None:
 _CUDA_FACTORY = """
 import sys, torch
 from blazefl_fn.keys import Key
-from blazefl_fn.reproducibility import build_module
+from blazefl_fn.models import build_module
 assert not torch.cuda.is_initialized()
 key = Key(bytes.fromhex(sys.argv[1]))
 module = build_module(lambda: torch.nn.Linear(4, 4, device="cuda"), key)

@@ -29,15 +29,11 @@ import pytest
 from _cli import run_cli
 from _paths import mnist_dir
 
-from blazefl_fn.cli import main
+from blazefl_fn.cli._commands import main
 from blazefl_fn.data import cifar, load_cifar10, load_mnist
-from blazefl_fn.data.download import (
-    ChecksumError,
-    DownloadError,
-    download,
-    extract_tar,
-)
+from blazefl_fn.data.download import download, extract_tar
 from blazefl_fn.data.mnist import MNIST_MIRRORS, download_mnist
+from blazefl_fn.errors import ChecksumError, DownloadError
 
 # The module, not the function `blazefl_fn.data.download` that shares its name.
 dl_module = importlib.import_module("blazefl_fn.data.download")
@@ -277,7 +273,7 @@ def test_cli_ctrl_c_says_the_download_continues(
     def interrupted(*args: Any, **kwargs: Any) -> Path:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("blazefl_fn.cli.download_mnist", interrupted)
+    monkeypatch.setattr("blazefl_fn.cli._commands.download_mnist", interrupted)
     assert main(["data", "mnist", str(tmp_path / "m")]) == 130
     assert capsys.readouterr().err == (
         f"blazefl-fn: interrupted; the partial download is kept, hidden, in {tmp_path / 'm'}: "

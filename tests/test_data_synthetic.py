@@ -22,11 +22,10 @@ from hypothesis import strategies as st
 import blazefl_fn as fl
 from blazefl_fn.data import ClientData, FederatedDataset, SyntheticClients, TensorDataset, synthetic
 from blazefl_fn.data.synthetic import _test_count
-from blazefl_fn.devices import to_device
 from blazefl_fn.executors import Processes, Sequential, Threads
+from blazefl_fn.executors.devices import to_device
 from blazefl_fn.keys import Key
-from blazefl_fn.models import logistic_regression
-from blazefl_fn.reproducibility import intra_op_threads
+from blazefl_fn.models import intra_op_threads, logistic_regression
 
 
 def _train_size(n: int, test_fraction: float) -> int:

@@ -20,10 +20,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blazefl_fn import tree
-from blazefl_fn.algorithms.fedavg import broadcast_params, mean_by_examples
-from blazefl_fn.cli import main
+from blazefl_fn.algorithms.stages import broadcast_params, mean_by_examples
+from blazefl_fn.cli._commands import main
+from blazefl_fn.client.training import LocalSGD
 from blazefl_fn.data.datasets import ClientData, TensorDataset
-from blazefl_fn.devices import (
+from blazefl_fn.executors import Executor, Processes, Sequential, Threads
+from blazefl_fn.executors._placement import PlacedJob, Placement, owned_groups, placed, worker_for
+from blazefl_fn.executors.devices import (
     check_device,
     check_devices,
     cuda_determinism,
@@ -31,29 +34,14 @@ from blazefl_fn.devices import (
     parse_devices,
     to_device,
 )
-from blazefl_fn.executors import Executor, Processes, Sequential, Threads
-from blazefl_fn.executors._placement import (
-    PlacedJob,
-    Placement,
-    owned_groups,
-    placed,
-    worker_for,
-)
-from blazefl_fn.jobs import ClientContext, ClientJob, ClientTask
+from blazefl_fn.executors.jobs import ClientContext, ClientJob
 from blazefl_fn.keys import Key
-from blazefl_fn.local_training import LocalSGD
-from blazefl_fn.models import logistic_regression
-from blazefl_fn.records import Downlink, ServerState, Uplink
-from blazefl_fn.reproducibility import build_module
-from blazefl_fn.round import Algorithm, make_round, on_server, uniform_sampler
-from blazefl_fn.run import (
-    ALGORITHMS,
-    DISTILLATION,
-    RunConfig,
-    check_resumable,
-    run_rounds,
-    simulate,
-)
+from blazefl_fn.models import build_module, logistic_regression
+from blazefl_fn.records import ClientTask, Downlink, ServerState, Uplink
+from blazefl_fn.round import Algorithm, make_round, on_server
+from blazefl_fn.run.config import ALGORITHMS, DISTILLATION, RunConfig
+from blazefl_fn.run.simulate import check_resumable, run_rounds, simulate
+from blazefl_fn.server.sampling import uniform_sampler
 
 CPU = torch.device("cpu")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA messages")

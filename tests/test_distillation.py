@@ -21,19 +21,19 @@ from blazefl_fn.algorithms import _distill
 from blazefl_fn.algorithms.dsfl import DSFLState, dsfl
 from blazefl_fn.algorithms.label_cache import CacheSignal
 from blazefl_fn.algorithms.scarlet import ScarletState, client_cache, known_versions, scarlet
-from blazefl_fn.checkpoint import load_checkpoint, save_checkpoint
-from blazefl_fn.cli import main
+from blazefl_fn.cli._commands import main
+from blazefl_fn.client.training import LocalSGD
 from blazefl_fn.data.datasets import ClientData, TensorDataset
+from blazefl_fn.errors import ClientError
 from blazefl_fn.executors import Processes, Sequential, Threads
 from blazefl_fn.executors.base import Executor
-from blazefl_fn.jobs import ClientError
 from blazefl_fn.keys import Key
-from blazefl_fn.local_training import LocalSGD
-from blazefl_fn.models import mlp
+from blazefl_fn.models import intra_op_threads, mlp
 from blazefl_fn.records import RoundReport, ServerState
-from blazefl_fn.reproducibility import intra_op_threads
 from blazefl_fn.round import Algorithm, make_round, run_round
-from blazefl_fn.run import RunConfig, run_rounds
+from blazefl_fn.run.checkpoint import load_checkpoint, save_checkpoint
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import run_rounds
 from blazefl_fn.tree import Params, digest, trees_equal
 
 T = TypeVar("T")

@@ -13,11 +13,12 @@ from _training import train_local, train_local_chunk
 from torch import nn
 
 import blazefl_fn as fl
+from blazefl_fn.client.training import LocalSGD, LocalTraining, train
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.keys import Key
-from blazefl_fn.local_training import LocalSGD, LocalTraining, train
-from blazefl_fn.reproducibility import build_template
-from blazefl_fn.run import RunConfig, check_resumable, config_dict, config_from_dict
+from blazefl_fn.models import build_template
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import check_resumable, config_dict, config_from_dict
 from blazefl_fn.tree import from_module
 
 
@@ -127,7 +128,7 @@ def test_cli_drop_last_changes_the_bits_and_is_in_the_resolved_config(tmp_path: 
 
 
 def test_cli_drop_last_takes_no_value(capsys: pytest.CaptureFixture[str]) -> None:
-    from blazefl_fn.cli import main
+    from blazefl_fn.cli._commands import main
 
     assert main(["run", "--drop-last=yes", "--rounds", "1"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

@@ -78,7 +78,7 @@ def test_dp_mnist_example_reports_the_accountants_epsilon_per_noise_level(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("opacus.accountants")
-    from blazefl_fn.privacy import Accountant
+    from blazefl_fn.privacy.privatize import Accountant
 
     example = _load("dp_mnist")
     out = tmp_path / "table.md"

@@ -14,7 +14,8 @@ import pytest
 from _paths import mnist_dir, mnist_search_path
 from _ray_helpers import ENV as RAY_ENV
 
-from blazefl_fn.run import RunConfig, simulate
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import simulate
 
 MATRIX = [("sequential", 1)] + [(e, w) for e in ("threads", "processes") for w in (1, 2, 3)]
 

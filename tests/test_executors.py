@@ -22,14 +22,16 @@ import torch
 from _procs import alive, descendants
 
 from blazefl_fn import tree
-from blazefl_fn.algorithms.fedavg import broadcast_params, mean_by_examples
-from blazefl_fn.executors import Executor, Processes, Sequential, Threads, WorkerError
+from blazefl_fn.algorithms.stages import broadcast_params, mean_by_examples
+from blazefl_fn.errors import ClientError, WorkerError
+from blazefl_fn.executors import Executor, Processes, Sequential, Threads
 from blazefl_fn.executors._startup import describe_exit
-from blazefl_fn.jobs import ClientContext, ClientError, ClientUpdate
+from blazefl_fn.executors.jobs import ClientContext, ClientUpdate
 from blazefl_fn.keys import Key
 from blazefl_fn.records import ServerState
-from blazefl_fn.round import Algorithm, make_round, uniform_sampler
-from blazefl_fn.run import run_rounds
+from blazefl_fn.round import Algorithm, make_round
+from blazefl_fn.run.simulate import run_rounds
+from blazefl_fn.server.sampling import uniform_sampler
 
 CLIENTS = [0.5 * i for i in range(10)]
 
@@ -460,7 +462,7 @@ def _one_reason(stderr: str) -> str:
     assert stderr.count("Traceback (most recent call last)") == 1, stderr
     assert "code None" not in stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("blazefl_fn.executors.processes.WorkerError: "), last
+    assert last.startswith("blazefl_fn.errors.WorkerError: "), last
     return last
 
 
@@ -504,7 +506,8 @@ _POOL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, time
     import torch
-    from blazefl_fn.executors import Processes, WorkerError
+    from blazefl_fn.errors import WorkerError
+    from blazefl_fn.executors import Processes
 
     def tensor(x):  # sent back through a shared descriptor: multiprocessing makes a pymp-* dir
         return torch.zeros(1000) + x

@@ -13,18 +13,19 @@ from _rng import global_rng_untouched
 from _training import train_local
 
 from blazefl_fn import tree
-from blazefl_fn.algorithms.fedavg import fedavg, mean_by_examples
+from blazefl_fn.algorithms.fedavg import fedavg
+from blazefl_fn.algorithms.stages import mean_by_examples
+from blazefl_fn.client.evaluation import evaluate
+from blazefl_fn.client.training import LocalSGD
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.executors import Sequential
 from blazefl_fn.keys import Key
-from blazefl_fn.local import evaluate
-from blazefl_fn.local_training import LocalSGD
-from blazefl_fn.models import logistic_regression, mlp
+from blazefl_fn.models import build_module, logistic_regression, mlp
 from blazefl_fn.records import ServerState, Uplink
-from blazefl_fn.reproducibility import build_module
 from blazefl_fn.round import run_round
-from blazefl_fn.run import RunConfig, load_federation, simulate
-from blazefl_fn.runner import Callback, RoundEvent
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.loop import Callback, RoundEvent
+from blazefl_fn.run.simulate import load_federation, simulate
 
 SMALL = RunConfig(clients=6, clients_per_round=3, rounds=3)
 
@@ -267,7 +268,7 @@ def test_reused_working_copies_do_not_leak_between_clients() -> None:
 
 
 def test_modules_with_state_outside_the_state_dict_are_copied_every_time() -> None:
-    from blazefl_fn.local import working_copy
+    from blazefl_fn.client.distillation import working_copy
 
     plain = torch.nn.Linear(2, 2)
     assert working_copy(plain) is working_copy(plain)

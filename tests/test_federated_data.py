@@ -15,12 +15,12 @@ from _rng import global_rng_untouched
 from test_data_cifar import cifar10_binary
 
 from blazefl_fn.algorithms.fedavg import fedavg
+from blazefl_fn.client.training import LocalSGD
 from blazefl_fn.executors import Processes
 from blazefl_fn.keys import Key
-from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.round import make_round
-from blazefl_fn.run import (
-    RunConfig,
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import (
     load_federation,
     model_factory,
     run_rounds,

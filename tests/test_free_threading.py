@@ -85,7 +85,7 @@ def test_the_check_names_an_extension_that_turns_the_gil_on(tmp_path: Path) -> N
 # Enters `cuda_determinism` in a fresh interpreter (no inductor loaded yet) and reports.
 _DETERMINISM_PROBE = """
 import sys, torch
-from blazefl_fn.devices import cuda_determinism
+from blazefl_fn.executors.devices import cuda_determinism
 # A previous setting to restore (set as cuda_determinism would: torch's own call imports inductor).
 torch._C._set_deterministic_algorithms(False, warn_only=True)
 with cuda_determinism():

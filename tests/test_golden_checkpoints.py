@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from blazefl_fn.run import RunConfig
+from blazefl_fn.run.config import RunConfig
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 _COMMON = dict(clients=6, clients_per_round=3, batch_size=10, portable=True)
@@ -69,7 +69,7 @@ def _resume_all(scratch: Path) -> dict[str, tuple[str, str]]:
         "import json, sys\n"
         "from test_golden_checkpoints import CASES, MNIST, config_for\n"
         "from pathlib import Path\n"
-        "from blazefl_fn.run import simulate\n"
+        "from blazefl_fn.run.simulate import simulate\n"
         "out = {}\n"
         "for name in CASES:\n"
         "    if CASES[name].get('dataset') == 'mnist' and not Path(MNIST).is_dir():\n"

@@ -14,17 +14,18 @@ import pytest
 import torch
 
 from blazefl_fn import tree
-from blazefl_fn._aux_leaves import nonfinite_leaves
 from blazefl_fn.algorithms.compose import fedadam
-from blazefl_fn.algorithms.fedavg import broadcast_params, mean_by_examples
+from blazefl_fn.algorithms.stages import broadcast_params, mean_by_examples
+from blazefl_fn.client.training import LocalSGD
 from blazefl_fn.data import ClientData, synthetic
+from blazefl_fn.errors import NonFiniteError
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads
-from blazefl_fn.jobs import ClientUpdate, NonFiniteError
+from blazefl_fn.executors.jobs import ClientUpdate
 from blazefl_fn.keys import Key
-from blazefl_fn.local_training import LocalSGD
 from blazefl_fn.models import logistic_regression
-from blazefl_fn.records import Downlink, RoundReport, ServerState, Uplink
-from blazefl_fn.round import Algorithm, ClientInput, ClientTask, make_round, uniform_sampler
+from blazefl_fn.records import ClientInput, ClientTask, Downlink, RoundReport, ServerState, Uplink
+from blazefl_fn.round import Algorithm, make_round, nonfinite_leaves
+from blazefl_fn.server.sampling import uniform_sampler
 
 CLIENTS = [0.5 * i for i in range(6)]
 

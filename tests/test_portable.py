@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from blazefl_fn import portable
-from blazefl_fn.checkpoint import load_checkpoint
-from blazefl_fn.cli import main
-from blazefl_fn.metrics_log import read_metrics
-from blazefl_fn.run import RunConfig, check_resumable
+from blazefl_fn.cli._commands import main
+from blazefl_fn.run.checkpoint import load_checkpoint
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.metrics_log import read_metrics
+from blazefl_fn.run.simulate import check_resumable
 
 HERE = Path(__file__).parent
 

@@ -16,29 +16,28 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blazefl_fn._dp import LocalNoiseUpdate
-from blazefl_fn.aggregators import clip_by_norm, global_norm
 from blazefl_fn.algorithms.compose import Aggregate, compose
 from blazefl_fn.algorithms.fedavg import fedavg
 from blazefl_fn.algorithms.scaffold import scaffold
+from blazefl_fn.client.training import LocalSGD
 from blazefl_fn.data.datasets import ClientData, TensorDataset
-from blazefl_fn.jobs import ClientTask, VectorizedUpdate
+from blazefl_fn.executors.jobs import VectorizedUpdate
 from blazefl_fn.keys import Key
-from blazefl_fn.local_training import LocalSGD
-from blazefl_fn.metrics_log import MetricsLog, read_metrics
 from blazefl_fn.models import logistic_regression
-from blazefl_fn.privacy import (
-    Accountant,
+from blazefl_fn.privacy.mechanisms import (
     AdaptiveClipping,
     CentralDP,
     DPState,
     LocalDP,
-    PrivacyBudget,
-    privatize,
+    LocalNoiseUpdate,
 )
-from blazefl_fn.records import Downlink, ServerState, Uplink
-from blazefl_fn.round import poisson_sampler
-from blazefl_fn.run import RunConfig, config_dict, config_from_dict, simulate
+from blazefl_fn.privacy.privatize import Accountant, PrivacyBudget, PrivateAggregate, privatize
+from blazefl_fn.records import ClientTask, Downlink, ServerState, Uplink
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.metrics_log import MetricsLog, read_metrics
+from blazefl_fn.run.simulate import config_dict, config_from_dict, simulate
+from blazefl_fn.server.aggregators import clip_by_norm, global_norm
+from blazefl_fn.server.sampling import poisson_sampler
 
 opacus_accountants = pytest.importorskip("opacus.accountants")
 
@@ -59,8 +58,8 @@ def _ks_statistic(values: torch.Tensor, std: float) -> float:
     )
 
 
-def _private_aggregate(dp: CentralDP, expected: float) -> Aggregate:
-    return Aggregate(privacy=dp, expected_clients=expected)
+def _private_aggregate(dp: CentralDP, expected: float) -> PrivateAggregate[Any]:
+    return PrivateAggregate(Aggregate(), dp, expected)
 
 
 def _state(params: dict[str, torch.Tensor], clip: float) -> ServerState[DPState[Any]]:
@@ -262,7 +261,7 @@ def test_privatize_refuses_what_it_cannot_privatise() -> None:
     with pytest.raises(ValueError, match="'scaffold' aggregates by its own rule"):
         privatize(scaffold(MODEL, **common), CentralDP(1.0, 1.0), **common_counts)
     privatize(fedavg(MODEL, **common), CentralDP(1.0, 1.0), num_clients=4, clients_per_round=2)
-    from blazefl_fn.aggregators import median
+    from blazefl_fn.server.aggregators import median
 
     robust = compose("fedmedian", MODEL, **common, aggregate=Aggregate(aggregator=median))
     with pytest.raises(ValueError, match="mean aggregator"):
@@ -473,7 +472,7 @@ def test_the_prv_grid_estimate_is_opacuss_own(z: float, q: float, rounds: int) -
     from opacus.accountants import PRVAccountant
     from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
-    from blazefl_fn.privacy import prv_points
+    from blazefl_fn.privacy.privatize import prv_points
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

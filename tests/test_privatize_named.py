@@ -21,8 +21,10 @@ from blazefl_fn.algorithms.compose import (
     fedprox,
     fedyogi,
 )
-from blazefl_fn.privacy import AdaptiveClipping, CentralDP, DPState, LocalDP, privatize
-from blazefl_fn.run import RunConfig, load_federation, model_factory
+from blazefl_fn.privacy.mechanisms import AdaptiveClipping, CentralDP, DPState, LocalDP
+from blazefl_fn.privacy.privatize import privatize
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import load_federation, model_factory
 from blazefl_fn.tree import digest
 
 CONFIG = RunConfig(clients=12, clients_per_round=4)

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from blazefl_fn import tree
-from blazefl_fn.algorithms.fedavg import broadcast_params
+from blazefl_fn.algorithms.stages import broadcast_params
 from blazefl_fn.executors import Executor, Processes, Sequential, Threads
-from blazefl_fn.jobs import ClientUpdate
+from blazefl_fn.executors.jobs import ClientUpdate
 from blazefl_fn.keys import Key
-from blazefl_fn.records import RoundReport, ServerState, Uplink
-from blazefl_fn.round import Algorithm, ClientInput, make_round, run_round
+from blazefl_fn.records import ClientInput, RoundReport, ServerState, Uplink
+from blazefl_fn.round import Algorithm, make_round, run_round
 
 NUM_CLIENTS = 6
 CLIENTS = [10 * (i + 1) for i in range(NUM_CLIENTS)]

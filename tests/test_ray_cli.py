@@ -20,7 +20,7 @@ import attrs
 import pytest
 from _ray_helpers import ENV, HEAD_IP, describe, ray_pids, strays, wait_until_gone
 
-from blazefl_fn.run import RunConfig
+from blazefl_fn.run.config import RunConfig
 
 pytest.importorskip("ray", reason="the Ray tests need the extra: pip install -e '.[ray]'")
 
@@ -81,7 +81,7 @@ def test_cli_ctrl_c_mid_run_stops_and_leaves_no_ray_process(group: bool) -> None
 def test_cli_ray_without_ray_installed_says_how_to_get_it() -> None:
     # A fresh interpreter where `import ray` fails: one line, exit 1.
     code = (
-        "import sys; sys.modules['ray'] = None; from blazefl_fn.cli import main; "
+        "import sys; sys.modules['ray'] = None; from blazefl_fn.cli._commands import main; "
         "sys.exit(main(['run', '--executor', 'ray', '--rounds', '1', '--quiet']))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -96,7 +96,7 @@ def test_cli_ray_without_ray_installed_says_how_to_get_it() -> None:
 def test_cli_bad_ray_flags_are_one_line_with_exit_2(
     flag: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from blazefl_fn.cli import main
+    from blazefl_fn.cli._commands import main
 
     assert main(["run", "--executor", "ray", flag, " ", "--rounds", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -120,7 +120,7 @@ def test_cli_ray_addresses_are_checked_at_parse_time(
 ) -> None:
     # Before: each of these ran for minutes (Ray waiting for a GCS or an address) and never
     # exited on its own.
-    from blazefl_fn.cli import main
+    from blazefl_fn.cli._commands import main
 
     start = time.monotonic()
     assert main(["run", "--executor", "ray", *flags, "--rounds", "1"]) == 2
@@ -133,7 +133,7 @@ def test_cli_ray_addresses_are_checked_at_parse_time(
 def test_cli_ray_flags_with_another_executor_are_refused(
     flag: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from blazefl_fn.cli import main
+    from blazefl_fn.cli._commands import main
 
     value = "auto" if flag == "--ray-address" else "127.0.0.1"
     assert main(["run", "--executor", "processes", flag, value, "--rounds", "1"]) == 2
@@ -191,6 +191,6 @@ def test_cli_sigterm_stops_like_ctrl_c_and_leaves_no_ray_process() -> None:
 
 
 def test_ray_settings_may_change_on_resume() -> None:
-    from blazefl_fn.run import check_resumable
+    from blazefl_fn.run.simulate import check_resumable
 
     check_resumable(RunConfig(), attrs.evolve(RunConfig(), executor="ray", ray_address="auto"))

@@ -24,13 +24,15 @@ from _ray_helpers import ENV, HEAD_IP, NODE_IP, describe, ray_pids, strays, wait
 
 from benchmarks.gpu_check import tiny_federation
 from blazefl_fn import tree
-from blazefl_fn.executors import Ray, Sequential, WorkerError
-from blazefl_fn.jobs import ClientContext, ClientJob, ClientTask
+from blazefl_fn.errors import WorkerError
+from blazefl_fn.executors import Ray, Sequential
+from blazefl_fn.executors.jobs import ClientContext, ClientJob
 from blazefl_fn.keys import Key
-from blazefl_fn.records import Downlink
-from blazefl_fn.reproducibility import intra_op_threads
+from blazefl_fn.models import intra_op_threads
+from blazefl_fn.records import ClientTask, Downlink
 from blazefl_fn.round import make_round
-from blazefl_fn.run import RunConfig, load_federation, make_algorithm, model_factory, run_rounds
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import load_federation, make_algorithm, model_factory, run_rounds
 
 ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install -e '.[ray]'")
 

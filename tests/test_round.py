@@ -9,19 +9,14 @@ import pytest
 import torch
 
 from blazefl_fn import tree
-from blazefl_fn.algorithms.fedavg import broadcast_params, mean_by_examples
+from blazefl_fn.algorithms.stages import broadcast_params, mean_by_examples
+from blazefl_fn.errors import ClientError
 from blazefl_fn.executors import Executor, Sequential
 from blazefl_fn.keys import Key
-from blazefl_fn.records import Downlink, ServerState, Uplink
-from blazefl_fn.round import (
-    Algorithm,
-    ClientError,
-    ClientTask,
-    make_round,
-    run_round,
-    uniform_sampler,
-)
-from blazefl_fn.run import run_rounds
+from blazefl_fn.records import ClientTask, Downlink, ServerState, Uplink
+from blazefl_fn.round import Algorithm, make_round, run_round
+from blazefl_fn.run.simulate import run_rounds
+from blazefl_fn.server.sampling import uniform_sampler
 
 NUM_CLIENTS = 12
 

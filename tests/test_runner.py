@@ -11,22 +11,23 @@ import attrs
 import pytest
 import torch
 
-from blazefl_fn import checkpoint as checkpoint_module
-from blazefl_fn.checkpoint import (
+from blazefl_fn.client.evaluation import evaluate_clients
+from blazefl_fn.keys import Key
+from blazefl_fn.records import RoundReport, ServerState
+from blazefl_fn.run import checkpoint as checkpoint_module
+from blazefl_fn.run.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointWriter,
     load_checkpoint,
     read_config,
     save_checkpoint,
 )
-from blazefl_fn.keys import Key
-from blazefl_fn.local import evaluate_clients
-from blazefl_fn.metrics_log import MetricsLog, read_metrics
-from blazefl_fn.plot import plot_runs
-from blazefl_fn.progress import BarProgress, LineProgress, progress_callback
-from blazefl_fn.records import RoundReport, ServerState
-from blazefl_fn.run import RunConfig, load_federation, model_factory, simulate
-from blazefl_fn.runner import Callback, EarlyStop, LoopResult, RoundEvent, run_loop
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.loop import Callback, EarlyStop, LoopResult, RoundEvent, run_loop
+from blazefl_fn.run.metrics_log import MetricsLog, read_metrics
+from blazefl_fn.run.plot import plot_runs
+from blazefl_fn.run.progress import BarProgress, LineProgress, progress_callback
+from blazefl_fn.run.simulate import load_federation, model_factory, simulate
 from blazefl_fn.tree import digest
 
 SMALL = RunConfig(clients=6, clients_per_round=3, rounds=6)
@@ -326,8 +327,8 @@ def test_evaluate_clients_summaries() -> None:
     params = {k: v.detach() for k, v in model.state_dict().items()}
     out = evaluate_clients(model, params, data.clients)
     sizes = [len(c) for c in data.clients]
+    from blazefl_fn.client.evaluation import evaluate
     from blazefl_fn.data import TensorDataset
-    from blazefl_fn.local import evaluate
 
     each = [
         evaluate(model, params, TensorDataset(c.base.x[c.indices], c.base.y[c.indices]))["accuracy"]

@@ -22,9 +22,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from blazefl_fn import testing, tree
-from blazefl_fn.aggregators import mean
-from blazefl_fn.server_transforms import (
+from blazefl_fn import tree
+from blazefl_fn.server.aggregators import mean
+from blazefl_fn.server.optim import (
     AdaptiveState,
     Chain,
     ChainState,
@@ -41,6 +41,7 @@ from blazefl_fn.server_transforms import (
     sgd,
     yogi,
 )
+from blazefl_fn.testing import aggregators as testing
 
 FEW = settings(max_examples=25)
 

@@ -22,10 +22,11 @@ from blazefl_fn import tree
 from blazefl_fn.algorithms.feddyn import FedDynState, feddyn
 from blazefl_fn.algorithms.fednova import fednova, normalizer
 from blazefl_fn.algorithms.scaffold import ScaffoldState, scaffold
-from blazefl_fn.cli import main
+from blazefl_fn.cli._commands import main
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.models import logistic_regression
-from blazefl_fn.run import RunConfig, load_federation, simulate
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import load_federation, simulate
 
 KEY = fl.Key.from_seed(0)
 CONFIG = RunConfig(clients=6, clients_per_round=3)
@@ -259,7 +260,7 @@ def test_fednova_with_momentum_runs_and_refuses_hooks() -> None:
             MODEL_FN,
             num_clients=6,
             clients_per_round=3,
-            local=attrs.evolve(LOCAL, optimizer=fl.client_stages.add_proximal(0.1)),
+            local=attrs.evolve(LOCAL, optimizer=fl.client.optim.add_proximal(0.1)),
         )
     with pytest.raises(ValueError, match="momentum beta must be in"):
         fednova(MODEL_FN, num_clients=6, clients_per_round=3, local=LOCAL, momentum=1.0)

@@ -13,11 +13,13 @@ import torch
 from torch import nn
 
 import blazefl_fn as fl
-from blazefl_fn.jobs import GlobalRNGError, global_rng_guard
-from blazefl_fn.local_chunk import check_vectorizable
-from blazefl_fn.reproducibility import intra_op_threads
-from blazefl_fn.run import RunConfig, load_federation
-from blazefl_fn.stochastic import KeyedDropout, current_generator, dropout, keyed_rng
+from blazefl_fn.client.chunk import check_vectorizable
+from blazefl_fn.client.stochastic import KeyedDropout, current_generator, dropout, keyed_rng
+from blazefl_fn.errors import GlobalRNGError
+from blazefl_fn.executors.jobs import global_rng_guard
+from blazefl_fn.models import intra_op_threads
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import load_federation
 
 KEY = fl.Key.from_seed(0)
 CONFIG = RunConfig(clients=6, clients_per_round=4)

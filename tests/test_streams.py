@@ -17,11 +17,11 @@ from _rng import global_rng_untouched
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blazefl_fn import _streams
+from blazefl_fn import keys as streams
+from blazefl_fn.client.stochastic import KeyedDropout, keyed_rng
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.keys import STREAMS_VERSION, Key
-from blazefl_fn.reproducibility import build_module
-from blazefl_fn.stochastic import KeyedDropout, keyed_rng
+from blazefl_fn.models import build_module
 
 keys = st.binary(min_size=16, max_size=16).map(Key)
 positions = st.integers(min_value=0, max_value=127)
@@ -82,7 +82,7 @@ def test_golden_batch_order() -> None:
 
 
 def test_golden_philox_seed_and_offset() -> None:
-    assert _streams.philox_seed_offset(Key.from_seed(0).bits) == (
+    assert streams.philox_seed_offset(Key.from_seed(0).bits) == (
         7490145856470734439,
         3025164149343791048,
     )
@@ -90,7 +90,7 @@ def test_golden_philox_seed_and_offset() -> None:
 
 def test_the_cpu_state_is_the_documented_shake_expansion() -> None:
     key = Key.from_seed(7)
-    state = _streams.cpu_state(key.bits).numpy().tobytes()
+    state = streams.cpu_state(key.bits).numpy().tobytes()
     words = hashlib.shake_128(b"blazefl_fn.streams.v2:mt19937" + key.bits).digest(4 * 624)
     assert np.array_equal(
         np.frombuffer(state[24 : 24 + 8 * 624], dtype="<u8"),
@@ -118,9 +118,9 @@ def test_draws_follow_numpys_mt19937_from_the_same_624_words() -> None:
 
 def test_the_layout_check_accepts_this_torch_and_refuses_a_moved_layout() -> None:
     probe = torch.Generator()
-    probe.manual_seed(_streams.PROBE_SEED)
+    probe.manual_seed(streams.PROBE_SEED)
     raw = probe.get_state().numpy().tobytes()
-    between, after = _streams.layout_of(raw)
+    between, after = streams.layout_of(raw)
     assert len(between) == 16
     assert len(raw) == 8 + 16 + 8 * 624 + len(after)
     moved = [
@@ -131,7 +131,7 @@ def test_the_layout_check_accepts_this_torch_and_refuses_a_moved_layout() -> Non
     ]
     for bad in moved:
         with pytest.raises(RuntimeError, match="lays out its CPU generator state differently"):
-            _streams.layout_of(bad)
+            streams.layout_of(bad)
 
 
 # -- properties: every bit of the key reaches every draw -----------------------------------------
@@ -173,8 +173,8 @@ def test_the_property_catches_a_seed_truncated_to_64_bits() -> None:
 @settings(max_examples=30, deadline=None)
 @given(keys, positions)
 def test_the_philox_seed_and_offset_both_depend_on_every_bit(key: Key, bit: int) -> None:
-    seed, offset = _streams.philox_seed_offset(key.bits)
-    other_seed, other_offset = _streams.philox_seed_offset(flipped(key, bit).bits)
+    seed, offset = streams.philox_seed_offset(key.bits)
+    other_seed, other_offset = streams.philox_seed_offset(flipped(key, bit).bits)
     assert seed != other_seed
     assert offset != other_offset
     assert offset % 4 == 0

@@ -13,8 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blazefl_fn import testing, tree
-from blazefl_fn.aggregators import Aggregator, krum, mean, median
+from blazefl_fn import tree
+from blazefl_fn.server.aggregators import Aggregator, krum, mean, median
+from blazefl_fn.testing import aggregators as testing
 
 Params = tree.Params
 Result = dict[str, torch.Tensor]

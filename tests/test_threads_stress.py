@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 import blazefl_fn as fl
-from blazefl_fn._module_copy import working_copy
+from blazefl_fn.client._module_copy import working_copy
 from blazefl_fn.data.datasets import TensorDataset
 from blazefl_fn.executors._placement import PlacedJob, Placement
-from blazefl_fn.jobs import ClientContext, ClientJob
-from blazefl_fn.reproducibility import intra_op_threads
+from blazefl_fn.executors.jobs import ClientContext, ClientJob
+from blazefl_fn.models import intra_op_threads
 
 KEY = fl.Key.from_seed(22)
 NUM_CLIENTS = 96

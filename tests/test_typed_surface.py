@@ -17,9 +17,10 @@ import pytest
 import torch
 
 import blazefl_fn as fl
-from blazefl_fn.privacy import DPState
-from blazefl_fn.run import RunConfig, load_federation, model_factory
-from blazefl_fn.server_transforms import (
+from blazefl_fn.privacy.mechanisms import DPState
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import load_federation, model_factory
+from blazefl_fn.server.optim import (
     AdaptiveState,
     ChainState,
     MomentumState,
@@ -83,7 +84,7 @@ def plain_and_private(key: fl.Key) -> None:
 
 
 def composed(key: fl.Key) -> None:
-    aggregate = fl.Aggregate(server=fl.server_transforms.momentum(lr=1.0, beta=0.9))
+    aggregate = fl.Aggregate(server=fl.server.optim.momentum(lr=1.0, beta=0.9))
     algo = fl.compose(
         "my-fedavgm", model, num_clients=4, clients_per_round=2, local=fl.LocalSGD(),
         aggregate=aggregate,
@@ -176,7 +177,13 @@ def test_composes_aux_is_its_aggregate_stages() -> None:
     assert isinstance(build(fl.Aggregate(server=momentum(1.0))), MomentumState)
     assert isinstance(build(fl.Aggregate(server=chain(sgd(1.0)))), ChainState)
     dp = fl.CentralDP(1.0, 1.0)
-    private = build(fl.Aggregate(server=adam(0.1), privacy=dp, expected_clients=2.0))
+    algo = fl.compose(
+        "x", lambda: torch.nn.Linear(2, 1), num_clients=4, clients_per_round=2,
+        local=fl.LocalSGD(), aggregate=fl.Aggregate(server=adam(0.1)),
+    )  # fmt: skip
+    private = (
+        fl.privatize(algo, dp, num_clients=4, clients_per_round=2).init(fl.Key.from_seed(0)).aux
+    )
     assert isinstance(private, DPState)
     assert isinstance(private.server, AdaptiveState)
 
@@ -197,10 +204,10 @@ def test_a_checkpoint_loads_as_its_templates_type(tmp_path: Path) -> None:
 
 def test_what_a_user_needs_to_write_an_algorithm_is_at_the_top_level() -> None:
     for name in (
-        "build_template", "ModelFactory", "algorithms", "client_stages", "client_state",
+        "build_template", "ModelFactory", "algorithms", "client", "server",
         "LocalTraining", "LocalResult", "train", "trainable_names", "KeyedDropout",
-        "MissingStage", "GlobalRNGError", "scaffold", "feddyn", "fednova", "stochastic",
-        "client_store", "ClientStore", "StoreOptions", "StateLayout",
+        "MissingStage", "GlobalRNGError", "scaffold", "feddyn", "fednova", "errors",
+        "ClientStore", "StoreOptions", "StateLayout",
     ):  # fmt: skip
         assert name in fl.__all__, name
         assert hasattr(fl, name), name

@@ -20,21 +20,23 @@ from hypothesis import strategies as st
 from torch import nn
 
 from blazefl_fn.algorithms.compose import fedprox
-from blazefl_fn.algorithms.fedavg import TrainUpdate, fedavg
-from blazefl_fn.cli import main
-from blazefl_fn.client_stages import GradientTransform, StepInput, add_proximal
+from blazefl_fn.algorithms.fedavg import fedavg
+from blazefl_fn.algorithms.stages import TrainUpdate
+from blazefl_fn.cli._commands import main
+from blazefl_fn.client.chunk import check_vectorizable, client_bytes
+from blazefl_fn.client.optim import GradientTransform, StepInput, add_proximal
+from blazefl_fn.client.training import LocalSGD, LocalTraining
 from blazefl_fn.data.datasets import ClientData, TensorDataset
 from blazefl_fn.data.transforms import cifar_train_transform
-from blazefl_fn.executors import PerClientFallback, Sequential, Threads, Vectorized
-from blazefl_fn.jobs import ChunkError, ClientError, ClientTask, VectorizedUpdate
+from blazefl_fn.errors import ChunkError, ClientError, PerClientFallback
+from blazefl_fn.executors import Sequential, Threads, Vectorized
+from blazefl_fn.executors.jobs import VectorizedUpdate
 from blazefl_fn.keys import Key
-from blazefl_fn.local_chunk import check_vectorizable, client_bytes
-from blazefl_fn.local_training import LocalSGD, LocalTraining
-from blazefl_fn.models import cnn, logistic_regression
-from blazefl_fn.records import Downlink, ServerState, Uplink
-from blazefl_fn.reproducibility import build_template
+from blazefl_fn.models import build_template, cnn, logistic_regression
+from blazefl_fn.records import ClientTask, Downlink, ServerState, Uplink
 from blazefl_fn.round import Algorithm, make_round
-from blazefl_fn.run import RunConfig, check_resumable, simulate
+from blazefl_fn.run.config import RunConfig
+from blazefl_fn.run.simulate import check_resumable, simulate
 from blazefl_fn.tree import Params, digest, from_module
 
 

@@ -1,4 +1,10 @@
-"""Federated algorithms, each a composition of pure stages on the shared round machinery."""
+"""Federated algorithms, each a composition of pure stages on the shared round machinery.
+
+`stages` holds the stock stages every algorithm reuses (the model's initialisation, the
+broadcast of the global parameters, `TrainUpdate` — local training and its uplink — and the
+mean by examples); `compose` builds the FedAvg family from a client stage and an aggregate
+stage; the other modules are one algorithm each (SCAFFOLD, FedDyn, FedNova, DS-FL, SCARLET) or
+the pieces the distillation algorithms share (soft labels, the label cache)."""
 
 from .compose import Aggregate as Aggregate
 from .compose import compose as compose
@@ -12,11 +18,7 @@ from .compose import krum_fedavg as krum_fedavg
 from .compose import trimmed_mean_fedavg as trimmed_mean_fedavg
 from .dsfl import DSFLState as DSFLState
 from .dsfl import dsfl as dsfl
-from .fedavg import ModelInit as ModelInit
-from .fedavg import TrainUpdate as TrainUpdate
-from .fedavg import broadcast_params as broadcast_params
 from .fedavg import fedavg as fedavg
-from .fedavg import mean_by_examples as mean_by_examples
 from .feddyn import FedDynState as FedDynState
 from .feddyn import FedDynUpdate as FedDynUpdate
 from .feddyn import dynamic as dynamic
@@ -37,6 +39,10 @@ from .scarlet import ScarletState as ScarletState
 from .scarlet import scarlet as scarlet
 from .soft_labels import enhanced_era as enhanced_era
 from .soft_labels import era as era
+from .stages import ModelInit as ModelInit
+from .stages import TrainUpdate as TrainUpdate
+from .stages import broadcast_params as broadcast_params
+from .stages import mean_by_examples as mean_by_examples
 
 __all__ = [
     "Aggregate",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import attrs
 import torch
 
+from ..client.distillation import Distillation, distill, predict_probs
+from ..client.training import LocalTraining, train
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import Distillation, distill, predict_probs
-from ..local_training import LocalTraining, train
-from ..reproducibility import ModelFactory, build_module
+from ..models import ModelFactory, build_module
 from ..tree import Params, from_module
 
 # Client stored state: the local model's entries carry this prefix; other entries are the

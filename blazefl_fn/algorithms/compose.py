@@ -20,7 +20,7 @@ krum          local SGD                        Krum / Multi-Krum (f, m)         
 The ``aux`` column is what `ServerState.aux` holds, and each function's return type says it:
 ``{}`` is typed ``Mapping[str, torch.Tensor]`` (``fl.Algorithm[fl.ClientData,
 Mapping[str, torch.Tensor]]``), the others are the server optimizer's state record
-(`blazefl_fn.server_transforms`), so that pyright flags a misspelt ``state.aux`` field.
+(`blazefl_fn.server.optim`), so that pyright flags a misspelt ``state.aux`` field.
 
 Any of them takes ``clip_norm``: each client's delta (its parameters minus the global ones) is
 clipped to that global L2 norm before aggregation.
@@ -35,7 +35,6 @@ as parameters (the behaviour before this policy).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Literal, cast, overload
 
@@ -43,16 +42,15 @@ import attrs
 import torch
 from typing_extensions import TypeVar
 
-from .._dp import CentralDP, DPState, private_mean_delta
-from ..aggregators import Aggregator, clip_by_norm, krum, mean, median, trimmed_mean
-from ..client_stages import add_proximal, chain
+from ..client.optim import add_proximal, chain
+from ..client.training import LocalTraining, trainable_names
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local_training import LocalTraining, trainable_names
+from ..models import ModelFactory, build_module, build_template
 from ..records import ServerState, Uplink
-from ..reproducibility import ModelFactory, build_module, build_template
-from ..round import Algorithm, uniform_sampler
-from ..server_transforms import (
+from ..round import Algorithm
+from ..server.aggregators import Aggregator, clip_by_norm, krum, mean, median, trimmed_mean
+from ..server.optim import (
     AdaptiveState,
     MomentumState,
     ServerTransform,
@@ -64,9 +62,10 @@ from ..server_transforms import (
     server_step,
     yogi,
 )
+from ..server.sampling import uniform_sampler
 from ..tree import from_module, select
 from ._stateful import merge_buffers
-from .fedavg import TrainUpdate, broadcast_params
+from .stages import TrainUpdate, broadcast_params
 
 __all__ = [
     "Aggregate",
@@ -91,20 +90,16 @@ S = TypeVar("S")
 
 @attrs.frozen
 class _Init:
-    """The aux `Aggregate`'s overloads promise: ``{}`` or the server transform's state, in a
-    `DPState` under central DP."""
+    """The aux `Aggregate`'s overloads promise: ``{}`` or the server transform's state."""
 
     model_fn: ModelFactory
     server: ServerTransform[Any] | None
     trainable: tuple[str, ...] | None = None
-    privacy: CentralDP | None = None
 
     def __call__(self, key: Key) -> ServerState[Any]:
         params = from_module(build_module(self.model_fn, key))
         stepped = params if self.trainable is None else select(params, self.trainable)
         aux: object = {} if self.server is None else self.server.init(stepped)
-        if self.privacy is not None:
-            aux = DPState(server=aux, clip_norm=self.privacy.clip_norm)
         return ServerState(params=params, aux=aux)
 
 
@@ -115,7 +110,8 @@ class Aggregate(Generic[Aux]):
     Generic in the ``aux`` of the states it maps, which its arguments decide:
     ``Aggregate()`` is an ``Aggregate[Mapping[str, torch.Tensor]]`` (the empty aux, ``{}``),
     ``Aggregate(server=momentum(...))`` an ``Aggregate[MomentumState]`` (the server
-    transform's state), and with ``privacy`` it is a `DPState` of either.
+    transform's state). Central DP wraps it (`blazefl_fn.privacy.privatize.PrivateAggregate`,
+    which `blazefl_fn.privacy.privatize.privatize` builds).
 
     Attributes:
         aggregator: combines the (clipped) client parameters with weights ``num_examples``.
@@ -128,15 +124,8 @@ class Aggregate(Generic[Aux]):
             is treated as a parameter.
         trainable: the names of the trainable parameters (`compose` fills it in from the
             model); None treats every entry as a parameter.
-        privacy: central DP (`blazefl_fn.privacy.privatize` sets it): each client's delta
-            is clipped to the current clip norm, the sum is noised from the round's server
-            key and divided by ``expected_clients``, unweighted; the state's ``aux`` is then a
-            `DPState`. Needs the ``mean`` aggregator and no clipping of its own.
-        expected_clients: the fixed denominator of the private mean (the sampler's expected
-            clients per round).
 
-    Without ``privacy``, if every sampled client has zero examples, the state only advances
-    its round.
+    If every sampled client has zero examples, the state only advances its round.
     """
 
     aggregator: Aggregator = mean
@@ -146,8 +135,6 @@ class Aggregate(Generic[Aux]):
         default="aggregate", validator=attrs.validators.in_(("aggregate", "with_params"))
     )
     trainable: tuple[str, ...] | None = None
-    privacy: CentralDP | None = None
-    expected_clients: float | None = None
 
     if TYPE_CHECKING:  # attrs writes the __init__; these say which aux the arguments make.
 
@@ -159,8 +146,6 @@ class Aggregate(Generic[Aux]):
             clip_norm: float | None = None,
             buffers: Literal["aggregate", "with_params"] = "aggregate",
             trainable: tuple[str, ...] | None = None,
-            privacy: None = None,
-            expected_clients: float | None = None,
         ) -> None: ...
         @overload
         def __init__(
@@ -170,30 +155,6 @@ class Aggregate(Generic[Aux]):
             clip_norm: float | None = None,
             buffers: Literal["aggregate", "with_params"] = "aggregate",
             trainable: tuple[str, ...] | None = None,
-            privacy: None = None,
-            expected_clients: float | None = None,
-        ) -> None: ...
-        @overload
-        def __init__(
-            self: Aggregate[DPState[Mapping[str, torch.Tensor]]],
-            aggregator: Aggregator = mean,
-            server: None = None,
-            clip_norm: float | None = None,
-            buffers: Literal["aggregate", "with_params"] = "aggregate",
-            trainable: tuple[str, ...] | None = None,
-            privacy: CentralDP = ...,
-            expected_clients: float | None = None,
-        ) -> None: ...
-        @overload
-        def __init__(
-            self: Aggregate[DPState[S]],
-            aggregator: Aggregator = mean,
-            server: ServerTransform[S] = ...,
-            clip_norm: float | None = None,
-            buffers: Literal["aggregate", "with_params"] = "aggregate",
-            trainable: tuple[str, ...] | None = None,
-            privacy: CentralDP = ...,
-            expected_clients: float | None = None,
         ) -> None: ...
         def __init__(
             self,
@@ -202,24 +163,7 @@ class Aggregate(Generic[Aux]):
             clip_norm: float | None = None,
             buffers: Literal["aggregate", "with_params"] = "aggregate",
             trainable: tuple[str, ...] | None = None,
-            privacy: CentralDP | None = None,
-            expected_clients: float | None = None,
         ) -> None: ...
-
-    def __attrs_post_init__(self) -> None:
-        if self.privacy is None:
-            return
-        if self.aggregator is not mean or self.clip_norm is not None:
-            raise ValueError(
-                "central DP averages clipped updates itself: it needs the mean aggregator and "
-                f"no clip_norm of the aggregate (got {self.aggregator!r}, "
-                f"clip_norm={self.clip_norm!r})"
-            )
-        expected = self.expected_clients
-        if expected is None or not (math.isfinite(expected) and expected > 0):
-            raise ValueError(
-                f"central DP needs the expected clients per round (> 0), got {expected!r}"
-            )
 
     def stepped_names(self) -> tuple[str, ...] | None:
         """The entries clipping, aggregation and the server step act on (None: all)."""
@@ -228,23 +172,7 @@ class Aggregate(Generic[Aux]):
     def __call__(
         self: Aggregate[A], state: ServerState[A], uplinks: Sequence[Uplink]
     ) -> ServerState[A]:
-        """The next state (refused with ``privacy``: its noise needs the round's key)."""
-        if self.privacy is not None:
-            raise TypeError(
-                "a central-DP aggregate draws noise: call with_key(state, uplinks, key) "
-                "(run_round does)"
-            )
-        return self.with_key(state, uplinks, None)
-
-    def with_key(
-        self: Aggregate[A], state: ServerState[A], uplinks: Sequence[Uplink], key: Key | None
-    ) -> ServerState[A]:
-        """The next state; ``key`` draws central DP's noise (unused without ``privacy``)."""
-        if self.privacy is not None:
-            if key is None:
-                raise TypeError("a central-DP aggregate needs the round's key")
-            # Under privacy the aux is a DPState (the overloads of __init__).
-            return cast(ServerState[A], self._private(state, uplinks, self.privacy, key))
+        """The next state from the uplinks."""
         weights = [u.num_examples for u in uplinks]
         if sum(weights) == 0:
             return attrs.evolve(state, round=state.round + 1)
@@ -265,27 +193,6 @@ class Aggregate(Generic[Aux]):
             aggregated = merge_buffers(aggregated, state.params, full, weights, self.aggregator)
         return ServerState(params=aggregated, round=state.round + 1, aux=aux)
 
-    def _private(
-        self, state: ServerState, uplinks: Sequence[Uplink], dp: CentralDP, key: Key
-    ) -> ServerState[DPState[Any]]:
-        aux = state.aux
-        if not isinstance(aux, DPState):
-            raise TypeError(f"a central-DP aggregate needs a DPState aux, got {type(aux).__name__}")
-        dp_state = cast(DPState[Any], aux)
-        names = self.stepped_names()
-        current = state.params if names is None else select(state.params, names)
-        trees = [u.params if names is None else select(u.params, names) for u in uplinks]
-        expected = cast(float, self.expected_clients)
-        delta, next_clip = private_mean_delta(current, trees, dp, dp_state.clip_norm, expected, key)
-        server_aux = dp_state.server
-        if self.server is None:
-            stepped = apply_updates(current, delta)
-        else:
-            update, server_aux = self.server.update(delta, server_aux, current)
-            stepped = apply_updates(current, update)
-        params = {name: stepped.get(name, t) for name, t in state.params.items()}
-        return ServerState(params=params, round=state.round + 1, aux=DPState(server_aux, next_clip))
-
 
 def compose(
     name: str,
@@ -301,8 +208,7 @@ def compose(
     Returns:
         The algorithm, typed by the ``aux`` its states hold, which is the aggregate stage's
         (`Aggregate`): ``Mapping[str, torch.Tensor]`` (an empty dict) without a server
-        transform, the transform's state with one (``MomentumState`` for ``momentum``), a
-        `DPState` of either under central DP.
+        transform, the transform's state with one (``MomentumState`` for ``momentum``).
 
     Raises:
         ValueError: ``clients_per_round`` is not in ``[1, num_clients]``.
@@ -310,7 +216,7 @@ def compose(
     Examples:
         >>> import functools
         >>> from blazefl_fn.models import logistic_regression
-        >>> from blazefl_fn.server_transforms import momentum
+        >>> from blazefl_fn.server.optim import momentum
         >>> algo = compose("my-fedavgm", functools.partial(logistic_regression, (60,), 10),
         ...                num_clients=30, clients_per_round=10, local=LocalTraining(),
         ...                aggregate=Aggregate(server=momentum(lr=1.0, beta=0.9)))
@@ -323,7 +229,7 @@ def compose(
         aggregate = attrs.evolve(aggregate, trainable=trainable_names(template, aliases=True))
     return Algorithm(
         name=name,
-        init=_Init(model_fn, aggregate.server, aggregate.stepped_names(), aggregate.privacy),
+        init=_Init(model_fn, aggregate.server, aggregate.stepped_names()),
         sample=sample,
         broadcast=broadcast_params,
         client_update=TrainUpdate(template, local),

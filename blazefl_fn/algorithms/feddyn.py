@@ -34,18 +34,25 @@ import attrs
 import torch
 
 from .._validators import finite_number
-from ..client_stages import InnerProduct, StepInput
-from ..client_state import ClientStates, collect_states, dispatch_states, initial_states
-from ..client_store import StateLayout, StoreOptions
+from ..client.optim import InnerProduct, StepInput
+from ..client.training import LocalTraining, train, trainable_names
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local_training import LocalTraining, train, trainable_names
-from ..records import Downlink, ServerState, Uplink
-from ..reproducibility import ModelFactory, build_module, build_template
-from ..round import Algorithm, ClientInput, ClientTask, uniform_sampler
+from ..models import ModelFactory, build_module, build_template
+from ..records import ClientInput, ClientTask, Downlink, ServerState, Uplink
+from ..round import Algorithm
+from ..server.client_state import (
+    ClientStates,
+    StateLayout,
+    StoreOptions,
+    collect_states,
+    dispatch_states,
+    initial_states,
+)
+from ..server.sampling import uniform_sampler
 from ..tree import Params, add_weighted, from_module, select, sub, weighted_mean
 from ._stateful import merge_buffers, zeros_like
-from .fedavg import broadcast_params
+from .stages import broadcast_params
 
 __all__ = ["FedDynState", "FedDynUpdate", "dynamic", "feddyn", "feddyn_dispatch"]
 
@@ -100,7 +107,7 @@ def dynamic(training: LocalTraining, alpha: float) -> LocalTraining:
 class _Quadratic:
     """``alpha/2 * ||w - anchor||^2`` as a loss term: FedDyn's quadratic regulariser.
 
-    FedProx's term is the `blazefl_fn.client_stages.add_proximal` stage, whose gradient is the
+    FedProx's term is the `blazefl_fn.client.optim.add_proximal` stage, whose gradient is the
     same up to float rounding; FedDyn keeps the loss-term form its checkpoints' bits were
     written with (a run resumed across versions must continue on the same arithmetic).
     """

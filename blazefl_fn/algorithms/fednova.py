@@ -19,15 +19,16 @@ from collections.abc import Sequence
 
 import attrs
 
-from ..client_stages import momentum as momentum_stage
+from ..client.optim import momentum as momentum_stage
+from ..client.training import LocalTraining, trainable_names
 from ..data.datasets import ClientData
-from ..local_training import LocalTraining, trainable_names
+from ..models import ModelFactory, build_template
 from ..records import ServerState, Uplink
-from ..reproducibility import ModelFactory, build_template
-from ..round import Algorithm, uniform_sampler
+from ..round import Algorithm
+from ..server.sampling import uniform_sampler
 from ..tree import add_weighted, select, sub
 from ._stateful import merge_buffers
-from .fedavg import ModelInit, TrainUpdate, broadcast_params
+from .stages import ModelInit, TrainUpdate, broadcast_params
 
 __all__ = ["fednova", "normalizer"]
 

@@ -8,7 +8,7 @@ step size:
 2. client ``i`` trains from ``x`` along ``g + c - c_i`` (`corrected`: the `add_trees` stage in
    front of the local optimizer) to ``y_i``, and sets (option II)
    ``c_i+ = c_i - c + (x - y_i) / (K * lr)``; it uploads ``y_i`` and ``c_i+ - c_i`` and keeps
-   ``c_i+`` (`blazefl_fn.client_state`);
+   ``c_i+`` (`blazefl_fn.server.client_state`);
 3. the server steps ``x <- x + server_lr * mean_i(y_i - x)`` and
    ``c <- c + (1 / num_clients) * sum_i(c_i+ - c_i)`` (both means are uniform over the sampled
    clients, as in the paper's Algorithm 1).
@@ -28,15 +28,22 @@ import attrs
 import torch
 
 from .._validators import finite_number
-from ..client_stages import add_trees, chain
-from ..client_state import ClientStates, collect_states, dispatch_states, initial_states
-from ..client_store import StateLayout, StoreOptions
+from ..client.optim import add_trees, chain
+from ..client.training import LocalTraining, train, trainable_names
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local_training import LocalTraining, train, trainable_names
-from ..records import Downlink, ServerState, Uplink
-from ..reproducibility import ModelFactory, build_module, build_template
-from ..round import Algorithm, ClientInput, ClientTask, uniform_sampler
+from ..models import ModelFactory, build_module, build_template
+from ..records import ClientInput, ClientTask, Downlink, ServerState, Uplink
+from ..round import Algorithm
+from ..server.client_state import (
+    ClientStates,
+    StateLayout,
+    StoreOptions,
+    collect_states,
+    dispatch_states,
+    initial_states,
+)
+from ..server.sampling import uniform_sampler
 from ..tree import Params, add_weighted, from_module, pack, select, sub, unpack
 from ._stateful import merge_buffers, zeros_like
 

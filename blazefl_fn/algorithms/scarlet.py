@@ -24,15 +24,21 @@ import attrs
 import torch
 
 from .._validators import check_int_at_least
-from ..client_state import collect_states, initial_states
-from ..client_store import ClientStore, StateLayout, StoreOptions
+from ..client.distillation import Distillation
+from ..client.training import LocalTraining
 from ..data.datasets import ClientData
 from ..keys import Key
-from ..local import Distillation
-from ..local_training import LocalTraining
-from ..records import Downlink, ServerState, Uplink
-from ..reproducibility import ModelFactory, build_template
-from ..round import Algorithm, ClientInput, ClientTask, uniform_sampler
+from ..models import ModelFactory, build_template
+from ..records import ClientInput, ClientTask, Downlink, ServerState, Uplink
+from ..round import Algorithm
+from ..server.client_state import (
+    ClientStore,
+    StateLayout,
+    StoreOptions,
+    collect_states,
+    initial_states,
+)
+from ..server.sampling import uniform_sampler
 from ..tree import Params
 from . import _distill
 from .label_cache import CacheSignal, SoftLabelCache, is_fresh

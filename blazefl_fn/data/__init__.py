@@ -1,5 +1,10 @@
 """Federated datasets: records, partitioners, augmentation, the Synthetic, MNIST and CIFAR
-loaders, and verified downloads of MNIST and CIFAR."""
+loaders, and verified downloads of MNIST and CIFAR.
+
+`datasets` holds the records (`TensorDataset`, `ClientData`, `FederatedDataset`); `partition`
+splits a dataset over clients (IID, Dirichlet, shards) from a key; `transforms` is data
+augmentation only, drawing from the client key; `synthetic`, `mnist` and `cifar` load or make
+the data, and `download` fetches the real datasets with checksums."""
 
 from .cifar import download_cifar10 as download_cifar10
 from .cifar import download_cifar100 as download_cifar100
@@ -8,8 +13,6 @@ from .cifar import load_cifar100 as load_cifar100
 from .datasets import ClientData as ClientData
 from .datasets import FederatedDataset as FederatedDataset
 from .datasets import TensorDataset as TensorDataset
-from .download import ChecksumError as ChecksumError
-from .download import DownloadError as DownloadError
 from .download import download as download
 from .download import extract_tar as extract_tar
 from .mnist import download_mnist as download_mnist
@@ -41,9 +44,7 @@ from .transforms import random_horizontal_flip as random_horizontal_flip
 
 __all__ = [
     "Chain",
-    "ChecksumError",
     "ClientData",
-    "DownloadError",
     "FederatedDataset",
     "Normalize",
     "Partition",

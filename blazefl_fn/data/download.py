@@ -50,25 +50,16 @@ from typing import Any, BinaryIO, Literal, Protocol, TextIO, cast
 
 import attrs
 
-from .._atomic import fsync_directory
-from .._locks import holding
+from .._files import fsync_directory, holding
+from ..errors import ChecksumError, DownloadError
 
-__all__ = ["ChecksumError", "DownloadError", "download", "extract_tar"]
+__all__ = [
+    "download",
+    "extract_tar",
+]
 
 _CHUNK = 1 << 16
 _TAG = 12  # hex digits of the URL's SHA-256 in a part file's name
-
-
-class DownloadError(OSError):
-    """A download failed: the server could not be reached, answered with an HTTP error, or the
-    connection broke. The message is one line naming the URL and the reason; what arrived before
-    a broken connection is kept, and the next call resumes it."""
-
-
-class ChecksumError(ValueError):
-    """A download arrived but is not the expected content: another digest, another size, or
-    (with ``gunzip``) a broken gzip stream. The message names the URL and what differs; the
-    download is discarded."""
 
 
 @attrs.frozen
@@ -162,7 +153,7 @@ class _LineBar:
 
 
 class _TqdmBar:
-    """A tqdm bar in bytes, as `blazefl_fn.progress` draws rounds."""
+    """A tqdm bar in bytes, as `blazefl_fn.run.progress` draws rounds."""
 
     def __init__(self, out: TextIO, label: str, total: int | None, initial: int) -> None:
         from tqdm import tqdm

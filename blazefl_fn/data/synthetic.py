@@ -128,7 +128,7 @@ class SyntheticClients(Sequence[ClientData]):
     arguments.
 
     Attributes:
-        device: where read clients' tensors are created (`blazefl_fn.devices.to_device`
+        device: where read clients' tensors are created (`blazefl_fn.executors.devices.to_device`
             returns a copy for another device); the data is the same on every device.
 
     Raises:

@@ -11,7 +11,7 @@ import pickle
 import traceback
 from typing import Any
 
-from ..jobs import ClientError
+from ..errors import ClientError
 
 __all__ = ["RemoteTraceback", "error_reply", "rebuild_error"]
 

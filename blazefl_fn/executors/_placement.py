@@ -26,11 +26,12 @@ import attrs
 import torch
 
 from .._validators import check_int_at_least
-from ..devices import cuda_determinism, device_for, ensure_cublas_workspace, to_device, uses_cuda
-from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
-from ..records import Uplink
-from ..reproducibility import intra_op_threads
+from ..errors import ClientError
+from ..models import intra_op_threads
+from ..records import ClientTask, Uplink
 from .base import ClosingContext
+from .devices import cuda_determinism, device_for, ensure_cublas_workspace, to_device, uses_cuda
+from .jobs import ClientContext, ClientJob
 
 __all__ = [
     "InProcess",

@@ -14,7 +14,7 @@ import time
 from collections.abc import Generator
 from pathlib import Path
 
-from .._owned_dirs import started
+from .._files import started
 
 # How long joining a cluster may wait for its address to answer at all.
 _CONNECT_SECONDS = 5.0

@@ -31,12 +31,13 @@ from typing import Any
 import attrs
 import torch
 
-from ..devices import cuda_determinism
-from ..jobs import ClientContext, ClientError, ClientJob, ClientTask
-from ..records import Downlink, Uplink
+from ..errors import ClientError
+from ..records import ClientTask, Downlink, Uplink
 from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
 from ._errors import error_reply
 from ._placement import Placement, placed
+from .devices import cuda_determinism
+from .jobs import ClientContext, ClientJob
 
 
 def main(conn: Connection, threads: int, devices: tuple[str, ...] = ("cpu",)) -> None:

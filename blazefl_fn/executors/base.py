@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
-from ..jobs import ClientContext
+from .jobs import ClientContext
 
 __all__ = ["ClosingContext", "Executor", "Preparing", "threads_of"]
 

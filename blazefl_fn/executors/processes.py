@@ -41,17 +41,20 @@ import attrs
 import torch
 
 from .._validators import check_int_at_least, check_timeout
-from ..devices import DeviceLike, check_devices, ensure_cublas_workspace, uses_cuda
-from ..jobs import ClientContext, ClientJob, ClientTask
-from ..records import Uplink
+from ..errors import WorkerError
+from ..records import ClientTask, Uplink
 from ..tree import TreeSpec, clone, flatten, tree_spec, unflatten
 from . import _worker
 from ._errors import rebuild_error
 from ._placement import TaskQueues, server_device, uplink_on
 from ._startup import describe_exit, main_not_importable, refuse_in_worker_import, start_failure
 from .base import ClosingContext
+from .devices import DeviceLike, check_devices, ensure_cublas_workspace, uses_cuda
+from .jobs import ClientContext, ClientJob
 
-__all__ = ["Processes", "WorkerError"]
+__all__ = [
+    "Processes",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -59,10 +62,6 @@ R = TypeVar("R")
 # Tasks kept in flight per worker: the second hides the round trip of the first's result.
 _DEPTH = 2
 _START_METHODS = ("spawn", "forkserver")
-
-
-class WorkerError(RuntimeError):
-    """A worker process died or could not be reached; the pool is closed."""
 
 
 class _NotPicklable(Exception):

@@ -34,13 +34,14 @@ import torch
 
 from .. import portable
 from .._validators import check_int_at_least, check_local_ip, check_ray_address, check_timeout
-from ..devices import cuda_determinism
-from ..jobs import ClientContext, ClientJob, ClientTask
+from ..errors import WorkerError
+from ..records import ClientTask
 from ._errors import error_reply, rebuild_error
 from ._placement import Placement, TaskQueues, placed
 from ._ray_local import probe, ray_processes, reap, signals_kept, stop_watch, watch_local_instance
 from .base import ClosingContext
-from .processes import WorkerError
+from .devices import cuda_determinism
+from .jobs import ClientContext, ClientJob
 
 __all__ = ["Ray"]
 

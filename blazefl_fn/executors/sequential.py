@@ -7,8 +7,8 @@ from typing import TypeVar
 
 import torch
 
-from ..devices import DeviceLike, check_device, check_devices
 from ._placement import InProcess, placed
+from .devices import DeviceLike, check_device, check_devices
 
 __all__ = ["Sequential"]
 
@@ -30,7 +30,7 @@ class Sequential(InProcess):
 
     Each client's data is moved to its device once, the broadcast once per round and device;
     uplinks come back to the device of the server's parameters. On CUDA, client work runs
-    with deterministic kernels (`blazefl_fn.devices.cuda_determinism`).
+    with deterministic kernels (`blazefl_fn.executors.devices.cuda_determinism`).
 
     Raises:
         ValueError: a device that does not exist here, or both arguments.

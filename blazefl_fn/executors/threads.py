@@ -9,8 +9,8 @@ from typing import TypeVar
 import torch
 
 from .._validators import check_int_at_least
-from ..devices import DeviceLike, check_devices
 from ._placement import InProcess, placed
+from .devices import DeviceLike, check_devices
 
 __all__ = ["Threads"]
 

@@ -10,19 +10,15 @@ import attrs
 import torch
 
 from .._validators import check_int_at_least
-from ..devices import DeviceLike, check_device, to_device
-from ..jobs import (
-    ChunkError,
-    ClientError,
-    ClientJob,
-    ClientTask,
-    VectorizedUpdate,
-    global_rng_guard,
-)
-from ..records import Uplink
+from ..errors import ChunkError, ClientError, PerClientFallback
+from ..records import ClientTask, Uplink
 from ._placement import InProcess, placed, server_device, uplink_on
+from .devices import DeviceLike, check_device, to_device
+from .jobs import ClientJob, VectorizedUpdate, global_rng_guard
 
-__all__ = ["PerClientFallback", "Vectorized"]
+__all__ = [
+    "Vectorized",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -30,14 +26,10 @@ R = TypeVar("R")
 _CPU = torch.device("cpu")
 
 
-class PerClientFallback(UserWarning):
-    """`Vectorized` met a client update it cannot vectorise and runs it one client at a time."""
-
-
 class Vectorized(InProcess):
     """Trains ``chunk`` clients at once: stacked parameters, one vectorised step for all.
 
-    For a client update that is a `blazefl_fn.jobs.VectorizedUpdate` (the LocalSGD family:
+    For a client update that is a `blazefl_fn.executors.jobs.VectorizedUpdate` (the LocalSGD family:
     FedAvg, FedProx, FedAvgM, FedAdam/Yogi/Adagrad, the robust aggregators) each chunk of
     sampled clients, in client order, trains together: ``torch.func.vmap`` of the forward
     pass over the stacked parameters, then one backward pass, each client on its own batches

@@ -19,8 +19,7 @@ import torch
 
 import blazefl_fn as fl
 from blazefl_fn.data import ClientData, TensorDataset
-from blazefl_fn.models import cnn
-from blazefl_fn.reproducibility import ModelFactory, intra_op_threads
+from blazefl_fn.models import ModelFactory, cnn, intra_op_threads
 from tools.ft_check import gil_enabled
 
 from .. import models
