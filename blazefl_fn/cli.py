@@ -35,7 +35,9 @@ import attrs
 from . import portable
 from ._cli_flags import OVERSUBSCRIPTION, PROG, UsageError, build_parser
 from ._cli_signals import INTERRUPTED, TERMINATED, Terminated, release_import_guard, while_running
+from ._experiment_file import UnreadableExperiment, read_experiment, tokens
 from ._locks import holding
+from ._sweep import sweep_command
 from ._validators import check_local_ip
 from .checkpoint import checkpoint_file, read_config
 from .data.cifar import download_cifar10, download_cifar100
@@ -358,11 +360,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
 
 
+def _with_experiment(argv: Sequence[str], path: str) -> list[str]:
+    """``argv`` (``run ...``) with the experiment file's settings as flags before the given
+    ones, which override them (argparse keeps an option's last value)."""
+    experiment = read_experiment(path, sweep=False)
+    try:
+        settings = tokens(experiment.settings)
+        build_parser().parse_args(["run", *settings])
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    return [argv[0], *settings, *argv[1:]]
+
+
+def _sweep(args: argparse.Namespace, debug: bool) -> int:
+    try:
+        return sweep_command(args)
+    except UsageError as exc:
+        return _fail(exc, _USAGE, debug)
+    except (UnreadableExperiment, OSError, ValueError) as exc:
+        return _fail(exc, _DATA, debug)
+    except Exception as exc:
+        return _fail(exc, _RUN, debug, internal=True)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
         debug = debug or bool(getattr(args, "debug", False))
+        if args.command == "sweep":
+            return _sweep(args, debug)
+        if args.command == "run" and args.config is not None:
+            argv = _with_experiment(sys.argv[1:] if argv is None else argv, args.config)
+            args = build_parser().parse_args(argv)
         if args.command == "run":
             if args.checkpoint_every < 1:
                 raise ValueError(
@@ -379,6 +409,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(exc, _USAGE, debug)
     except _DataError as exc:
         return _fail(exc.__cause__ or exc, _DATA, debug)
+    except UnreadableExperiment as exc:
+        return _fail(exc, _DATA, debug)
     if args.command == "run" and config.portable and not portable.pinned():
         if argv is None:
             # The process's own command line: the kernel libraries read their pins once, at
