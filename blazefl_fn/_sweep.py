@@ -200,7 +200,7 @@ def _start(cell: Cell, out: Path) -> _Running:
         "--quiet",
     ]
     stdout = open(directory / ".stdout", "w+b")  # noqa: SIM115  # closed in _collect
-    stderr = open(directory / "stderr.log", "w+b")  # noqa: SIM115
+    stderr = open(directory / "stderr.log", "a+b")  # noqa: SIM115  # every attempt's messages
     linux = sys.platform.startswith("linux")
     process = subprocess.Popen(
         argv,

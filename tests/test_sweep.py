@@ -351,3 +351,60 @@ def test_a_killed_sweep_resumes_to_the_same_summary(tmp_path: Path) -> None:
     # Every round logged exactly once after the resume.
     for log in killed.glob("*/metrics.jsonl"):
         assert [r["round"] for r in read_metrics(log)] == list(range(1, 31))
+
+
+def _log(directory: Path, seed: int, accuracies: list[float], *, resumed_at: int = 0) -> None:
+    """A cell's metrics log by hand: config on round 1 (and on a resumed round), wall per
+    stretch, 100 bytes up and 10 down a round."""
+    directory.mkdir(parents=True)
+    config = {"algorithm": "fedavg", "seed": seed, "target_accuracy": 0.5, "executor": "threads"}
+    lines = []
+    for r, a in enumerate(accuracies, start=1):
+        record: dict[str, object] = {"round": r, "eval": {"accuracy": a}}
+        record |= {
+            "bytes_up": 100,
+            "bytes_down": 10,
+            "wall": float(r if r <= resumed_at else r - resumed_at),
+        }
+        if r == 1 or r == resumed_at + 1:
+            record["config"] = config if r == 1 else {**config, "executor": "processes"}
+        lines.append(json.dumps(record))
+    (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (directory / "result.json").write_text("{}\n")
+
+
+def test_summary_numbers_from_hand_made_logs(tmp_path: Path) -> None:
+    from blazefl_fn._sweep_summary import write_summary
+
+    _log(tmp_path / "a", 0, [0.2, 0.6, 0.4])
+    _log(tmp_path / "b", 1, [0.1, 0.3, 0.7], resumed_at=1)  # resumed on other workers
+    _log(tmp_path / "c", 2, [0.1, 0.2, 0.3])
+    (tmp_path / "d").mkdir()  # a cell that has not logged a round yet
+    (tmp_path / "d" / "metrics.jsonl").write_text("")
+    _log(tmp_path / "e", 3, [0.9])
+    (tmp_path / "e" / "result.json").unlink()  # not finished: left out of the table
+    rows, written = write_summary(tmp_path, ["algorithm", "seed"])
+    assert [p.name for p in written][:2] == ["summary.md", "summary.csv"]
+    (row,) = rows
+    assert row.seeds == (0, 1, 2)
+    finals = [0.4, 0.7, 0.3]
+    assert row.final_mean == pytest.approx(statistics.mean(finals))
+    assert row.final_std == pytest.approx(statistics.stdev(finals))
+    half = 4.302652729911275 * statistics.stdev(finals) / math.sqrt(3)
+    assert (row.ci_low, row.ci_high) == pytest.approx(
+        (row.final_mean - half, row.final_mean + half)
+    )
+    assert row.best_mean == pytest.approx(statistics.mean([0.6, 0.7, 0.3]))
+    assert (row.rounds_to_target, row.reached) == (2.5, 2)  # rounds 2 and 3; seed 2 never
+    assert (row.bytes_up, row.bytes_down) == (300, 30)
+    # Wall time adds the stretches: 3 s; 1 s + 2 s after the resume; 3 s.
+    assert row.wall_seconds == pytest.approx(3.0)
+    assert row.curve[1] == (
+        2,
+        pytest.approx(statistics.mean([0.6, 0.3, 0.2])),
+        pytest.approx(statistics.stdev([0.6, 0.3, 0.2])),
+    )
+    md = (tmp_path / "summary.md").read_text()
+    assert "| rounds to 0.5 |" in md
+    assert "| 2.5 (2/3) |" in md
+    assert "Not finished (not in the table): e" in md
