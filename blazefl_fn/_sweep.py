@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -161,13 +161,25 @@ def _finished(cell: Cell, directory: Path) -> bool:
     return cast(dict[str, Any], result).get("config") == config_dict(cell.config)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # Linux: a sweep killed outright (SIGKILL) leaves no cell running on its own; SIGTERM lets
-    # the cell write its final checkpoint, as a stopped run does.
+def _death_signal() -> Callable[[], None] | None:
+    """On Linux, what a cell's process runs before it starts: a sweep killed outright
+    (SIGKILL) then leaves no cell running on its own, and SIGTERM lets the cell write its final
+    checkpoint, as a stopped run does. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    try:
+        # Looked up here, in the sweep: between fork and exec the child may not import.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    term = int(signal.SIGTERM)
+
+    def set_death_signal() -> None:  # pragma: no cover - runs in the child
+        prctl(1, term)  # PR_SET_PDEATHSIG
+
+    return set_death_signal
 
 
 @attrs.define
@@ -201,13 +213,12 @@ def _start(cell: Cell, out: Path) -> _Running:
     ]
     stdout = open(directory / ".stdout", "w+b")  # noqa: SIM115  # closed in _collect
     stderr = open(directory / "stderr.log", "a+b")  # noqa: SIM115  # every attempt's messages
-    linux = sys.platform.startswith("linux")
     process = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,
-        preexec_fn=_die_with_parent if linux else None,  # the sweep starts no threads
+        preexec_fn=_death_signal(),  # the sweep itself starts no threads
     )
     return _Running(cell, process, stdout, stderr, time.perf_counter())
 

@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -304,52 +305,90 @@ def _wait(predicate: object, timeout: float = 120) -> None:
         time.sleep(0.02)
 
 
+def _start_sweep(exp: Path, out: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "blazefl_fn", "sweep", str(exp), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _unfinished_rounds(out: Path) -> int | None:
+    """Rounds logged by the cell under way, once a cell has finished (None before)."""
+    if not out.is_dir() or not any(out.glob("*/result.json")):
+        return None
+    for log in out.glob("*/metrics.jsonl"):
+        if not (log.parent / "result.json").exists():
+            return len(read_metrics(log))
+    return None
+
+
+def _stop_when(
+    sweep: subprocess.Popen[str], ready: Callable[[], bool], signum: int
+) -> tuple[set[int], str]:
+    """Send ``signum`` to the sweep once ``ready``; returns the processes it had started and
+    what it wrote on stderr."""
+    try:
+        _wait(ready)
+        children = descendants(sweep.pid)
+        sweep.send_signal(signum)
+        _, err = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.communicate()
+    return children, err
+
+
 @pytest.mark.slow
 def test_a_killed_sweep_resumes_to_the_same_summary(tmp_path: Path) -> None:
     # SCAFFOLD: the resumed cells restore client state (control variates) from the checkpoint.
-    grid = BASE.replace("rounds = 3", "rounds = 30") + '[sweep]\nalgorithm = ["scaffold"]\n'
+    # Batches of 4: rounds slow enough (tens of ms) to be stopped in the middle of a cell.
+    grid = BASE.replace("rounds = 3", "rounds = 30").replace("batch_size = 20", "batch_size = 4")
     exp = tmp_path / "exp.toml"
-    exp.write_text(grid + "seed = [0, 1]\n")
+    exp.write_text(grid + '[sweep]\nalgorithm = ["scaffold"]\nseed = [0, 1]\n')
     whole = tmp_path / "whole"
     done = run_cli("sweep", str(exp), "--out", str(whole), "--jobs", "2")
     assert done.returncode == 0, done.stderr
 
-    killed = tmp_path / "killed"
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "blazefl_fn", "sweep", str(exp), "--out", str(killed)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # Killed outright (no cleanup in the sweep): its cell stops alone, checkpointed.
+    out = tmp_path / "stopped"
+    sweep = _start_sweep(exp, out)
+    children, _ = _stop_when(
+        sweep, lambda: 3 <= (_unfinished_rounds(out) or 0) < 12, signal.SIGKILL
+    )
+    _wait(lambda: not any(alive(pid) for pid in children), timeout=60)
+    after_kill = _unfinished_rounds(out)
+    assert after_kill is not None
+    assert after_kill < 30
+
+    # Started again, then terminated (SIGTERM): one line, status 143, the cell checkpointed.
+    sweep = _start_sweep(exp, out)
+    children, err = _stop_when(
+        sweep, lambda: after_kill + 3 <= (_unfinished_rounds(out) or 0) < 27, signal.SIGTERM
+    )
+    assert sweep.returncode == 143
+    assert err == (
+        "blazefl-fn: terminated; stopped cells keep their checkpoints: run the same command "
+        "again to continue the sweep\n"
+    )
+    assert not any(alive(pid) for pid in children)
+    logs = list(out.glob("*/stderr.log"))
+    assert any(
+        "terminated; checkpoint of the last completed round saved" in p.read_text() for p in logs
     )
 
-    def mid_cell() -> bool:
-        # Once a cell has finished and the next has logged a few of its rounds.
-        if not killed.is_dir() or not any(killed.glob("*/result.json")):
-            return False
-        for log in killed.glob("*/metrics.jsonl"):
-            if not (log.parent / "result.json").exists() and 5 <= len(read_metrics(log)) < 25:
-                return True
-        return False
-
-    try:
-        _wait(mid_cell)
-        children = descendants(sweep.pid)
-        sweep.send_signal(signal.SIGKILL)  # no cleanup in the sweep: its cells must stop alone
-        sweep.wait()
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-    _wait(lambda: not any(alive(pid) for pid in children), timeout=60)
-    assert any(not (log.parent / "result.json").exists() for log in killed.glob("*/metrics.jsonl"))
-    again = run_cli("sweep", str(exp), "--out", str(killed), "--jobs", "2")
+    again = run_cli("sweep", str(exp), "--out", str(out), "--jobs", "2")
     assert again.returncode == 0, again.stderr
-    assert "finished already" in again.stdout
-    assert _numbers(_summary(killed)) == _numbers(_summary(whole))
+    assert "2 cells, 1 finished already" in again.stdout
+    assert _numbers(_summary(out)) == _numbers(_summary(whole))
     for directory in _cell_dirs(whole):
         a = json.loads((directory / "result.json").read_text())
-        b = json.loads((killed / directory.name / "result.json").read_text())
+        b = json.loads((out / directory.name / "result.json").read_text())
         assert a["params_sha256"] == b["params_sha256"]
-    # Every round logged exactly once after the resume.
-    for log in killed.glob("*/metrics.jsonl"):
+    # Every round logged exactly once after the resumes.
+    for log in out.glob("*/metrics.jsonl"):
         assert [r["round"] for r in read_metrics(log)] == list(range(1, 31))
 
 
