@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -271,6 +273,42 @@ def _stop(running: Sequence[_Running], signum: int) -> None:
         r.stderr.close()
 
 
+class _Report:
+    """The sweep's progress: a line per finished cell, under an overall bar of cells when
+    ``out`` is a terminal and tqdm is installed."""
+
+    def __init__(self, out: IO[str], total: int, done: int) -> None:
+        self.out = out
+        self._bar: Any = None
+        if out.isatty() and importlib.util.find_spec("tqdm") is not None:
+            from tqdm import tqdm
+
+            size = shutil.get_terminal_size()  # a 0x0 terminal would hide the bar
+            self._bar = tqdm(
+                total=total,
+                initial=done,
+                unit="cell",
+                file=out,
+                leave=False,
+                ncols=size.columns,
+                nrows=size.lines,
+            )
+
+    def line(self, text: str) -> None:
+        """Print ``text`` (above the bar) and count one more finished cell."""
+        if self._bar is None:
+            print(text, file=self.out, flush=True)
+            return
+        self._bar.write(text, file=self.out)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        """Take the bar off the terminal (idempotent)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 def _schedule(
     todo: Sequence[Cell], out: Path, jobs: int, budget: int | None, report: IO[str], done: int
 ) -> list[Cell]:
@@ -280,6 +318,7 @@ def _schedule(
     pending = list(todo)
     running: list[_Running] = []
     failed: list[Cell] = []
+    progress = _Report(report, total, done)
     try:
         while pending or running:
             busy = sum(r.cell.cpus for r in running)
@@ -297,17 +336,18 @@ def _schedule(
                 done += 1
                 seconds = time.perf_counter() - r.started
                 state = "done" if ok else "FAILED"
-                print(
+                progress.line(
                     f"[{done}/{total}] {state}  {r.cell.label}  {words}  {seconds:.1f}s  "
-                    f"({r.cell.name})",
-                    file=report,
-                    flush=True,
+                    f"({r.cell.name})"
                 )
                 if not ok:
                     failed.append(r.cell)
     except KeyboardInterrupt as exc:
+        progress.close()
         _stop(running, signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
         raise
+    finally:
+        progress.close()
     return failed
 
 
