@@ -3,13 +3,14 @@
 Every error is one line ``blazefl-fn: error: ...`` on stderr, never a traceback (unless
 ``--debug`` or ``BLAZEFL_FN_DEBUG=1`` asks for one), and the exit status says what kind:
 
-- 1: a missing, malformed, locked or already existing file (data, checkpoint, metrics log),
+- 1: a missing, malformed, locked or already existing file (data, checkpoint, metrics log,
+  an experiment file that is not TOML),
   a failed ``data`` download (no server answers, a broken connection, a checksum mismatch),
   or a Ray cluster that does not answer at ``--ray-address``;
-- 2: a bad flag or value;
+- 2: a bad flag or value (in an experiment file too);
 - 3: the run failed: a client raised, a worker died or exceeded ``--client-timeout``, training
   diverged (NaN or Inf), any error once the round loop began (other than a file's), or an
-  unexpected error;
+  unexpected error; for ``sweep``, a cell that failed;
 - 130: interrupted (Ctrl-C); 143: terminated (SIGTERM, handled as Ctrl-C is: workers stopped,
   a final checkpoint written).
 
@@ -390,9 +391,11 @@ def _main(argv: Sequence[str] | None) -> int:
         debug = debug or bool(getattr(args, "debug", False))
         if args.command == "sweep":
             return _sweep(args, debug)
+        given = argv
         if args.command == "run" and args.config is not None:
-            argv = _with_experiment(sys.argv[1:] if argv is None else argv, args.config)
-            args = build_parser().parse_args(argv)
+            # ``argv`` itself stays as it was: None (the process's own) restarts for --portable.
+            given = _with_experiment(sys.argv[1:] if argv is None else argv, args.config)
+            args = build_parser().parse_args(given)
         if args.command == "run":
             if args.checkpoint_every < 1:
                 raise ValueError(
@@ -401,7 +404,7 @@ def _main(argv: Sequence[str] | None) -> int:
             if args.resume is None:
                 config = _config(args)
             else:
-                config = _resumed_config(argv, _stored_config(args.resume))
+                config = _resumed_config(given, _stored_config(args.resume))
             _check_machine(args, config)
         else:
             config = _partition_config(args) if args.command == "partition" else RunConfig()

@@ -160,6 +160,47 @@ def test_run_config_is_the_flags_and_flags_override_it(
     assert read_metrics(log)[0]["config"] == from_file["config"]
 
 
+def test_run_config_resumes_like_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exp = tmp_path / "exp.toml"
+    exp.write_text("clients = 5\nclients-per-round = 2\nrounds = 2\nquiet = true\njson = true\n")
+    ck = str(tmp_path / "ck")
+    assert main(["run", "--config", str(exp), "--checkpoint-dir", ck]) == 0
+    capsys.readouterr()
+    assert main(["run", "--config", str(exp), "--resume", ck, "--rounds", "4"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert (
+        main(
+            [
+                "run",
+                "--clients",
+                "5",
+                "--clients-per-round",
+                "2",
+                "--rounds",
+                "4",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert resumed["params_sha256"] == json.loads(capsys.readouterr().out)["params_sha256"]
+
+
+@pytest.mark.slow
+def test_run_config_portable_restarts_with_its_pins(tmp_path: Path) -> None:
+    # The command restarts itself with the pins (os.execve), reading the file again.
+    exp = tmp_path / "exp.toml"
+    exp.write_text("portable = true\nquiet = true\njson = true\nrounds = 100\n")
+    done = run_cli("run", "--config", str(exp))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["portable"] is True
+    assert out["params_sha256"] == (  # tests/test_portable.py's digest of the default job
+        "019136b63ab3387d374fb00e5b8cc997cebddcad382389c4fc46c68ab262cb95"
+    )
+
+
 def test_sweep_bad_file_exits_2_in_one_line_without_traceback(tmp_path: Path) -> None:
     exp = tmp_path / "exp.toml"
     exp.write_text(BASE + "[sweep]\nlr = [0.1, -1]\n")
