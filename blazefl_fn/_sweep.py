@@ -152,15 +152,39 @@ def _claim(out: Path, planned: Sequence[Cell], axes: Sequence[str]) -> None:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
 
 
+# How a run is executed, never what it computes: a finished cell stays finished when only these
+# change (the per-client executors give the same bits; vectorized rounds differently).
+_EXECUTION_ONLY = frozenset(
+    {
+        "executor",
+        "workers",
+        "ray_address",
+        "ray_node_ip",
+        "client_timeout",
+        "client_state_memory_mb",
+        "client_state_dir",
+    }
+)
+
+
 def _finished(cell: Cell, directory: Path) -> bool:
-    """Whether the cell's run ended with exactly the settings it has now."""
+    """Whether the cell's run ended with the settings it has now, up to how it was executed."""
     try:
         result = json.loads((directory / RESULT).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if not isinstance(result, dict):
         return False
-    return cast(dict[str, Any], result).get("config") == config_dict(cell.config)
+    ran = cast(dict[str, Any], result).get("config")
+    now = config_dict(cell.config)
+    if not isinstance(ran, dict):
+        return False
+    ran = cast(dict[str, Any], ran)
+    if "vectorized" in (ran.get("executor"), now["executor"]):
+        return ran == now
+    return {k: v for k, v in ran.items() if k not in _EXECUTION_ONLY} == {
+        k: v for k, v in now.items() if k not in _EXECUTION_ONLY
+    }
 
 
 def _death_signal() -> Callable[[], None] | None:

@@ -318,6 +318,10 @@ def test_a_sweep_is_its_runs_and_its_summary_is_its_logs(
     rerun = capsys.readouterr().out
     assert "4 cells, 4 finished already" in rerun
     assert " done " not in rerun
+    # How cells are executed may change: they stay finished.
+    exp.write_text('executor = "threads"\nworkers = 2\n' + GRID)
+    assert main(["sweep", str(exp), "--out", str(out)]) == 0
+    assert "4 cells, 4 finished already" in capsys.readouterr().out
     exp.write_text(GRID.replace("batch_size = 20", "batch_size = 10"))
     assert main(["sweep", str(exp), "--out", str(out)]) == 2
     refused = capsys.readouterr().err
