@@ -22,7 +22,7 @@ from _ray_helpers import ENV as RAY_ENV
 from _ray_helpers import describe, ray_pids, strays, wait_until_gone
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "docs" / "tutorials"
-# The four pages the documentation promises; a new page is picked up by the glob below.
+# The pages the documentation promises; a new page is picked up by the glob below.
 EXPECTED = {"quickstart", "dsfl", "reproducibility", "property-testing", "sweeps"}
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 _OUTPUT = re.compile(r"^```text\n(.*?)^```$", re.MULTILINE | re.DOTALL)
