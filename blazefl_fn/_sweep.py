@@ -239,13 +239,18 @@ def _start(cell: Cell, out: Path) -> _Running:
     ]
     stdout = open(directory / ".stdout", "w+b")  # noqa: SIM115  # closed in _collect
     stderr = open(directory / "stderr.log", "a+b")  # noqa: SIM115  # every attempt's messages
-    process = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=stderr,
-        preexec_fn=_death_signal(),  # the sweep itself starts no threads
-    )
+    try:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            preexec_fn=_death_signal(),  # the sweep itself starts no threads
+        )
+    except BaseException:
+        stdout.close()
+        stderr.close()
+        raise
     return _Running(cell, process, stdout, stderr, time.perf_counter())
 
 
