@@ -11,21 +11,26 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _paths import mnist_dir
 from _ray_helpers import ENV as RAY_ENV
 from _ray_helpers import describe, ray_pids, strays, wait_until_gone
 
 TUTORIALS = Path(__file__).resolve().parents[1] / "docs" / "tutorials"
-# The four pages the documentation promises; a new page is picked up by the glob below.
-EXPECTED = {"quickstart", "dsfl", "reproducibility", "property-testing"}
+# The pages the documentation promises; a new page is picked up by the glob below.
+EXPECTED = {"quickstart", "dsfl", "reproducibility", "property-testing", "sweeps"}
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 _OUTPUT = re.compile(r"^```text\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 _DIGEST = re.compile(r"\b[0-9a-f]{16}\b")
 PORTABLE = "fl.portable.enable()"
+# A page that downloads MNIST into ./mnist finds the files already there (verified, so nothing
+# is fetched): the suite runs offline.
+MNIST = 'download_mnist("mnist"'
 PAGES = sorted(TUTORIALS.glob("*.md"))
 
 
@@ -68,6 +73,13 @@ def test_tutorial_runs(page: Path, tmp_path: Path) -> None:
     name = page.stem
     script = tmp_path / script_name(page)
     script.write_text(code_of(page))
+    if MNIST in code_of(page):
+        source = mnist_dir()
+        if source is None:
+            pytest.skip("MNIST not found (set BLAZEFL_FN_MNIST_DIR)")
+        (tmp_path / "mnist").mkdir()
+        for file in source.iterdir():  # copies that the page may write beside (not read-only)
+            shutil.copyfile(file, tmp_path / "mnist" / file.name)
     env = {**os.environ, **RAY_ENV}
     before = ray_pids()
     done = subprocess.run(

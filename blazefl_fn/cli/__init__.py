@@ -3,13 +3,14 @@
 Every error is one line ``blazefl-fn: error: ...`` on stderr, never a traceback (unless
 ``--debug`` or ``BLAZEFL_FN_DEBUG=1`` asks for one), and the exit status says what kind:
 
-- 1: a missing, malformed, locked or already existing file (data, checkpoint, metrics log),
+- 1: a missing, malformed, locked or already existing file (data, checkpoint, metrics log,
+  an experiment file that is not TOML),
   a failed ``data`` download (no server answers, a broken connection, a checksum mismatch),
   or a Ray cluster that does not answer at ``--ray-address``;
-- 2: a bad flag or value;
+- 2: a bad flag or value (in an experiment file too);
 - 3: the run failed: a client raised, a worker died or exceeded ``--client-timeout``, training
   diverged (NaN or Inf), any error once the round loop began (other than a file's), or an
-  unexpected error;
+  unexpected error; for ``sweep``, a cell that failed;
 - 130: interrupted (Ctrl-C); 143: terminated (SIGTERM, handled as Ctrl-C is: workers stopped,
   a final checkpoint written).
 

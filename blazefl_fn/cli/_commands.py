@@ -30,8 +30,10 @@ from ..run.metrics_log import MetricsLog
 from ..run.plot import plot_runs
 from ..run.progress import progress_callback
 from ..run.simulate import config_dict, config_from_dict, load_central, simulate, split
+from ._experiment_file import UnreadableExperiment, read_experiment, tokens
 from ._flags import OVERSUBSCRIPTION, PROG, UsageError, build_parser
 from ._signals import INTERRUPTED, TERMINATED, Terminated, release_import_guard, while_running
+from ._sweep import sweep_command
 
 __all__ = ["main"]
 
@@ -342,11 +344,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
 
 
+def _with_experiment(argv: Sequence[str], path: str) -> list[str]:
+    """``argv`` (``run ...``) with the experiment file's settings as flags before the given
+    ones, which override them (argparse keeps an option's last value)."""
+    experiment = read_experiment(path, sweep=False)
+    try:
+        settings = tokens(experiment.settings)
+        build_parser().parse_args(["run", *settings])
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    return [argv[0], *settings, *argv[1:]]
+
+
+def _sweep(args: argparse.Namespace, debug: bool) -> int:
+    try:
+        return sweep_command(args)
+    except UsageError as exc:
+        return _fail(exc, _USAGE, debug)
+    except (UnreadableExperiment, OSError, ValueError) as exc:
+        return _fail(exc, _DATA, debug)
+    except Exception as exc:
+        return _fail(exc, _RUN, debug, internal=True)
+
+
 def _main(argv: Sequence[str] | None) -> int:
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
         debug = debug or bool(getattr(args, "debug", False))
+        if args.command == "sweep":
+            return _sweep(args, debug)
+        given = argv
+        if args.command == "run" and args.config is not None:
+            # ``argv`` itself stays as it was: None (the process's own) restarts for --portable.
+            given = _with_experiment(sys.argv[1:] if argv is None else argv, args.config)
+            args = build_parser().parse_args(given)
         if args.command == "run":
             if args.checkpoint_every < 1:
                 raise ValueError(
@@ -355,7 +387,7 @@ def _main(argv: Sequence[str] | None) -> int:
             if args.resume is None:
                 config = _config(args)
             else:
-                config = _resumed_config(argv, _stored_config(args.resume))
+                config = _resumed_config(given, _stored_config(args.resume))
             _check_machine(args, config)
         else:
             config = _partition_config(args) if args.command == "partition" else RunConfig()
@@ -363,6 +395,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return _fail(exc, _USAGE, debug)
     except _DataError as exc:
         return _fail(exc.__cause__ or exc, _DATA, debug)
+    except UnreadableExperiment as exc:
+        return _fail(exc, _DATA, debug)
     if args.command == "run" and config.portable and not portable.pinned():
         if argv is None:
             # The process's own command line: the kernel libraries read their pins once, at

@@ -45,6 +45,12 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         description="Run a federated simulation and report test accuracy.",
     )
     defaults: Any = _Suppressed() if only_given else RunConfig()
+    run.add_argument(
+        "--config",
+        metavar="FILE",
+        help="an experiment file (TOML): each key a flag of run (data_dir or data-dir); flags "
+        "given here override it",
+    )
     run.add_argument("--algorithm", choices=ALGORITHMS, default=defaults.algorithm)
     run.add_argument("--dataset", choices=DATASETS, default=defaults.dataset)
     run.add_argument(
@@ -412,7 +418,62 @@ def build_parser(*, only_given: bool = False) -> _Parser:
     add_partition_flags(part, defaults)
     part.add_argument("--json", action="store_true", help="print the counts as JSON")
     add_data_command(commands)
+    add_sweep_command(commands)
     return parser
+
+
+def _jobs(text: str) -> int:
+    """A ``--jobs`` value: a whole number of cells, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of cells: {text!r}") from None
+    if not 1 <= value <= _MAX_JOBS:
+        raise argparse.ArgumentTypeError(f"must be in [1, {_MAX_JOBS}], got {value}")
+    return value
+
+
+_MAX_JOBS = 4096
+
+
+def add_sweep_command(commands: Any) -> None:
+    """The ``sweep`` command: every cell of an experiment file's ``[sweep]`` grid as a run.
+
+    ``commands`` is the root parser's subparsers action (argparse's type for it is private).
+    """
+    sweep = commands.add_parser(
+        "sweep",
+        help="run an experiment file's grid of runs and summarize it over seeds",
+        description="Run every cell of the [sweep] grid of an experiment file as a full run "
+        "under --out DIR (its own metrics log and checkpoints), --jobs at a time; finished "
+        "cells are skipped and stopped ones resume. Then write DIR/summary.md, summary.csv "
+        "and curves.png: one row per group of cells that differ only in seed.",
+    )
+    sweep.add_argument("experiment", nargs="?", metavar="FILE", help="the experiment file (TOML)")
+    sweep.add_argument("--out", metavar="DIR", help="the sweep's directory (created if missing)")
+    sweep.add_argument(
+        "--jobs",
+        type=_jobs,
+        default=1,
+        metavar="N",
+        help="cells run at a time, each in its own process (default 1); fewer start when their "
+        "executors' workers would exceed this machine's CPUs",
+    )
+    sweep.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="start --jobs cells even when their workers exceed this machine's CPUs",
+    )
+    sweep.add_argument(
+        "--summarize",
+        metavar="DIR",
+        help="only rebuild DIR's summary from its cells' metrics logs (no FILE, no --out)",
+    )
+    sweep.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, print the full traceback before the one-line message",
+    )
 
 
 def _seconds(text: str) -> float:
