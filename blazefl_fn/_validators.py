@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import numbers
 import re
 import socket
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import attrs
 
@@ -213,3 +214,21 @@ def check_ray_address(name: str, value: str) -> str:
             f"{name} must be auto or HOST:PORT (port 1-65535, optionally ray://), got {value!r}"
         )
     return value
+
+
+def check_weights(weights: Sequence[float], count: int, *, signed: bool = False) -> list[float]:
+    """``weights`` as floats: ``count`` of them, real numbers (not bools), finite and, unless
+    ``signed``, ``>= 0``; else TypeError or ValueError naming the first bad one."""
+    if len(weights) != count:
+        raise ValueError(f"got {count} trees but {len(weights)} weights")
+    checked: list[float] = []
+    for i, w in enumerate(weights):
+        value = cast(object, w)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"weights[{i}] must be a real number, got {w!r}")
+        as_float = float(value)
+        if not math.isfinite(as_float) or (as_float < 0.0 and not signed):
+            rule = "finite" if signed else "finite and >= 0"
+            raise ValueError(f"weights[{i}] must be {rule}, got {w!r}")
+        checked.append(as_float)
+    return checked

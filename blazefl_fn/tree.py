@@ -8,11 +8,12 @@ require the same names; results keep the name order of the first argument.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 import torch
+
+from ._validators import check_weights
 
 __all__ = [
     "Params",
@@ -99,11 +100,7 @@ def add_weighted(
         >>> add_weighted({"w": torch.tensor([1.0])}, [{"w": torch.tensor([2.0])}], [-0.5])
         {'w': tensor([0.])}
     """
-    if len(trees) != len(weights):
-        raise ValueError(f"got {len(trees)} trees but {len(weights)} weights")
-    checked = [float(w) for w in weights]
-    if not all(math.isfinite(w) for w in checked):
-        raise ValueError(f"weights must be finite, got {list(weights)}")
+    checked = check_weights(weights, len(trees), signed=True)
     for t in trees:
         missing = sorted(set(base) - set(t))
         if missing:
@@ -131,12 +128,7 @@ def scale(params: Params, factor: float) -> dict[str, torch.Tensor]:
 def _check_weights(trees: Sequence[Params], weights: Sequence[float]) -> list[float]:
     if len(trees) == 0:
         raise ValueError("need at least one parameter tree")
-    if len(trees) != len(weights):
-        raise ValueError(f"got {len(trees)} trees but {len(weights)} weights")
-    checked = [float(w) for w in weights]
-    for w in checked:
-        if not (w >= 0.0 and w != float("inf")):
-            raise ValueError(f"weights must be finite and >= 0, got {w}")
+    checked = check_weights(weights, len(trees))
     for tree in trees[1:]:
         _check_same_names(trees[0], tree)
     return checked

@@ -262,7 +262,7 @@ def test_add_weighted_rounds_once_and_checks_its_arguments() -> None:
     assert float(tree.add_weighted(base, small, [1.0] * 1000)["w"]) == pytest.approx(1.00001)
     with pytest.raises(ValueError, match="got 1 trees but 2 weights"):
         tree.add_weighted(base, small[:1], [1.0, 2.0])
-    with pytest.raises(ValueError, match="weights must be finite"):
+    with pytest.raises(ValueError, match=r"weights\[\d+\] must be finite"):
         tree.add_weighted(base, small[:1], [math.nan])
     with pytest.raises(ValueError, match="lacks the names"):
         tree.add_weighted(base, [{"v": torch.ones(1)}], [1.0])

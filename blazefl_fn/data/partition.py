@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from .._validators import check_int_at_least
+from .._validators import check_int_at_least, check_positive_finite
 from ..keys import Key
 
 __all__ = [
@@ -110,17 +110,6 @@ def _check_labels(labels: object) -> IntArray:
     if low < 0:
         raise ValueError(f"labels must be non-negative, got a label {low}")
     return array
-
-
-def _check_positive_finite(name: str, value: object) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not value > 0
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_clients(num_clients: object, num_samples: int, per_client: int = 1) -> int:
@@ -295,7 +284,7 @@ def dirichlet(
     y = _check_labels(labels)
     n = int(y.shape[0])
     k = check_int_at_least("num_clients", num_clients, 1)
-    a = _check_positive_finite("alpha", alpha)
+    a = check_positive_finite("alpha", alpha)
     min_size = check_int_at_least("min_size", min_size, 0)
     max_tries = check_int_at_least("max_tries", max_tries, 1)
     if min_size * k > n:
@@ -389,7 +378,7 @@ def inner_dirichlet(labels: torch.Tensor, num_clients: int, alpha: float, key: K
     y = _check_labels(labels)
     n = int(y.shape[0])
     k = _check_clients(num_clients, n)
-    a = _check_positive_finite("alpha", alpha)
+    a = check_positive_finite("alpha", alpha)
     num_classes = int(y.max()) + 1
     priors: FloatArray = (
         key.fold_in("priors").numpy_generator().dirichlet(np.full(num_classes, a), size=k)
@@ -452,7 +441,7 @@ def quantity_skew(
     """
     n = check_int_at_least("num_samples", num_samples, 1)
     k = check_int_at_least("num_clients", num_clients, 1)
-    a = _check_positive_finite("alpha", alpha)
+    a = check_positive_finite("alpha", alpha)
     min_size = check_int_at_least("min_size", min_size, 0)
     if min_size * k > n:
         raise ValueError(

@@ -47,7 +47,7 @@ from typing import Any, Protocol, cast
 import attrs
 import torch
 
-from .._validators import int_at_least
+from .._validators import check_weights, int_at_least
 from ..tree import Params, floating_names, weighted_mean
 
 __all__ = [
@@ -104,17 +104,7 @@ def _check_structure(trees: Sequence[Params]) -> None:
 
 
 def _check_weights(weights: Sequence[float], count: int) -> list[float]:
-    if len(weights) != count:
-        raise ValueError(f"got {count} trees but {len(weights)} weights")
-    checked: list[float] = []
-    for i, w in enumerate(weights):
-        value = cast(object, w)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"weights[{i}] must be a real number, got {w!r}")
-        as_float = float(value)
-        if not (math.isfinite(as_float) and as_float >= 0.0):
-            raise ValueError(f"weights[{i}] must be finite and >= 0, got {w!r}")
-        checked.append(as_float)
+    checked = check_weights(weights, count)
     if not any(w > 0.0 for w in checked):
         raise ValueError(f"all weights are zero ({list(weights)!r}); at least one must be > 0")
     return checked
