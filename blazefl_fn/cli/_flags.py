@@ -45,6 +45,21 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         description="Run a federated simulation and report test accuracy.",
     )
     defaults: Any = _Suppressed() if only_given else RunConfig()
+    for add in (
+        _add_problem, _add_execution, _add_data_flags, _add_algorithm_flags, _add_privacy_flags,
+        _add_distillation_flags, _add_outputs,
+    ):  # fmt: skip
+        add(run, defaults)
+    _add_plot_command(commands)
+    _add_partition_command(commands, defaults)
+    add_data_command(commands)
+    add_sweep_command(commands)
+    return parser
+
+
+def _add_problem(run: argparse.ArgumentParser, defaults: Any) -> None:
+    """``run``'s problem and training settings: the experiment file, algorithm, data, model,
+    counts, learning rate, seed."""
     run.add_argument(
         "--config",
         metavar="FILE",
@@ -80,6 +95,11 @@ def build_parser(*, only_given: bool = False) -> _Parser:
     )
     run.add_argument("--lr", type=float, default=defaults.lr, help="local SGD learning rate")
     run.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def _add_execution(run: argparse.ArgumentParser, defaults: Any) -> None:
+    """``run``'s execution: executor, workers, Ray, timeouts, chunks, client-state placement,
+    threads, numerics, devices."""
     run.add_argument("--executor", choices=EXECUTORS, default=defaults.executor)
     run.add_argument(
         "--workers",
@@ -166,6 +186,10 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         metavar="DEVICE",
         help="where the global model is aggregated and evaluated (cpu, cuda, cuda:1, ...)",
     )
+
+
+def _add_data_flags(run: argparse.ArgumentParser, defaults: Any) -> None:
+    """``run``'s evaluation cadence, partition, augmentation and the synthetic data's shape."""
     run.add_argument(
         "--eval-every", type=int, default=defaults.eval_every, help="test every N rounds"
     )
@@ -188,6 +212,10 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         default=defaults.synthetic_beta,
         help="Synthetic(alpha, beta): data heterogeneity",
     )
+
+
+def _add_algorithm_flags(run: argparse.ArgumentParser, defaults: Any) -> None:
+    """The algorithms' hyperparameters."""
     algo = run.add_argument_group("algorithm hyperparameters")
     algo.add_argument("--mu", type=float, default=defaults.mu, help="fedprox: proximal term weight")
     algo.add_argument(
@@ -242,6 +270,10 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         default=defaults.local_momentum,
         help="fednova: momentum of local SGD, in [0, 1)",
     )
+
+
+def _add_privacy_flags(run: argparse.ArgumentParser, defaults: Any) -> None:
+    """Client-level differential privacy."""
     dp = run.add_argument_group(
         "client-level differential privacy (needs the privacy extra: blazefl_fn[privacy])"
     )
@@ -306,6 +338,10 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         default=defaults.dp_count_noise,
         help="adaptive clipping: noise std of the unclipped count (default: K / 20)",
     )
+
+
+def _add_distillation_flags(run: argparse.ArgumentParser, defaults: Any) -> None:
+    """DS-FL's and SCARLET's distillation settings."""
     kd = run.add_argument_group("distillation (dsfl, scarlet)")
     kd.add_argument(
         "--public-size",
@@ -342,6 +378,11 @@ def build_parser(*, only_given: bool = False) -> _Parser:
     kd.add_argument(
         "--kd-lr", type=float, default=defaults.kd_lr, help="distillation learning rate"
     )
+
+
+def _add_outputs(run: argparse.ArgumentParser, defaults: Any) -> None:
+    """What ``run`` reports and writes: early stop, evaluation on clients, non-finite policy, JSON,
+    progress, metrics log, checkpoints, resume."""
     run.add_argument(
         "--target-accuracy",
         type=float,
@@ -398,6 +439,10 @@ def build_parser(*, only_given: bool = False) -> _Parser:
         help="let a fresh run replace the checkpoint in --checkpoint-dir and the --metrics log "
         "(refused by default)",
     )
+
+
+def _add_plot_command(commands: Any) -> None:
+    """The ``plot`` command."""
     plot = commands.add_parser(
         "plot",
         help="plot accuracy and loss curves from metrics logs",
@@ -406,6 +451,10 @@ def build_parser(*, only_given: bool = False) -> _Parser:
     plot.add_argument("logs", nargs="+", metavar="METRICS.jsonl", help="metrics logs (--metrics)")
     plot.add_argument("-o", "--output", required=True, help="image file (.png, .svg, .pdf)")
     plot.add_argument("--labels", help="comma-separated legend labels, one per log")
+
+
+def _add_partition_command(commands: Any, defaults: Any) -> None:
+    """The ``partition`` command."""
     part = commands.add_parser(
         "partition",
         help="print how a dataset is split over clients",
@@ -417,9 +466,6 @@ def build_parser(*, only_given: bool = False) -> _Parser:
     part.add_argument("--seed", type=int, default=defaults.seed)
     add_partition_flags(part, defaults)
     part.add_argument("--json", action="store_true", help="print the counts as JSON")
-    add_data_command(commands)
-    add_sweep_command(commands)
-    return parser
 
 
 def _jobs(text: str) -> int:
