@@ -10,10 +10,9 @@ from ..client.training import LocalTraining
 from ..data.datasets import ClientData
 from ..models import ModelFactory
 from ..round import Algorithm
+from .compose import Aggregate, compose
 
-__all__ = [
-    "fedavg",
-]
+__all__ = ["fedavg"]
 
 
 def fedavg(
@@ -53,8 +52,6 @@ def fedavg(
         >>> algo.name, sorted(state.params), state.aux
         ('fedavg', ['1.bias', '1.weight'], {})
     """
-    from .compose import Aggregate, compose
-
     return compose(
         "fedavg", model_fn, num_clients=num_clients, clients_per_round=clients_per_round,
         local=local, aggregate=Aggregate(),
