@@ -15,14 +15,14 @@ import attrs
 import torch
 from torch.nn import functional as F
 
-from ._module_copy import accumulate, load_params, mean_loss, sgd_step
+from ._module_copy import accumulate, load_params, mean_loss, sgd_step, state_of, train_mode
 from ._validators import finite_number, int_at_least
 from .client_stages import GradientTransform, LossTerm, StepInput
 from .data.datasets import ClientData
 from .data.transforms import Transform
 from .keys import Key
 from .stochastic import keyed_rng
-from .tree import Params, from_module
+from .tree import Params
 
 __all__ = ["LocalResult", "LocalTraining", "Trained", "train", "trainable_names"]
 
@@ -156,7 +156,7 @@ def train(
     if optimizer_state is not None and training.optimizer is None:
         raise ValueError("optimizer_state was given but training has no optimizer")
     module = load_params(template, params)
-    module.train()
+    train_mode(module)
     named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
     generator = key.torch_generator()
     augment = key.fold_in("augment").torch_generator() if training.augment else None
@@ -173,7 +173,7 @@ def train(
             if optimizer_state is not None
             else training.optimizer.init(anchor)
         )
-    loss_sum: torch.Tensor | None = None
+    loss_sum: torch.Tensor | float | None = None
     seen = steps = 0
     with keyed_rng(key.fold_in("dropout")):
         for _ in range(training.epochs):
@@ -201,7 +201,7 @@ def train(
                 seen += int(y.shape[0])
                 steps += 1
     result = LocalResult(examples=len(data), steps=steps, loss=mean_loss(loss_sum, seen))
-    return Trained(params=from_module(module), result=result, optimizer_state=state)
+    return Trained(params=state_of(module), result=result, optimizer_state=state)
 
 
 def _staged_step(

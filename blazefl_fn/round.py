@@ -36,7 +36,7 @@ from .jobs import (
 from .keys import Key
 from .records import Downlink, RoundReport, ServerState, Uplink
 from .reproducibility import intra_op_threads
-from .tree import Params, nbytes, nonfinite
+from .tree import Params, all_finite, nbytes, nonfinite
 
 __all__ = [
     "Algorithm",
@@ -263,6 +263,9 @@ def _screen(
     algorithm: Algorithm[Data, A], uplinks: Sequence[Uplink], round_index: int
 ) -> tuple[Sequence[Uplink], tuple[int, ...]]:
     """The uplinks to aggregate and the clients left out for non-finite values."""
+    # One pass over every uplink first; naming the culprits costs a check per tensor.
+    if all_finite([*(u.params for u in uplinks), *(u.state for u in uplinks)]):
+        return uplinks, ()
     bad: dict[int, list[str]] = {}
     for u in uplinks:
         names = nonfinite(u.params) + [f"state:{n}" for n in nonfinite(u.state)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 import torch
@@ -19,6 +19,7 @@ __all__ = [
     "TreeSpec",
     "add",
     "add_weighted",
+    "all_finite",
     "clone",
     "digest",
     "flatten",
@@ -312,6 +313,32 @@ def nonfinite(params: Params) -> list[str]:
         for name, t in params.items()
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
     )
+
+
+def all_finite(trees: Iterable[Params]) -> bool:
+    """Whether no floating-point (or complex) entry of any of ``trees`` holds a NaN or an infinity.
+
+    `nonfinite` for many trees at once, answered in one pass: a fused norm per device and
+    dtype (a NaN or an infinity makes its tensor's norm non-finite), then, only if some norm is
+    not finite (which finite values can also cause, by overflow), the exact check.
+
+    Examples:
+        >>> import torch
+        >>> all_finite([{"w": torch.ones(2)}, {"w": torch.tensor([1.0, float("inf")])}])
+        False
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tree in trees:
+        for t in tree.values():
+            if t.is_floating_point() or t.is_complex():
+                groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    for tensors in groups.values():
+        # One kernel over every tensor: per tensor, isfinite().all() cost ~25 us, which for the
+        # uplinks of 1000 small clients was a quarter of a second of the round.
+        norms = torch._foreach_norm(tensors, 2)  # pyright: ignore[reportPrivateImportUsage, reportPrivateUsage]
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
+            return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return True
 
 
 def nbytes(params: Params) -> int:
