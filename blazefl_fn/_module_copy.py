@@ -90,6 +90,7 @@ class _Layout:
     owners: tuple[tuple[dict[str, Any], str], ...]  # the dict and key holding each entry
     modules: tuple[torch.nn.Module, ...]
     counts: tuple[int, ...]  # parameters + buffers + children of each module
+    parameters: tuple[tuple[str, torch.nn.Parameter], ...]  # named_parameters()
 
     @staticmethod
     def of(module: torch.nn.Module) -> _Layout | None:
@@ -113,6 +114,7 @@ class _Layout:
             owners=tuple(owners),
             modules=modules,
             counts=_counts(modules),
+            parameters=tuple(module.named_parameters()),
         )
 
     def current(self) -> bool:
@@ -166,6 +168,15 @@ def train_mode(module: torch.nn.Module) -> None:
     layout = _layout_of(module)
     if layout is None or not all(m.training for m in layout.modules):
         module.train()
+
+
+def trainable(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """``module``'s named parameters that require gradients, in ``named_parameters`` order."""
+    layout = _layout_of(module)
+    named = (
+        layout.parameters if layout is not None and layout.current() else module.named_parameters()
+    )
+    return [(n, p) for n, p in named if p.requires_grad]
 
 
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -15,7 +15,15 @@ import attrs
 import torch
 from torch.nn import functional as F
 
-from ._module_copy import accumulate, load_params, mean_loss, sgd_step, state_of, train_mode
+from ._module_copy import (
+    accumulate,
+    load_params,
+    mean_loss,
+    sgd_step,
+    state_of,
+    train_mode,
+    trainable,
+)
 from ._validators import finite_number, int_at_least
 from .client_stages import GradientTransform, LossTerm, StepInput
 from .data.datasets import ClientData
@@ -157,7 +165,7 @@ def train(
         raise ValueError("optimizer_state was given but training has no optimizer")
     module = load_params(template, params)
     train_mode(module)
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    named = trainable(module)
     generator = key.torch_generator()
     augment = key.fold_in("augment").torch_generator() if training.augment else None
     staged = training.optimizer is not None or bool(training.loss_terms)
