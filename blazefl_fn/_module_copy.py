@@ -61,14 +61,23 @@ _HOOKS = (
 )
 
 
+def _method(cls: type, name: str) -> object:
+    return getattr(cls, name)
+
+
+# BatchNorm's override only adds a missing ``num_batches_tracked`` entry (to old state dicts)
+# before loading as every module does: a layout loads only complete state dicts, so it is plain.
+_LOAD = "_load_from_state_dict"
+_PLAIN_LOADS = (_method(_Module, _LOAD), _method(torch.nn.modules.batchnorm.BatchNorm1d, _LOAD))
+
+
 def _plain(module: torch.nn.Module) -> bool:
     """Whether ``module``'s state dict is exactly its parameters and persistent buffers, loaded
     by ``copy_`` and put in train mode by the stock ``train``: no hook or override changes it."""
-    methods = ("_load_from_state_dict", "_save_to_state_dict", "state_dict", "load_state_dict")
+    methods = ("_save_to_state_dict", "state_dict", "load_state_dict", "get_extra_state", "train")
     return all(
-        all(getattr(type(m), name) is getattr(_Module, name) for name in methods)
-        and type(m).get_extra_state is _Module.get_extra_state
-        and type(m).train is _Module.train
+        _method(type(m), _LOAD) in _PLAIN_LOADS
+        and all(_method(type(m), name) is _method(_Module, name) for name in methods)
         and not any(m.__dict__.get(hooks) for hooks in _HOOKS)
         for m in module.modules()
     )
