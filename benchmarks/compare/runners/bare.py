@@ -10,10 +10,13 @@ Modes:
   per round only ``(client id, round)`` goes down and ``(client id, examples, seconds)`` comes
   back, several clients to a message.
 
-The fastest honest formulation of the work (the floor is a lower bound): each scratch model's
-parameters are views into one flat vector, so loading the broadcast is one ``copy_`` and the
-result is one ``copy_`` into the client's preallocated row; steps are ``torch.optim.SGD``
-(no momentum); the average is one float64 weighted sum of the rows.
+The fastest honest formulation of the work found (the floor is a lower bound): each scratch
+model's parameters are views into one flat vector, so loading the broadcast is one ``copy_``
+and the result is one ``copy_`` into the client's preallocated row; a step is
+``p -= lr * grad`` in a plain loop (torch.optim.SGD's arithmetic without momentum: its
+``step`` + ``zero_grad`` measured 369 us per step against 104 us); the average is a float64
+weighted sum of the rows. Around one W0 step this costs ~0.3 ms per client against ~0.66 ms
+for loading a state dict, stepping and cloning the state dict back (single thread, in-loop).
 
 Every mode times each client update; the median is the "one client's update time" from which
 the report computes the ideal.
@@ -61,16 +64,13 @@ def _unflatten(flat: torch.Tensor, spec: Spec) -> dict[str, torch.Tensor]:
 
 
 def _aggregate(rows: torch.Tensor, weights: Sequence[int]) -> torch.Tensor:
-    """The rows' weighted mean as one float64 weighted sum (a matrix-vector product in blocks
-    of rows, so the float64 copy of the rows never has to exist whole)."""
-    w = torch.tensor(weights, dtype=torch.float64) / float(sum(weights))
+    """The rows' weighted mean, summed in float64 row by row (on 2 cores this measured 47 ms
+    for W0's 1000 rows; a float64 matrix-vector product in blocks, 230-290 ms)."""
+    total = float(sum(weights))
     acc = torch.zeros(rows.shape[1], dtype=torch.float64)
-    for start in range(0, rows.shape[0], _BLOCK):
-        acc.addmv_(rows[start : start + _BLOCK].T.double(), w[start : start + _BLOCK])
+    for row, weight in zip(rows, weights, strict=True):
+        acc.add_(row.to(torch.float64), alpha=weight / total)
     return acc.to(torch.float32)
-
-
-_BLOCK = 128
 
 
 class _Flat:
@@ -86,7 +86,8 @@ class _Flat:
             named[name].data = view
         if len(named) != len(spec):
             raise SystemExit("bare: the model has state besides its parameters")
-        self.optimizer = torch.optim.SGD(list(named.values()), lr=lr)
+        self.parameters = list(named.values())
+        self.lr = lr
 
 
 class _FlatCache:
@@ -124,8 +125,11 @@ def _update(
             rows = order[first : first + work.batch_size]
             loss = F.cross_entropy(model(data.x[rows]), data.y[rows])
             loss.backward()  # pyright: ignore[reportUnknownMemberType]
-            scratch.optimizer.step()
-            scratch.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p in scratch.parameters:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-scratch.lr)
+                        p.grad = None
     row.copy_(scratch.flat)
     return int(indices.shape[0]), time.perf_counter() - start
 
@@ -151,7 +155,7 @@ def _init_worker(
 ) -> None:  # fmt: skip
     torch.set_num_threads(threads)
     _STATE.append(_Worker(_FlatCache(work, spec), work, data, broadcast, slots))
-    _STATE[0].cache.get()  # torch.optim's first use imports for seconds: not inside the loop
+    _STATE[0].cache.get()  # the scratch model is made before the loop
     ready.wait()  # the pool is started when every worker got here
 
 
@@ -195,7 +199,7 @@ def run(case: Case) -> RunnerResult:
     elif case.mode != "sequential":
         raise SystemExit(f"bare: unknown mode {case.mode!r}")
     cache = _FlatCache(work, spec)
-    cache.get()  # torch.optim's first use imports for seconds: not inside the loop
+    cache.get()  # the scratch model is made before the loop
     # Several clients to a message, as blazefl_fn's pools send them.
     chunk = max(1, min(32, len(clients) // (case.parallelism * 8)))
     loop_start = time.time()
