@@ -42,6 +42,7 @@ def _copy_of(template: torch.nn.Module) -> tuple[torch.nn.Module, _Layout | None
     if _has_hidden_state(template):
         # Never reused, and the verdict is not cached: every call gets a fresh copy.
         return module, None
+    # Like the copy, the layout is of the template as first seen (templates are values).
     found = (module, _Layout.of(module))
     cache[template] = found
     return found
@@ -175,7 +176,7 @@ def load_params(template: torch.nn.Module, params: Params) -> torch.nn.Module:
 def train_mode(module: torch.nn.Module) -> None:
     """``module.train()``, skipped when a plain module (`_plain`) is in train mode already."""
     layout = _layout_of(module)
-    if layout is None or not all(m.training for m in layout.modules):
+    if layout is None or not layout.current() or not all(m.training for m in layout.modules):
         module.train()
 
 

@@ -61,9 +61,9 @@ R = TypeVar("R")
 
 # Messages kept in flight per worker: the second hides the round trip of the first's results.
 _DEPTH = 2
-# Tasks per message: at most _MAX_CHUNK, and few enough that each worker gets at least
-# _MESSAGES_PER_WORKER messages per map, so that no worker idles while another finishes a long
-# message (the same bounds as `Ray`'s calls).
+# Tasks per message: at most _MAX_CHUNK (as `Ray`'s calls), and the tasks still unsent over
+# workers x _MESSAGES_PER_WORKER, so messages shrink towards the end of a map (guided
+# self-scheduling) and no worker idles while another finishes a long last message.
 _MAX_CHUNK = 32
 _MESSAGES_PER_WORKER = 8
 _START_METHODS = ("spawn", "forkserver")
@@ -470,18 +470,22 @@ class Processes(ClosingContext):
         results: list[Any] = [None] * len(tasks)
         failures: dict[int, BaseException] = {}
         number = {id(w.conn): i for i, w in enumerate(self._workers)}
-        chunk = self._chunk(len(tasks))
         free = deque(range(self._slot_count(len(tasks))))
         slot_of: dict[int, int] = {}
+        unsent = [len(tasks)]
 
         def feed(worker: _Worker) -> None:
             while not failures and worker.messages < _DEPTH:
+                # Sized by the tasks still unsent, so messages shrink towards the end of the
+                # map and no worker idles while another works through a long last message.
+                chunk = self._chunk(unsent[0])
                 batch: list[tuple[Any, ...]] = []
                 while len(batch) < chunk:
                     index = queues.take(number[id(worker.conn)])
                     if index is None:
                         break
                     slot_of[index] = free.popleft()
+                    unsent[0] -= 1
                     batch.append((*sends[index], slot_of[index]))
                 if not batch:
                     return
