@@ -28,6 +28,7 @@ import functools
 import hashlib
 import math
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Final, cast
 
@@ -283,18 +284,42 @@ def layout_of(raw: bytes) -> tuple[bytes, bytes]:
     return raw[_SEED_BYTES:_WORDS_AT], raw[end:]
 
 
-def cpu_state(bits: bytes) -> torch.Tensor:
+def cpu_state(bits: bytes, out: torch.Tensor | None = None) -> torch.Tensor:
     """The CPU generator state (a uint8 tensor for `torch.Generator.set_state`) of ``bits``.
 
     The stored seed (`torch.Generator.initial_seed`) is the key's first 64 bits, as before
     stream version 2; the draws come from the 624 words, which depend on all 128.
+
+    Args:
+        bits: the key's 16 bytes.
+        out: a state of another key to overwrite (the fixed fields are already in place);
+            None makes a new tensor.
     """
-    between, after = _cpu_layout()
-    words = hashlib.shake_128(_TAG_MT19937 + bits).digest(4 * _MT_WORDS)
-    widened = np.frombuffer(words, dtype="<u4").astype("<u8").tobytes()
-    return torch.frombuffer(
-        bytearray(bits[:_SEED_BYTES] + between + widened + after), dtype=torch.uint8
-    )
+    words = np.frombuffer(hashlib.shake_128(_TAG_MT19937 + bits).digest(4 * _MT_WORDS), "<u4")
+    if out is None:
+        between, after = _cpu_layout()
+        widened = words.astype("<u8").tobytes()
+        return torch.frombuffer(
+            bytearray(bits[:_SEED_BYTES] + between + widened + after), dtype=torch.uint8
+        )
+    raw = out.numpy()
+    raw[:_SEED_BYTES] = np.frombuffer(bits[:_SEED_BYTES], np.uint8)
+    raw[_WORDS_AT : _WORDS_AT + 8 * _MT_WORDS].view("<u8")[:] = words
+    return out
+
+
+# Each thread's last CPU state, rewritten for the next key: a client makes a generator or two,
+# and making the state anew (concatenations, copies) cost a third of the generator's time.
+_states = threading.local()
+
+
+def _cpu_state_here(bits: bytes) -> torch.Tensor:
+    state: torch.Tensor | None = getattr(_states, "state", None)
+    if state is None:
+        state = cpu_state(bits)
+        _states.state = state
+        return state
+    return cpu_state(bits, out=state)
 
 
 def philox_seed_offset(bits: bytes) -> tuple[int, int]:
@@ -313,7 +338,8 @@ def key_generator(generator: torch.Generator, bits: bytes) -> torch.Generator:
         ValueError: the generator's device has neither mt19937 nor a settable Philox offset.
     """
     if generator.device.type == "cpu":
-        generator.set_state(cpu_state(bits))
+        # set_state copies the state into the generator: the buffer can be reused at once.
+        generator.set_state(_cpu_state_here(bits))
         return generator
     seed, offset = philox_seed_offset(bits)
     generator.manual_seed(seed)

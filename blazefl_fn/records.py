@@ -129,6 +129,10 @@ class RoundReport:
     skipped: tuple[int, ...] = ()
 
 
+# Devices are immutable: one default shared by every task (a factory ran once per client).
+_CPU = torch.device("cpu")
+
+
 @attrs.frozen(eq=False)
 class ClientTask:
     """One client's work in one round: who, when, its key, and what only it receives.
@@ -152,7 +156,7 @@ class ClientTask:
     key: Key
     message: Params = attrs.field(factory=dict[str, torch.Tensor])
     state: Params = attrs.field(factory=dict[str, torch.Tensor])
-    device: torch.device = attrs.field(factory=lambda: torch.device("cpu"))
+    device: torch.device = attrs.field(default=_CPU)
 
 
 @attrs.frozen(eq=False)

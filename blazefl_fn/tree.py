@@ -8,7 +8,7 @@ require the same names; results keep the name order of the first argument.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
 import torch
@@ -20,6 +20,7 @@ __all__ = [
     "TreeSpec",
     "add",
     "add_weighted",
+    "all_finite",
     "clone",
     "digest",
     "flatten",
@@ -141,13 +142,40 @@ def weighted_sum(trees: Sequence[Params], weights: Sequence[float]) -> dict[str,
     Results are float64; `weighted_mean` casts back to the input dtypes.
     """
     checked = _check_weights(trees, weights)
-    out: dict[str, torch.Tensor] = {}
-    for name in trees[0]:
-        acc = torch.zeros(trees[0][name].shape, dtype=torch.float64, device=trees[0][name].device)
+    first = trees[0]
+    out = {
+        name: torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        for name, t in first.items()
+    }
+    if _foreach_exact(trees, first):
+        # Two calls per tree instead of two per entry (20 000 for 1000 clients of 10 entries):
+        # on the CPU a foreach op is the same per-tensor kernel run from C++, so the bits are
+        # those of the loop below. Scratch holds each tree's entries converted to float64.
+        accs = list(out.values())
+        scratch = [torch.empty_like(acc) for acc in accs]
+        for tree, w in zip(trees, checked, strict=True):
+            entries = [tree[name].detach() for name in out]
+            torch._foreach_copy_(scratch, entries)  # pyright: ignore[reportPrivateImportUsage, reportPrivateUsage]
+            torch._foreach_add_(accs, scratch, alpha=w)  # pyright: ignore[reportPrivateImportUsage, reportPrivateUsage]
+        return out
+    for name, acc in out.items():
         for tree, w in zip(trees, checked, strict=True):
             acc.add_(tree[name].detach().to(torch.float64), alpha=w)
-        out[name] = acc
     return out
+
+
+def _foreach_exact(trees: Sequence[Params], first: Params) -> bool:
+    """Whether foreach ops over ``trees`` are the per-tensor kernels of the plain loop: real
+    (not complex) entries on the CPU (a device's fused foreach kernels may round differently),
+    each of its shape in ``first`` (the loop would broadcast or fail on its own terms)."""
+    if not all(t.device.type == "cpu" and not t.is_complex() for t in first.values()):
+        return False
+    shapes = [t.shape for t in first.values()]
+    return all(
+        t.device.type == "cpu" and t.shape == shape
+        for tree in trees
+        for t, shape in zip(tree.values(), shapes, strict=True)
+    ) and all(list(tree) == list(first) for tree in trees)
 
 
 def weighted_mean(trees: Sequence[Params], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -304,6 +332,32 @@ def nonfinite(params: Params) -> list[str]:
         for name, t in params.items()
         if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
     )
+
+
+def all_finite(trees: Iterable[Params]) -> bool:
+    """Whether no floating-point (or complex) entry of any of ``trees`` holds a NaN or an infinity.
+
+    `nonfinite` for many trees at once, answered in one pass: a fused norm per device and
+    dtype (a NaN or an infinity makes its tensor's norm non-finite), then, only if some norm is
+    not finite (which finite values can also cause, by overflow), the exact check.
+
+    Examples:
+        >>> import torch
+        >>> all_finite([{"w": torch.ones(2)}, {"w": torch.tensor([1.0, float("inf")])}])
+        False
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tree in trees:
+        for t in tree.values():
+            if t.is_floating_point() or t.is_complex():
+                groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    for tensors in groups.values():
+        # One kernel over every tensor: per tensor, isfinite().all() cost ~25 us, which for the
+        # uplinks of 1000 small clients was a quarter of a second of the round.
+        norms = torch._foreach_norm(tensors, 2)  # pyright: ignore[reportPrivateImportUsage, reportPrivateUsage]
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
+            return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return True
 
 
 def nbytes(params: Params) -> int:

@@ -156,6 +156,17 @@ def test_floor_ideal_and_ratios() -> None:
     assert "yes (3 runs)" in fn_threads
 
 
+def test_overhead_per_client_is_the_loop_over_the_floor_per_worker() -> None:
+    rows = _fabricated()
+    fn_w0 = next(r for r in rows if r.workload.name == "W0" and r.label == "blazefl_fn:threads")
+    # (4.1 s - 4.0 s) x P 2 / (clients x rounds) in microseconds
+    expected = 0.1 * 2 / (W0.clients * W0.rounds) * 1e6
+    assert report.overhead_us(fn_w0, 4.0) == pytest.approx(expected)
+    assert report.overhead_us(fn_w0, None) is None
+    line = next(x for x in report.table_lines(rows) if "blazefl_fn:threads" in x and "| W0 |" in x)
+    assert f"| {expected:+.0f} |" in line
+
+
 def test_comparison_uses_blazefl_fns_fastest_mode() -> None:
     lines = report.comparison_lines(_fabricated())
     flower = next(line for line in lines if "| W1 |" in line and "flower:ray" in line)
@@ -171,6 +182,8 @@ def test_targets_are_computed_from_the_rows() -> None:
     assert verdicts["W1 >= 1.7x faster than Flower (round loop)"] is True  # 2.0x
     assert verdicts["W1 >= 3.0x faster than Flower (whole command)"] is True  # 4.0x
     assert verdicts["W0 >= 5x faster than Flower (round loop)"] is True  # 7.3x
+    assert verdicts["W0 blazefl_fn threads within 1.05x of the bare floor"] is True  # 1.025
+    assert verdicts["W0 blazefl_fn processes within 1.15x of the bare floor"] is None  # not run
     assert any("**no**" in line for line in report.target_lines(_fabricated()))
 
 

@@ -199,6 +199,9 @@ def _row_json(row: report.Row, rows: Sequence[report.Row]) -> dict[str, object]:
         "whole": row.whole,
         "floor": report.floor_seconds(rows, row.workload.name, row.parallelism),
         "ideal": report.ideal_seconds(rows, row.workload, row.parallelism),
+        "overhead_us_per_client": report.overhead_us(
+            row, report.floor_seconds(rows, row.workload.name, row.parallelism)
+        ),
         "client_seconds": row.client_seconds,
         "stable": row.stable,
         "digests": list(row.digests),

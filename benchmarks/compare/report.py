@@ -7,7 +7,9 @@ Definitions (per workload and parallelism P):
 - ideal: one client's update time (median, measured by the bare loop, preferably sequential)
   x clients x rounds / P;
 - "blazefl_fn vs peer": the peer's median time divided by blazefl_fn's fastest mode at the
-  same P, for the round loop and for the whole command.
+  same P, for the round loop and for the whole command;
+- overhead per client: ``(loop - floor) * P / (clients * rounds)``, what one client costs a
+  worker beyond the floor's cost of it (microseconds; negative when faster than the floor).
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from dataclasses import dataclass
 from .execute import Run
 from .spec import Workload
 
-__all__ = ["Row", "Target", "comparison_lines", "ideal_seconds", "make_row", "table_lines"]
+__all__ = [
+    "Row",
+    "Target",
+    "comparison_lines",
+    "ideal_seconds",
+    "make_row",
+    "overhead_us",
+    "table_lines",
+]
 
 
 @dataclass(frozen=True)
@@ -113,18 +123,31 @@ def _ratio(value: float, reference: float | None) -> str:
     return f"{value / reference:.2f}x" if reference else "-"
 
 
+def overhead_us(row: Row, floor: float | None) -> float | None:
+    """What one client costs a worker beyond the floor, in microseconds (None: no floor)."""
+    if floor is None:
+        return None
+    clients = row.workload.clients * row.workload.rounds
+    return (row.loop - floor) * row.parallelism / clients * 1e6
+
+
+def _overhead(row: Row, floor: float | None) -> str:
+    value = overhead_us(row, floor)
+    return "-" if value is None else f"{value:+.0f}"
+
+
 def table_lines(rows: Sequence[Row]) -> list[str]:
     """The main markdown table: one line per case."""
     lines = [
         "| workload | P | framework:mode | start-up s | round loop s | whole s | loop / floor "
-        "| loop / ideal | bitwise stable | final digest |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "| overhead µs/client | loop / ideal | bitwise stable | final digest |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         if not row.ok:
             lines.append(
                 f"| {row.workload.name} | {row.parallelism} | {row.label} | failed: "
-                f"{'; '.join(row.errors)} | | | | | | |"
+                f"{'; '.join(row.errors)} | | | | | | | |"
             )
             continue
         floor = floor_seconds(rows, row.workload.name, row.parallelism)
@@ -138,7 +161,8 @@ def table_lines(rows: Sequence[Row]) -> list[str]:
         lines.append(
             f"| {row.workload.name} | {row.parallelism} | {row.label} | {row.startup:.2f} "
             f"| {row.loop:.2f} | {row.whole:.2f} | {_ratio(row.loop, floor)} "
-            f"| {_ratio(row.loop, ideal)} | {stable} | {row.digests[0][:12]} |"
+            f"| {_overhead(row, floor)} | {_ratio(row.loop, ideal)} | {stable} "
+            f"| {row.digests[0][:12]} |"
         )
     return lines
 
@@ -164,6 +188,10 @@ def comparison_lines(rows: Sequence[Row]) -> list[str]:
             f"| {row.whole / whole.whole:.2f}x |"
         )
     return lines
+
+
+# Many small clients: blazefl_fn's loop over the bare floor, per executor.
+W0_GOALS = {"threads": 1.05, "processes": 1.15, "ray": 1.30}
 
 
 @dataclass(frozen=True)
@@ -210,6 +238,22 @@ def targets(rows: Sequence[Row], parallelism: int = 2) -> list[Target]:
                 f"{getattr(flower, key):.2f} s / {getattr(mine, key):.2f} s "
                 f"({mine.mode}) = {speedup:.2f}x",
                 speedup >= goal,
+            )
+        )
+    floor0 = floor_seconds(rows, "W0", parallelism)
+    for mode, goal in W0_GOALS.items():
+        row = by.get(("W0", parallelism, f"blazefl_fn:{mode}"))
+        text = f"W0 blazefl_fn {mode} within {goal:.2f}x of the bare floor"
+        if row is None or floor0 is None:
+            out.append(Target(text, "-", None))
+            continue
+        ratio = row.loop / floor0
+        per_client = overhead_us(row, floor0)
+        out.append(
+            Target(
+                text,
+                f"{row.loop:.2f} s / {floor0:.2f} s = {ratio:.3f} ({per_client:+.0f} µs/client)",
+                ratio <= goal,
             )
         )
     flower0 = by.get(("W0", parallelism, "flower:ray"))

@@ -69,7 +69,7 @@ def distill(
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
     generator = key.torch_generator()
-    loss_sum: torch.Tensor | None = None
+    loss_sum: torch.Tensor | float | None = None
     seen = 0
     with keyed_rng(key.fold_in("dropout")):
         for _ in range(config.epochs):

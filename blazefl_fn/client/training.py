@@ -20,8 +20,16 @@ from .._validators import finite_number, int_at_least
 from ..data.datasets import ClientData
 from ..data.transforms import Transform
 from ..keys import Key
-from ..tree import Params, from_module
-from ._module_copy import accumulate, load_params, mean_loss, sgd_step
+from ..tree import Params
+from ._module_copy import (
+    accumulate,
+    load_params,
+    mean_loss,
+    sgd_step,
+    state_of,
+    train_mode,
+    trainable,
+)
 from .optim import GradientTransform, LossTerm, StepInput
 from .stochastic import keyed_rng
 
@@ -184,8 +192,8 @@ def train(
     if optimizer_state is not None and training.optimizer is None:
         raise ValueError("optimizer_state was given but training has no optimizer")
     module = load_params(template, params)
-    module.train()
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    train_mode(module)
+    named = trainable(module)
     generator = key.torch_generator()
     augment = key.fold_in("augment").torch_generator() if training.augment else None
     staged = training.optimizer is not None or bool(training.loss_terms)
@@ -201,7 +209,7 @@ def train(
             if optimizer_state is not None
             else training.optimizer.init(anchor)
         )
-    loss_sum: torch.Tensor | None = None
+    loss_sum: torch.Tensor | float | None = None
     seen = steps = 0
     with keyed_rng(key.fold_in("dropout")):
         for _ in range(training.epochs):
@@ -229,7 +237,7 @@ def train(
                 seen += int(y.shape[0])
                 steps += 1
     result = LocalResult(examples=len(data), steps=steps, loss=mean_loss(loss_sum, seen))
-    return Trained(params=from_module(module), result=result, optimizer_state=state)
+    return Trained(params=state_of(module), result=result, optimizer_state=state)
 
 
 def _staged_step(

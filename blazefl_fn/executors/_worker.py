@@ -8,13 +8,16 @@ Messages from the parent (tuples, first item the kind):
 - ``("bind_job", key, downlink_without_params, spec, slot_bytes)`` — this map runs
   `ClientJob`s whose downlink parameters lie in the broadcast buffer with layout ``spec``;
 - ``("bind_fn", fn)`` — this map runs an arbitrary picklable ``fn``;
-- ``("task", index, task, layout)`` where ``layout`` is None, or ``(offset, message_spec,
-  state_spec)`` when the task's message and state lie in the input buffer from ``offset``;
+- ``("task", index, task, layout, slot)`` where ``layout`` is None, or ``(offset,
+  message_spec, state_spec)`` when the task's message and state lie in the input buffer from
+  ``offset``, and ``slot`` is the result slot to write the uplink into;
+- ``("tasks", [(kind, index, task, layout, slot), ...])`` — several tasks, answered by one
+  ``("replies", [reply, ...])`` in the same order;
 - ``("stop",)``.
 
 Replies: ``("ready", pid)`` once at start; ``("ok", index, result,
 specs)`` where ``specs`` is ``(params_spec, state_spec)`` when the uplink's parameters and
-stored state were written into slot ``index`` instead of being pickled, else None; and
+stored state were written into the task's slot instead of being pickled, else None; and
 ``("err", index, client_id, round, pickled_cause, summary, traceback_text)``.
 """
 
@@ -26,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import attrs
@@ -107,23 +111,51 @@ def _serve(conn: Connection, placement: Placement) -> None:
         elif kind == "bind_fn":
             fn, slot_bytes = message[1], 0
         elif kind == "task":
-            _, index, task, layout = message
             assert fn is not None
-            if layout is not None:
-                task = _with_inputs(task, buffers["inputs"], layout)
-            try:
-                result = fn(task)
-            except Exception as exc:
-                conn.send(error_reply(index, exc))
-                continue
-            reply = _ok_reply(index, result, buffers.get("slots"), slot_bytes)
-            try:
-                # Pickled whole before anything is written, so a failure sends nothing.
-                conn.send(reply)
-            except (BrokenPipeError, ConnectionResetError):
-                raise
-            except Exception as exc:
-                conn.send(error_reply(index, _unsendable(task, exc)))
+            _reply(conn, [_run_task(fn, message, buffers, slot_bytes)], batched=False)
+        elif kind == "tasks":
+            assert fn is not None
+            _reply(conn, [_run_task(fn, m, buffers, slot_bytes) for m in message[1]], batched=True)
+
+
+def _run_task(
+    fn: Callable[[Any], Any],
+    message: tuple[Any, ...],
+    buffers: dict[str, torch.Tensor],
+    slot_bytes: int,
+) -> tuple[tuple[Any, ...], object]:
+    """Run one ``("task", ...)`` message: its reply, and its task (to name it in errors)."""
+    _, index, task, layout, slot = message
+    if layout is not None:
+        task = _with_inputs(task, buffers["inputs"], layout)
+    try:
+        result = fn(task)
+    except Exception as exc:
+        return error_reply(index, exc), task
+    return _ok_reply(index, result, buffers.get("slots"), slot * slot_bytes, slot_bytes), task
+
+
+def _reply(
+    conn: Connection, replies: list[tuple[tuple[Any, ...], object]], *, batched: bool
+) -> None:
+    """Send ``replies`` (one message); a result that cannot be pickled becomes its error."""
+    sent = [reply for reply, _ in replies]
+    try:
+        # Pickled whole before anything is written, so a failure sends nothing.
+        conn.send(("replies", sent) if batched else sent[0])
+        return
+    except (BrokenPipeError, ConnectionResetError):
+        raise
+    except Exception:
+        pass
+    checked: list[tuple[Any, ...]] = []
+    for reply, task in replies:
+        try:
+            ForkingPickler.dumps(reply)
+            checked.append(reply)
+        except Exception as exc:
+            checked.append(error_reply(reply[1], _unsendable(task, exc)))
+    conn.send(("replies", checked) if batched else checked[0])
 
 
 def _unsendable(task: object, exc: Exception) -> Exception:
@@ -153,12 +185,11 @@ def _with_inputs(
 
 
 def _ok_reply(
-    index: int, result: object, slots: torch.Tensor | None, slot_bytes: int
+    index: int, result: object, slots: torch.Tensor | None, start: int, slot_bytes: int
 ) -> tuple[Any, ...]:
     if isinstance(result, Uplink) and slots is not None and slot_bytes > 0:
         params_spec, state_spec = tree_spec(result.params), tree_spec(result.state)
         if params_spec.nbytes + state_spec.nbytes <= slot_bytes:
-            start = index * slot_bytes
             middle = start + params_spec.nbytes
             flatten(result.params, out=slots[start:middle])
             flatten(result.state, out=slots[middle : middle + state_spec.nbytes])
