@@ -166,7 +166,10 @@ def test_cli_sigkill_takes_the_local_ray_instance_with_it() -> None:
     run = _cli("--rounds", "100000")
     assert run.stdout is not None
     first = run.stdout.readline()  # the first round's line: Ray and its actors are up
-    assert first.startswith("round"), first + (run.stderr.read() if run.stderr else "")
+    if not first.startswith("round"):
+        run.kill()
+        out, err = run.communicate(timeout=60)
+        raise AssertionError(f"exit {run.returncode}: {first + out!r} {err!r}")
     run.kill()
     run.communicate(timeout=60)
     left = wait_until_gone(strays(before), seconds=15)
@@ -179,7 +182,12 @@ def test_cli_sigterm_stops_like_ctrl_c_and_leaves_no_ray_process() -> None:
     before = ray_pids()
     run = _cli("--rounds", "100000")
     assert run.stdout is not None
-    assert run.stdout.readline().startswith("round")
+    first = run.stdout.readline()  # the first round's line: Ray and its actors are up
+    if not first.startswith("round"):
+        # A run that ended early: say why, and leave no process or pipe for the next test.
+        run.kill()
+        out, err = run.communicate(timeout=60)
+        raise AssertionError(f"exit {run.returncode}: {first + out!r} {err!r}")
     run.send_signal(signal.SIGTERM)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 143, err
