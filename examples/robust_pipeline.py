@@ -24,7 +24,7 @@ from blazefl_fn.algorithms import Aggregate, TrainUpdate, compose
 from blazefl_fn.data import ClientData, synthetic
 from blazefl_fn.models import logistic_regression
 from blazefl_fn.server import aggregators
-from blazefl_fn.server import optim as server_transforms
+from blazefl_fn.server import optim as server_optim
 
 
 @attrs.frozen
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "median": Aggregate(aggregator=aggregators.median),
         "clip+trimmed+momentum": Aggregate(
             aggregator=aggregators.trimmed_mean(0.35),
-            server=server_transforms.momentum(lr=1.0, beta=0.5),
+            server=server_optim.momentum(lr=1.0, beta=0.5),
             clip_norm=1.0,
         ),
     }

@@ -20,7 +20,7 @@ import torch
 
 import blazefl_fn as fl
 from blazefl_fn import tree
-from blazefl_fn.client import optim as client_stages
+from blazefl_fn.client import optim as client_optim
 from blazefl_fn.data import synthetic
 from blazefl_fn.models import logistic_regression
 from blazefl_fn.server import client_state
@@ -112,7 +112,7 @@ def my_scaffold(
     model_fn: fl.ModelFactory, num_clients: int, per_round: int, local: fl.LocalTraining
 ) -> fl.Algorithm[fl.ClientData, Variates]:
     # Local steps go along g + c - c_i: one stage in front of plain SGD.
-    correction = client_stages.add_trees(plus=("c",), minus=("c_i",))
+    correction = client_optim.add_trees(plus=("c",), minus=("c_i",))
     return fl.Algorithm(
         name="my-scaffold",
         init=Init(model_fn, num_clients),

@@ -94,7 +94,7 @@ class TrainUpdate:
         return [_uplink(task, d, t) for task, d, t in zip(tasks, data, trained, strict=True)]
 
     def client_bytes(self, downlink: Downlink, data: ClientData) -> int:
-        """About how many bytes one client adds to a chunk (`local_chunk.client_bytes`)."""
+        """About how many bytes one client adds to a chunk (`client_bytes` of `client.chunk`)."""
         return client_bytes(self.template, downlink.params, data, self.training)
 
 

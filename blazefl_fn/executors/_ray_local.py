@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 from .._files import started
 
@@ -68,9 +69,11 @@ def signals_kept() -> Generator[None]:
                 signal.signal(s, handler)
 
 
-def ray_processes(package: str) -> list[tuple[int, int]]:
+def ray_processes(package: str, session: str | None = None) -> list[tuple[int, int]]:
     """The Ray processes below this one, ``(pid, start)`` each: those running Ray's own files
-    (under ``package``, Ray's directory) or named ``ray::...`` (its workers and agents)."""
+    (under ``package``, Ray's directory) or named ``ray::...`` (its workers and agents), and
+    any process whose command line names ``session``, the instance's session directory
+    (a GCS server that has already left this process's tree is still this instance's)."""
     children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc") if os.path.isdir("/proc") else ():
         if entry.name.isdigit():
@@ -80,7 +83,7 @@ def ray_processes(package: str) -> list[tuple[int, int]]:
                 continue
             children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
     marker = os.path.join(package, "").encode()
-    found: list[tuple[int, int]] = []
+    found: dict[int, int] = {}
     todo = [os.getpid()]
     while todo:
         for pid in children.get(todo.pop(), []):
@@ -91,8 +94,22 @@ def ray_processes(package: str) -> list[tuple[int, int]]:
                 continue
             start = started(pid)
             if (command.startswith(b"ray::") or marker in command) and start is not None:
-                found.append((pid, start))
-    return found
+                found[pid] = start
+    if session:
+        # A directory name of its own: /tmp/ray/session_<date>_<pid>, then a separator.
+        named = [os.path.join(session, "").encode(), session.encode() + b"\0"]
+        for pids in children.values():
+            for pid in pids:
+                if pid in found or pid == os.getpid():
+                    continue
+                try:
+                    command = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                start = started(pid)
+                if start is not None and any(n in command for n in named):
+                    found[pid] = start
+    return sorted(found.items())
 
 
 def reap(processes: list[tuple[int, int]], grace: float = 2.0) -> None:
@@ -109,11 +126,22 @@ def reap(processes: list[tuple[int, int]], grace: float = 2.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def watch_local_instance(package: str) -> subprocess.Popen[bytes] | None:
+def session_dir(ray: Any) -> str | None:
+    """The session directory of the Ray instance this driver started (None if Ray does not
+    say: a private attribute, read defensively)."""
+    with contextlib.suppress(Exception):
+        path = ray._private.worker._global_node.get_session_dir_path()
+        return str(path) if path else None
+    return None
+
+
+def watch_local_instance(
+    package: str, session: str | None = None
+) -> subprocess.Popen[bytes] | None:
     """Start `_ray_watch` over the local Ray instance's processes (None where there is no
     ``/proc`` to find them)."""
     me = started(os.getpid())
-    processes = ray_processes(package)
+    processes = ray_processes(package, session)
     if me is None or not processes:
         return None
     script = os.path.join(os.path.dirname(__file__), "_ray_watch.py")

@@ -38,7 +38,15 @@ from ..errors import WorkerError
 from ..records import ClientTask
 from ._errors import error_reply, rebuild_error
 from ._placement import Placement, TaskQueues, placed
-from ._ray_local import probe, ray_processes, reap, signals_kept, stop_watch, watch_local_instance
+from ._ray_local import (
+    probe,
+    ray_processes,
+    reap,
+    session_dir,
+    signals_kept,
+    stop_watch,
+    watch_local_instance,
+)
 from .base import ClosingContext
 from .devices import cuda_determinism
 from .jobs import ClientContext, ClientJob
@@ -196,6 +204,7 @@ class Ray(ClosingContext):
         self._closed = False
         # Stops the watcher of a local instance this executor started (`_ray_watch`).
         self._stop_watch: Callable[[], object] | None = None
+        self._session: str | None = None
         self._actors: list[Any] = []
         self._contexts: dict[tuple[int, int, bool, bool], tuple[int, ClientContext[Any]]] = {}
         # How many times a client context was sent to the actors (once per context).
@@ -314,7 +323,8 @@ class Ray(ClosingContext):
         self._started = True
         if address is None:
             # At once, not after the actors: a driver killed while they start is covered too.
-            watch = watch_local_instance(os.path.dirname(ray.__file__))
+            self._session = session_dir(ray)
+            watch = watch_local_instance(os.path.dirname(ray.__file__), self._session)
             if watch is not None:
                 self._stop_watch = weakref.finalize(self, stop_watch, watch)
 
@@ -342,7 +352,8 @@ class Ray(ClosingContext):
         if self._started and ray.is_initialized():
             # Every process of an instance this executor started, taken while its tree is
             # whole: Ray's shutdown leaves the raylet's agents to notice on their own.
-            mine = ray_processes(os.path.dirname(ray.__file__)) if self._stop_watch else []
+            package = os.path.dirname(ray.__file__)
+            mine = ray_processes(package, self._session) if self._stop_watch else []
             ray.shutdown()
             reap(mine)
         if self._stop_watch is not None:
