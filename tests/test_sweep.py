@@ -224,6 +224,15 @@ def test_sweep_flags_need_a_file_and_out_or_summarize(
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("jobs", ["0", "two", "-1", "5000"])
+def test_a_bad_jobs_value_is_one_line(jobs: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "e.toml", "--out", "o", "--jobs", jobs]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "--jobs" in err
+    assert "Traceback" not in err
+
+
 # --- statistics -------------------------------------------------------------------------------
 
 

@@ -404,6 +404,8 @@ class _ChunkOptimizer:
         self._optimizer = optimizer
         self._anchor = anchor
         self._looped = False
+        # Made once per chunk: the step index goes in unbatched.
+        self._mapped = vmap(self._one, in_dims=(0, 0, 0, None), randomness="error")
 
     def init(self, count: int) -> dict[str, torch.Tensor]:
         # Every client starts from the same anchor, so from the same state.
@@ -416,12 +418,8 @@ class _ChunkOptimizer:
 
     def update(self, grads: Params, state: Params, current: Params, step: int) -> tuple[Tree, Tree]:
         if not self._looped:
-
-            def one(g: Params, s: Params, p: Params) -> tuple[Tree, Tree]:
-                return self._one(g, s, p, step)
-
             try:
-                return vmap(one, randomness="error")(dict(grads), dict(state), dict(current))
+                return self._mapped(dict(grads), dict(state), dict(current), step)
             except RuntimeError:
                 self._looped = True
         count = next(iter(grads.values())).shape[0]

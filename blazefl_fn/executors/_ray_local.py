@@ -83,33 +83,25 @@ def ray_processes(package: str, session: str | None = None) -> list[tuple[int, i
                 continue
             children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry.name))
     marker = os.path.join(package, "").encode()
-    found: dict[int, int] = {}
+    # A directory name of its own: /tmp/ray/session_<date>_<pid>, then a separator.
+    named = [os.path.join(session, "").encode(), session.encode() + b"\0"] if session else []
+    below: set[int] = set()
     todo = [os.getpid()]
     while todo:
         for pid in children.get(todo.pop(), []):
             todo.append(pid)
-            try:
-                command = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            start = started(pid)
-            if (command.startswith(b"ray::") or marker in command) and start is not None:
-                found[pid] = start
-    if session:
-        # A directory name of its own: /tmp/ray/session_<date>_<pid>, then a separator.
-        named = [os.path.join(session, "").encode(), session.encode() + b"\0"]
-        for pids in children.values():
-            for pid in pids:
-                if pid in found or pid == os.getpid():
-                    continue
-                try:
-                    command = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                start = started(pid)
-                if start is not None and any(n in command for n in named):
-                    found[pid] = start
-    return sorted(found.items())
+            below.add(pid)
+    found: list[tuple[int, int]] = []
+    for pid in sorted(below | ({p for ps in children.values() for p in ps} if named else set())):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ours = pid in below and (command.startswith(b"ray::") or marker in command)
+        start = started(pid)
+        if start is not None and pid != os.getpid() and (ours or any(n in command for n in named)):
+            found.append((pid, start))
+    return found
 
 
 def reap(processes: list[tuple[int, int]], grace: float = 2.0) -> None:
