@@ -339,6 +339,41 @@ def test_a_sweep_is_its_runs_and_its_summary_is_its_logs(
 
 
 @pytest.mark.slow
+def test_values_added_to_an_axis_extend_the_sweep_in_its_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp, out = tmp_path / "exp.toml", tmp_path / "out"
+    exp.write_text(BASE + "[sweep]\nseed = [0]\n")
+    assert main(["sweep", str(exp), "--out", str(out)]) == 0
+    first = {d.name: (d / "result.json").read_bytes() for d in out.iterdir() if d.is_dir()}
+    capsys.readouterr()
+    # One more seed: the finished cell is kept as it is, the new one runs.
+    exp.write_text(BASE + "[sweep]\nseed = [0, 1]\n")
+    assert main(["sweep", str(exp), "--out", str(out)]) == 0
+    assert "2 cells, 1 finished already" in capsys.readouterr().out
+    for name, result in first.items():
+        assert (out / name / "result.json").read_bytes() == result
+    assert [row["seeds"] for row in _summary(out)] == ["0 1"]
+    stored = json.loads((out / "sweep.json").read_text())["cells"]
+    assert len(stored) == 2 and set(first) < set(stored)
+    # A file that no longer names a stored cell is refused, and the record is left as it was.
+    exp.write_text(BASE + "[sweep]\nseed = [1, 2]\n")
+    assert main(["sweep", str(exp), "--out", str(out)]) == 2
+    refused = capsys.readouterr().err
+    assert refused.count("\n") == 1
+    assert "holds a sweep with other settings (seed 0/1 -> 1/2)" in refused
+    assert json.loads((out / "sweep.json").read_text())["cells"] == stored
+    # Fewer rounds than finished cells ran cannot be reached from their checkpoints.
+    exp.write_text(BASE.replace("rounds = 3", "rounds = 2") + "[sweep]\nseed = [0, 1]\n")
+    assert main(["sweep", str(exp), "--out", str(out)]) == 2
+    refused = capsys.readouterr().err
+    assert refused.count("\n") == 1
+    assert "already ran 3 rounds, more than rounds=2; rounds may only be raised" in refused
+    for name, result in first.items():
+        assert (out / name / "result.json").read_bytes() == result
+
+
+@pytest.mark.slow
 def test_a_failed_cell_does_not_stop_the_others(tmp_path: Path) -> None:
     exp = tmp_path / "exp.toml"
     # lr 3000 makes the MLP's training diverge in round 1 (tests/test_cli_errors.py).

@@ -108,7 +108,8 @@ def plan(path: str) -> tuple[list[Cell], list[str]]:
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """The fixed settings that differ between two sweeps' cells, e.g. ``lr 0.01 -> 0.1``."""
+    """The fixed settings that differ between two sweeps' cells, e.g. ``lr 0.01 -> 0.1``
+    (empty when both hold the same values, spread over other cells)."""
 
     def values(cells_: dict[str, Any]) -> dict[str, list[str]]:
         found: dict[str, set[str]] = {}
@@ -123,7 +124,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
         for k in sorted(set(before) | set(after))
         if before.get(k) != after.get(k)
     ]
-    return ", ".join(changed) or "its cells differ"
+    return ", ".join(changed)
 
 
 def _claim(out: Path, planned: Sequence[Cell], axes: Sequence[str]) -> None:
@@ -135,18 +136,26 @@ def _claim(out: Path, planned: Sequence[Cell], axes: Sequence[str]) -> None:
             stored = json.loads(manifest.read_text(encoding="utf-8"))["cells"]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{manifest}: not a sweep record ({exc})") from None
-        if stored != cells_:
-            raise UsageError(
-                f"{out} holds a sweep with other settings ({_differences(stored, cells_)}); "
-                "only resumable settings (rounds, executor, workers, ...) may change: choose "
-                "another --out"
+        if stored == cells_:
+            return
+        # Names are hashes of the settings: a file that still names every stored cell (more
+        # seeds, another value on an axis) extends the sweep without touching a finished cell.
+        dropped = [name for name in stored if cells_.get(name) != stored[name]]
+        if dropped:
+            differences = (
+                _differences(stored, cells_) or f"{len(dropped)} of its cells are not in this file"
             )
-        return
-    ours = lock_path(manifest.resolve()).name  # taken just before, by this sweep
-    if any(p.name != ours for p in out.iterdir()):
-        raise UsageError(
-            f"{out} is not empty and holds no sweep ({MANIFEST}); choose another --out"
-        )
+            raise UsageError(
+                f"{out} holds a sweep with other settings ({differences}); only resumable "
+                "settings (rounds, executor, workers, ...) may change, and values may be added "
+                "to an axis: choose another --out"
+            )
+    else:
+        ours = lock_path(manifest.resolve()).name  # taken just before, by this sweep
+        if any(p.name != ours for p in out.iterdir()):
+            raise UsageError(
+                f"{out} is not empty and holds no sweep ({MANIFEST}); choose another --out"
+            )
     with replaced_atomically(manifest, "sweep record") as tmp:
         record = {"format": _FORMAT, "axes": list(axes), "cells": cells_}
         tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -185,6 +194,28 @@ def _finished(cell: Cell, directory: Path) -> bool:
     return {k: v for k, v in ran.items() if k not in _EXECUTION_ONLY} == {
         k: v for k, v in now.items() if k not in _EXECUTION_ONLY
     }
+
+
+def _rounds_run(directory: Path) -> int:
+    """The rounds a cell's last finished run completed (0 without a result)."""
+    try:
+        result = json.loads((directory / RESULT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    rounds = cast(dict[str, Any], result).get("rounds") if isinstance(result, dict) else None
+    return rounds if isinstance(rounds, int) else 0
+
+
+def _check_rounds(planned: Sequence[Cell], out: Path) -> None:
+    """Refuse, before any cell starts, a ``rounds`` below what a finished cell already ran: its
+    checkpoint cannot go back."""
+    for cell in planned:
+        ran = _rounds_run(out / cell.name)
+        if ran > cell.config.rounds:
+            raise UsageError(
+                f"{out}: cell {cell.label} ({cell.name}) already ran {ran} rounds, more than "
+                f"rounds={cell.config.rounds}; rounds may only be raised: choose another --out"
+            )
 
 
 def _death_signal() -> Callable[[], None] | None:
@@ -406,6 +437,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = sys.stdout
     with holding(out / MANIFEST, f"sweep {out}"):
+        _check_rounds(planned, out)
         _claim(out, planned, axes)
         todo = [c for c in planned if not _finished(c, out / c.name)]
         done = len(planned) - len(todo)
