@@ -67,6 +67,7 @@ from .executors.base import Executor as Executor
 from .executors.jobs import VectorizedUpdate as VectorizedUpdate
 from .executors.processes import Processes as Processes
 from .executors.ray_pool import Ray as Ray
+from .executors.ray_pool import join_ray_cluster as join_ray_cluster
 from .executors.sequential import Sequential as Sequential
 from .executors.threads import Threads as Threads
 from .executors.vectorized import Vectorized as Vectorized
@@ -193,6 +194,7 @@ __all__ = [
     "fednova",
     "fedprox",
     "fedyogi",
+    "join_ray_cluster",
     "krum_fedavg",
     "load_checkpoint",
     "make_round",

@@ -38,6 +38,18 @@ CPUS = 4
 pytestmark = pytest.mark.xdist_group("ray")
 
 
+def test_the_ray_tests_share_one_worker(request: pytest.FixtureRequest) -> None:
+    """Under ``--dist loadgroup`` (``make test``) a test marked ``xdist_group("ray")`` carries
+    its group in its id: that is how pytest-xdist sends every such test to one worker. Without
+    it two workers start Ray at once, and each counts the other's processes as its own."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not a --dist loadgroup run")
+    assert request.node.nodeid.endswith("@ray"), (
+        f"{request.node.nodeid}: pytest-xdist did not group the Ray tests (pytest "
+        f"{pytest.__version__}; pyproject.toml pins the versions that do)"
+    )
+
+
 @pytest.fixture(scope="module")
 def session(ray_env: None) -> Iterator[None]:
     """One local Ray instance for the module; executors join it and leave it running."""

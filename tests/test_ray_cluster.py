@@ -6,6 +6,7 @@ CPU, so the executor's two actors land on different nodes; it ``ray stop``s ever
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from _ray_helpers import ENV, HEAD_IP, NODE_IP, describe, ray_pids, strays, wait
 
 from benchmarks.gpu_check import tiny_federation
 from blazefl_fn import tree
+from blazefl_fn.cli import main
 from blazefl_fn.errors import WorkerError
 from blazefl_fn.executors import Ray, Sequential
 from blazefl_fn.executors.jobs import ClientContext, ClientJob
@@ -127,6 +129,81 @@ def test_two_nodes_give_the_sequential_bits_and_the_cluster_is_left_running(
     assert got == expected
     assert not ray.is_initialized()  # this process disconnected...
     assert _raylet_of(cluster["node_port"]) > 0  # ...and the cluster runs on
+
+
+# A sweep of two tiny cells (`tests/test_sweep.py`'s job); checkpoints every 5 rounds so that a
+# stopped cell has one to resume from.
+_SWEEP = (
+    "clients = 6\nclients-per-round = 3\nbatch_size = 20\ncheckpoint-every = 5\n"
+    "rounds = {rounds}\n[sweep]\nseed = [0, 1]\n"
+)
+
+
+def _single_run_digests(rounds: int, capsys: pytest.CaptureFixture[str]) -> dict[int, str]:
+    digests: dict[int, str] = {}
+    for seed in (0, 1):
+        flags = ["--clients=6", "--clients-per-round=3", "--batch-size=20", f"--rounds={rounds}"]
+        assert main(["run", *flags, f"--seed={seed}", "--json", "--quiet"]) == 0
+        digests[seed] = json.loads(capsys.readouterr().out)["params_sha256"]
+    return digests
+
+
+def _sweep_digests(out: Path) -> dict[int, str]:
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    return {r["config"]["seed"]: r["params_sha256"] for r in results}
+
+
+def _sweep(exp: Path, out: Path, cluster: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "blazefl_fn", "sweep", str(exp), "--out", str(out),
+         "--ray-address", cluster["address"], "--ray-node-ip", HEAD_IP],
+        cwd=exp.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_a_sweep_runs_its_cells_as_tasks_with_the_bits_of_single_runs(
+    cluster: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp, out = tmp_path / "exp.toml", tmp_path / "out"
+    exp.write_text(_SWEEP.format(rounds=3))
+    before = ray_pids()
+    sweep = _sweep(exp, out, cluster)
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, stderr
+    assert "up to 2 at a time (each up to 1 CPU(s) of the Ray cluster at" in stdout
+    assert stdout.count(" done  seed=") == 2
+    assert _sweep_digests(out) == _single_run_digests(3, capsys)
+    assert (out / "summary.csv").is_file()
+    # The driver left; the cluster runs on, and nothing of the driver's stays behind.
+    assert wait_until_gone(strays(before)) == set()
+    assert _raylet_of(cluster["node_port"]) > 0
+
+
+def test_a_ray_sweep_stopped_by_ctrl_c_resumes_to_the_bits_of_single_runs(
+    cluster: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp, out = tmp_path / "exp.toml", tmp_path / "out"
+    exp.write_text(_SWEEP.format(rounds=400))
+    sweep = _sweep(exp, out, cluster)
+    deadline = time.monotonic() + 120
+    # Both cells are past a checkpoint (round 5) and still running.
+    while len([p for p in out.glob("*/metrics.jsonl") if p.read_text().count("\n") > 6]) < 2:
+        assert sweep.poll() is None, sweep.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    sweep.send_signal(signal.SIGINT)
+    _, stderr = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, stderr
+    assert "stopped cells keep their checkpoints" in stderr
+    # Each cell was stopped as Ctrl-C stops a run: its final checkpoint, its own message.
+    for log in out.glob("*/stderr.log"):
+        assert "interrupted; checkpoint of the last completed round saved" in log.read_text()
+    assert not list(out.glob("*/result.json"))
+    sweep = _sweep(exp, out, cluster)
+    stdout, stderr = sweep.communicate(timeout=300)
+    assert sweep.returncode == 0, stderr
+    assert "2 cells, 0 finished already" in stdout
+    assert _sweep_digests(out) == _single_run_digests(400, capsys)
 
 
 def test_a_node_killed_mid_round_is_a_worker_error_within_10_s(cluster: dict[str, Any]) -> None:

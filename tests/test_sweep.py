@@ -233,6 +233,55 @@ def test_a_bad_jobs_value_is_one_line(jobs: str, capsys: pytest.CaptureFixture[s
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--ray-address", "nope"], "argument --ray-address: ray address must be auto or HOST"),
+        (["--ray-address", "h:0"], "argument --ray-address: ray address must be auto or HOST"),
+        (["--ray-address", "127.0.0.2:6379", "--ray-node-ip", "10.255.0.9"],
+         "argument --ray-node-ip: ray node IP 10.255.0.9 is not an address of this machine"),
+        (["--ray-node-ip", "127.0.0.2"], "--ray-node-ip applies to a Ray sweep"),
+        (["--ray-address", "127.0.0.2:6379", "--oversubscribe"],
+         "--oversubscribe counts this machine's CPUs"),
+    ],
+)  # fmt: skip
+def test_bad_ray_flags_are_one_line(
+    flags: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sweep", "e.toml", "--out", "o", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert words in err
+    assert "Traceback" not in err
+
+
+def test_a_ray_sweep_refuses_cells_of_the_ray_executor_before_joining(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exp = tmp_path / "exp.toml"
+    exp.write_text(BASE + '[sweep]\nexecutor = ["sequential", "ray"]\n')
+    # Nothing answers at this address: the refusal comes before any attempt to join.
+    code = main(["sweep", str(exp), "--out", str(tmp_path / "o"), "--ray-address", "127.0.0.1:1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "cell executor=ray: executor ray inside a Ray sweep" in err
+
+
+def test_a_ray_sweep_with_no_cluster_there_is_one_line_within_seconds(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="needs the ray extra")
+    exp = tmp_path / "exp.toml"
+    exp.write_text(GRID)
+    start = time.monotonic()
+    done = run_cli("sweep", str(exp), "--out", str(tmp_path / "o"), "--ray-address", "127.0.0.1:1")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "blazefl-fn: error: no Ray cluster answers at 127.0.0.1:1 (connection refused); start "
+        "one there (ray start --head) or pass its address"
+    ]
+    assert time.monotonic() - start < 60
+
+
 # --- statistics -------------------------------------------------------------------------------
 
 
@@ -355,7 +404,8 @@ def test_values_added_to_an_axis_extend_the_sweep_in_its_directory(
         assert (out / name / "result.json").read_bytes() == result
     assert [row["seeds"] for row in _summary(out)] == ["0 1"]
     stored = json.loads((out / "sweep.json").read_text())["cells"]
-    assert len(stored) == 2 and set(first) < set(stored)
+    assert len(stored) == 2
+    assert set(first) < set(stored)
     # A file that no longer names a stored cell is refused, and the record is left as it was.
     exp.write_text(BASE + "[sweep]\nseed = [1, 2]\n")
     assert main(["sweep", str(exp), "--out", str(out)]) == 2

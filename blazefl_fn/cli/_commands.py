@@ -361,7 +361,8 @@ def _sweep(args: argparse.Namespace, debug: bool) -> int:
         return sweep_command(args)
     except UsageError as exc:
         return _fail(exc, _USAGE, debug)
-    except (UnreadableExperiment, OSError, ValueError) as exc:
+    except (UnreadableExperiment, OSError, ValueError, ImportError) as exc:
+        # ImportError: --ray-address without the ray extra (ConnectionError is an OSError).
         return _fail(exc, _DATA, debug)
     except Exception as exc:
         return _fail(exc, _RUN, debug, internal=True)

@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 import attrs
 
-from .._validators import documented_range
+from .._validators import check_local_ip, check_ray_address, documented_range
 from ..data.download import check_url
 from ..run.config import ALGORITHMS, DATASETS, DP_MODES, EXECUTORS, MODELS, PARTITIONS, RunConfig
 from ..run.simulate import RESUMABLE_CHANGES
@@ -500,15 +500,30 @@ def add_sweep_command(commands: Any) -> None:
     sweep.add_argument(
         "--jobs",
         type=_jobs,
-        default=1,
+        default=None,
         metavar="N",
-        help="cells run at a time, each in its own process (default 1); fewer start when their "
-        "executors' workers would exceed this machine's CPUs",
+        help="cells run at a time, each in its own process (default 1; with --ray-address "
+        "every cell, as the cluster's CPUs allow); fewer start when their executors' workers "
+        "would exceed this machine's CPUs",
     )
     sweep.add_argument(
         "--oversubscribe",
         action="store_true",
         help="start --jobs cells even when their workers exceed this machine's CPUs",
+    )
+    sweep.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        type=_ray_address,
+        help="run the cells as tasks on the Ray cluster at ADDR (host:port or auto; the 'ray' "
+        "extra), each with the CPUs its executor keeps busy; --out must be on a filesystem "
+        "every node shares",
+    )
+    sweep.add_argument(
+        "--ray-node-ip",
+        metavar="IP",
+        type=_local_ip,
+        help="with --ray-address: this machine's Ray node IP (e.g. a loopback address)",
     )
     sweep.add_argument(
         "--summarize",
@@ -540,6 +555,23 @@ def _mirror_url(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _ray_address(text: str) -> str:
+    """A sweep's ``--ray-address``: ``auto`` or ``[ray://]HOST:PORT``."""
+    try:
+        return check_ray_address("ray address", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _local_ip(text: str) -> str:
+    """A sweep's ``--ray-node-ip``: an IP address of this machine (Ray waits minutes for
+    another)."""
+    try:
+        return check_local_ip("ray node IP", text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_data_command(commands: Any) -> None:

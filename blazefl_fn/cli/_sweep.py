@@ -12,99 +12,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, Protocol, cast
 
 import attrs
 
 from .._files import holding, lock_path, replaced_atomically
 from ..run.checkpoint import checkpoint_file
-from ..run.config import RunConfig
-from ..run.simulate import RESUMABLE_CHANGES, config_dict
-from ._experiment_file import cells, read_experiment, resolve
+from ..run.simulate import config_dict
+from ._cells import STDERR, STDOUT, STOP_GRACE, Cluster, LocalCell, RayCell
 from ._flags import UsageError
 from ._signals import INTERRUPTED, PROG, TERMINATED, Terminated
+from ._sweep_plan import Cell, fixed_settings, plan
 from ._sweep_summary import METRICS, RESULT, write_summary
 
 MANIFEST = "sweep.json"
 _FORMAT = 1
-# How long a stopped cell may take to write its final checkpoint before it is killed.
-_STOP_GRACE = 60.0
-
-
-@attrs.frozen
-class Cell:
-    """One run of a sweep.
-
-    Attributes:
-        name: its directory under ``--out``: a hash of its fixed settings and axis values.
-        label: its axis values as ``name=value`` words.
-        tokens: the ``run`` command line of its settings.
-        config: the settings it resolves to.
-        cpus: CPUs it keeps busy (its executor's local workers times their threads).
-    """
-
-    name: str
-    label: str
-    tokens: tuple[str, ...]
-    config: RunConfig
-    cpus: int
-
-
-def fixed_settings(config: RunConfig) -> dict[str, Any]:
-    """The settings of ``config`` that a resumed run may not change (they fix its bits)."""
-    return {k: v for k, v in config_dict(config).items() if k not in RESUMABLE_CHANGES}
-
-
-def cell_name(config: RunConfig, axes: Sequence[tuple[str, object]]) -> str:
-    """A cell's directory name: 12 hex digits of the SHA-256 of its fixed settings and axis
-    values (an axis over a resumable setting, e.g. ``executor``, still names its own cells)."""
-    text = json.dumps({"fixed": fixed_settings(config), "axes": list(axes)}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _cpus(config: RunConfig) -> int:
-    local = config.executor in ("threads", "processes") or (
-        config.executor == "ray" and config.ray_address is None
-    )
-    return (config.workers if local else 1) * config.threads
-
-
-def plan(path: str) -> tuple[list[Cell], list[str]]:
-    """Every cell of the experiment file ``path``, each checked as ``run`` would check it, and
-    the names of its axes.
-
-    Raises:
-        UnreadableExperiment: the file is missing or not TOML.
-        UsageError: a bad key or value (the message names the cell when an axis value is bad).
-    """
-    experiment = read_experiment(path, sweep=True)
-    if not experiment.axes:
-        raise UsageError(f"{path} has no [sweep] table of axes; run one config with run --config")
-    planned: list[Cell] = []
-    for spec in cells(experiment):
-        label = " ".join(f"{k}={v}" for k, v in spec.axes)
-        try:
-            args, config = resolve(spec.tokens)
-        except (UsageError, ValueError, TypeError) as exc:
-            raise UsageError(f"{path}: cell {label}: {exc}") from None
-        if args.checkpoint_every < 1:
-            raise UsageError(
-                f"{path}: checkpoint-every must be an integer >= 1, got {args.checkpoint_every}"
-            )
-        name = cell_name(config, spec.axes)
-        planned.append(Cell(name, label, spec.tokens, config, _cpus(config)))
-    return planned, [name for name, _ in experiment.axes]
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -218,45 +149,26 @@ def _check_rounds(planned: Sequence[Cell], out: Path) -> None:
             )
 
 
-def _death_signal() -> Callable[[], None] | None:
-    """On Linux, what a cell's process runs before it starts: a sweep killed outright
-    (SIGKILL) then leaves no cell running on its own, and SIGTERM lets the cell write its final
-    checkpoint, as a stopped run does. None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
+class _Launcher(Protocol):
+    """A running cell, wherever it runs (`LocalCell`, `RayCell`)."""
 
-    try:
-        # Looked up here, in the sweep: between fork and exec the child may not import.
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    term = int(signal.SIGTERM)
-
-    def set_death_signal() -> None:  # pragma: no cover - runs in the child
-        prctl(1, term)  # PR_SET_PDEATHSIG
-
-    return set_death_signal
+    def poll(self) -> tuple[int, str] | None: ...
+    def stop(self, signum: int) -> None: ...
+    def wait_stopped(self, deadline: float) -> None: ...
 
 
 @attrs.define
 class _Running:
     cell: Cell
-    process: subprocess.Popen[bytes]
-    stdout: IO[bytes]
-    stderr: IO[bytes]
+    launched: _Launcher
     started: float
 
 
-def _start(cell: Cell, out: Path) -> _Running:
-    directory = out / cell.name
-    directory.mkdir(exist_ok=True)
+def _argv(cell: Cell, directory: Path) -> list[str]:
+    """The cell's ``python`` arguments: its run, writing its files under ``directory``."""
     checkpoint = directory / "checkpoint"
-    # A result of other settings (rounds raised, say) no longer marks the cell finished.
-    (directory / RESULT).unlink(missing_ok=True)
     resume = checkpoint_file(checkpoint).is_file()
-    argv = [
-        sys.executable,
+    return [
         "-m",
         "blazefl_fn",
         "run",
@@ -268,69 +180,60 @@ def _start(cell: Cell, out: Path) -> _Running:
         "--json",
         "--quiet",
     ]
-    stdout = open(directory / ".stdout", "w+b")  # noqa: SIM115  # closed in _collect
-    stderr = open(directory / "stderr.log", "a+b")  # noqa: SIM115  # every attempt's messages
+
+
+def _start(cell: Cell, out: Path, cluster: Cluster | None) -> _Running:
+    directory = out / cell.name
+    directory.mkdir(exist_ok=True)
+    # A result of other settings (rounds raised, say) no longer marks the cell finished.
+    (directory / RESULT).unlink(missing_ok=True)
+    argv = _argv(cell, directory)
+    launched: _Launcher = (
+        LocalCell(argv, directory)
+        if cluster is None
+        else RayCell(cluster, argv, directory, cell.cpus)
+    )
+    return _Running(cell, launched, time.perf_counter())
+
+
+def _last_line(path: Path) -> str:
     try:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=stderr,
-            preexec_fn=_death_signal(),  # the sweep itself starts no threads
-        )
-    except BaseException:
-        stdout.close()
-        stderr.close()
-        raise
-    return _Running(cell, process, stdout, stderr, time.perf_counter())
-
-
-def _last_line(stream: IO[bytes]) -> str:
-    stream.seek(0)
-    lines = [ln.strip() for ln in stream.read().decode(errors="replace").splitlines()]
-    lines = [ln for ln in lines if ln]
+        text = path.read_bytes().decode(errors="replace")
+    except OSError:
+        return "no message"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else "no message"
 
 
-def _collect(running: _Running, out: Path) -> tuple[bool, str]:
-    """Record a cell that exited: its result when it ended well; ``(ok, words for the line)``."""
-    directory = out / running.cell.name
-    status = running.process.returncode
+def _collect(cell: Cell, status: int, why: str, out: Path) -> tuple[bool, str]:
+    """Record a cell that ended: its result when it ended well; ``(ok, words for the line)``."""
+    directory = out / cell.name
+    output = directory / STDOUT
     try:
-        running.stdout.seek(0)
-        text = running.stdout.read().decode(errors="replace")
         if status != 0:
-            return False, f"exit {status}: {_last_line(running.stderr)}"
+            return False, f"exit {status}: {why or _last_line(directory / STDERR)}"
         try:
+            text = output.read_bytes().decode(errors="replace")
             result = json.loads(text)
-        except ValueError:
-            return False, f"its output is not a JSON result: {text[:200]!r}"
+        except (OSError, ValueError):
+            return False, "its output is not a JSON result"
         with replaced_atomically(directory / RESULT, "cell result") as tmp:
             tmp.write_text(json.dumps(result) + "\n", encoding="utf-8")
         accuracy = result.get("accuracy")
         shown = f"{accuracy:.4f}" if isinstance(accuracy, float) else "n/a"
         return True, f"accuracy {shown}  rounds {result.get('rounds')}"
     finally:
-        running.stdout.close()
-        running.stderr.close()
         with contextlib.suppress(OSError):
-            (directory / ".stdout").unlink()
+            output.unlink()
 
 
 def _stop(running: Sequence[_Running], signum: int) -> None:
     """Stop the running cells as Ctrl-C stops a run (final checkpoint), then kill stragglers."""
     for r in running:
-        with contextlib.suppress(OSError):
-            r.process.send_signal(signum)
-    deadline = time.monotonic() + _STOP_GRACE
+        r.launched.stop(signum)
+    deadline = time.monotonic() + STOP_GRACE
     for r in running:
-        try:
-            r.process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            r.process.kill()
-            r.process.wait()
-        r.stdout.close()
-        r.stderr.close()
+        r.launched.wait_stopped(deadline)
 
 
 class _Report:
@@ -369,11 +272,43 @@ class _Report:
             self._bar = None
 
 
+def _join(address: str, node_ip: str | None, planned: Sequence[Cell]) -> Cluster:
+    """Join the cluster at ``address`` for ``planned``'s cells, or refuse cells it cannot run.
+
+    Raises:
+        UsageError: a cell of the Ray executor, or one wider than the cluster's largest node.
+        ImportError, ConnectionError: no Ray, or no cluster answering there.
+    """
+    for cell in planned:
+        if cell.config.executor == "ray":
+            raise UsageError(
+                f"cell {cell.label}: executor ray inside a Ray sweep; each cell already runs "
+                "on a node of the cluster: give it executor sequential, threads or processes"
+            )
+    cluster = Cluster.join(address, node_ip)
+    widest = cluster.widest_node()
+    for cell in planned:
+        if cell.cpus > widest:
+            cluster.leave()
+            raise UsageError(
+                f"cell {cell.label} keeps {cell.cpus} CPUs busy; the largest node of the "
+                f"cluster at {address} has {widest:g}"
+            )
+    return cluster
+
+
 def _schedule(
-    todo: Sequence[Cell], out: Path, jobs: int, budget: int | None, report: IO[str], done: int
+    todo: Sequence[Cell],
+    out: Path,
+    jobs: int,
+    budget: int | None,
+    report: IO[str],
+    done: int,
+    cluster: Cluster | None = None,
 ) -> list[Cell]:
-    """Run ``todo``, up to ``jobs`` at a time within ``budget`` CPUs (None: no limit); returns
-    the cells that failed. Cells start in order; a cell larger than the budget runs alone."""
+    """Run ``todo``, up to ``jobs`` at a time within ``budget`` CPUs (None: no limit), here or
+    as tasks of ``cluster``; returns the cells that failed. Cells start in order; a cell larger
+    than the budget runs alone."""
     total = done + len(todo)
     pending = list(todo)
     running: list[_Running] = []
@@ -387,12 +322,15 @@ def _schedule(
                 and len(running) < jobs
                 and (not running or budget is None or busy + pending[0].cpus <= budget)
             ):
-                running.append(_start(pending.pop(0), out))
+                running.append(_start(pending.pop(0), out, cluster))
                 busy += running[-1].cell.cpus
             time.sleep(0.05)
-            for r in [r for r in running if r.process.poll() is not None]:
+            for r in list(running):
+                ended = r.launched.poll()
+                if ended is None:
+                    continue
                 running.remove(r)
-                ok, words = _collect(r, out)
+                ok, words = _collect(r.cell, *ended, out)
                 done += 1
                 seconds = time.perf_counter() - r.started
                 state = "done" if ok else "FAILED"
@@ -426,13 +364,21 @@ def sweep_command(args: argparse.Namespace) -> int:
         return _summarize(Path(args.summarize), sys.stdout)
     if args.experiment is None or args.out is None:
         raise UsageError("sweep needs an experiment file and --out DIR (or --summarize DIR)")
+    address: str | None = args.ray_address
+    if address is None and args.ray_node_ip is not None:
+        raise UsageError("--ray-node-ip applies to a Ray sweep: give --ray-address too")
+    if address is not None and args.oversubscribe:
+        raise UsageError(
+            "--oversubscribe counts this machine's CPUs; with --ray-address Ray places the "
+            "cells on the cluster's nodes by the CPUs each keeps busy"
+        )
     planned, axes = plan(args.experiment)
     names = [c.name for c in planned]
     if len(set(names)) != len(names):
         raise UsageError(f"{args.experiment}: two cells resolve to the same settings")
     cpus = os.cpu_count() or 1
-    budget = None if args.oversubscribe else cpus
-    jobs = args.jobs
+    budget = None if args.oversubscribe or address is not None else cpus
+    jobs = args.jobs if args.jobs is not None else 1 if address is None else len(planned)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = sys.stdout
@@ -442,14 +388,16 @@ def sweep_command(args: argparse.Namespace) -> int:
         todo = [c for c in planned if not _finished(c, out / c.name)]
         done = len(planned) - len(todo)
         widest = max(c.cpus for c in planned)
+        where = f"this machine's {cpus}" if address is None else f"the Ray cluster at {address}"
         print(
             f"sweep: {len(planned)} cells, {done} finished already; up to {jobs} at a time "
-            f"(each up to {widest} CPU(s) of this machine's {cpus}) -> {out}",
+            f"(each up to {widest} CPU(s) of {where}) -> {out}",
             file=report,
             flush=True,
         )
+        cluster = _join(address, args.ray_node_ip, todo) if address is not None and todo else None
         try:
-            failed = _schedule(todo, out, jobs, budget, report, done)
+            failed = _schedule(todo, out, jobs, budget, report, done, cluster)
         except KeyboardInterrupt as exc:
             status = TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
             word = "terminated" if status == TERMINATED else "interrupted"
@@ -459,6 +407,9 @@ def sweep_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return status
+        finally:
+            if cluster is not None:
+                cluster.leave()
         _summarize(out, report)
     if failed:
         print(

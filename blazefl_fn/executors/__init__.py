@@ -10,6 +10,7 @@ one device per worker) and CUDA's deterministic settings.
 from .base import Executor as Executor
 from .processes import Processes as Processes
 from .ray_pool import Ray as Ray
+from .ray_pool import join_ray_cluster as join_ray_cluster
 from .sequential import Sequential as Sequential
 from .threads import Threads as Threads
 from .vectorized import Vectorized as Vectorized
@@ -21,4 +22,5 @@ __all__ = [
     "Sequential",
     "Threads",
     "Vectorized",
+    "join_ray_cluster",
 ]

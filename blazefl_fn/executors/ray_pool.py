@@ -51,7 +51,7 @@ from .base import ClosingContext
 from .devices import cuda_determinism
 from .jobs import ClientContext, ClientJob
 
-__all__ = ["Ray"]
+__all__ = ["Ray", "join_ray_cluster"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -72,6 +72,44 @@ def _import_ray() -> Any:
         return importlib.import_module("ray")
     except ImportError as exc:
         raise ImportError("the Ray executor needs Ray: pip install 'blazefl_fn[ray]'") from exc
+
+
+def join_ray_cluster(address: str, node_ip_address: str | None = None) -> Any:
+    """Connect this process, as a driver, to the running Ray cluster at ``address`` (unless it
+    is connected already), keeping the command line's own SIGINT and SIGTERM handlers.
+
+    Leave with ``ray.shutdown()``: the cluster runs on. ``Ray(address)`` joins this way.
+
+    Args:
+        address: the cluster's ``HOST:PORT``, ``auto`` or a ``ray://`` address.
+        node_ip_address: this machine's Ray node IP (a loopback address keeps a single-machine
+            cluster off the network).
+
+    Returns:
+        The ``ray`` module, connected.
+
+    Raises:
+        ImportError: Ray is not installed.
+        ValueError: a malformed address or an IP this machine does not have.
+        ConnectionError: nothing answers at ``address`` within seconds.
+
+    Examples:
+        >>> ray = join_ray_cluster("127.0.0.2:6379")  # doctest: +SKIP
+        >>> ray.shutdown()  # doctest: +SKIP
+    """
+    check_ray_address("address", address)
+    if node_ip_address is not None:
+        check_local_ip("node_ip_address", node_ip_address)
+    ray = _import_ray()
+    if ray.is_initialized():
+        return ray
+    probe(address)
+    options: dict[str, Any] = {"address": address, "logging_level": logging.ERROR}
+    if node_ip_address is not None:
+        options["_node_ip_address"] = node_ip_address
+    with signals_kept():
+        ray.init(**options)
+    return ray
 
 
 def _syntax_devices(devices: Sequence[str | torch.device]) -> tuple[str, ...]:
@@ -306,27 +344,26 @@ class Ray(ClosingContext):
         ray = self._ray
         if ray.is_initialized():
             return
+        if address is not None:
+            join_ray_cluster(address, node_ip_address)
+            self._started = True
+            return
         options: dict[str, Any] = {
             "include_dashboard": False,
             "logging_level": logging.ERROR,
         }
-        if address is None:
-            if workers is not None:
-                options["num_cpus"] = max(1, int(workers * max(num_cpus_per_worker, 1)))
-        else:
-            options["address"] = address
-            probe(address)
+        if workers is not None:
+            options["num_cpus"] = max(1, int(workers * max(num_cpus_per_worker, 1)))
         if node_ip_address is not None:
             options["_node_ip_address"] = node_ip_address
         with signals_kept():
             ray.init(**options)
         self._started = True
-        if address is None:
-            # At once, not after the actors: a driver killed while they start is covered too.
-            self._session = session_dir(ray)
-            watch = watch_local_instance(os.path.dirname(ray.__file__), self._session)
-            if watch is not None:
-                self._stop_watch = weakref.finalize(self, stop_watch, watch)
+        # At once, not after the actors: a driver killed while they start is covered too.
+        self._session = session_dir(ray)
+        watch = watch_local_instance(os.path.dirname(ray.__file__), self._session)
+        if watch is not None:
+            self._stop_watch = weakref.finalize(self, stop_watch, watch)
 
     def _resources(self) -> str:
         try:
