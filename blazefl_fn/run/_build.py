@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import attrs
 import torch
 
 from ..algorithms.compose import (
@@ -23,10 +24,13 @@ from ..algorithms.compose import (
     krum_fedavg,
     trimmed_mean_fedavg,
 )
+from ..algorithms.ditto import ditto
 from ..algorithms.dsfl import dsfl
 from ..algorithms.fedavg import fedavg
 from ..algorithms.feddyn import feddyn
 from ..algorithms.fednova import fednova
+from ..algorithms.fedper import fedper
+from ..algorithms.fedrep import fedrep
 from ..algorithms.scaffold import scaffold
 from ..algorithms.scarlet import scarlet
 from ..client.distillation import Distillation
@@ -58,7 +62,7 @@ from ..privacy.mechanisms import AdaptiveClipping, CentralDP, LocalDP
 from ..privacy.privatize import Accountant, privatize
 from ..round import Algorithm
 from ..server.client_state import StoreOptions
-from .config import DEFAULT_SERVER_LR, DISTILLATION, STATEFUL, RunConfig
+from .config import DEFAULT_SERVER_LR, DISTILLATION, PERSONAL, STATEFUL, RunConfig
 
 
 def _channel_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -275,6 +279,8 @@ def _algorithm(
         return feddyn(model_fn, **common, alpha=config.feddyn_alpha)
     if name == "fednova":
         return fednova(model_fn, **common, momentum=config.local_momentum)
+    if name in PERSONAL:
+        return _personal_algorithm(config, model_fn, common)
     if name == "fedavg":
         return compose(
             "fedavg", model_fn, **common, aggregate=Aggregate(clip_norm=config.clip_norm)
@@ -302,6 +308,20 @@ def _algorithm(
     if name == "trimmed-mean":
         return trimmed_mean_fedavg(model_fn, **common, beta=config.trim_beta)
     return krum_fedavg(model_fn, **common, f=config.krum_f, m=config.krum_m)
+
+
+def _personal_algorithm(
+    config: RunConfig, model_fn: ModelFactory, common: dict[str, Any]
+) -> Algorithm[ClientData, Any]:
+    head = None if config.head is None else config.head.split(",")
+    if config.algorithm == "ditto":
+        personal = None
+        if config.personal_epochs is not None:
+            personal = attrs.evolve(common["local"], epochs=config.personal_epochs)
+        return ditto(model_fn, **common, lam=config.ditto_lambda, personal=personal)
+    if config.algorithm == "fedrep":
+        return fedrep(model_fn, **common, head_epochs=config.head_epochs, head=head)
+    return fedper(model_fn, **common, head=head)
 
 
 def _distillation_algorithm(
