@@ -11,6 +11,8 @@ from pathlib import Path
 import attrs
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.func import functional_call
 from torch.nn import functional as F
 
@@ -21,7 +23,7 @@ from blazefl_fn.algorithms.fedrep import fedrep
 from blazefl_fn.algorithms.personal import PersonalState, last_layer, personalized
 from blazefl_fn.algorithms.stages import TrainUpdate, mean_by_examples
 from blazefl_fn.cli._commands import main
-from blazefl_fn.data.datasets import ClientData, TensorDataset
+from blazefl_fn.data.datasets import ClientData, FederatedDataset, TensorDataset, hold_out_clients
 from blazefl_fn.models import mlp
 from blazefl_fn.run.config import RunConfig
 from blazefl_fn.run.simulate import load_federation, simulate
@@ -308,3 +310,109 @@ def test_personal_models_in_the_store_are_what_the_clients_kept() -> None:
             state, _ = fl.make_round(algo, DATA.clients, ex)(algo.init(KEY), KEY)
         assert state.aux.clients.num_stored == 3
         assert all(sorted(tree) == names for _, tree in state.aux.clients.items())
+
+
+# -- per-client test splits and per-client evaluation ---------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    fraction=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**64 - 1),
+)
+def test_held_out_splits_partition_each_client_from_its_own_key(
+    sizes: list[int], fraction: float, seed: int
+) -> None:
+    base = TensorDataset(torch.zeros(sum(sizes), 1), torch.zeros(sum(sizes), dtype=torch.int64))
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    clients = tuple(
+        ClientData(base, torch.arange(s, s + n).flip(0)) for s, n in zip(starts, sizes, strict=True)
+    )
+    fed = FederatedDataset("toy", clients, base, 2)
+    key = fl.Key.from_seed(seed)
+    out = hold_out_clients(fed, fraction, key)
+    assert out.client_tests is not None
+    for k, (client, train, test) in enumerate(
+        zip(clients, out.clients, out.client_tests, strict=True)
+    ):
+        assert len(test) == round(fraction * len(client))
+        together = torch.cat([train.indices, test.indices]).sort().values
+        assert torch.equal(together, client.indices.sort().values)
+        # Each part keeps the client's order of examples.
+        for part in (train, test):
+            position = {int(i): p for p, i in enumerate(client.indices)}
+            order = [position[int(i)] for i in part.indices]
+            assert order == sorted(order)
+        # A client's split depends on its own key only: alone in a federation, the same.
+        alone = hold_out_clients(FederatedDataset("one", (client,), base, 2), fraction, key)
+        if k == 0:
+            assert alone.client_tests is not None
+            assert torch.equal(alone.client_tests[0].indices, test.indices)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5, float("nan")])
+def test_a_bad_fraction_is_refused(fraction: float) -> None:
+    with pytest.raises(ValueError, match="fraction must be in"):
+        hold_out_clients(DATA, fraction, KEY)
+
+
+def test_per_client_evaluation_uses_each_clients_personal_parameters() -> None:
+    """Against a hand count: accuracy per client with its own parameters; mean, p10, std."""
+    model_fn = functools.partial(mlp, DATA.input_shape, DATA.num_classes, hidden=(16,))
+    algo = fedper(model_fn, num_clients=6, clients_per_round=3, local=LOCAL)
+    split = hold_out_clients(DATA, 0.25, KEY)
+    assert split.client_tests is not None
+    with fl.Sequential() as ex:
+        state, _ = fl.run_rounds(fl.make_round(algo, split.clients, ex), algo.init(KEY), KEY,
+                                 until=2)  # fmt: skip
+    template = fl.build_template(model_fn)
+    out = fl.evaluate_clients(template, state.params, split.client_tests,
+                              personal=state.aux.clients)  # fmt: skip
+    accuracies = []
+    for k, test in enumerate(split.client_tests):
+        params = {**state.params, **state.aux.clients[k]}
+        logits = functional_call(template, params, (test.base.x[test.indices],))
+        accuracies.append(float((logits.argmax(1) == test.base.y[test.indices]).double().mean()))
+    mean = sum(accuracies) / 6
+    assert out["client_accuracy_uniform"] == pytest.approx(mean)
+    assert out["client_accuracy_p10"] == min(accuracies)  # nearest rank of 6: the lowest
+    std = (sum((a - mean) ** 2 for a in accuracies) / 6) ** 0.5
+    assert out["client_accuracy_std"] == pytest.approx(std)
+    assert state.aux.clients.num_stored > 0
+    plain = fl.evaluate_clients(template, state.params, split.client_tests)
+    assert plain != out
+
+
+def test_cli_records_per_client_metrics_in_json_and_the_metrics_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "m.jsonl"
+    flags = ["--algorithm", "ditto", "--model", "mlp", "--rounds", "2", "--json", "--quiet"]
+    assert main(["run", *flags, "--client-test-fraction", "0.2", "--metrics", str(log)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    keys = {"client_accuracy", "client_accuracy_p10", "client_accuracy_std"}
+    assert keys <= set(result["metrics"])
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert keys <= set(records[-1]["eval"])
+    config = RunConfig(algorithm="ditto", model="mlp", rounds=2, client_test_fraction=0.2)
+    again = simulate(config)
+    assert again.metrics["client_accuracy_std"] == result["metrics"]["client_accuracy_std"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "client_test_fraction must be a finite number in (0, 1)"),
+        ("1", "client_test_fraction must be a finite number in (0, 1)"),
+        ("nan", "client_test_fraction must be a finite number"),
+        ("x", "--client-test-fraction: invalid float value"),
+    ],
+)
+def test_cli_bad_client_test_fraction_exits_2_with_one_line(
+    value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "--rounds", "1", "--client-test-fraction", value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert message in err[0]

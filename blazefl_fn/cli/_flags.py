@@ -422,7 +422,16 @@ def _add_outputs(run: argparse.ArgumentParser, defaults: Any) -> None:
         "--eval-clients",
         action="store_true",
         default=defaults.eval_clients,
-        help="also evaluate the global model on every client's data (mean and 10th percentile)",
+        help="also evaluate every client on its own data (the global model, or its personal "
+        "one): mean, 10th percentile and standard deviation of its accuracy",
+    )
+    run.add_argument(
+        "--client-test-fraction",
+        type=float,
+        metavar="F",
+        default=defaults.client_test_fraction,
+        help="hold out this fraction of every client's examples as its own test split, never "
+        "trained on, and evaluate every client on it (implies --eval-clients)",
     )
     run.add_argument(
         "--skip-nonfinite",

@@ -36,7 +36,7 @@ from ..algorithms.scarlet import scarlet
 from ..client.distillation import Distillation
 from ..client.training import LocalSGD
 from ..data.cifar import load_cifar10, load_cifar100
-from ..data.datasets import ClientData, FederatedDataset, TensorDataset
+from ..data.datasets import ClientData, FederatedDataset, TensorDataset, hold_out_clients
 from ..data.mnist import load_mnist
 from ..data.partition import Partition, dirichlet, iid, inner_dirichlet, shards
 from ..data.synthetic import SyntheticClients, synthetic
@@ -115,7 +115,7 @@ def split(config: RunConfig, labels: torch.Tensor, key: Key) -> Partition:
     return inner_dirichlet(labels, config.clients, config.alpha, key)
 
 
-SYNTHETIC_EAGER_CLIENTS = 10_000
+SYNTHETIC_EAGER_CLIENTS = 10_000  # also `config._EAGER_CLIENTS`
 """The most synthetic clients a run generates up front; a larger federation is lazy.
 
 A lazy federation's clients are a `blazefl_fn.data.synthetic.SyntheticClients` (each client is
@@ -125,6 +125,22 @@ many clients. Up to this size a run's data, train and test, is what
 
 
 def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
+    """The federated dataset ``config`` names, built from ``key``, with each client's held-out
+    split (`hold_out_clients`, drawn with ``key.fold_in("client_test")``) when
+    ``config.client_test_fraction`` is set.
+
+    Raises:
+        FileNotFoundError: the data directory or a file in it is missing.
+        ValueError: a data file is malformed, the public set leaves no training data, the
+            partition cannot be made.
+    """
+    data = _load_federation(config, key)
+    if config.client_test_fraction is None:
+        return data
+    return hold_out_clients(data, config.client_test_fraction, key.fold_in("client_test"))
+
+
+def _load_federation(config: RunConfig, key: Key) -> FederatedDataset:
     """The federated dataset ``config`` names, built from ``key``.
 
     A synthetic federation of more than `SYNTHETIC_EAGER_CLIENTS` clients is lazy: its
@@ -168,9 +184,12 @@ def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
 
 
 def evaluation_clients(data: FederatedDataset) -> Sequence[ClientData]:
-    """The clients ``config.eval_clients`` evaluates each time: all of them, except in a lazy
+    """The clients ``config.eval_clients`` evaluates each time: each client's held-out split
+    where the federation has them; else every client's training data, except in a lazy
     synthetic federation, where it is the first `SYNTHETIC_EAGER_CLIENTS` (those whose
     held-out rows form the test set), each generated as it is evaluated."""
+    if data.client_tests is not None:
+        return data.client_tests
     clients = data.clients
     if isinstance(clients, SyntheticClients):
         return clients.first(min(len(clients), SYNTHETIC_EAGER_CLIENTS))

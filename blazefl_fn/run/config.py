@@ -96,6 +96,7 @@ _COUNT = 10_000_000  # clients, rounds, batch sizes, chunk, public samples, ...
 _EPOCHS = 10_000
 _RATE = 1e4  # learning rates and regularisation weights
 _WORKERS = 4096
+_EAGER_CLIENTS = 10_000  # `blazefl_fn.run.simulate.SYNTHETIC_EAGER_CLIENTS`
 _THREADS = 1024
 
 
@@ -228,6 +229,9 @@ class RunConfig:
         default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1))
     )
     eval_clients: bool = False
+    client_test_fraction: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, below=1))
+    )
     skip_nonfinite: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     mu: float = attrs.field(
         default=0.01, converter=plus_zero, validator=finite_number(positive=False, high=_RATE)
@@ -358,6 +362,11 @@ class RunConfig:
                 )
         self._check_client_state()
         self._check_personal()
+        if self.client_test_fraction is not None and self.clients > _EAGER_CLIENTS:
+            raise ValueError(
+                f"client_test_fraction needs the clients made up front; a synthetic federation "
+                f"of {self.clients} clients (> {_EAGER_CLIENTS}) is lazy"
+            )
         if self.client_timeout is not None and self.executor not in ("processes", "ray"):
             raise ValueError(
                 f"client_timeout applies to the processes and ray executors, not to "

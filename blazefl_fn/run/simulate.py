@@ -18,6 +18,7 @@ import attrs
 import torch
 
 from .. import portable
+from ..algorithms.personal import PersonalState
 from ..client.evaluation import evaluate, evaluate_clients
 from ..data.datasets import ClientData, TensorDataset
 from ..executors.devices import check_device, cuda_determinism, parse_devices, to_device, uses_cuda
@@ -260,7 +261,12 @@ class _Evaluator:
     def __call__(self, state: ServerState) -> dict[str, float]:
         metrics = evaluate(self.template, state.params, self.test)
         if self.clients is not None:
-            metrics.update(evaluate_clients(self.template, state.params, self.clients))
+            # A personalised algorithm's clients are evaluated with their own parameters.
+            aux = state.aux
+            personal = aux.clients if isinstance(aux, PersonalState) else None
+            metrics.update(
+                evaluate_clients(self.template, state.params, self.clients, personal=personal)
+            )
         return metrics
 
 
@@ -347,8 +353,9 @@ def _simulate(
                 f"{config.rounds}"
             )
     state = to_device(state, server)
+    per_client = config.eval_clients or config.client_test_fraction is not None
     evaluator = to_device(
-        _Evaluator(template, data.test, evaluation_clients(data) if config.eval_clients else None),
+        _Evaluator(template, data.test, evaluation_clients(data) if per_client else None),
         server,
     )
     observers = list(callbacks)
