@@ -222,9 +222,12 @@ with some of them is refused: it was edited."""
 _OPTIONAL_FIELDS = frozenset({"client_state_memory_mb", "client_state_dir"})
 """Fields added later that never change the bits: a stored config without them takes their
 defaults."""
-_LATER_FIELDS = frozenset({"drop_last", "ditto_lambda", "personal_epochs", "head_epochs", "head"})
+_LATER_FIELDS = frozenset(
+    {"drop_last", "ditto_lambda", "personal_epochs", "head_epochs", "head", "client_test_fraction"}
+)
 """Fields added after checkpoint format 3 was written whose default is what every run before
-them did (every final batch was trained on): a stored config without them takes the default."""
+them did (every final batch was trained on; no personalised algorithm; no client held out a
+test split): a stored config without them takes the default."""
 
 
 def check_resumable(stored: RunConfig, requested: RunConfig) -> None:
