@@ -32,10 +32,15 @@ from .algorithms.compose import fedprox as fedprox
 from .algorithms.compose import fedyogi as fedyogi
 from .algorithms.compose import krum_fedavg as krum_fedavg
 from .algorithms.compose import trimmed_mean_fedavg as trimmed_mean_fedavg
+from .algorithms.ditto import ditto as ditto
 from .algorithms.dsfl import dsfl as dsfl
 from .algorithms.fedavg import fedavg as fedavg
 from .algorithms.feddyn import feddyn as feddyn
 from .algorithms.fednova import fednova as fednova
+from .algorithms.fedper import fedper as fedper
+from .algorithms.fedrep import fedrep as fedrep
+from .algorithms.personal import PersonalState as PersonalState
+from .algorithms.personal import personalized as personalized
 from .algorithms.scaffold import scaffold as scaffold
 from .algorithms.scarlet import scarlet as scarlet
 from .client import chunk as _chunk  # noqa: F401  # pyright: ignore[reportUnusedImport]
@@ -153,6 +158,7 @@ __all__ = [
     "NonFiniteError",
     "OutputLockedError",
     "PerClientFallback",
+    "PersonalState",
     "PoissonSampler",
     "PrivacyBudget",
     "Processes",
@@ -180,6 +186,7 @@ __all__ = [
     "client",
     "compose",
     "data",
+    "ditto",
     "dsfl",
     "errors",
     "evaluate",
@@ -192,13 +199,16 @@ __all__ = [
     "feddyn",
     "fedmedian",
     "fednova",
+    "fedper",
     "fedprox",
+    "fedrep",
     "fedyogi",
     "join_ray_cluster",
     "krum_fedavg",
     "load_checkpoint",
     "make_round",
     "on_server",
+    "personalized",
     "poisson_sampler",
     "portable",
     "privacy",

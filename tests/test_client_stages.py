@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import attrs
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,10 +17,14 @@ from blazefl_fn.client.optim import (
     InnerProduct,
     StepInput,
     add_proximal,
+    add_proximal_to,
     add_trees,
     chain,
+    freeze,
     identity,
+    matches,
     momentum,
+    train_only,
 )
 from blazefl_fn.client.training import LocalSGD, LocalTraining, train, trainable_names
 from blazefl_fn.data.datasets import ClientData, TensorDataset
@@ -168,6 +174,11 @@ def test_a_missing_tree_is_named() -> None:
         (lambda: add_trees(), "at least one tree name"),
         (lambda: add_proximal(-1.0), "mu must be a finite number >= 0"),
         (lambda: InnerProduct("h", math.inf), "weight must be a finite number"),
+        (lambda: add_proximal_to("g", -1.0), "mu must be a finite number >= 0"),
+        (lambda: add_proximal_to("", 1.0), "needs a tree name"),
+        (lambda: train_only(), "at least one parameter name"),
+        (lambda: freeze(""), "'' is not a parameter name"),
+        (lambda: freeze("."), "'.' is not a parameter name"),
     ],
 )
 def test_bad_stage_arguments_are_refused(make: object, match: str) -> None:
@@ -266,3 +277,127 @@ def test_add_weighted_rounds_once_and_checks_its_arguments() -> None:
         tree.add_weighted(base, small[:1], [math.nan])
     with pytest.raises(ValueError, match="lacks the names"):
         tree.add_weighted(base, [{"v": torch.ones(1)}], [1.0])
+
+
+def _sgd_by_hand(
+    model: torch.nn.Module,
+    start: dict[str, torch.Tensor],
+    data: ClientData,
+    config: LocalTraining,
+    direction: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor | None],
+) -> dict[str, torch.Tensor]:
+    """Mini-batch SGD in plain torch: ``w <- w - lr * direction(name, w, grad)`` on the
+    batches `train` draws from ``KEY`` (a parameter whose direction is None is not stepped)."""
+    w = {n: t.detach().clone().requires_grad_(True) for n, t in start.items()}
+    generator = KEY.torch_generator()
+    for _ in range(config.epochs):
+        for x, y in data.batches(config.batch_size, generator):
+            loss = torch.nn.functional.cross_entropy(torch.func.functional_call(model, w, (x,)), y)
+            grads = torch.autograd.grad(loss, list(w.values()))
+            with torch.no_grad():
+                new: dict[str, torch.Tensor] = {}
+                for (n, p), g in zip(w.items(), grads, strict=True):
+                    d = direction(n, p, g)
+                    new[n] = p if d is None else p - config.lr * d
+            w = {n: t.detach().clone().requires_grad_(True) for n, t in new.items()}
+    return {n: t.detach() for n, t in w.items()}
+
+
+def test_proximal_to_a_named_tree_is_the_gradient_of_its_term_written_by_hand() -> None:
+    """``v <- v - lr * (grad F(v) + lam * (v - w))``, Ditto's personal step (Li et al. 2021,
+    Algorithm 1), with ``w`` a fixed tree and ``v`` starting elsewhere."""
+    model, data = _model(), _client()
+    start = _params(model)
+    target = {n: t + 0.25 for n, t in start.items()}
+    config = LocalTraining(lr=0.1, batch_size=8, epochs=2, optimizer=add_proximal_to("w", 0.7))
+    out = train(model, start, data, KEY, config, trees={"w": target})
+    rule = _sgd_by_hand(model, start, data, config, lambda n, v, g: g + 0.7 * (v - target[n]))
+    for name in start:
+        torch.testing.assert_close(out.params[name], rule[name], rtol=1e-5, atol=1e-6)
+    # Toward the tree local training starts from, it is FedProx's stage bit for bit.
+    prox = train(model, start, data, KEY, attrs.evolve(config, optimizer=add_proximal(0.7)))
+    same = train(model, start, data, KEY, config, trees={"w": start})
+    assert tree.trees_equal(prox.params, same.params)
+
+
+@pytest.mark.parametrize("head", ["2", "2.weight"])
+def test_train_only_and_freeze_step_the_selected_parameters_as_by_hand(head: str) -> None:
+    model, data = _model(), _client()
+    start = _params(model)
+    only = LocalTraining(lr=0.1, batch_size=8, optimizer=train_only(head))
+    frozen = LocalTraining(lr=0.1, batch_size=8, optimizer=freeze(head))
+    for config, keep in ((only, True), (frozen, False)):
+        out = train(model, start, data, KEY, config)
+        selected = {n for n in start if matches(n, (head,)) == keep}
+        rule = _sgd_by_hand(
+            model, start, data, config, lambda n, v, g, on=selected: g if n in on else None
+        )
+        for name in start:
+            if matches(name, (head,)) == keep:
+                torch.testing.assert_close(out.params[name], rule[name], rtol=1e-5, atol=1e-6)
+                assert not torch.equal(out.params[name], start[name])
+            else:
+                assert torch.equal(out.params[name], start[name]), name
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    parts=st.lists(st.sampled_from(["fc", "fc2", "0", "10", "body", "w"]), min_size=1, max_size=3),
+    tail=st.sampled_from(["", ".weight", ".bias", ".0.weight", "x", "_b"]),
+)
+def test_a_pattern_matches_itself_and_what_lies_under_it_only(parts: list[str], tail: str) -> None:
+    prefix = ".".join(parts)
+    name = prefix + tail
+    assert matches(name, (prefix,)) == (tail == "" or tail.startswith("."))
+    assert matches(name, (prefix + ".",)) == (tail == "" or tail.startswith("."))
+
+
+def test_the_new_stages_trace_under_vmap_as_one_client_at_a_time() -> None:
+    """As `train_chunk` runs a chunk's stages: ``vmap`` over stacked clients, trees included."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"0.weight": (3, 2), "0.bias": (3,), "2.weight": (2, 3)}
+    stacked = {n: torch.randn(4, *s, generator=g) for n, s in shapes.items()}
+    grads = {n: torch.randn(4, *s, generator=g) for n, s in shapes.items()}
+    target = {n: torch.randn(4, *s, generator=g) for n, s in shapes.items()}
+    for stage in (
+        add_proximal_to("w", 0.3), train_only("2"), freeze("0"),
+        chain(train_only("0"), add_proximal_to("w", 0.1), momentum(0.9)),
+    ):  # fmt: skip
+
+        def one(
+            grad: dict[str, torch.Tensor],
+            params: dict[str, torch.Tensor],
+            trees: dict[str, torch.Tensor],
+            stage: object = stage,
+        ) -> dict[str, torch.Tensor]:
+            inputs = StepInput(params=params, anchor=params, trees={"w": trees}, step=0)
+            opt = stage  # the stage under test
+            return opt.update(grad, opt.init(params), inputs)[0]  # type: ignore[attr-defined]
+
+        mapped = torch.func.vmap(one, randomness="error")(grads, stacked, target)
+        for c in range(4):
+            each = one(
+                {n: t[c] for n, t in grads.items()},
+                {n: t[c] for n, t in stacked.items()},
+                {n: t[c] for n, t in target.items()},
+            )
+            assert sorted(each) == sorted(mapped)
+            for n in each:
+                assert torch.equal(mapped[n][c], each[n])
+
+
+def test_train_only_runs_in_a_vectorised_chunk_as_per_client() -> None:
+    from blazefl_fn.client.chunk import train_chunk
+
+    model = _model()
+    start = _params(model)
+    clients = [_client(n=n, seed=s) for s, n in enumerate((13, 21, 8))]
+    keys = [KEY.fold_in(c) for c in range(3)]
+    config = LocalTraining(lr=0.1, batch_size=4, optimizer=chain(freeze("0"), momentum(0.5)))
+    chunk = train_chunk(model, start, clients, keys, config)
+    for data, key, out in zip(clients, keys, chunk, strict=True):
+        one = train(model, start, data, key, config)
+        for name in start:
+            if name.startswith("0."):
+                assert torch.equal(out.params[name], start[name])
+            torch.testing.assert_close(out.params[name], one.params[name], rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import os
 import pickle
 import re
@@ -575,3 +576,56 @@ def test_a_spill_directory_whose_owner_holds_its_lock_is_kept_whatever_its_pid(
     # Its owner gone, the lock is free: the next store removes it.
     ClientStore(4, StoreOptions(memory_bytes=1 << 20, spill_dir=str(tmp_path)))
     assert [p.name for p in tmp_path.iterdir()] == [unlocked.name]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batches=batches,
+    budgets=st.tuples(st.sampled_from([None, 0, 200]), st.sampled_from([None, 0, 200])),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_the_digest_depends_on_contents_only(
+    batches: list[dict[int, tuple[int, int, torch.dtype]]],
+    budgets: tuple[int | None, int | None],
+    seed: int,
+) -> None:
+    # One history of updates, and the final contents stored at once in a shuffled order into
+    # a store with another budget: the same contents, the same digest.
+    history = ClientStore(1_000_000, StoreOptions(memory_bytes=budgets[0]))
+    final: dict[int, Params] = {}
+    for batch in batches:
+        trees = {cid: _tree(*spec) for cid, spec in batch.items()}
+        history = history.updated(trees)
+        final.update(trees)
+    final = {cid: tree for cid, tree in final.items() if tree}
+    order = torch.randperm(len(final), generator=torch.Generator().manual_seed(seed)).tolist()
+    ids = sorted(final)
+    shuffled = {ids[i]: final[ids[i]] for i in order}
+    direct = ClientStore(1_000_000, StoreOptions(memory_bytes=budgets[1])).updated(shuffled)
+    assert history.digest() == direct.digest()
+    if final:
+        # Another id, or one changed value, changes it.
+        first = ids[0]
+        other = next(i for i in range(1_000_000) if i not in final)
+        moved = direct.updated({first: {}, other: final[first]})
+        assert moved.digest() != direct.digest()
+        tree = dict(final[first])
+        name = next(iter(tree))
+        if tree[name].numel():
+            bumped = tree[name].clone()
+            bumped.view(-1)[0] = (
+                ~bumped.view(-1)[0] if bumped.dtype == torch.bool else (bumped.view(-1)[0] + 1)
+            )
+            if not trees_equal({name: bumped}, {name: tree[name]}):
+                changed = direct.updated({first: {**tree, name: bumped}})
+                assert changed.digest() != direct.digest()
+    else:
+        assert direct.digest() == ClientStore(5).digest()
+
+
+def test_a_store_digest_is_pinned() -> None:
+    store = ClientStore(10).updated({3: {"w": torch.arange(4, dtype=torch.float32)}})
+    expected = hashlib.sha256(b"blazefl_fn.ClientStore\0")
+    expected.update(f"3\0{digest({'w': torch.arange(4, dtype=torch.float32)})}\0".encode())
+    assert store.digest() == expected.hexdigest()
+    assert ClientStore(10).updated({3: {}}).digest() == ClientStore(10).digest()

@@ -155,15 +155,16 @@ def _add_execution(run: argparse.ArgumentParser, defaults: Any) -> None:
         type=int,
         metavar="MB",
         default=defaults.client_state_memory_mb,
-        help="scaffold, feddyn, dsfl, scarlet: MiB of client state kept in memory, the rest "
-        "spilled to files (default 1024; 0 spills all)",
+        help="the algorithms whose clients keep state (scaffold, feddyn, dsfl, scarlet, ditto, "
+        "fedrep, fedper): MiB of it kept in memory, the rest spilled to files (default 1024; 0 "
+        "spills all)",
     )
     run.add_argument(
         "--client-state-dir",
         metavar="DIR",
         default=defaults.client_state_dir,
-        help="scaffold, feddyn, dsfl, scarlet: where spilled client state goes (default: the "
-        "system's temporary directory)",
+        help="the algorithms whose clients keep state: where spilled client state goes "
+        "(default: the system's temporary directory)",
     )
     run.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     run.add_argument(
@@ -269,6 +270,33 @@ def _add_algorithm_flags(run: argparse.ArgumentParser, defaults: Any) -> None:
         type=float,
         default=defaults.local_momentum,
         help="fednova: momentum of local SGD, in [0, 1)",
+    )
+    algo.add_argument(
+        "--ditto-lambda",
+        type=float,
+        default=defaults.ditto_lambda,
+        help="ditto: weight of the personal model's pull toward the global one (>= 0)",
+    )
+    algo.add_argument(
+        "--personal-epochs",
+        type=int,
+        default=defaults.personal_epochs,
+        metavar="E",
+        help="ditto: local epochs of the personal model (default: --local-epochs)",
+    )
+    algo.add_argument(
+        "--head-epochs",
+        type=int,
+        default=defaults.head_epochs,
+        metavar="E",
+        help="fedrep: epochs on the personal head before the body's --local-epochs",
+    )
+    algo.add_argument(
+        "--head",
+        default=defaults.head,
+        metavar="NAMES",
+        help="fedrep, fedper: the personal parameters, names or module prefixes separated by "
+        "commas (default: the model's last layer)",
     )
 
 
@@ -394,7 +422,16 @@ def _add_outputs(run: argparse.ArgumentParser, defaults: Any) -> None:
         "--eval-clients",
         action="store_true",
         default=defaults.eval_clients,
-        help="also evaluate the global model on every client's data (mean and 10th percentile)",
+        help="also evaluate every client on its own data (the global model, or its personal "
+        "one): mean, 10th percentile and standard deviation of its accuracy",
+    )
+    run.add_argument(
+        "--client-test-fraction",
+        type=float,
+        metavar="F",
+        default=defaults.client_test_fraction,
+        help="hold out this fraction of every client's examples as its own test split, never "
+        "trained on, and evaluate every client on it (implies --eval-clients)",
     )
     run.add_argument(
         "--skip-nonfinite",

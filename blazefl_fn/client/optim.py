@@ -14,6 +14,9 @@ be stored as client state between rounds (`chain` packs its stages' states by in
 stage                       direction
 ==========================  ==================================================================
 `add_proximal` (mu)         ``g + mu * (w - anchor)`` (FedProx's term, in its one form)
+`add_proximal_to` (name)    ``g + mu * (w - tree)`` toward a supplied tree (Ditto's global model)
+`train_only` (patterns)     ``g`` for the matching parameters only; the others are not stepped
+`freeze` (patterns)         ``g`` for all but the matching parameters (FedRep's two phases)
 `add_trees` (plus, minus)   ``g + sum(plus trees) - sum(minus trees)`` (SCAFFOLD's ``c - c_i``)
 `momentum` (beta)           ``m <- beta * m + g``; ``m`` (torch SGD's heavy ball)
 ==========================  ==================================================================
@@ -37,10 +40,14 @@ __all__ = [
     "LossTerm",
     "StepInput",
     "add_proximal",
+    "add_proximal_to",
     "add_trees",
     "chain",
+    "freeze",
     "identity",
+    "matches",
     "momentum",
+    "train_only",
 ]
 
 Tree = dict[str, torch.Tensor]
@@ -166,6 +173,111 @@ def add_proximal(mu: float) -> GradientTransform:
         ValueError: ``mu`` is negative or not finite.
     """
     return _Proximal(mu)
+
+
+@attrs.frozen
+class _ProximalTo:
+    name: str
+    mu: float = attrs.field(validator=finite_number(positive=False))
+
+    def init(self, params: Params) -> Tree:
+        return {}
+
+    def update(self, grads: Params, state: Params, inputs: StepInput) -> tuple[Tree, Tree]:
+        target = inputs.tree(self.name)
+        return {n: g.add(inputs.params[n] - target[n], alpha=self.mu) for n, g in grads.items()}, {}
+
+
+def add_proximal_to(name: str, mu: float) -> GradientTransform:
+    """The gradient of ``mu/2 ||w - tree||^2`` toward the supplied tree ``name``.
+
+    `add_proximal` anchors at the parameters local training started from; this pulls toward
+    any tree the client update supplies, e.g. Ditto's personal model toward the round's
+    global model while training from the client's own one (`blazefl_fn.algorithms.ditto`).
+
+    Raises:
+        ValueError: ``mu`` is negative or not finite, or ``name`` is empty.
+
+    Examples:
+        >>> import torch
+        >>> w, g = {"w": torch.tensor([3.0])}, {"w": torch.tensor([1.0])}
+        >>> inputs = StepInput(params=w, anchor=w, trees={"global": {"w": torch.tensor([1.0])}},
+        ...                    step=0)
+        >>> add_proximal_to("global", 0.5).update(g, {}, inputs)[0]
+        {'w': tensor([2.])}
+    """
+    if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise ValueError(f"add_proximal_to needs a tree name, got {name!r}")
+    return _ProximalTo(name, mu)
+
+
+def _patterns(patterns: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if not patterns:
+        raise ValueError(f"{what} needs at least one parameter name or prefix")
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern.strip(".") or pattern != pattern.strip():  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"{what}: {pattern!r} is not a parameter name or prefix")
+    return tuple(patterns)
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether parameter ``name`` is one of ``patterns`` or lies under one (a module prefix).
+
+    ``"fc"`` (or ``"fc."``) matches ``"fc"``, ``"fc.weight"`` and ``"fc.bias"``, not
+    ``"fc2.weight"``.
+
+    Examples:
+        >>> [matches(n, ("5",)) for n in ("5.weight", "5", "51.bias", "3.weight")]
+        [True, True, False, False]
+    """
+    return any(name in (p, p.rstrip(".")) or name.startswith(p.rstrip(".") + ".") for p in patterns)
+
+
+@attrs.frozen
+class _Select:
+    patterns: tuple[str, ...]
+    keep: bool
+
+    def init(self, params: Params) -> Tree:
+        return {}
+
+    def update(self, grads: Params, state: Params, inputs: StepInput) -> tuple[Tree, Tree]:
+        return {n: g for n, g in grads.items() if matches(n, self.patterns) == self.keep}, {}
+
+
+def train_only(*patterns: str) -> GradientTransform:
+    """Directions for the parameters ``patterns`` name (names or module prefixes) only.
+
+    The others get no direction, so local training leaves them bit for bit as they were (the
+    stages after this one do not see them). FedRep's head phase is ``train_only(*head)``.
+
+    Raises:
+        ValueError: no pattern, or an empty one.
+
+    Examples:
+        >>> import torch
+        >>> g = {"0.weight": torch.ones(1), "1.weight": torch.ones(1)}
+        >>> inputs = StepInput(params=g, anchor=g, trees={}, step=0)
+        >>> sorted(train_only("1").update(g, {}, inputs)[0])
+        ['1.weight']
+    """
+    return _Select(_patterns(patterns, "train_only"), keep=True)
+
+
+def freeze(*patterns: str) -> GradientTransform:
+    """Directions for every parameter except those ``patterns`` name (names or prefixes).
+
+    Raises:
+        ValueError: no pattern, or an empty one.
+
+    Examples:
+        >>> import torch
+        >>> g = {"0.weight": torch.ones(1), "1.weight": torch.ones(1)}
+        >>> inputs = StepInput(params=g, anchor=g, trees={}, step=0)
+        >>> sorted(freeze("1").update(g, {}, inputs)[0])
+        ['0.weight']
+    """
+    return _Select(_patterns(patterns, "freeze"), keep=False)
 
 
 @attrs.frozen

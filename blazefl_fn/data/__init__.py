@@ -13,6 +13,7 @@ from .cifar import load_cifar100 as load_cifar100
 from .datasets import ClientData as ClientData
 from .datasets import FederatedDataset as FederatedDataset
 from .datasets import TensorDataset as TensorDataset
+from .datasets import hold_out_clients as hold_out_clients
 from .download import download as download
 from .download import extract_tar as extract_tar
 from .mnist import download_mnist as download_mnist
@@ -63,6 +64,7 @@ __all__ = [
     "download_cifar100",
     "download_mnist",
     "extract_tar",
+    "hold_out_clients",
     "iid",
     "iid_unbalanced",
     "inner_dirichlet",

@@ -7,7 +7,9 @@ from collections.abc import Iterator, Sequence
 import attrs
 import torch
 
-__all__ = ["ClientData", "FederatedDataset", "TensorDataset"]
+from ..keys import Key
+
+__all__ = ["ClientData", "FederatedDataset", "TensorDataset", "hold_out_clients"]
 
 
 def _check_pair(instance: TensorDataset, _attribute: object, y: torch.Tensor) -> None:
@@ -131,6 +133,8 @@ class FederatedDataset:
             that runs rounds indexes only the clients it samples, never iterates them all.
         public: unlabeled inputs every party may see, for distillation-based algorithms
             (DS-FL, SCARLET); None when the federation has no public set.
+        client_tests: client ``k``'s own held-out examples at index ``k``, never trained on
+            (`hold_out_clients`); None when the clients hold none.
     """
 
     name: str
@@ -138,8 +142,48 @@ class FederatedDataset:
     test: TensorDataset
     num_classes: int
     public: torch.Tensor | None = None
+    client_tests: Sequence[ClientData] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one example (without the batch dimension)."""
         return tuple(self.test.x.shape[1:])
+
+
+def hold_out_clients(data: FederatedDataset, fraction: float, key: Key) -> FederatedDataset:
+    """``data`` with ``round(fraction * n)`` of each client's ``n`` examples held out as its
+    own test split (`FederatedDataset.client_tests`), drawn with ``key.fold_in(k)`` for client
+    ``k``; both parts keep the client's order of examples.
+
+    A client's split depends only on its examples, ``fraction`` and its own key, not on the
+    other clients.
+
+    Raises:
+        ValueError: ``fraction`` not in ``(0, 1)``, or a lazy federation (its clients are not
+            a tuple) or one that already holds client test splits.
+
+    Examples:
+        >>> from blazefl_fn.keys import Key
+        >>> base = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.arange(10))
+        >>> fed = FederatedDataset("toy", (ClientData(base, torch.arange(10)),), base, 10)
+        >>> out = hold_out_clients(fed, 0.3, Key.from_seed(0))
+        >>> len(out.clients[0]), len(out.client_tests[0])
+        (7, 3)
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction < 1:  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise ValueError(f"the client test fraction must be in (0, 1), got {fraction!r}")
+    if not isinstance(data.clients, tuple) or data.client_tests is not None:
+        raise ValueError(
+            "client test splits are made once, from a federation whose clients are a tuple "
+            f"(got {type(data.clients).__name__})"
+        )
+    trains: list[ClientData] = []
+    tests: list[ClientData] = []
+    for k, client in enumerate(data.clients):
+        n = len(client)
+        held = torch.zeros(n, dtype=torch.bool)
+        chosen = key.fold_in(k).choice(n, round(fraction * n)) if n else ()
+        held[torch.tensor(chosen, dtype=torch.int64)] = True
+        trains.append(ClientData(client.base, client.indices[~held]))
+        tests.append(ClientData(client.base, client.indices[held]))
+    return attrs.evolve(data, clients=tuple(trains), client_tests=tuple(tests))

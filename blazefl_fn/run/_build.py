@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import attrs
 import torch
 
 from ..algorithms.compose import (
@@ -23,16 +24,19 @@ from ..algorithms.compose import (
     krum_fedavg,
     trimmed_mean_fedavg,
 )
+from ..algorithms.ditto import ditto
 from ..algorithms.dsfl import dsfl
 from ..algorithms.fedavg import fedavg
 from ..algorithms.feddyn import feddyn
 from ..algorithms.fednova import fednova
+from ..algorithms.fedper import fedper
+from ..algorithms.fedrep import fedrep
 from ..algorithms.scaffold import scaffold
 from ..algorithms.scarlet import scarlet
 from ..client.distillation import Distillation
 from ..client.training import LocalSGD
 from ..data.cifar import load_cifar10, load_cifar100
-from ..data.datasets import ClientData, FederatedDataset, TensorDataset
+from ..data.datasets import ClientData, FederatedDataset, TensorDataset, hold_out_clients
 from ..data.mnist import load_mnist
 from ..data.partition import Partition, dirichlet, iid, inner_dirichlet, shards
 from ..data.synthetic import SyntheticClients, synthetic
@@ -58,7 +62,7 @@ from ..privacy.mechanisms import AdaptiveClipping, CentralDP, LocalDP
 from ..privacy.privatize import Accountant, privatize
 from ..round import Algorithm
 from ..server.client_state import StoreOptions
-from .config import DEFAULT_SERVER_LR, DISTILLATION, STATEFUL, RunConfig
+from .config import DEFAULT_SERVER_LR, DISTILLATION, PERSONAL, STATEFUL, RunConfig
 
 
 def _channel_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -111,7 +115,7 @@ def split(config: RunConfig, labels: torch.Tensor, key: Key) -> Partition:
     return inner_dirichlet(labels, config.clients, config.alpha, key)
 
 
-SYNTHETIC_EAGER_CLIENTS = 10_000
+SYNTHETIC_EAGER_CLIENTS = 10_000  # also `config._EAGER_CLIENTS`
 """The most synthetic clients a run generates up front; a larger federation is lazy.
 
 A lazy federation's clients are a `blazefl_fn.data.synthetic.SyntheticClients` (each client is
@@ -121,6 +125,22 @@ many clients. Up to this size a run's data, train and test, is what
 
 
 def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
+    """The federated dataset ``config`` names, built from ``key``, with each client's held-out
+    split (`hold_out_clients`, drawn with ``key.fold_in("client_test")``) when
+    ``config.client_test_fraction`` is set.
+
+    Raises:
+        FileNotFoundError: the data directory or a file in it is missing.
+        ValueError: a data file is malformed, the public set leaves no training data, the
+            partition cannot be made.
+    """
+    data = _load_federation(config, key)
+    if config.client_test_fraction is None:
+        return data
+    return hold_out_clients(data, config.client_test_fraction, key.fold_in("client_test"))
+
+
+def _load_federation(config: RunConfig, key: Key) -> FederatedDataset:
     """The federated dataset ``config`` names, built from ``key``.
 
     A synthetic federation of more than `SYNTHETIC_EAGER_CLIENTS` clients is lazy: its
@@ -164,9 +184,12 @@ def load_federation(config: RunConfig, key: Key) -> FederatedDataset:
 
 
 def evaluation_clients(data: FederatedDataset) -> Sequence[ClientData]:
-    """The clients ``config.eval_clients`` evaluates each time: all of them, except in a lazy
+    """The clients ``config.eval_clients`` evaluates each time: each client's held-out split
+    where the federation has them; else every client's training data, except in a lazy
     synthetic federation, where it is the first `SYNTHETIC_EAGER_CLIENTS` (those whose
     held-out rows form the test set), each generated as it is evaluated."""
+    if data.client_tests is not None:
+        return data.client_tests
     clients = data.clients
     if isinstance(clients, SyntheticClients):
         return clients.first(min(len(clients), SYNTHETIC_EAGER_CLIENTS))
@@ -275,6 +298,8 @@ def _algorithm(
         return feddyn(model_fn, **common, alpha=config.feddyn_alpha)
     if name == "fednova":
         return fednova(model_fn, **common, momentum=config.local_momentum)
+    if name in PERSONAL:
+        return _personal_algorithm(config, model_fn, common)
     if name == "fedavg":
         return compose(
             "fedavg", model_fn, **common, aggregate=Aggregate(clip_norm=config.clip_norm)
@@ -302,6 +327,20 @@ def _algorithm(
     if name == "trimmed-mean":
         return trimmed_mean_fedavg(model_fn, **common, beta=config.trim_beta)
     return krum_fedavg(model_fn, **common, f=config.krum_f, m=config.krum_m)
+
+
+def _personal_algorithm(
+    config: RunConfig, model_fn: ModelFactory, common: dict[str, Any]
+) -> Algorithm[ClientData, Any]:
+    head = None if config.head is None else config.head.split(",")
+    if config.algorithm == "ditto":
+        personal = None
+        if config.personal_epochs is not None:
+            personal = attrs.evolve(common["local"], epochs=config.personal_epochs)
+        return ditto(model_fn, **common, lam=config.ditto_lambda, personal=personal)
+    if config.algorithm == "fedrep":
+        return fedrep(model_fn, **common, head_epochs=config.head_epochs, head=head)
+    return fedper(model_fn, **common, head=head)
 
 
 def _distillation_algorithm(

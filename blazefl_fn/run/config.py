@@ -33,6 +33,7 @@ __all__ = [
     "EXECUTORS",
     "MODELS",
     "PARTITIONS",
+    "PERSONAL",
     "STATEFUL",
     "UNCLIPPED",
     "RunConfig",
@@ -53,6 +54,9 @@ ALGORITHMS = (
     "fednova",
     "dsfl",
     "scarlet",
+    "ditto",
+    "fedrep",
+    "fedper",
 )
 """The algorithm names `RunConfig` and ``--algorithm`` accept."""
 DISTILLATION = ("dsfl", "scarlet")
@@ -65,9 +69,11 @@ DEFAULT_SERVER_LR = {
     "scaffold": 1.0,
 }
 """The server learning rate each server-optimizer algorithm uses when none is given."""
-UNCLIPPED = ("scaffold", "feddyn", "fednova", "dsfl", "scarlet")
+PERSONAL = ("ditto", "fedrep", "fedper")
+"""Personalised algorithms: each client keeps a personal model (Ditto) or head (FedRep, FedPer)."""
+UNCLIPPED = ("scaffold", "feddyn", "fednova", "dsfl", "scarlet", *PERSONAL)
 """Algorithms with their own server arithmetic: update clipping (``clip_norm``) does not apply."""
-STATEFUL = ("scaffold", "feddyn", "dsfl", "scarlet")
+STATEFUL = ("scaffold", "feddyn", "dsfl", "scarlet", *PERSONAL)
 """Algorithms whose clients keep state between rounds (in a `ClientStore`)."""
 DATASETS = ("synthetic", "mnist", "cifar10", "cifar100")
 """The dataset names `RunConfig` and ``--dataset`` accept."""
@@ -90,6 +96,7 @@ _COUNT = 10_000_000  # clients, rounds, batch sizes, chunk, public samples, ...
 _EPOCHS = 10_000
 _RATE = 1e4  # learning rates and regularisation weights
 _WORKERS = 4096
+_EAGER_CLIENTS = 10_000  # `blazefl_fn.run.simulate.SYNTHETIC_EAGER_CLIENTS`
 _THREADS = 1024
 
 
@@ -130,6 +137,22 @@ def _optional_checked(check: Callable[[str, str], str]) -> Validator:
             check(attribute.name, cast(str, value))
 
     return validate
+
+
+# Each dataset's input shape and class count, to check a model's layer names before any data.
+_SHAPES = {
+    "synthetic": ((60,), 10), "mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+}  # fmt: skip
+
+
+def _head_patterns(name: str, value: str) -> str:
+    parts = value.split(",")
+    if any(not p.strip().strip(".") or p != p.strip() for p in parts):
+        raise ValueError(
+            f"{name} must be parameter names or module prefixes separated by commas, got {value!r}"
+        )
+    return value
 
 
 @attrs.frozen(kw_only=True)
@@ -206,6 +229,9 @@ class RunConfig:
         default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1))
     )
     eval_clients: bool = False
+    client_test_fraction: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(finite_number(positive=True, below=1))
+    )
     skip_nonfinite: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
     mu: float = attrs.field(
         default=0.01, converter=plus_zero, validator=finite_number(positive=False, high=_RATE)
@@ -269,6 +295,14 @@ class RunConfig:
     dp_count_noise: float | None = attrs.field(
         default=None, validator=attrs.validators.optional(finite_number(positive=True, high=1e9))
     )
+    ditto_lambda: float = attrs.field(
+        default=0.1, converter=plus_zero, validator=finite_number(positive=False, high=_RATE)
+    )
+    personal_epochs: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(int_at_least(1, _EPOCHS))
+    )
+    head_epochs: int = attrs.field(default=10, validator=int_at_least(1, _EPOCHS))
+    head: str | None = attrs.field(default=None, validator=_optional_checked(_head_patterns))
     client_state_memory_mb: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(int_at_least(0, _COUNT))
     )
@@ -327,6 +361,12 @@ class RunConfig:
                     f"({self.public_size})"
                 )
         self._check_client_state()
+        self._check_personal()
+        if self.client_test_fraction is not None and self.clients > _EAGER_CLIENTS:
+            raise ValueError(
+                f"client_test_fraction needs the clients made up front; a synthetic federation "
+                f"of {self.clients} clients (> {_EAGER_CLIENTS}) is lazy"
+            )
         if self.client_timeout is not None and self.executor not in ("processes", "ray"):
             raise ValueError(
                 f"client_timeout applies to the processes and ray executors, not to "
@@ -414,6 +454,37 @@ class RunConfig:
         # Without Opacus the run itself says how to install it.
         with contextlib.suppress(ImportError):
             check_accountant("prv", z, rate, self.rounds, self.dp_delta)
+
+    def _check_personal(self) -> None:
+        owners = {
+            "ditto_lambda": ("ditto",), "personal_epochs": ("ditto",), "head_epochs": ("fedrep",),
+            "head": ("fedrep", "fedper"),
+        }  # fmt: skip
+        defaults = {f.name: f.default for f in attrs.fields(RunConfig) if f.name in owners}
+        for name, algorithms in owners.items():
+            if getattr(self, name) != defaults[name] and self.algorithm not in algorithms:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} applies to {' and '.join(algorithms)}, not "
+                    f"to {self.algorithm!r}"
+                )
+        if self.algorithm not in ("fedrep", "fedper"):
+            return
+        model = self.model
+        if model == "auto":
+            model = {"synthetic": "logreg", "mnist": "mlp"}.get(self.dataset, "cnn")
+        if model == "logreg":
+            raise ValueError(
+                f"{self.algorithm} splits the model into a shared body and a personal head; "
+                "logistic regression has one layer (use --model mlp or cnn)"
+            )
+        if self.head is not None:
+            # The head must name entries of the model: checked on its architecture now.
+            from ..algorithms.personal import split_head
+            from ..models import build_template, cnn, mlp
+
+            shape, classes = _SHAPES[self.dataset]
+            builder = mlp if model == "mlp" else cnn
+            split_head(build_template(lambda: builder(shape, classes)), self.head.split(","))
 
     def _check_client_state(self) -> None:
         given = [

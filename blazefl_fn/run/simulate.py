@@ -18,6 +18,7 @@ import attrs
 import torch
 
 from .. import portable
+from ..algorithms.personal import PersonalState
 from ..client.evaluation import evaluate, evaluate_clients
 from ..data.datasets import ClientData, TensorDataset
 from ..executors.devices import check_device, cuda_determinism, parse_devices, to_device, uses_cuda
@@ -221,9 +222,12 @@ with some of them is refused: it was edited."""
 _OPTIONAL_FIELDS = frozenset({"client_state_memory_mb", "client_state_dir"})
 """Fields added later that never change the bits: a stored config without them takes their
 defaults."""
-_LATER_FIELDS = frozenset({"drop_last"})
+_LATER_FIELDS = frozenset(
+    {"drop_last", "ditto_lambda", "personal_epochs", "head_epochs", "head", "client_test_fraction"}
+)
 """Fields added after checkpoint format 3 was written whose default is what every run before
-them did (every final batch was trained on): a stored config without them takes the default."""
+them did (every final batch was trained on; no personalised algorithm; no client held out a
+test split): a stored config without them takes the default."""
 
 
 def check_resumable(stored: RunConfig, requested: RunConfig) -> None:
@@ -260,7 +264,12 @@ class _Evaluator:
     def __call__(self, state: ServerState) -> dict[str, float]:
         metrics = evaluate(self.template, state.params, self.test)
         if self.clients is not None:
-            metrics.update(evaluate_clients(self.template, state.params, self.clients))
+            # A personalised algorithm's clients are evaluated with their own parameters.
+            aux = state.aux
+            personal = aux.clients if isinstance(aux, PersonalState) else None
+            metrics.update(
+                evaluate_clients(self.template, state.params, self.clients, personal=personal)
+            )
         return metrics
 
 
@@ -347,8 +356,9 @@ def _simulate(
                 f"{config.rounds}"
             )
     state = to_device(state, server)
+    per_client = config.eval_clients or config.client_test_fraction is not None
     evaluator = to_device(
-        _Evaluator(template, data.test, evaluation_clients(data) if config.eval_clients else None),
+        _Evaluator(template, data.test, evaluation_clients(data) if per_client else None),
         server,
     )
     observers = list(callbacks)

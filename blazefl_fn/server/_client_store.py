@@ -18,6 +18,7 @@ next store with a memory budget made on the machine.
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ import attrs
 import torch
 
 from .._validators import int_at_least
-from ..tree import Params, TreeSpec
+from ..tree import Params, TreeSpec, digest
 from ._store_backing import Backing, Record
 
 __all__ = ["ClientStore", "StateLayout", "StoreOptions"]
@@ -317,6 +318,26 @@ class ClientStore:
         """``(client id, tree)`` for every client holding one, ascending."""
         for client_id, record in _walk(self._root, 0, self._shift):
             yield client_id, self._backing.load(record)
+
+    def digest(self) -> str:
+        """SHA-256 (hex) of what the store holds: each stored client's id and tree digest.
+
+        Equal for equal contents, however they were stored (in any order, over any number of
+        versions, in memory or spilled); the federation's size and the budget do not count.
+        Costs one read of every stored tree.
+
+        Examples:
+            >>> import torch
+            >>> a = ClientStore(9).updated({1: {"c": torch.ones(2)}, 4: {"c": torch.zeros(2)}})
+            >>> b = ClientStore(9, StoreOptions(memory_bytes=0)).updated(
+            ...     {4: {"c": torch.zeros(2)}}).updated({1: {"c": torch.ones(2)}})
+            >>> a.digest() == b.digest() != ClientStore(9).digest()
+            True
+        """
+        h = hashlib.sha256(b"blazefl_fn.ClientStore\0")
+        for client_id, tree in self.items():
+            h.update(f"{client_id}\0{digest(tree)}\0".encode())
+        return h.hexdigest()
 
     def packed_items(self) -> Iterator[tuple[int, torch.Tensor, TreeSpec]]:
         """``(client id, packed bytes, layout)`` for every client holding a tree, ascending:
