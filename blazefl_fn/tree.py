@@ -8,6 +8,7 @@ require the same names; results keep the name order of the first argument.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
@@ -423,9 +424,16 @@ def flatten(params: Params, out: torch.Tensor | None = None) -> tuple[torch.Tens
         )
     else:
         buffer = out[: spec.nbytes]
-    for name, offset in zip(spec.names, spec.offsets, strict=True):
-        data = params[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        buffer[offset : offset + data.numel()] = data
+    views = _views(buffer, spec)
+    if views is None:  # ``out`` is not aligned to an entry's dtype: copy bytes
+        for name, offset in zip(spec.names, spec.offsets, strict=True):
+            data = params[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            buffer[offset : offset + data.numel()] = data
+    elif spec.names:
+        # One call copies every entry into its typed view of the buffer (converting device
+        # and layout as ``copy_`` does); entry by entry, the views and copies cost ~2x.
+        with torch.no_grad():
+            torch._foreach_copy_(list(views.values()), [params[n] for n in spec.names])  # pyright: ignore[reportPrivateImportUsage, reportPrivateUsage]
     return buffer, spec
 
 
@@ -440,13 +448,44 @@ def unflatten(buffer: torch.Tensor, spec: TreeSpec) -> dict[str, torch.Tensor]:
             f"expected a 1-D uint8 buffer of {spec.nbytes} bytes, "
             f"got {buffer.dtype} of shape {tuple(buffer.shape)}"
         )
-    out: dict[str, torch.Tensor] = {}
+    views = _views(buffer, spec)
+    if views is not None:
+        return views
+    out: dict[str, torch.Tensor] = {}  # not aligned to every dtype: each entry sliced alone
     for name, dtype, shape, offset in zip(
         spec.names, spec.dtypes, spec.shapes, spec.offsets, strict=True
     ):
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        size = numel * torch.empty((), dtype=dtype).element_size()
+        size = dtype.itemsize * math.prod(shape)
         out[name] = buffer[offset : offset + size].view(dtype).reshape(shape)
+    return out
+
+
+def _views(buffer: torch.Tensor, spec: TreeSpec) -> dict[str, torch.Tensor] | None:
+    """``spec``'s entries as contiguous views into the uint8 ``buffer`` of ``spec.nbytes``.
+
+    Each entry is one ``as_strided`` of the buffer viewed as its dtype (a slice, a dtype view
+    and a reshape per entry cost 3x as much; a round of 1000 small clients makes 1000 trees).
+    None if the buffer cannot be viewed as some entry's dtype (its start or length is not a
+    multiple of that dtype's size).
+    """
+    out: dict[str, torch.Tensor] = {}
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    for name, dtype, shape, offset in zip(
+        spec.names, spec.dtypes, spec.shapes, spec.offsets, strict=True
+    ):
+        size = dtype.itemsize
+        whole = typed.get(dtype)
+        if whole is None:
+            if buffer.storage_offset() % size or buffer.numel() % size or offset % size:
+                return None
+            whole = typed[dtype] = buffer.view(dtype)
+        elif offset % size:
+            return None
+        strides: list[int] = []
+        step = 1
+        for dim in reversed(shape):
+            strides.append(step)
+            step *= dim
+        strides.reverse()
+        out[name] = whole.as_strided(shape, strides, whole.storage_offset() + offset // size)
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import pickle
 from collections.abc import Iterator
 
 import _executor_helpers as helpers
@@ -94,6 +95,29 @@ def test_the_global_rng_guard_is_on_by_default(factory: type[Sequential]) -> Non
 def test_the_global_rng_guard_fires_inside_a_batch(pool: Processes) -> None:
     with pytest.raises(ClientError, match="GlobalRNGError"):
         _digest(pool, helpers.global_draw_update)
+
+
+def test_a_reply_names_a_known_layout_instead_of_pickling_its_spec() -> None:
+    from blazefl_fn.executors import _worker
+
+    down = {"w": torch.randn(3, 4), "b": torch.zeros(4, dtype=torch.float64)}
+    bound = tree.tree_spec(down)
+    slots = torch.zeros(4 * bound.nbytes, dtype=torch.uint8)
+    same = fl.Uplink(0, 1, {n: t + 1 for n, t in down.items()}, metrics={"loss": 0.5})
+    reply = _worker._ok_reply(3, same, slots, bound.nbytes, bound.nbytes, bound)  # pyright: ignore[reportPrivateUsage]
+    assert reply[3] == (_worker.SAME, _worker.EMPTY)
+    assert b"TreeSpec" not in pickle.dumps(reply)
+    assert tree.trees_equal(
+        tree.unflatten(slots[bound.nbytes : 2 * bound.nbytes], bound), same.params
+    )
+    # another layout (fewer entries, stored state): sent as its spec, decoded to itself
+    other = fl.Uplink(0, 1, {"w": down["w"]}, state={"c": torch.ones(2)}, metrics={})
+    reply = _worker._ok_reply(0, other, slots, 0, bound.nbytes, bound)  # pyright: ignore[reportPrivateUsage]
+    params_layout, state_layout = reply[3]
+    assert _worker.spec_of(params_layout, bound) == tree.tree_spec(other.params)
+    assert _worker.spec_of(state_layout, bound) == tree.tree_spec(other.state)
+    assert _worker.spec_of(_worker.SAME, bound) is bound
+    assert _worker.spec_of(_worker.EMPTY, bound) == tree.tree_spec({})
 
 
 # -- the working copy's cached layout ----------------------------------------------------------

@@ -239,3 +239,30 @@ def test_flatten_into_a_given_buffer() -> None:
     assert bool((out[spec.nbytes :] == 255).all())
     with pytest.raises(ValueError, match="at least 128 bytes"):
         tree.flatten(params, out=torch.zeros(64, dtype=torch.uint8))
+
+
+def test_flatten_writes_the_same_bytes_aligned_or_not_and_keeps_no_graph() -> None:
+    weight = torch.arange(6, dtype=torch.float32).reshape(2, 3).requires_grad_()
+    params = {
+        "w": weight * 1.5,  # carries autograd history
+        "t": torch.arange(6, dtype=torch.float64).reshape(2, 3).t(),  # not contiguous
+        "mask": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3, dtype=torch.int64),
+        "empty": torch.zeros(0, 4, dtype=torch.float16),
+        "h": torch.tensor([1.25, -2.0], dtype=torch.bfloat16),
+    }
+    reference, spec = tree.flatten(params)
+    assert not reference.requires_grad
+    # ``out`` starting 3 bytes into its storage cannot be viewed as float32: bytes are copied
+    out = torch.zeros(spec.nbytes + 3, dtype=torch.uint8)
+    used, _ = tree.flatten(params, out=out[3:])
+    assert not used.requires_grad
+    assert torch.equal(used, reference)
+    restored = tree.unflatten(reference, spec)
+    assert tree.trees_equal(restored, {k: v.detach() for k, v in params.items()})
+    assert all(v.is_contiguous() for v in restored.values())
+    assert [tuple(v.shape) for v in restored.values()] == [tuple(v.shape) for v in params.values()]
+    # a view into a larger aligned buffer: the entries are where the spec says
+    big = torch.zeros(spec.nbytes + 128, dtype=torch.uint8)
+    big[64 : 64 + spec.nbytes] = reference
+    assert tree.trees_equal(tree.unflatten(big[64 : 64 + spec.nbytes], spec), restored)

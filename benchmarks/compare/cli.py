@@ -187,6 +187,7 @@ def _chart(json_path: Path, png: Path, args: argparse.Namespace) -> str:
 
 
 def _row_json(row: report.Row, rows: Sequence[report.Row]) -> dict[str, object]:
+    own = report.own_floor_seconds(rows, row.workload.name, row.parallelism, row.mode)
     return {
         "workload": row.workload.name,
         "parallelism": row.parallelism,
@@ -198,6 +199,8 @@ def _row_json(row: report.Row, rows: Sequence[report.Row]) -> dict[str, object]:
         "loop": row.loop,
         "whole": row.whole,
         "floor": report.floor_seconds(rows, row.workload.name, row.parallelism),
+        "own_kind_floor": own[0] if own else None,
+        "own_kind_floor_mode": own[1] if own else None,
         "ideal": report.ideal_seconds(rows, row.workload, row.parallelism),
         "overhead_us_per_client": report.overhead_us(
             row, report.floor_seconds(rows, row.workload.name, row.parallelism)

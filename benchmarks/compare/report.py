@@ -2,8 +2,11 @@
 
 Definitions (per workload and parallelism P):
 
-- floor: the fastest bare-loop round loop at that P (sequential at P = 1; the thread pool or
-  the spawn pool at P = 2);
+- floor (fastest floor): the fastest bare-loop round loop at that P (sequential at P = 1; the
+  thread pool or the spawn pool at P = 2);
+- own-kind floor: the bare loop of an executor's own kind at that P (``threads`` against the
+  bare thread pool, ``processes`` and ``ray`` against the bare spawn pool, ``sequential``
+  against the sequential loop); the issue's per-executor targets are stated against it;
 - ideal: one client's update time (median, measured by the bare loop, preferably sequential)
   x clients x rounds / P;
 - "blazefl_fn vs peer": the peer's median time divided by blazefl_fn's fastest mode at the
@@ -25,9 +28,11 @@ __all__ = [
     "Row",
     "Target",
     "comparison_lines",
+    "fastest_bare",
     "ideal_seconds",
     "make_row",
     "overhead_us",
+    "own_floor_seconds",
     "table_lines",
 ]
 
@@ -92,10 +97,37 @@ def _group(rows: Sequence[Row], workload: str, parallelism: int) -> list[Row]:
     return [r for r in rows if r.workload.name == workload and r.parallelism == parallelism]
 
 
+def fastest_bare(rows: Sequence[Row], workload: str, parallelism: int) -> Row | None:
+    """The bare row with the fastest loop at that P, or None if no bare row ran."""
+    bare = [r for r in _group(rows, workload, parallelism) if r.framework == "bare" and r.ok]
+    return min(bare, key=lambda r: r.loop) if bare else None
+
+
 def floor_seconds(rows: Sequence[Row], workload: str, parallelism: int) -> float | None:
     """The fastest bare loop at that P, or None if no bare row ran."""
-    bare = [r.loop for r in _group(rows, workload, parallelism) if r.framework == "bare" and r.ok]
-    return min(bare) if bare else None
+    row = fastest_bare(rows, workload, parallelism)
+    return None if row is None else row.loop
+
+
+# The bare loop each blazefl_fn mode is held to: the same kind of parallelism (Ray's actors are
+# processes, so Ray is held to the spawn pool).
+OWN_FLOOR = {
+    "sequential": "sequential",
+    "threads": "threads",
+    "processes": "processes",
+    "ray": "processes",
+}
+
+
+def own_floor_seconds(
+    rows: Sequence[Row], workload: str, parallelism: int, mode: str
+) -> tuple[float, str] | None:
+    """The bare loop of ``mode``'s own kind at that P and its mode, or None if it did not run."""
+    kind = OWN_FLOOR.get(mode)
+    for r in _group(rows, workload, parallelism):
+        if r.framework == "bare" and r.mode == kind and r.ok:
+            return r.loop, kind
+    return None
 
 
 def ideal_seconds(rows: Sequence[Row], workload: Workload, parallelism: int) -> float | None:
@@ -139,18 +171,20 @@ def _overhead(row: Row, floor: float | None) -> str:
 def table_lines(rows: Sequence[Row]) -> list[str]:
     """The main markdown table: one line per case."""
     lines = [
-        "| workload | P | framework:mode | start-up s | round loop s | whole s | loop / floor "
-        "| overhead µs/client | loop / ideal | bitwise stable | final digest |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| workload | P | framework:mode | start-up s | round loop s | whole s "
+        "| loop / fastest floor | loop / own-kind floor | overhead µs/client | loop / ideal "
+        "| bitwise stable | final digest |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for row in rows:
         if not row.ok:
             lines.append(
                 f"| {row.workload.name} | {row.parallelism} | {row.label} | failed: "
-                f"{'; '.join(row.errors)} | | | | | | | |"
+                f"{'; '.join(row.errors)} | | | | | | | | |"
             )
             continue
         floor = floor_seconds(rows, row.workload.name, row.parallelism)
+        own = own_floor_seconds(rows, row.workload.name, row.parallelism, row.mode)
         ideal = ideal_seconds(rows, row.workload, row.parallelism)
         distinct = len(set(row.digests))
         stable = (
@@ -161,7 +195,8 @@ def table_lines(rows: Sequence[Row]) -> list[str]:
         lines.append(
             f"| {row.workload.name} | {row.parallelism} | {row.label} | {row.startup:.2f} "
             f"| {row.loop:.2f} | {row.whole:.2f} | {_ratio(row.loop, floor)} "
-            f"| {_overhead(row, floor)} | {_ratio(row.loop, ideal)} | {stable} "
+            f"| {_ratio(row.loop, own[0] if own else None)} | {_overhead(row, floor)} "
+            f"| {_ratio(row.loop, ideal)} | {stable} "
             f"| {row.digests[0][:12]} |"
         )
     return lines
@@ -203,24 +238,45 @@ class Target:
     met: bool | None  # None: not measured in this run
 
 
+def _floor_target(
+    rows: Sequence[Row],
+    by: dict[tuple[str, int, str], Row],
+    workload: str,
+    parallelism: int,
+    mode: str,
+    goal: float,
+) -> Target:
+    """blazefl_fn ``mode``'s loop within ``goal`` x the bare loop of its own kind.
+
+    The verdict is against the own-kind floor (the issue's definition); the ratio to the
+    fastest floor is shown beside it, labelled, and decides nothing.
+    """
+    kind = OWN_FLOOR[mode]
+    text = f"{workload} blazefl_fn {mode} within {goal:.2f}x of the bare {kind} floor"
+    row = by.get((workload, parallelism, f"blazefl_fn:{mode}"))
+    own = own_floor_seconds(rows, workload, parallelism, mode)
+    if row is None or own is None:
+        return Target(text, "-", None)
+    ratio = row.loop / own[0]
+    measured = (
+        f"{row.loop:.2f} s / {own[0]:.2f} s (bare {kind}) = {ratio:.3f} "
+        f"({overhead_us(row, own[0]):+.0f} µs/client)"
+    )
+    fastest = fastest_bare(rows, workload, parallelism)
+    if fastest is not None:
+        measured += (
+            f"; vs the fastest floor (bare {fastest.mode}, {fastest.loop:.2f} s): "
+            f"{row.loop / fastest.loop:.3f}"
+        )
+    return Target(text, measured, ratio <= goal)
+
+
 def targets(rows: Sequence[Row], parallelism: int = 2) -> list[Target]:
     """The issue's targets at P = ``parallelism``: W1 against the floor and Flower, W0."""
     out: list[Target] = []
     by = {(r.workload.name, r.parallelism, r.label): r for r in rows if r.ok}
-    floor = floor_seconds(rows, "W1", parallelism)
     for mode in ("threads", "processes"):
-        row = by.get(("W1", parallelism, f"blazefl_fn:{mode}"))
-        if row is None or floor is None:
-            out.append(Target(f"W1 blazefl_fn {mode} within 5% of the floor", "-", None))
-            continue
-        ratio = row.loop / floor
-        out.append(
-            Target(
-                f"W1 blazefl_fn {mode} within 5% of the bare floor",
-                f"{row.loop:.2f} s / {floor:.2f} s = {ratio:.3f}",
-                ratio <= 1.05,
-            )
-        )
+        out.append(_floor_target(rows, by, "W1", parallelism, mode, 1.05))
     flower = by.get(("W1", parallelism, "flower:ray"))
     loop = best_fn(rows, "W1", parallelism, "loop")
     whole = best_fn(rows, "W1", parallelism, "whole")
@@ -240,22 +296,8 @@ def targets(rows: Sequence[Row], parallelism: int = 2) -> list[Target]:
                 speedup >= goal,
             )
         )
-    floor0 = floor_seconds(rows, "W0", parallelism)
     for mode, goal in W0_GOALS.items():
-        row = by.get(("W0", parallelism, f"blazefl_fn:{mode}"))
-        text = f"W0 blazefl_fn {mode} within {goal:.2f}x of the bare floor"
-        if row is None or floor0 is None:
-            out.append(Target(text, "-", None))
-            continue
-        ratio = row.loop / floor0
-        per_client = overhead_us(row, floor0)
-        out.append(
-            Target(
-                text,
-                f"{row.loop:.2f} s / {floor0:.2f} s = {ratio:.3f} ({per_client:+.0f} µs/client)",
-                ratio <= goal,
-            )
-        )
+        out.append(_floor_target(rows, by, "W0", parallelism, mode, goal))
     flower0 = by.get(("W0", parallelism, "flower:ray"))
     loop0 = best_fn(rows, "W0", parallelism, "loop")
     if flower0 is None or loop0 is None:

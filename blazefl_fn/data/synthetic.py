@@ -50,10 +50,13 @@ def _client_samples(
     b: npt.NDArray[np.float64] = rng.normal(u, 1.0, size=num_classes)
     # Sigma is diagonal with Sigma_jj = j^-1.2, so x = v + sqrt(diag(Sigma)) * z.
     std: npt.NDArray[np.float64] = np.arange(1, dim + 1, dtype=np.float64) ** -0.6
-    z: npt.NDArray[np.float64] = rng.standard_normal(size=(n, dim))
-    x: npt.NDArray[np.float64] = v + z * std
+    x: npt.NDArray[np.float64] = rng.standard_normal(size=(n, dim))
+    # x = v + z * std, in place (the same roundings: a product, then a commutative sum).
+    x *= std
+    x += v
     # argmax(softmax(logits)) == argmax(logits): softmax is strictly increasing.
-    logits: npt.NDArray[np.float64] = x @ w.T + b
+    logits: npt.NDArray[np.float64] = x @ w.T
+    logits += b
     y: npt.NDArray[np.int64] = np.argmax(logits, axis=1).astype(np.int64)
     return x.astype(np.float32), y
 

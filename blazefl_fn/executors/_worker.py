@@ -16,9 +16,11 @@ Messages from the parent (tuples, first item the kind):
 - ``("stop",)``.
 
 Replies: ``("ready", pid)`` once at start; ``("ok", index, result,
-specs)`` where ``specs`` is ``(params_spec, state_spec)`` when the uplink's parameters and
-stored state were written into the task's slot instead of being pickled, else None; and
-``("err", index, client_id, round, pickled_cause, summary, traceback_text)``.
+specs)`` where ``specs`` is ``(params_layout, state_layout)`` when the uplink's parameters and
+stored state were written into the task's slot instead of being pickled, else None; a layout
+is `SAME` (the layout of the bound downlink's parameters, which the parent sent), `EMPTY` (no
+entries) or, for any other tree, its `TreeSpec` (so a small client's reply pickles no spec);
+and ``("err", index, client_id, round, pickled_cause, summary, traceback_text)``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,28 @@ from ._errors import error_reply
 from ._placement import Placement, placed
 from .devices import cuda_determinism
 from .jobs import ClientContext, ClientJob
+
+# A result tree's layout in a reply, when it is not sent as its `TreeSpec`.
+SAME = 0  # the layout of the bound downlink's parameters
+EMPTY = 1  # no entries
+_EMPTY_SPEC = tree_spec({})
+
+
+def layout_of(spec: TreeSpec, bound: TreeSpec | None) -> TreeSpec | int:
+    """``spec`` as a reply carries it: `SAME`, `EMPTY` or the spec itself."""
+    if spec == bound:
+        return SAME
+    return EMPTY if spec == _EMPTY_SPEC else spec
+
+
+def spec_of(layout: TreeSpec | int, bound: TreeSpec | None) -> TreeSpec:
+    """Inverse of `layout_of`."""
+    if isinstance(layout, TreeSpec):
+        return layout
+    if layout == EMPTY:
+        return _EMPTY_SPEC
+    assert bound is not None
+    return bound
 
 
 def main(conn: Connection, threads: int, devices: tuple[str, ...] = ("cpu",)) -> None:
@@ -89,6 +113,7 @@ def _serve(conn: Connection, placement: Placement) -> None:
     contexts: dict[int, ClientContext[Any]] = {}
     buffers: dict[str, torch.Tensor] = {}
     fn: Callable[[Any], Any] | None = None
+    bound: TreeSpec | None = None
     slot_bytes = 0
     while True:
         try:
@@ -103,19 +128,20 @@ def _serve(conn: Connection, placement: Placement) -> None:
         elif kind == "buffer":
             buffers[message[1]] = message[2]
         elif kind == "bind_job":
-            _, key, meta, spec, slot_bytes = message
+            _, key, meta, bound, slot_bytes = message
             assert isinstance(meta, Downlink)
-            assert isinstance(spec, TreeSpec)
-            params = unflatten(buffers["broadcast"][: spec.nbytes], spec)
+            assert isinstance(bound, TreeSpec)
+            params = unflatten(buffers["broadcast"][: bound.nbytes], bound)
             fn = placed(placement, ClientJob(contexts[key], attrs.evolve(meta, params=params)))
         elif kind == "bind_fn":
-            fn, slot_bytes = message[1], 0
+            fn, bound, slot_bytes = message[1], None, 0
         elif kind == "task":
             assert fn is not None
-            _reply(conn, [_run_task(fn, message, buffers, slot_bytes)], batched=False)
+            _reply(conn, [_run_task(fn, message, buffers, slot_bytes, bound)], batched=False)
         elif kind == "tasks":
             assert fn is not None
-            _reply(conn, [_run_task(fn, m, buffers, slot_bytes) for m in message[1]], batched=True)
+            replies = [_run_task(fn, m, buffers, slot_bytes, bound) for m in message[1]]
+            _reply(conn, replies, batched=True)
 
 
 def _run_task(
@@ -123,6 +149,7 @@ def _run_task(
     message: tuple[Any, ...],
     buffers: dict[str, torch.Tensor],
     slot_bytes: int,
+    bound: TreeSpec | None,
 ) -> tuple[tuple[Any, ...], object]:
     """Run one ``("task", ...)`` message: its reply, and its task (to name it in errors)."""
     _, index, task, layout, slot = message
@@ -132,7 +159,8 @@ def _run_task(
         result = fn(task)
     except Exception as exc:
         return error_reply(index, exc), task
-    return _ok_reply(index, result, buffers.get("slots"), slot * slot_bytes, slot_bytes), task
+    slots = buffers.get("slots")
+    return _ok_reply(index, result, slots, slot * slot_bytes, slot_bytes, bound), task
 
 
 def _reply(
@@ -185,19 +213,25 @@ def _with_inputs(
 
 
 def _ok_reply(
-    index: int, result: object, slots: torch.Tensor | None, start: int, slot_bytes: int
+    index: int,
+    result: object,
+    slots: torch.Tensor | None,
+    start: int,
+    slot_bytes: int,
+    bound: TreeSpec | None,
 ) -> tuple[Any, ...]:
     if isinstance(result, Uplink) and slots is not None and slot_bytes > 0:
         params_spec, state_spec = tree_spec(result.params), tree_spec(result.state)
         if params_spec.nbytes + state_spec.nbytes <= slot_bytes:
             middle = start + params_spec.nbytes
             flatten(result.params, out=slots[start:middle])
-            flatten(result.state, out=slots[middle : middle + state_spec.nbytes])
+            if state_spec.names:
+                flatten(result.state, out=slots[middle : middle + state_spec.nbytes])
             return (
                 "ok",
                 index,
                 attrs.evolve(result, params={}, state={}),
-                (params_spec, state_spec),
+                (layout_of(params_spec, bound), layout_of(state_spec, bound)),
             )
         # Too big for its slot: pickle it (torch moves the tensors to new shared memory). Copies,
         # because a tensor passed through from the task views the input buffer, which the

@@ -200,6 +200,8 @@ class Processes(ClosingContext):
         self._workers: list[_Worker] = []
         self._contexts: dict[tuple[int, int, bool, bool], tuple[int, ClientContext[Any]]] = {}
         self._buffers: dict[str, torch.Tensor] = {}
+        # The layout of the bound map's downlink parameters (None: not a `ClientJob` map).
+        self._bound: TreeSpec | None = None
         # The largest uplink (parameters + stored state) seen that did not fit its slot.
         self._result_bytes = 0
         self._closed = False
@@ -415,8 +417,10 @@ class Processes(ClosingContext):
             self._shared_buffer("slots", max(slot_bytes * self._slot_count(len(tasks)), 1))
             meta = attrs.evolve(job.downlink, params={})
             self._broadcast(("bind_job", key, meta, spec, slot_bytes))
+            self._bound = spec
             return slot_bytes, sends
         self._broadcast(("bind_fn", fn))
+        self._bound = None
         return 0, [("task", i, task, None) for i, task in enumerate(tasks)]
 
     def _stage_inputs(self, tasks: Sequence[Any]) -> tuple[list[tuple[Any, ...]], int]:
@@ -538,14 +542,19 @@ class Processes(ClosingContext):
                 size = tree_spec(result.params).nbytes + tree_spec(result.state).nbytes
                 self._result_bytes = max(self._result_bytes, size)
             return result
-        params_spec, state_spec = specs
+        params_spec = _worker.spec_of(specs[0], self._bound)
+        state_spec = _worker.spec_of(specs[1], self._bound)
         middle = start + params_spec.nbytes
         slots = self._buffers["slots"]
         # Copied out of the slot, which the next task's result overwrites: the parameters in
         # one copy (their own buffer, viewed per entry; one copy per entry cost ~0.3 ms per
         # small client), the stored state entry by entry (it may be kept for many rounds).
         params = unflatten(slots[start:middle].clone(), params_spec)
-        state = clone(unflatten(slots[middle : middle + state_spec.nbytes], state_spec))
+        state = (
+            clone(unflatten(slots[middle : middle + state_spec.nbytes], state_spec))
+            if state_spec.names
+            else {}
+        )
         return attrs.evolve(result, params=params, state=state)
 
     def _patience(self) -> float | None:
