@@ -286,7 +286,6 @@ def test_cli_runs_each_algorithm(algorithm: str, capsys: pytest.CaptureFixture[s
         (["--algorithm", "fedavg", "--head", "5"], "head='5' applies to fedrep and fedper"),
         (["--algorithm", "fedper", "--head", "9"], "'9' names no entry of the model"),
         (["--algorithm", "fedrep", "--model", "logreg"], "logistic regression has one layer"),
-        (["--algorithm", "fedrep"], "logistic regression has one layer"),
         (["--algorithm", "ditto", "--clip-norm", "1"], "clip_norm clips updates"),
     ],
 )

@@ -77,7 +77,7 @@ def _add_problem(run: argparse.ArgumentParser, defaults: Any) -> None:
         "--model",
         choices=MODELS,
         default=defaults.model,
-        help="auto: logreg on synthetic, mlp on mnist",
+        help="auto: logreg on synthetic (mlp for fedrep and fedper), mlp on mnist, cnn on cifar",
     )
     run.add_argument("--clients", type=int, default=defaults.clients, help="clients in total")
     run.add_argument(

@@ -208,11 +208,8 @@ def _hold_out(n: int, size: int, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def model_factory(config: RunConfig, data: FederatedDataset) -> ModelFactory:
-    """The model ``config.model`` names; ``auto``: logreg on synthetic, mlp on MNIST, else cnn."""
-    name = config.model
-    if name == "auto":
-        name = {"synthetic": "logreg", "mnist": "mlp"}.get(config.dataset, "cnn")
-    builder = {"logreg": logistic_regression, "mlp": mlp, "cnn": cnn}[name]
+    """The model ``config.model`` names (`RunConfig.model_name` resolves ``auto``)."""
+    builder = {"logreg": logistic_regression, "mlp": mlp, "cnn": cnn}[config.model_name]
     return functools.partial(builder, data.input_shape, data.num_classes)
 
 

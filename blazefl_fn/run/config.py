@@ -455,6 +455,17 @@ class RunConfig:
         with contextlib.suppress(ImportError):
             check_accountant("prv", z, rate, self.rounds, self.dp_delta)
 
+    @property
+    def model_name(self) -> str:
+        """The model ``model`` names, ``auto`` resolved: ``logreg`` on synthetic data (``mlp``
+        for FedRep and FedPer, which need a body under the personal head), ``mlp`` on MNIST,
+        ``cnn`` on CIFAR."""
+        if self.model != "auto":
+            return self.model
+        if self.dataset == "synthetic":
+            return "mlp" if self.algorithm in ("fedrep", "fedper") else "logreg"
+        return "mlp" if self.dataset == "mnist" else "cnn"
+
     def _check_personal(self) -> None:
         owners = {
             "ditto_lambda": ("ditto",), "personal_epochs": ("ditto",), "head_epochs": ("fedrep",),
@@ -469,9 +480,7 @@ class RunConfig:
                 )
         if self.algorithm not in ("fedrep", "fedper"):
             return
-        model = self.model
-        if model == "auto":
-            model = {"synthetic": "logreg", "mnist": "mlp"}.get(self.dataset, "cnn")
+        model = self.model_name
         if model == "logreg":
             raise ValueError(
                 f"{self.algorithm} splits the model into a shared body and a personal head; "
