@@ -24,6 +24,7 @@ from blazefl_fn.cli._experiment_file import (
     UnreadableExperiment,
     cells,
     parse_experiment,
+    read_experiment,
     tokens,
 )
 from blazefl_fn.cli._flags import UsageError
@@ -58,6 +59,23 @@ def test_keys_are_run_flags_in_either_spelling() -> None:
     ]
     # A negative value stays a value; a false switch is no flag.
     assert tokens([("lr", -1.0), ("drop_last", False)]) == ["--lr=-1.0"]
+
+
+def test_the_personalised_benchmark_is_twelve_valid_runs() -> None:
+    """``benchmarks/personalized.toml`` (docs/benchmarks.md): every cell is a run the flags
+    accept, with the settings the page describes."""
+    from blazefl_fn.cli._commands import _config
+    from blazefl_fn.cli._flags import build_parser
+
+    grid = cells(read_experiment("benchmarks/personalized.toml", sweep=True))
+    assert len(grid) == 12
+    configs = [_config(build_parser().parse_args(["run", *c.tokens])) for c in grid]
+    assert {(c.algorithm, c.seed) for c in configs} == {
+        (a, s) for a in ("fedavg", "ditto", "fedrep", "fedper") for s in (0, 1, 2)
+    }
+    for c in configs:
+        assert (c.dataset, c.data_dir, c.partition, c.alpha) == ("mnist", "mnist", "dirichlet", 0.1)
+        assert (c.model, c.clients, c.client_test_fraction) == ("mlp", 100, 0.2)
 
 
 @pytest.mark.parametrize(
