@@ -271,6 +271,30 @@ def test_cli_runs_each_algorithm(algorithm: str, capsys: pytest.CaptureFixture[s
     assert result["params_sha256"] == simulate(config).params_sha256
 
 
+def test_cli_json_records_the_client_stores_digest_after_a_resume_as_after_a_straight_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["run", "--algorithm", "fedper", "--model", "mlp", "--json", "--quiet"]
+    assert main([*flags, "--rounds", "4"]) == 0
+    straight = json.loads(capsys.readouterr().out)
+    ck = str(tmp_path / "ck")
+    assert main([*flags, "--rounds", "2", "--checkpoint-dir", ck]) == 0
+    halfway = json.loads(capsys.readouterr().out)
+    assert main([*flags, "--rounds", "4", "--resume", ck]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    expected = simulate(RunConfig(algorithm="fedper", model="mlp", rounds=4))
+    assert straight["client_state_sha256"] == expected.state.aux.clients.digest()
+    assert resumed["client_state_sha256"] == straight["client_state_sha256"]
+    assert resumed["params_sha256"] == straight["params_sha256"] == expected.params_sha256
+    assert halfway["client_state_sha256"] != straight["client_state_sha256"]
+    # Other algorithms with client state have it too; one without has null.
+    assert main(["run", "--algorithm", "scaffold", "--rounds", "1", "--json", "--quiet"]) == 0
+    scaffold = simulate(RunConfig(algorithm="scaffold", rounds=1)).state.aux.clients.digest()
+    assert json.loads(capsys.readouterr().out)["client_state_sha256"] == scaffold
+    assert main(["run", "--rounds", "1", "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["client_state_sha256"] is None
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

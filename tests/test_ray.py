@@ -23,9 +23,10 @@ from blazefl_fn.keys import Key
 from blazefl_fn.models import intra_op_threads
 from blazefl_fn.records import ClientTask, Downlink
 from blazefl_fn.round import make_round
-from blazefl_fn.run.config import ALGORITHMS, RunConfig
+from blazefl_fn.run.config import ALGORITHMS, PERSONAL, STATEFUL, RunConfig
 from blazefl_fn.run.simulate import load_federation, make_algorithm, run_rounds
 from blazefl_fn.run.simulate import model_factory as factory_for
+from blazefl_fn.server.client_state import ClientStore
 
 ray = pytest.importorskip("ray", reason="the Ray tests need the extra: pip install -e '.[ray]'")
 
@@ -67,14 +68,16 @@ def pool(session: None) -> Iterator[Ray]:
         yield executor
 
 
-def _digest(algorithm: Any, clients: Any, executor: Any, rounds: int = 2) -> str:
+def _digest(algorithm: Any, clients: Any, executor: Any, rounds: int = 2) -> tuple[str, str | None]:
+    """The final parameters' digest and, for an algorithm with client state, its store's."""
     key = Key.from_seed(0)
     with intra_op_threads(1):
         state, _ = run_rounds(
             make_round(algorithm, clients, executor), algorithm.init(key.fold_in("init")), key,
             until=rounds,
         )  # fmt: skip
-    return tree.digest(state.params)
+    store = getattr(state.aux, "clients", None)
+    return tree.digest(state.params), store.digest() if isinstance(store, ClientStore) else None
 
 
 def test_results_come_back_in_task_order_and_the_session_is_kept(pool: Ray) -> None:
@@ -93,12 +96,17 @@ def test_every_algorithm_gives_the_sequential_bits(algorithm: str, pool: Ray) ->
             batch_size=8, lr=0.05, public_size=40, public_per_round=12,
         )  # fmt: skip
     else:
-        config = RunConfig(algorithm=algorithm, clients=8, clients_per_round=6, batch_size=5)
+        # The personalised algorithms split a model into body and head: not logistic regression.
+        model = "mlp" if algorithm in PERSONAL else "auto"
+        config = RunConfig(
+            algorithm=algorithm, clients=8, clients_per_round=6, batch_size=5, model=model
+        )
         data = load_federation(config, Key.from_seed(0).fold_in("data"))
         model_fn = factory_for(config, data)
     algo = make_algorithm(config, model_fn, len(data.clients), data)
     with Sequential() as sequential:
         expected = _digest(algo, data.clients, sequential)
+    assert (expected[1] is not None) == (algorithm in STATEFUL)
     assert _digest(algo, data.clients, pool) == expected
 
 

@@ -24,10 +24,11 @@ from blazefl_fn.cli._experiment_file import (
     UnreadableExperiment,
     cells,
     parse_experiment,
+    read_experiment,
     tokens,
 )
 from blazefl_fn.cli._flags import UsageError
-from blazefl_fn.cli._sweep_summary import t_quantile
+from blazefl_fn.cli._t_quantile import t_quantile
 from blazefl_fn.run.metrics_log import read_metrics
 
 # A tiny synthetic job: a cell's run is a fraction of a second after its imports.
@@ -58,6 +59,23 @@ def test_keys_are_run_flags_in_either_spelling() -> None:
     ]
     # A negative value stays a value; a false switch is no flag.
     assert tokens([("lr", -1.0), ("drop_last", False)]) == ["--lr=-1.0"]
+
+
+def test_the_personalised_benchmark_is_twelve_valid_runs() -> None:
+    """``benchmarks/personalized.toml`` (docs/benchmarks.md): every cell is a run the flags
+    accept, with the settings the page describes."""
+    from blazefl_fn.cli._commands import _config
+    from blazefl_fn.cli._flags import build_parser
+
+    grid = cells(read_experiment("benchmarks/personalized.toml", sweep=True))
+    assert len(grid) == 12
+    configs = [_config(build_parser().parse_args(["run", *c.tokens])) for c in grid]
+    assert {(c.algorithm, c.seed) for c in configs} == {
+        (a, s) for a in ("fedavg", "ditto", "fedrep", "fedper") for s in (0, 1, 2)
+    }
+    for c in configs:
+        assert (c.dataset, c.data_dir, c.partition, c.alpha) == ("mnist", "mnist", "dirichlet", 0.1)
+        assert (c.model, c.clients, c.client_test_fraction) == ("mlp", 100, 0.2)
 
 
 @pytest.mark.parametrize(
@@ -388,6 +406,43 @@ def test_a_sweep_is_its_runs_and_its_summary_is_its_logs(
 
 
 @pytest.mark.slow
+def test_per_client_accuracy_columns_are_the_logs_final_evaluations(tmp_path: Path) -> None:
+    exp = tmp_path / "exp.toml"
+    exp.write_text(
+        BASE + 'model = "mlp"\nclient-test-fraction = 0.3\neval-every = 2\n'
+        '[sweep]\nalgorithm = ["fedavg", "fedper"]\nseed = [0, 1]\n'
+    )
+    out = tmp_path / "out"
+    done = run_cli("sweep", str(exp), "--out", str(out), "--jobs", "2")
+    assert done.returncode == 0, done.stderr
+    rows = {r["algorithm"]: r for r in _summary(out)}
+    assert set(rows) == {"fedavg", "fedper"}
+    md = (out / "summary.md").read_text()
+    assert "| best accuracy | client accuracy | worst-10% client accuracy | MB up |" in md
+    for algorithm, row in rows.items():
+        finals = []
+        for directory in _cell_dirs(out):
+            records = read_metrics(directory / "metrics.jsonl")
+            if records[0]["config"]["algorithm"] == algorithm:
+                assert records[-1]["round"] == 3  # the last round is evaluated
+                finals.append(records[-1]["eval"])
+        for name in ("client_accuracy", "client_accuracy_p10"):
+            values = [f[name] for f in finals]
+            mean, std = statistics.mean(values), statistics.stdev(values)
+            assert float(row[f"{name}_mean"]) == pytest.approx(mean, rel=1e-12)
+            assert float(row[f"{name}_std"]) == pytest.approx(std, rel=1e-12)
+            assert f"{mean:.4f} ± {std:.4f}" in md
+    header = list(rows["fedavg"])
+    at = header.index("best_accuracy_mean")
+    assert header[at + 1 : at + 5] == [
+        "client_accuracy_mean",
+        "client_accuracy_std",
+        "client_accuracy_p10_mean",
+        "client_accuracy_p10_std",
+    ]
+
+
+@pytest.mark.slow
 def test_values_added_to_an_axis_extend_the_sweep_in_its_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -586,3 +641,11 @@ def test_summary_numbers_from_hand_made_logs(tmp_path: Path) -> None:
     assert "| rounds to 0.5 |" in md
     assert "| 2.5 (2/3) |" in md
     assert "Not finished (not in the table): e" in md
+    # No cell evaluated its clients: no per-client column.
+    assert "client accuracy" not in md
+    header = (tmp_path / "summary.csv").read_text().splitlines()[0]
+    assert "client_accuracy" not in header
+    assert header.endswith(
+        "best_accuracy_mean,target_accuracy,rounds_to_target_mean,"
+        "reached_target,bytes_up_mean,bytes_down_mean,wall_seconds_mean"
+    )

@@ -236,6 +236,7 @@ def _run_locked(args: argparse.Namespace, config: RunConfig, callbacks: list[Cal
         "metrics": dict(result.metrics),
         "loss": result.loss,
         "params_sha256": result.params_sha256,
+        "client_state_sha256": result.client_state_sha256,
         "wall_seconds": round(result.wall_seconds, 3),
         "bytes_up": sum(r.bytes_up for r in result.reports),
         "bytes_down": sum(r.bytes_down for r in result.reports),

@@ -4,7 +4,10 @@ row per group of cells that differ only in ``seed``) and ``curves.png``.
 Numbers per group: the mean, sample standard deviation and 95% interval (Student's t, n - 1
 degrees of freedom) of the final test accuracy over seeds; the mean best accuracy; the mean
 rounds to ``target_accuracy`` over the seeds that reached it; the mean bytes up and down and
-the mean wall time of a cell.
+the mean wall time of a cell. When the cells evaluated every client on its own held-out split
+(``client_accuracy`` and ``client_accuracy_p10`` in their last evaluation: ``--eval-clients`` or
+``--client-test-fraction``), also the mean and standard deviation over seeds of the mean
+per-client accuracy and of the worst-10% per-client accuracy.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import attrs
 from .._files import replaced_atomically
 from ..run.metrics_log import read_metrics
 from ..run.simulate import RESUMABLE_CHANGES
+from ._sweep_curves import write_curves
+from ._t_quantile import t_quantile
 
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
@@ -41,6 +46,9 @@ class CellLog:
         bytes_down: bytes sent to clients over all rounds.
         wall_seconds: the run's time, summed over its stretches (a resumed run starts another).
         finished: whether the sweep recorded the run as ended (``result.json``).
+        client_accuracy: the mean per-client accuracy of the last evaluation (None when it
+            evaluated no client).
+        client_accuracy_p10: the worst-10% per-client accuracy of that evaluation (or None).
     """
 
     name: str
@@ -50,6 +58,13 @@ class CellLog:
     bytes_down: int
     wall_seconds: float
     finished: bool
+    client_accuracy: float | None = None
+    client_accuracy_p10: float | None = None
+
+
+def _number(metrics: Mapping[str, Any], name: str) -> float | None:
+    value = metrics.get(name)
+    return float(value) if isinstance(value, int | float) else None
 
 
 def read_cell(directory: Path) -> CellLog | None:
@@ -66,6 +81,7 @@ def read_cell(directory: Path) -> CellLog | None:
         return None
     config: Mapping[str, Any] | None = None
     accuracy: list[tuple[int, float]] = []
+    last_eval: Mapping[str, Any] = {}
     wall = 0.0
     stretch = 0.0
     for record in records:
@@ -77,6 +93,7 @@ def read_cell(directory: Path) -> CellLog | None:
         value = metrics.get("accuracy")
         if isinstance(value, int | float):
             accuracy.append((int(record["round"]), float(value)))
+            last_eval = metrics
     if config is None:
         raise ValueError(f"{path}: no record carries the run's config")
     return CellLog(
@@ -87,6 +104,8 @@ def read_cell(directory: Path) -> CellLog | None:
         bytes_down=sum(int(r.get("bytes_down") or 0) for r in records),
         wall_seconds=wall + stretch,
         finished=(directory / RESULT).is_file(),
+        client_accuracy=_number(last_eval, "client_accuracy"),
+        client_accuracy_p10=_number(last_eval, "client_accuracy_p10"),
     )
 
 
@@ -94,46 +113,6 @@ def read_cells(out: Path) -> list[CellLog]:
     """Every cell log under the sweep directory ``out``, by directory name."""
     found = (read_cell(d) for d in sorted(out.iterdir()) if d.is_dir())
     return [cell for cell in found if cell is not None]
-
-
-def _t_two_sided(t: float, df: int) -> float:
-    """P(|T| < t) for Student's t with ``df`` degrees of freedom (Abramowitz & Stegun 26.7.3-4,
-    exact for integer ``df``)."""
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    term, total = 1.0, 1.0
-    if df % 2 == 1:
-        for k in range(1, (df - 3) // 2 + 1):
-            term *= c2 * (2 * k) / (2 * k + 1)
-            total += term
-        inner = math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0
-        return 2 / math.pi * (theta + inner)
-    for k in range(1, (df - 2) // 2 + 1):
-        term *= c2 * (2 * k - 1) / (2 * k)
-        total += term
-    return math.sin(theta) * total
-
-
-def t_quantile(df: int, level: float = 0.95) -> float:
-    """The two-sided ``level`` quantile of Student's t with ``df`` degrees of freedom.
-
-    Args:
-        df: degrees of freedom (>= 1).
-        level: the interval's coverage, in (0, 1).
-
-    Returns:
-        ``t`` with P(|T| < t) = ``level`` (12.706 for df 1, 4.303 for df 2 at 95%).
-    """
-    low, high = 0.0, 1.0
-    while _t_two_sided(high, df) < level:
-        high *= 2
-    for _ in range(200):  # bisection to float precision
-        mid = (low + high) / 2
-        if _t_two_sided(mid, df) < level:
-            low = mid
-        else:
-            high = mid
-    return (low + high) / 2
 
 
 @attrs.frozen
@@ -156,6 +135,11 @@ class GroupRow:
         bytes_down: mean bytes down of a cell.
         wall_seconds: mean wall time of a cell.
         curve: ``(round, mean, std)`` of test accuracy at the rounds every seed evaluated.
+        client_mean: mean over seeds of the final mean per-client accuracy (nan unless every
+            seed's last evaluation has it).
+        client_std: its sample standard deviation over seeds (nan with one seed).
+        p10_mean: mean over seeds of the final worst-10% per-client accuracy (nan as above).
+        p10_std: its sample standard deviation over seeds.
     """
 
     axes: tuple[tuple[str, Any], ...]
@@ -172,6 +156,10 @@ class GroupRow:
     bytes_down: float
     wall_seconds: float
     curve: tuple[tuple[int, float, float], ...]
+    client_mean: float = math.nan
+    client_std: float = math.nan
+    p10_mean: float = math.nan
+    p10_std: float = math.nan
 
     @property
     def label(self) -> str:
@@ -200,6 +188,15 @@ def _best(cell: CellLog) -> float:
     return max((a for _, a in cell.accuracy), default=math.nan)
 
 
+def _spread(values: Sequence[float | None]) -> tuple[float, float]:
+    """Mean and sample standard deviation of ``values``; nan unless every one is there."""
+    present = [v for v in values if v is not None]
+    if not present or len(present) < len(values):
+        return math.nan, math.nan
+    std = statistics.stdev(present) if len(present) > 1 else math.nan
+    return statistics.fmean(present), std
+
+
 def _row(axes: tuple[tuple[str, Any], ...], cells: Sequence[CellLog]) -> GroupRow:
     cells = sorted(cells, key=lambda c: _sort_key(c.config.get("seed")))
     finals = [c.accuracy[-1][1] if c.accuracy else math.nan for c in cells]
@@ -223,6 +220,8 @@ def _row(axes: tuple[tuple[str, Any], ...], cells: Sequence[CellLog]) -> GroupRo
         )
         for r in common
     )
+    client_mean, client_std = _spread([c.client_accuracy for c in cells])
+    p10_mean, p10_std = _spread([c.client_accuracy_p10 for c in cells])
     return GroupRow(
         axes=axes,
         seeds=tuple(int(c.config.get("seed", 0)) for c in cells),
@@ -238,6 +237,10 @@ def _row(axes: tuple[tuple[str, Any], ...], cells: Sequence[CellLog]) -> GroupRo
         bytes_down=statistics.fmean(c.bytes_down for c in cells),
         wall_seconds=statistics.fmean(c.wall_seconds for c in cells),
         curve=curve,
+        client_mean=client_mean,
+        client_std=client_std,
+        p10_mean=p10_mean,
+        p10_std=p10_std,
     )
 
 
@@ -268,6 +271,14 @@ def group_rows(cells: Sequence[CellLog], axes: Sequence[str] | None = None) -> l
     return sorted(rows, key=lambda r: [_sort_key(v) for _, v in r.axes])
 
 
+_CLIENT_COLUMNS = (
+    "client_accuracy_mean",
+    "client_accuracy_std",
+    "client_accuracy_p10_mean",
+    "client_accuracy_p10_std",
+)
+"""After ``best_accuracy_mean`` when some row evaluated its clients (`_per_client`)."""
+
 _COLUMNS = (
     "seeds",
     "n",
@@ -289,19 +300,30 @@ def _csv_number(value: float | None) -> str:
     return "" if value is None or math.isnan(value) else repr(value)
 
 
+def _per_client(rows: Sequence[GroupRow]) -> bool:
+    """Whether some row has per-client accuracies: the summary then has their columns."""
+    return any(not math.isnan(r.client_mean) for r in rows)
+
+
 def summary_csv(rows: Sequence[GroupRow]) -> str:
-    """The rows as CSV: the varying settings, then `_COLUMNS` (an empty field: no value)."""
+    """The rows as CSV: the varying settings, then `_COLUMNS`, with `_CLIENT_COLUMNS` after
+    ``best_accuracy_mean`` when some row has them (an empty field: no value)."""
     axes = [k for k, _ in rows[0].axes] if rows else []
+    clients = _per_client(rows)
+    at = _COLUMNS.index("best_accuracy_mean") + 1
+    columns = (*_COLUMNS[:at], *(_CLIENT_COLUMNS if clients else ()), *_COLUMNS[at:])
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow([*axes, *_COLUMNS])
+    writer.writerow([*axes, *columns])
     for r in rows:
+        per_client = (r.client_mean, r.client_std, r.p10_mean, r.p10_std) if clients else ()
         numbers = (
             r.final_mean,
             r.final_std,
             r.ci_low,
             r.ci_high,
             r.best_mean,
+            *per_client,
             r.target,
             r.rounds_to_target,
         )
@@ -322,16 +344,22 @@ def _f(value: float, spec: str = ".4f") -> str:
     return "-" if math.isnan(value) else format(value, spec)
 
 
+def _mean_std(mean: float, std: float) -> str:
+    return _f(mean) + ("" if math.isnan(std) else f" ± {std:.4f}")
+
+
 def summary_markdown(rows: Sequence[GroupRow], unfinished: Sequence[str]) -> str:
     """The rows as a Markdown table, with a line on cells not (yet) finished."""
     axes = [k for k, _ in rows[0].axes] if rows else []
     target = next((r.target for r in rows if r.target is not None), None)
+    clients = _per_client(rows)
     head = [
         *axes,
         "seeds",
         "final accuracy",
         "95% interval",
         "best accuracy",
+        *(["client accuracy", "worst-10% client accuracy"] if clients else []),
         *([f"rounds to {target:g}"] if target is not None else []),
         "MB up",
         "MB down",
@@ -351,6 +379,11 @@ def summary_markdown(rows: Sequence[GroupRow], unfinished: Sequence[str]) -> str
             f"{r.final_mean:.4f}{spread}",
             "-" if math.isnan(r.ci_low) else f"[{r.ci_low:.4f}, {r.ci_high:.4f}]",
             _f(r.best_mean),
+            *(
+                [_mean_std(r.client_mean, r.client_std), _mean_std(r.p10_mean, r.p10_std)]
+                if clients
+                else []
+            ),
             *reach,
             f"{r.bytes_up / 1e6:.2f}",
             f"{r.bytes_down / 1e6:.2f}",
@@ -361,42 +394,6 @@ def summary_markdown(rows: Sequence[GroupRow], unfinished: Sequence[str]) -> str
     if unfinished:
         text += f"\nNot finished (not in the table): {', '.join(unfinished)}\n"
     return text
-
-
-def write_curves(rows: Sequence[GroupRow], path: Path) -> bool:
-    """Draw each group's mean test accuracy per round, with a band of one standard deviation,
-    into ``path``; False (nothing written) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(figsize=(6, 4))
-    ax: Any = axes  # matplotlib's stubs leave keyword arguments untyped
-    try:
-        for r in rows:
-            xs = [c[0] for c in r.curve]
-            means = [c[1] for c in r.curve]
-            stds = [c[2] for c in r.curve]
-            (line,) = ax.plot(xs, means, label=f"{r.label} (n={len(r.seeds)})")
-            low = [m - s for m, s in zip(means, stds, strict=True)]
-            high = [m + s for m, s in zip(means, stds, strict=True)]
-            ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2)
-        ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy (mean ± std over seeds)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(visible=True, alpha=0.3)
-        if rows:
-            ax.legend(fontsize="small")
-        fig.tight_layout()
-        with replaced_atomically(path, "plot") as tmp:
-            fig.savefig(tmp, dpi=110)  # pyright: ignore[reportUnknownMemberType]  # kwargs untyped
-    finally:
-        plt.close(fig)
-    return True
 
 
 def write_summary(

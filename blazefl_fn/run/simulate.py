@@ -27,6 +27,7 @@ from ..models import build_module, intra_op_threads
 from ..privacy.privatize import PrivacyBudget
 from ..records import RoundReport, ServerState
 from ..round import A, RoundFn, make_round, on_server
+from ..server.client_state import ClientStore
 from ..tree import digest
 from ._build import (
     SYNTHETIC_EAGER_CLIENTS,
@@ -82,6 +83,19 @@ class RunResult:
     """A private run's spent budget after its last round (``epsilon``, ``delta``), else None."""
     stop_reason: str | None = None
     """Why the run ended before ``rounds`` for its privacy budget (names the round), or None."""
+    client_state_sha256: str | None = None
+    """`ClientStore.digest` of the final state's client store (``aux.clients``: the personal
+    trees of Ditto, FedRep and FedPer, SCAFFOLD's and FedDyn's client states, DS-FL's and
+    SCARLET's local models), or None for an algorithm that keeps no client state."""
+
+
+def _client_store(aux: object) -> ClientStore | None:
+    """The client store a server state's ``aux`` holds: ``aux`` itself, or its ``clients``
+    field (the stock stateful algorithms' records); None when it holds none."""
+    if isinstance(aux, ClientStore):
+        return aux
+    clients = getattr(aux, "clients", None) if attrs.has(type(aux)) else None
+    return clients if isinstance(clients, ClientStore) else None
 
 
 def run_rounds(
@@ -393,6 +407,7 @@ def _simulate(
             account=None if accountant is None else accountant.spent,
             stop_before=None if budget is None else budget.stop_before,
         )
+    store = _client_store(loop.state.aux)
     return RunResult(
         state=loop.state,
         reports=loop.reports,
@@ -405,4 +420,5 @@ def _simulate(
         numerics=portable.numerics(),
         privacy=None if accountant is None else accountant.spent(loop.state),
         stop_reason=loop.stop_reason,
+        client_state_sha256=None if store is None else store.digest(),
     )
