@@ -38,7 +38,8 @@ _LAUNCH = """
 import os, signal, sys
 for number in (signal.SIGINT, signal.SIGTERM):
     signal.signal(number, signal.SIG_DFL)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
+if hasattr(signal, "pthread_sigmask"):  # POSIX only
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
 if sys.platform.startswith("linux"):
     import ctypes
     ctypes.CDLL(None, use_errno=True).prctl(1, 15)  # PR_SET_PDEATHSIG, SIGTERM
