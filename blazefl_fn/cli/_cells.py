@@ -116,8 +116,8 @@ def run_cell_task(argv: list[str], cwd: str, directory: str) -> int:
             f"{directory} is not visible on node {socket.gethostname()}: a Ray sweep needs "
             "--out and its working directory on a filesystem every node shares"
         )
-    # Its own group: Ray kills a worker's whole group, which would take the cell with it
-    # before it could write its final checkpoint.
+    # A session of its own: a signal to the Ray worker's process group does not reach the cell;
+    # it is stopped through this task only, as Ctrl-C stops a run.
     process = _popen(argv, where, cwd, own_group=True)
     try:
         while True:
@@ -185,7 +185,7 @@ class RayCell:
 
     def wait_stopped(self, deadline: float) -> None:
         """Wait until ``deadline`` (monotonic) for the task to end, then kill its worker (the
-        cell then gets SIGTERM from its death signal)."""
+        cell ends with it and resumes from its last periodic checkpoint)."""
         ready, _ = self._ray.wait([self._ref], timeout=max(0.0, deadline - time.monotonic()))
         if not ready:
             with contextlib.suppress(Exception):
