@@ -27,8 +27,8 @@ from ..models import ModelFactory, build_template
 from ..records import ClientTask, Downlink, Uplink
 from ..round import Algorithm
 from ..server.client_state import StoreOptions
-from ..tree import select
-from .personal import PersonalState, last_layer, personalized, split_head
+from ._heads import body_and_head, with_head
+from .personal import PersonalState, personalized, split_head
 from .stages import aggregate_except, mean_by_examples
 
 __all__ = ["FedPerUpdate", "fedper"]
@@ -50,16 +50,15 @@ class FedPerUpdate:
 
     def __call__(self, downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
         """Train from the global body and the client's head; keep the head, send the body."""
-        head = task.state if task.state else select(downlink.params, self.head)
-        start = {n: head.get(n, t) for n, t in downlink.params.items()}
+        start = with_head(downlink.params, task.state, self.head)
         trained = train(self.template, start, data, task.key, self.training)
-        body = [n for n in trained.params if n not in self.head]
+        body, head = body_and_head(trained.params, self.head)
         return Uplink(
             client_id=task.client_id,
             num_examples=len(data),
-            params=select(trained.params, body),
+            params=body,
             metrics={"loss": trained.result.loss},
-            state=select(trained.params, self.head),
+            state=head,
             steps=trained.result.steps,
         )
 
@@ -81,7 +80,7 @@ def fedper(
         clients_per_round: clients sampled uniformly each round.
         local: local training of body and head together.
         head: the personal entries by name or module prefix; None: the last layer
-            (`last_layer`).
+            (`blazefl_fn.algorithms.personal.last_layer`).
         store: the memory budget and spill directory of the heads.
 
     Raises:
@@ -97,8 +96,7 @@ def fedper(
         4
     """
     template = build_template(model_fn)
-    patterns = tuple(head) if head is not None else (last_layer(template),)
-    names = split_head(template, patterns)
+    names = split_head(template, head)
     return personalized(
         "fedper",
         model_fn,

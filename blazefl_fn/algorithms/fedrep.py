@@ -31,8 +31,8 @@ from ..models import ModelFactory, build_template
 from ..records import ClientTask, Downlink, Uplink
 from ..round import Algorithm
 from ..server.client_state import StoreOptions
-from ..tree import select
-from .personal import PersonalState, last_layer, personalized, split_head
+from ._heads import body_and_head, with_head
+from .personal import PersonalState, personalized, split_head
 from .stages import aggregate_except, mean_uniform
 
 __all__ = ["FedRepUpdate", "fedrep"]
@@ -56,19 +56,18 @@ class FedRepUpdate:
 
     def __call__(self, downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
         """Train the client's head, then the body under it; keep the head, send the body."""
-        head = task.state if task.state else select(downlink.params, self.head)
-        start = {n: head.get(n, t) for n, t in downlink.params.items()}
+        start = with_head(downlink.params, task.state, self.head)
         first = train(self.template, start, data, task.key.fold_in("head"), self.head_training)
         second = train(
             self.template, first.params, data, task.key.fold_in("body"), self.body_training
         )
-        body = [n for n in second.params if n not in self.head]
+        body, head = body_and_head(second.params, self.head)
         return Uplink(
             client_id=task.client_id,
             num_examples=len(data),
-            params=select(second.params, body),
+            params=body,
             metrics={"loss": second.result.loss, "head_loss": first.result.loss},
-            state=select(second.params, self.head),
+            state=head,
             steps=first.result.steps + second.result.steps,
         )
 
@@ -93,7 +92,7 @@ def fedrep(
             the same batch size and step size for ``head_epochs`` epochs.
         head_epochs: the head's epochs each round (the paper's 10 by default).
         head: the personal entries by name or module prefix; None: the last layer
-            (`last_layer`).
+            (`blazefl_fn.algorithms.personal.last_layer`).
         store: the memory budget and spill directory of the heads.
 
     Raises:
@@ -111,8 +110,7 @@ def fedrep(
     if isinstance(head_epochs, bool) or not isinstance(head_epochs, int) or head_epochs < 1:  # pyright: ignore[reportUnnecessaryIsInstance]
         raise ValueError(f"fedrep's head_epochs must be an integer >= 1, got {head_epochs!r}")
     template = build_template(model_fn)
-    patterns = tuple(head) if head is not None else (last_layer(template),)
-    names = split_head(template, patterns)
+    names = split_head(template, head)
     return personalized(
         "fedrep",
         model_fn,

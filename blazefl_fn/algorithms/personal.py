@@ -92,8 +92,9 @@ def personal_names(template: torch.nn.Module, patterns: Sequence[str]) -> tuple[
     return tuple(n for n in entries if matches(n, tuple(patterns)))
 
 
-def split_head(template: torch.nn.Module, patterns: Sequence[str]) -> tuple[str, ...]:
-    """The head's state-dict names (`personal_names`), refusing a head without a body.
+def split_head(template: torch.nn.Module, patterns: Sequence[str] | None) -> tuple[str, ...]:
+    """The head's state-dict names (`personal_names`; None: the `last_layer`), refusing a
+    head without a body.
 
     Raises:
         ValueError: a pattern names no entry, or the head holds every trainable parameter.
@@ -102,6 +103,8 @@ def split_head(template: torch.nn.Module, patterns: Sequence[str]) -> tuple[str,
         >>> split_head(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)), ["1"])
         ('1.weight', '1.bias')
     """
+    if patterns is None:
+        patterns = (last_layer(template),)
     names = personal_names(template, patterns)
     body = [n for n, p in template.named_parameters() if p.requires_grad and n not in names]
     if not body:

@@ -66,11 +66,10 @@ def _popen(
         )
 
 
-def _stop_process(process: subprocess.Popen[bytes], signum: int, grace: float) -> None:
-    with contextlib.suppress(OSError):
-        process.send_signal(signum)
+def _wait_or_kill(process: subprocess.Popen[bytes], seconds: float) -> None:
+    """Wait up to ``seconds`` for ``process`` to end, then kill it."""
     try:
-        process.wait(grace)
+        process.wait(seconds)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
@@ -94,11 +93,7 @@ class LocalCell:
 
     def wait_stopped(self, deadline: float) -> None:
         """Wait until ``deadline`` (monotonic) for the run to end, then kill it."""
-        try:
-            self._process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        _wait_or_kill(self._process, max(0.0, deadline - time.monotonic()))
 
 
 def run_cell_task(argv: list[str], cwd: str, directory: str) -> int:
@@ -126,7 +121,9 @@ def run_cell_task(argv: list[str], cwd: str, directory: str) -> int:
             except subprocess.TimeoutExpired:
                 continue
     except BaseException:
-        _stop_process(process, signal.SIGINT, STOP_GRACE)
+        with contextlib.suppress(OSError):
+            process.send_signal(signal.SIGINT)
+        _wait_or_kill(process, STOP_GRACE)
         raise
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import attrs
@@ -594,21 +595,22 @@ def _mirror_url(text: str) -> str:
     return text
 
 
-def _ray_address(text: str) -> str:
-    """A sweep's ``--ray-address``: ``auto`` or ``[ray://]HOST:PORT``."""
-    try:
-        return check_ray_address("ray address", text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _checked(check: Callable[[str, str], str], name: str) -> Callable[[str], str]:
+    """An argparse type from a validator ``check(name, value)``: its message, one line."""
+
+    def parse(text: str) -> str:
+        try:
+            return check(name, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
-def _local_ip(text: str) -> str:
-    """A sweep's ``--ray-node-ip``: an IP address of this machine (Ray waits minutes for
-    another)."""
-    try:
-        return check_local_ip("ray node IP", text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+# A sweep's ``--ray-address`` (``auto`` or ``[ray://]HOST:PORT``) and ``--ray-node-ip`` (an IP
+# address of this machine: Ray waits minutes for another).
+_ray_address = _checked(check_ray_address, "ray address")
+_local_ip = _checked(check_local_ip, "ray node IP")
 
 
 def add_data_command(commands: Any) -> None:

@@ -107,15 +107,18 @@ _EXECUTION_ONLY = frozenset(
 )
 
 
-def _finished(cell: Cell, directory: Path) -> bool:
-    """Whether the cell's run ended with the settings it has now, up to how it was executed."""
+def _result(directory: Path) -> dict[str, Any]:
+    """A cell's recorded result (its ``--json`` output); empty when there is none to read."""
     try:
         result = json.loads((directory / RESULT).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    if not isinstance(result, dict):
-        return False
-    ran = cast(dict[str, Any], result).get("config")
+        return {}
+    return cast(dict[str, Any], result) if isinstance(result, dict) else {}
+
+
+def _finished(cell: Cell, directory: Path) -> bool:
+    """Whether the cell's run ended with the settings it has now, up to how it was executed."""
+    ran = _result(directory).get("config")
     now = config_dict(cell.config)
     if not isinstance(ran, dict):
         return False
@@ -129,11 +132,7 @@ def _finished(cell: Cell, directory: Path) -> bool:
 
 def _rounds_run(directory: Path) -> int:
     """The rounds a cell's last finished run completed (0 without a result)."""
-    try:
-        result = json.loads((directory / RESULT).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 0
-    rounds = cast(dict[str, Any], result).get("rounds") if isinstance(result, dict) else None
+    rounds = _result(directory).get("rounds")
     return rounds if isinstance(rounds, int) else 0
 
 
