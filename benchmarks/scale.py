@@ -14,7 +14,8 @@ Three parts, each case in a fresh Python process so that its peak RSS is its own
   peak RSS, the store's bytes in memory and on disk at the end.
 - ``long``: the CLI's default job (``RunConfig()``: FedAvg on Synthetic(1, 1), 30 clients,
   10 per round) for ``--long-rounds`` rounds, sequential and on ``Processes(2)``: the RSS of
-  the driver and of the largest worker at round 200, half-way and at the end.
+  the driver and of the largest worker at round 200 (a quarter of a shorter run), half-way
+  and at the end.
 
     python -m benchmarks.scale --data-dir ~/data/mnist    # everything (blazefl-fn data mnist DIR)
     python -m benchmarks.scale --parts synthetic --sizes 1000,10000 --rounds 5
@@ -184,18 +185,21 @@ class _Memory(fl.Callback):
 
 def case_long(rounds: int, executor: str) -> dict[str, Any]:
     """The CLI's default job for ``rounds`` rounds; see the module docstring."""
-    marks = (200, rounds // 2, rounds)
+    # The first reading comes after the start-up allocations have settled: round 200, or a
+    # quarter of a shorter run.
+    first = min(200, max(1, rounds // 4))
+    marks = (first, rounds // 2, rounds)
     memory = _Memory(marks)
     start = time.perf_counter()
     config = fl.RunConfig(rounds=rounds, eval_every=rounds, executor=executor)
     fl.simulate(config, [memory])
     out: dict[str, Any] = {"executor": executor}
     out.update({f"driver_mib_{r}": memory.rss[r] / MiB for r in marks})
-    out["driver_growth"] = memory.rss[rounds] / memory.rss[200] - 1
-    if memory.workers[200]:
-        out["worker_mib_200"] = memory.workers[200] / MiB
+    out["driver_growth"] = memory.rss[rounds] / memory.rss[first] - 1
+    if memory.workers[first]:
+        out[f"worker_mib_{first}"] = memory.workers[first] / MiB
         out[f"worker_mib_{rounds}"] = memory.workers[rounds] / MiB
-        out["worker_growth"] = memory.workers[rounds] / memory.workers[200] - 1
+        out["worker_growth"] = memory.workers[rounds] / memory.workers[first] - 1
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -254,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     parser.add_argument("--data-dir", default="../shared/data/mnist")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.long_rounds < 4:
+        parser.error(f"--long-rounds must be at least 4 (three readings), got {args.long_rounds}")
     if args.case:
         print(json.dumps(_run_case(json.loads(args.case))))
         return {}

@@ -3,10 +3,12 @@
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from blazefl_fn.executors import Processes
 from tools.ft_check import gil_enabled, gil_override
 
 # Ray, wherever a test starts it (in this process or a child): no usage reports, and one
@@ -63,3 +65,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
     elif REQUIRE_NO_GIL:
         print("\nfree-threaded check: the GIL stayed off for the whole session")
+
+
+@pytest.fixture(scope="module")
+def processes2() -> Iterator[Processes]:
+    """One `Processes(2)` pool for a module's digest comparisons (`simulate(executor=...)`), so
+    that each run does not start two interpreters of its own."""
+    with Processes(2) as pool:
+        yield pool

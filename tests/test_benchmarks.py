@@ -93,7 +93,7 @@ def test_scale_benchmark_runs_every_part_with_one_digest_per_federation(
         pytest.skip("MNIST is not available")
     results = scale.main(
         ["--sizes", "100,5000", "--per-round", "4", "--rounds", "2",
-         "--stateful-clients", "300", "--long-rounds", "200", "--data-dir", str(data_dir),
+         "--stateful-clients", "300", "--long-rounds", "40", "--data-dir", str(data_dir),
          "--algorithms", "scaffold,scarlet", "--store-memory-mb", "0"]
     )  # fmt: skip
     out = capsys.readouterr().out
@@ -113,7 +113,22 @@ def test_scale_benchmark_runs_every_part_with_one_digest_per_federation(
         assert row["store_memory_mib"] == 0
         assert row["store_spilled_mib"] > 0
     assert [r["executor"] for r in results["long"]] == ["sequential", "processes"]
+    # A 40-round long part reads memory at rounds 10 (a quarter), 20 and 40.
+    assert all(
+        {"driver_mib_10", "driver_mib_20", "driver_mib_40"} <= set(r) for r in results["long"]
+    )
     assert "| scarlet | 0 | 300 |" in out
+
+
+def test_scale_benchmark_refuses_a_long_part_too_short_for_its_readings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import scale
+
+    with pytest.raises(SystemExit) as exit_info:
+        scale.main(["--parts", "long", "--long-rounds", "3"])
+    assert exit_info.value.code == 2
+    assert "--long-rounds must be at least 4 (three readings), got 3" in capsys.readouterr().err
 
 
 def test_free_threading_table_gives_ratios_and_catches_digests_that_differ(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -14,6 +16,7 @@ import pytest
 from _paths import mnist_dir, mnist_search_path
 from _ray_helpers import ENV as RAY_ENV
 
+from blazefl_fn.executors import Processes
 from blazefl_fn.run.config import RunConfig
 from blazefl_fn.run.simulate import simulate
 
@@ -22,16 +25,24 @@ MATRIX = [("sequential", 1)] + [(e, w) for e in ("threads", "processes") for w i
 pytestmark = pytest.mark.slow
 
 
-def _digests(base: RunConfig) -> dict[tuple[str, int], str]:
+@pytest.fixture(scope="module")
+def pools() -> Iterator[dict[int, Processes]]:
+    """A `Processes` pool of each width, shared by the module's runs."""
+    with contextlib.ExitStack() as stack:
+        yield {w: stack.enter_context(Processes(w)) for e, w in MATRIX if e == "processes"}
+
+
+def _digests(base: RunConfig, pools: dict[int, Processes]) -> dict[tuple[str, int], str]:
     out: dict[tuple[str, int], str] = {}
     for executor, workers in MATRIX:
         config = attrs.evolve(base, executor=executor, workers=workers)
-        out[(executor, workers)] = simulate(config).params_sha256
+        given = pools[workers] if executor == "processes" else None
+        out[(executor, workers)] = simulate(config, executor=given).params_sha256
     return out
 
 
-def test_synthetic_digest_is_the_same_on_every_executor() -> None:
-    digests = _digests(RunConfig(clients=12, clients_per_round=5, rounds=3, batch_size=5))
+def test_synthetic_digest_is_the_same_on_every_executor(pools: dict[int, Processes]) -> None:
+    digests = _digests(RunConfig(clients=12, clients_per_round=5, rounds=3, batch_size=5), pools)
     assert len(set(digests.values())) == 1, digests
 
 
@@ -39,12 +50,12 @@ def test_synthetic_digest_is_the_same_on_every_executor() -> None:
     mnist_dir() is None,
     reason=f"MNIST not found at {mnist_search_path()}; set BLAZEFL_FN_MNIST_DIR",
 )
-def test_mnist_digest_is_the_same_on_every_executor() -> None:
+def test_mnist_digest_is_the_same_on_every_executor(pools: dict[int, Processes]) -> None:
     base = RunConfig(
         dataset="mnist", data_dir=str(mnist_dir()), clients=60, clients_per_round=6, rounds=2,
         batch_size=50, lr=0.1,
     )  # fmt: skip
-    digests = _digests(base)
+    digests = _digests(base, pools)
     assert len(set(digests.values())) == 1, digests
 
 
@@ -92,9 +103,10 @@ def _thread_sensitive(code: str) -> str:
         "functools.partial(mlp, data.input_shape, data.num_classes, hidden=(512, 512))",
     )
     code = code.replace("fl.LocalSGD()", "fl.LocalSGD(batch_size=64)")
-    code = code.replace("rounds=20", "rounds=3")
+    code = code.replace("until=20", "until=3")
     assert "hidden=(512, 512)" in code
     assert "batch_size=64" in code
+    assert "until=3" in code
     return code
 
 

@@ -74,23 +74,24 @@ def test_processes_receive_the_dataset_once_per_pool_not_per_round() -> None:
 
 @pytest.mark.slow
 @needs_mnist
-def test_mnist_dirichlet_100_clients_one_digest_on_every_executor() -> None:
+def test_mnist_dirichlet_100_clients_one_digest_on_every_executor(processes2: Processes) -> None:
     flags = [
         "run", "--json", "--dataset", "mnist", "--data-dir", str(MNIST), "--clients", "100",
         "--clients-per-round", "10", "--partition", "dirichlet", "--alpha", "0.1",
         "--rounds", "2", "--batch-size", "50", "--lr", "0.1",
     ]  # fmt: skip
-    digests = {}
-    for executor in (
-        ["sequential"],
-        ["threads", "--workers", "2"],
-        ["processes", "--workers", "2"],
-    ):
-        done = _cli(*flags, "--executor", *executor)
-        assert done.returncode == 0, done.stderr
-        result = json.loads(done.stdout)
-        assert result["partition"] == "dirichlet"
-        digests[executor[0]] = result["params_sha256"]
+    done = _cli(*flags, "--executor", "sequential")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["partition"] == "dirichlet"
+    digests = {"sequential (CLI)": result["params_sha256"]}
+    config = RunConfig(
+        dataset="mnist", data_dir=str(MNIST), clients=100, clients_per_round=10,
+        partition="dirichlet", alpha=0.1, rounds=2, batch_size=50, lr=0.1, workers=2,
+    )  # fmt: skip
+    digests["threads"] = simulate(attrs.evolve(config, executor="threads")).params_sha256
+    processes = attrs.evolve(config, executor="processes")
+    digests["processes"] = simulate(processes, executor=processes2).params_sha256
     assert len(set(digests.values())) == 1, digests
 
 
@@ -110,7 +111,9 @@ def test_partition_command_prints_the_report() -> None:
     assert [sum(row) for row in report["counts"]] == report["sizes"]
 
 
-def test_cifar_shards_with_augmentation_give_one_digest_on_every_executor(tmp_path: Path) -> None:
+def test_cifar_shards_with_augmentation_give_one_digest_on_every_executor(
+    tmp_path: Path, processes2: Processes
+) -> None:
     directory = cifar10_binary(tmp_path / "cifar", n=40, n_test=10)
     base = RunConfig(
         dataset="cifar10",
@@ -124,7 +127,10 @@ def test_cifar_shards_with_augmentation_give_one_digest_on_every_executor(tmp_pa
         augment=True,
     )
     digests = {
-        name: simulate(attrs.evolve(base, executor=name, workers=2)).params_sha256
+        name: simulate(
+            attrs.evolve(base, executor=name, workers=2),
+            executor=processes2 if name == "processes" else None,
+        ).params_sha256
         for name in ("sequential", "threads", "processes")
     }
     assert len(set(digests.values())) == 1, digests

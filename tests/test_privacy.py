@@ -21,6 +21,7 @@ from blazefl_fn.algorithms.fedavg import fedavg
 from blazefl_fn.algorithms.scaffold import scaffold
 from blazefl_fn.client.training import LocalSGD
 from blazefl_fn.data.datasets import ClientData, TensorDataset
+from blazefl_fn.executors import Processes
 from blazefl_fn.executors.jobs import VectorizedUpdate
 from blazefl_fn.keys import Key
 from blazefl_fn.models import logistic_regression
@@ -404,9 +405,12 @@ DP_RUNS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(DP_RUNS))
-def test_a_private_run_has_one_digest_across_executors(name: str) -> None:
+def test_a_private_run_has_one_digest_across_executors(name: str, processes2: Processes) -> None:
     digests = {
-        executor: simulate(RunConfig(**SMALL | DP_RUNS[name], executor=executor)).params_sha256
+        executor: simulate(
+            RunConfig(**SMALL | DP_RUNS[name], executor=executor, workers=2),
+            executor=processes2 if executor == "processes" else None,
+        ).params_sha256
         for executor in ("sequential", "threads", "processes")
     }
     assert len(set(digests.values())) == 1, digests

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from blazefl_fn.client.evaluation import evaluate_clients
+from blazefl_fn.executors import Executor, Processes, Sequential, Vectorized
 from blazefl_fn.keys import Key
 from blazefl_fn.records import RoundReport, ServerState
 from blazefl_fn.run import checkpoint as checkpoint_module
@@ -308,6 +309,43 @@ def test_simulate_resume_is_bitwise_and_refuses_other_settings(tmp_path: Path) -
         simulate(attrs.evolve(SMALL, lr=0.5), resume=tmp_path)
     with pytest.raises(ValueError, match="completed 6 rounds, more than rounds=3"):
         simulate(attrs.evolve(SMALL, rounds=3), resume=tmp_path)
+
+
+def test_simulate_on_a_given_executor_gives_the_configs_bits_and_leaves_it_open() -> None:
+    config = attrs.evolve(SMALL, rounds=2, executor="processes", workers=2)
+    with Processes(2) as pool:
+        first = simulate(config, executor=pool)
+        pids = [w.process.pid for w in pool._workers]  # pyright: ignore[reportPrivateUsage]
+        second = simulate(attrs.evolve(config, seed=1), executor=pool)
+        assert [w.process.pid for w in pool._workers] == pids  # pyright: ignore[reportPrivateUsage]
+        assert pool.map(abs, [-3]) == [3]  # still open
+    assert (
+        first.params_sha256 == simulate(attrs.evolve(config, executor="sequential")).params_sha256
+    )
+    assert second.params_sha256 != first.params_sha256
+
+
+@pytest.mark.parametrize(
+    ("config", "executor", "message"),
+    [
+        (SMALL, Sequential(threads=2), r"runs at threads=2, the config at threads=1"),
+        (attrs.evolve(SMALL, threads=2), Sequential(), r"threads=1, the config at threads=2"),
+        (SMALL, Sequential(devices=["cpu", "cpu"]), r"trains on \['cpu', 'cpu'\], the config on "
+         r"device='cpu'"),
+        (SMALL, Vectorized(4), r"cannot stand in for executor='sequential'"),
+        (attrs.evolve(SMALL, executor="vectorized"), Sequential(), r"Vectorized computes bits"),
+    ],
+)  # fmt: skip
+def test_simulate_refuses_an_executor_that_would_change_the_bits(
+    config: RunConfig, executor: Executor, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        simulate(config, executor=executor)
+
+
+def test_simulate_refuses_what_is_not_an_executor() -> None:
+    with pytest.raises(TypeError, match=r"executor must be an Executor .* got 3"):
+        simulate(SMALL, executor=3)  # type: ignore[arg-type]
 
 
 def test_simulate_early_stop_and_client_metrics() -> None:

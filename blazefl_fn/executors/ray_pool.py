@@ -8,8 +8,8 @@ What travels, for the `ClientJob`s that rounds map:
   makes the clients it runs;
 - once per round: the downlink, put once and bound by each actor before its tasks;
 - per client: the task ``(client id, round, key, message, state)``; the uplink comes back
-  through the object store. Short clients travel several to an actor call. Results are
-  returned in task order.
+  through the object store, its tensors as raw bytes (not through `torch.save`). Short
+  clients travel several to an actor call. Results are returned in task order.
 
 Actors are started with ``max_restarts=0`` and ``max_task_retries=0``: Ray never reruns a
 client behind the caller's back. A client that raises surfaces as `ClientError` (with the
@@ -47,6 +47,7 @@ from ._ray_local import (
     stop_watch,
     watch_local_instance,
 )
+from ._wire import Packed
 from .base import ClosingContext
 from .devices import cuda_determinism
 from .jobs import ClientContext, ClientJob
@@ -136,6 +137,8 @@ class _Actor:
         self._placement = Placement(tuple(torch.device(d) for d in devices))
         self._contexts: dict[int, ClientContext[Any]] = {}
         self._fn: Callable[[Any], Any] | None = None
+        # A bound client job's results are uplinks: they travel packed (see `_wire`).
+        self._pack = False
         self._determinism = contextlib.ExitStack()
         if self._placement.cuda:
             # The actor does nothing but client work: deterministic kernels for its lifetime.
@@ -149,9 +152,11 @@ class _Actor:
 
     def bind_job(self, key: int, downlink: Any) -> None:
         self._fn = placed(self._placement, ClientJob(self._contexts[key], downlink))
+        self._pack = True
 
     def bind_fn(self, fn: Callable[[Any], Any]) -> None:
         self._fn = fn
+        self._pack = False
 
     def run(self, indices: list[int], tasks: list[Any]) -> list[tuple[Any, ...]]:
         """One reply per task, in order: ``("ok", index, result)`` or an `error_reply`."""
@@ -159,7 +164,8 @@ class _Actor:
         replies: list[tuple[Any, ...]] = []
         for index, task in zip(indices, tasks, strict=True):
             try:
-                replies.append(("ok", index, self._fn(task)))
+                result = self._fn(task)
+                replies.append(("ok", index, Packed(result) if self._pack else result))
             except Exception as exc:
                 replies.append(error_reply(index, exc))
         return replies

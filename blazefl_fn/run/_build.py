@@ -7,7 +7,7 @@ import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import attrs
 import torch
@@ -49,7 +49,7 @@ from ..data.transforms import (
     cifar_train_transform,
     normalize,
 )
-from ..executors.base import Executor
+from ..executors.base import Executor, threads_of
 from ..executors.devices import parse_devices
 from ..executors.processes import Processes
 from ..executors.ray_pool import Ray
@@ -382,6 +382,40 @@ def client_store_options(config: RunConfig) -> StoreOptions:
         memory_bytes=StoreOptions().memory_bytes if memory_mb is None else memory_mb * 2**20,
         spill_dir=config.client_state_dir,
     )
+
+
+def check_executor(config: RunConfig, executor: Executor) -> None:
+    """Refuse ``executor`` for ``config`` where it would not compute ``config``'s bits.
+
+    An executor given to `simulate` stands in for the one ``config`` names. Every per-client
+    executor computes the same bits at the same intra-op thread count and on the same
+    devices; `Vectorized` computes bits of its own.
+
+    Raises:
+        ValueError: ``executor`` runs at another thread count or on other devices than
+            ``config`` says, or is `Vectorized` where ``config.executor`` is not (or the
+            other way round).
+    """
+    vectorized = isinstance(executor, Vectorized)
+    if vectorized != (config.executor == "vectorized"):
+        raise ValueError(
+            f"executor {executor!r} cannot stand in for executor={config.executor!r}: "
+            "Vectorized computes bits of its own; give both as vectorized or neither"
+        )
+    if (threads := threads_of(executor)) != config.threads:
+        raise ValueError(
+            f"executor {executor!r} runs at threads={threads}, the config at "
+            f"threads={config.threads}: the bits depend on it; make them agree"
+        )
+    devices: object = getattr(executor, "devices", None)
+    if vectorized:
+        devices = (executor.device,)
+    wanted = parse_devices(config.device)
+    if devices is not None and tuple(cast(Sequence[torch.device], devices)) != wanted:
+        raise ValueError(
+            f"executor {executor!r} trains on {[str(d) for d in cast(Sequence[object], devices)]}, "
+            f"the config on device={config.device!r}; make them agree"
+        )
 
 
 def make_executor(config: RunConfig) -> Executor:

@@ -21,6 +21,7 @@ from .. import portable
 from ..algorithms.personal import PersonalState
 from ..client.evaluation import evaluate, evaluate_clients
 from ..data.datasets import ClientData, TensorDataset
+from ..executors.base import Executor
 from ..executors.devices import check_device, cuda_determinism, parse_devices, to_device, uses_cuda
 from ..keys import Key
 from ..models import build_module, intra_op_threads
@@ -31,6 +32,7 @@ from ..server.client_state import ClientStore
 from ..tree import digest
 from ._build import (
     SYNTHETIC_EAGER_CLIENTS,
+    check_executor,
     evaluation_clients,
     load_central,
     load_federation,
@@ -295,6 +297,7 @@ def simulate(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 1,
     overwrite: bool = False,
+    executor: Executor | None = None,
 ) -> RunResult:
     """Run the simulation ``config`` describes, or continue one from a checkpoint.
 
@@ -309,6 +312,10 @@ def simulate(
         checkpoint_every: rounds between checkpoints (>= 1).
         overwrite: let a run that does not resume from ``checkpoint_dir``'s checkpoint replace
             it (otherwise refused).
+        executor: run the clients on this executor, already started, instead of making (and
+            closing) the one ``config.executor`` names; it stays open for the next run. Its
+            threads and devices must be ``config``'s, so that it computes ``config``'s bits:
+            several runs can share one `Processes` pool and its warm workers.
 
     Raises:
         ValueError: a bad setting, a malformed data file, or a corrupt or mismatching
@@ -322,9 +329,18 @@ def simulate(
         >>> result = simulate(RunConfig(rounds=2, clients=5, clients_per_round=2))
         >>> len(result.reports), len(result.params_sha256)
         (2, 64)
+        >>> from blazefl_fn.executors import Threads
+        >>> with Threads(2) as pool:  # one pool, two runs
+        ...     seeds = [simulate(RunConfig(rounds=2, seed=s), executor=pool) for s in (0, 1)]
+        >>> seeds[0].params_sha256 == simulate(RunConfig(rounds=2, seed=0)).params_sha256
+        True
     """
     if isinstance(checkpoint_every, bool) or checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be an integer >= 1, got {checkpoint_every!r}")
+    if executor is not None:
+        if not isinstance(executor, Executor):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"executor must be an Executor (map, close), got {executor!r}")
+        check_executor(config, executor)
     if config.portable:
         portable.enable()  # before the first kernel of the run
     start = time.perf_counter()
@@ -342,7 +358,9 @@ def simulate(
         cuda = uses_cuda((*parse_devices(config.device), check_device(config.server_device)))
         stack.enter_context(intra_op_threads(config.threads))
         stack.enter_context(cuda_determinism(cuda))
-        return _simulate(config, callbacks, stored, checkpoint_dir, checkpoint_every, start)
+        return _simulate(
+            config, callbacks, stored, checkpoint_dir, checkpoint_every, start, executor
+        )
 
 
 def _simulate(
@@ -352,6 +370,7 @@ def _simulate(
     checkpoint_dir: str | os.PathLike[str] | None,
     checkpoint_every: int,
     start: float,
+    given: Executor | None,
 ) -> RunResult:
     run_key = Key.from_seed(config.seed)
     data = load_federation(config, run_key.fold_in("data"))
@@ -394,7 +413,8 @@ def _simulate(
         accountant.epsilon(state.round + 1)  # fails now, not after a round, without Opacus
         if config.dp_target_epsilon is not None:
             budget = PrivacyBudget(accountant, config.dp_target_epsilon)
-    with make_executor(config) as executor:
+    # A given executor is the caller's to close; one made from the config is closed here.
+    with contextlib.nullcontext(given) if given is not None else make_executor(config) as executor:
         loop = run_loop(
             make_round(algorithm, data.clients, executor),
             state,
