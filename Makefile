@@ -15,6 +15,9 @@ LINT_PATHS := $(wildcard blazefl_fn tests examples benchmarks tools mkdocs_hooks
 # (`--dist loadgroup` with their `xdist_group("ray")` mark).
 JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 PARALLEL := -n $(JOBS) --dist loadgroup
+# The suite starts hundreds of interpreters (CLI runs, worker processes): they reuse compiled
+# bytecode kept under .venv, also where the environment says not to write it beside the source.
+PYCACHE := env -u PYTHONDONTWRITEBYTECODE PYTHONPYCACHEPREFIX=$(CURDIR)/$(VENV)/pycache
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +38,7 @@ typecheck: $(STAMP)
 	$(BIN)/pyright $(TYPED_PATHS)
 
 pytest: $(STAMP)
-	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
+	$(PYCACHE) $(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 # The whole suite: ruff, then pyright beside pytest (its report follows pytest's). pytest
 # includes the docs: tests/test_docs.py builds the site with --strict and tests/test_tutorials.py
@@ -43,7 +46,7 @@ pytest: $(STAMP)
 test: lint
 	@$(BIN)/pyright $(TYPED_PATHS) > $(VENV)/pyright.log 2>&1 & \
 	typecheck=$$!; \
-	$(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS); tests=$$?; \
+	$(PYCACHE) $(BIN)/python -m pytest $(PARALLEL) $(PYTEST_ARGS); tests=$$?; \
 	wait $$typecheck; types=$$?; \
 	echo "pyright:"; cat $(VENV)/pyright.log; \
 	test $$tests -eq 0 && test $$types -eq 0
