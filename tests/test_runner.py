@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import pickle
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
 import pytest
@@ -13,6 +15,7 @@ import torch
 
 from blazefl_fn.client.evaluation import evaluate_clients
 from blazefl_fn.executors import Executor, Processes, Sequential, Vectorized
+from blazefl_fn.executors.base import ClosingContext
 from blazefl_fn.keys import Key
 from blazefl_fn.records import RoundReport, ServerState
 from blazefl_fn.run import checkpoint as checkpoint_module
@@ -31,6 +34,8 @@ from blazefl_fn.run.progress import BarProgress, LineProgress, progress_callback
 from blazefl_fn.run.simulate import load_federation, model_factory, simulate
 from blazefl_fn.tree import digest
 
+T = TypeVar("T")
+R = TypeVar("R")
 SMALL = RunConfig(clients=6, clients_per_round=3, rounds=6)
 
 
@@ -341,6 +346,26 @@ def test_simulate_refuses_an_executor_that_would_change_the_bits(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         simulate(config, executor=executor)
+
+
+class _SpelledDevices(ClosingContext):
+    """A user's executor that keeps its devices as names, as `Ray` does for its actors."""
+
+    threads = 1
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.devices = names
+
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
+        return [fn(task) for task in tasks]
+
+
+def test_simulate_takes_devices_kept_as_names() -> None:
+    config = attrs.evolve(SMALL, rounds=1)
+    result = simulate(config, executor=_SpelledDevices(("cpu",)))
+    assert result.params_sha256 == simulate(config).params_sha256
+    with pytest.raises(ValueError, match=r"trains on \['cpu', 'cpu'\]"):
+        simulate(config, executor=_SpelledDevices(("cpu", "cpu")))
 
 
 def test_simulate_refuses_what_is_not_an_executor() -> None:

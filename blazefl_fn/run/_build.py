@@ -410,11 +410,18 @@ def check_executor(config: RunConfig, executor: Executor) -> None:
     devices: object = getattr(executor, "devices", None)
     if vectorized:
         devices = (executor.device,)
-    wanted = parse_devices(config.device)
-    if devices is not None and tuple(cast(Sequence[torch.device], devices)) != wanted:
+    if devices is None:
+        return
+    given = tuple(torch.device(d) for d in cast(Sequence[str | torch.device], devices))
+    # As resolved here (`parse_devices`), or as spelled, which `Ray` keeps for its actors to
+    # resolve ("cuda" stays "cuda").
+    accepted = {parse_devices(config.device)}
+    if config.device.strip() != "auto":
+        accepted.add(tuple(torch.device(part.strip()) for part in config.device.split(",")))
+    if given not in accepted:
         raise ValueError(
-            f"executor {executor!r} trains on {[str(d) for d in cast(Sequence[object], devices)]}, "
-            f"the config on device={config.device!r}; make them agree"
+            f"executor {executor!r} trains on {[str(d) for d in given]}, the config on "
+            f"device={config.device!r}; make them agree"
         )
 
 
