@@ -1,15 +1,20 @@
 """Shared test settings."""
 
+from __future__ import annotations
+
 import os
 import sys
 import sysconfig
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from blazefl_fn.executors import Processes
 from tools.ft_check import gil_enabled, gil_override
+
+if TYPE_CHECKING:
+    from blazefl_fn.executors import Processes
 
 # Ray, wherever a test starts it (in this process or a child): no usage reports, and one
 # authentication mode for the whole run. Ray 2.60 cannot start a session in a process whose
@@ -71,5 +76,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def processes2() -> Iterator[Processes]:
     """One `Processes(2)` pool for a module's digest comparisons (`simulate(executor=...)`), so
     that each run does not start two interpreters of its own."""
+    # Imported here: the settings above must not import torch (the free-threaded checks run
+    # in `pytest_configure`, before any test module imports it).
+    from blazefl_fn.executors import Processes
+
     with Processes(2) as pool:
         yield pool
