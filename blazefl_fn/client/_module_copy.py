@@ -166,9 +166,14 @@ def load_params(template: torch.nn.Module, params: Params) -> torch.nn.Module:
     module, layout = _copy_of(template)
     # Both paths copy values into the module's own tensors: `params` stays untouched, and
     # every entry is overwritten (strict).
-    if layout is None or not layout.load(params):
+    if layout is not None and layout.load(params):
+        # The layout is current: its parameters are the module's, without a walk of the tree
+        # (~12 us of GIL-held Python per client for the small CNN).
+        parameters = [p for _, p in layout.parameters]
+    else:
         module.load_state_dict(params)
-    for p in module.parameters():
+        parameters = list(module.parameters())
+    for p in parameters:
         p.grad = None
     return module
 
