@@ -257,3 +257,18 @@ def test_fedavg_on_the_fast_paths_matches_across_executors(pool: Processes) -> N
 
     with Threads(2) as threads:
         assert digest(pool) == digest(threads) == digest(Sequential())
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["layout", "load_state_dict"])
+def test_loading_clears_gradients_a_failed_client_left_behind(hooked: bool) -> None:
+    template = mlp((4,), 3, hidden=(5,))
+    if hooked:  # a state-dict hook: the copy loads through load_state_dict, not its layout
+        template.register_state_dict_post_hook(lambda *_: None)
+    params = {k: v.detach().clone() for k, v in template.state_dict().items()}
+    copy = _module_copy.load_params(template, params)
+    assert (_module_copy._layout_of(copy) is None) == hooked  # pyright: ignore[reportPrivateUsage]
+    for p in copy.parameters():  # a client that raised between backward and its step
+        p.grad = torch.ones_like(p)
+    again = _module_copy.load_params(template, params)
+    assert again is copy
+    assert all(p.grad is None for p in again.parameters())
