@@ -60,7 +60,7 @@ QUICK := tests/test_keys.py tests/test_streams.py tests/test_tree.py tests/test_
 	tests/test_checkpoint_integrity.py
 test-quick: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)
-	$(BIN)/python -m pytest $(PARALLEL) -m "not slow" $(QUICK) $(PYTEST_ARGS)
+	$(PYCACHE) $(BIN)/python -m pytest $(PARALLEL) -m "not slow" $(QUICK) $(PYTEST_ARGS)
 
 # The documentation site, into site/ (ignored by git); the build fails on any warning.
 docs: $(STAMP)

@@ -169,10 +169,10 @@ def load_params(template: torch.nn.Module, params: Params) -> torch.nn.Module:
     if layout is not None and layout.load(params):
         # The layout is current: its parameters are the module's, without a walk of the tree
         # (~12 us of GIL-held Python per client for the small CNN).
-        parameters = [p for _, p in layout.parameters]
+        parameters = (p for _, p in layout.parameters)
     else:
         module.load_state_dict(params)
-        parameters = list(module.parameters())
+        parameters = module.parameters()
     for p in parameters:
         p.grad = None
     return module

@@ -137,8 +137,6 @@ class _Actor:
         self._placement = Placement(tuple(torch.device(d) for d in devices))
         self._contexts: dict[int, ClientContext[Any]] = {}
         self._fn: Callable[[Any], Any] | None = None
-        # A bound client job's results are uplinks: they travel packed (see `_wire`).
-        self._pack = False
         self._determinism = contextlib.ExitStack()
         if self._placement.cuda:
             # The actor does nothing but client work: deterministic kernels for its lifetime.
@@ -151,12 +149,12 @@ class _Actor:
         self._contexts[key] = context
 
     def bind_job(self, key: int, downlink: Any) -> None:
-        self._fn = placed(self._placement, ClientJob(self._contexts[key], downlink))
-        self._pack = True
+        job = placed(self._placement, ClientJob(self._contexts[key], downlink))
+        # A job's results are uplinks: they travel packed (see `_wire`).
+        self._fn = lambda task: Packed(job(task))
 
     def bind_fn(self, fn: Callable[[Any], Any]) -> None:
         self._fn = fn
-        self._pack = False
 
     def run(self, indices: list[int], tasks: list[Any]) -> list[tuple[Any, ...]]:
         """One reply per task, in order: ``("ok", index, result)`` or an `error_reply`."""
@@ -164,8 +162,7 @@ class _Actor:
         replies: list[tuple[Any, ...]] = []
         for index, task in zip(indices, tasks, strict=True):
             try:
-                result = self._fn(task)
-                replies.append(("ok", index, Packed(result) if self._pack else result))
+                replies.append(("ok", index, self._fn(task)))
             except Exception as exc:
                 replies.append(error_reply(index, exc))
         return replies
