@@ -3,18 +3,26 @@ resumes bitwise, nothing is left in the spill directory, and bad values exit 2 i
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _cli import run_cli
+from _cli import run_inline
 
 QUICK = ["--algorithm", "scaffold", "--clients", "12", "--clients-per-round", "4", "--quiet"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("run", *QUICK, *args)
+Run = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Run:
+    """The command with QUICK's flags, in this process (a real process's one-line status is
+    `tests/test_cli_errors.py`'s)."""
+    return functools.partial(run_inline, capsys, "run", *QUICK)
 
 
 def _digest(done: subprocess.CompletedProcess[str]) -> str:
@@ -24,36 +32,36 @@ def _digest(done: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.parametrize("algorithm", ["scaffold", "feddyn"])
 def test_a_spilled_run_gives_the_same_bits_and_resumes_bitwise(
-    algorithm: str, tmp_path: Path
+    cli: Run, algorithm: str, tmp_path: Path
 ) -> None:
     spill = tmp_path / "spill"
     spill.mkdir()
     flags = ["--algorithm", algorithm, "--json"]
     spilled = ["--client-state-memory-mb", "0", "--client-state-dir", str(spill)]
-    whole = _digest(_run(*flags, "--rounds", "6"))
+    whole = _digest(cli(*flags, "--rounds", "6"))
     ckpt = tmp_path / "ckpt"
-    first = _run(*flags, *spilled, "--rounds", "3", "--checkpoint-dir", str(ckpt))
+    first = cli(*flags, *spilled, "--rounds", "3", "--checkpoint-dir", str(ckpt))
     _digest(first)
-    resumed = _run(*flags, *spilled, "--rounds", "6", "--resume", str(ckpt))
+    resumed = cli(*flags, *spilled, "--rounds", "6", "--resume", str(ckpt))
     assert _digest(resumed) == whole
     # Every spill file and the run's private spill directory are gone with the run.
     assert list(spill.iterdir()) == []
     # The budget and the directory may change on resume (the first may be gone): neither
     # changes the bits.
     spill.rmdir()
-    gone = _run(*flags, "--rounds", "6", "--resume", str(ckpt))
+    gone = cli(*flags, "--rounds", "6", "--resume", str(ckpt))
     assert gone.returncode == 1
     assert gone.stderr == f"blazefl-fn: error: client_state_dir {str(spill)!r} is not a directory\n"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    again = _run(*flags, "--client-state-memory-mb", "0", "--client-state-dir", str(elsewhere),
+    again = cli(*flags, "--client-state-memory-mb", "0", "--client-state-dir", str(elsewhere),
                  "--rounds", "6", "--resume", str(ckpt))  # fmt: skip
     assert _digest(again) == whole
     assert list(elsewhere.iterdir()) == []
 
 
-def test_a_missing_client_state_dir_is_a_file_problem_exit_1() -> None:
-    done = _run("--rounds", "1", "--client-state-dir", "/nonexistent/blazefl")
+def test_a_missing_client_state_dir_is_a_file_problem_exit_1(cli: Run) -> None:
+    done = cli("--rounds", "1", "--client-state-dir", "/nonexistent/blazefl")
     assert done.returncode == 1
     assert done.stderr == (
         "blazefl-fn: error: client_state_dir '/nonexistent/blazefl' is not a directory\n"
@@ -70,8 +78,10 @@ def test_a_missing_client_state_dir_is_a_file_problem_exit_1() -> None:
         (["--algorithm", "fedprox", "--client-state-dir", "/tmp"], "applies to the algorithms"),
     ],
 )
-def test_bad_client_state_flags_exit_2_in_one_line(flags: list[str], message: str) -> None:
-    done = _run("--rounds", "1", *flags)
+def test_bad_client_state_flags_exit_2_in_one_line(
+    cli: Run, flags: list[str], message: str
+) -> None:
+    done = cli("--rounds", "1", *flags)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert message in done.stderr

@@ -3,12 +3,14 @@ the budget stop, and one-line errors for bad values."""
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _cli import run_cli
+from _cli import run_inline
 
 from blazefl_fn.privacy.privatize import Accountant
 from blazefl_fn.run.metrics_log import read_metrics
@@ -18,13 +20,19 @@ pytest.importorskip("opacus.accountants")
 QUICK = ["--clients", "12", "--clients-per-round", "4", "--rounds", "3", "--quiet"]
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return run_cli("run", *QUICK, *args)
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
-def test_json_and_metrics_log_report_the_epsilon_of_every_round(tmp_path: Path) -> None:
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Run:
+    """The command with QUICK's flags, in this process (the one-line status of a real process
+    is `tests/test_cli_errors.py`'s)."""
+    return functools.partial(run_inline, capsys, "run", *QUICK)
+
+
+def test_json_and_metrics_log_report_the_epsilon_of_every_round(cli: Run, tmp_path: Path) -> None:
     log = tmp_path / "m.jsonl"
-    done = _run("--dp", "central", "--dp-noise-multiplier", "1.2", "--json", "--metrics", str(log))
+    done = cli("--dp", "central", "--dp-noise-multiplier", "1.2", "--json", "--metrics", str(log))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     acc = Accountant(1.2, 4 / 12, 1e-5)
@@ -35,10 +43,12 @@ def test_json_and_metrics_log_report_the_epsilon_of_every_round(tmp_path: Path) 
     ]
 
 
-def test_the_budget_stop_names_the_round_and_exits_0() -> None:
+def test_the_budget_stop_names_the_round_and_exits_0(
+    cli: Run,
+) -> None:
     acc = Accountant(1.0, 4 / 12, 1e-5, "prv")
     target = (acc.epsilon(2) + acc.epsilon(3)) / 2  # round 3 would exceed it
-    done = _run("--rounds", "10", "--dp", "central", "--dp-accountant", "prv",
+    done = cli("--rounds", "10", "--dp", "central", "--dp-accountant", "prv",
                 "--dp-target-epsilon", repr(target))  # fmt: skip
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -79,8 +89,8 @@ def test_the_budget_stop_names_the_round_and_exits_0() -> None:
         ),
     ],
 )
-def test_bad_privacy_flags_exit_2_in_one_line(flags: list[str], message: str) -> None:
-    done = _run(*flags)
+def test_bad_privacy_flags_exit_2_in_one_line(cli: Run, flags: list[str], message: str) -> None:
+    done = cli(*flags)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert message in done.stderr
