@@ -196,3 +196,39 @@ def test_streams_benchmark_refuses_an_unknown_part() -> None:
     with pytest.raises(SystemExit) as info:
         streams.main(["--parts", "round,nope"])
     assert info.value.code == 2
+
+
+def test_lazy_benchmark_times_both_passes_over_the_same_clients(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks import lazy
+
+    rows = lazy.run(clients=50, per_round=5, rounds=3)  # asserts the two passes' bits agree
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["examples"] > 0 and r["lazy_s"] > 0 and r["ready_s"] > 0 for r in rows)
+    assert lazy.main(["--clients", "50", "--per-round", "5", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 | " in out
+    assert "| 0 | " not in out  # the first round is left out
+    assert "bits: the same in both passes of every round" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rounds", "1"], "--rounds must be at least 2"),
+        (["--clients", "0"], "--clients must be at least 1"),
+        (["--clients", "10", "--per-round", "11"], "--per-round must be in [1, --clients]"),
+        (["--per-round", "0"], "--per-round must be in [1, --clients]"),
+    ],
+)
+def test_lazy_benchmark_refuses_bad_sizes_in_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import lazy
+
+    with pytest.raises(SystemExit) as exit_:
+        lazy.main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err.strip().splitlines()[-1]

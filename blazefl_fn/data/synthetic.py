@@ -11,6 +11,7 @@ is read), with the same data for the same key either way.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -40,8 +41,9 @@ def _client_samples(
     dim: int,
     num_classes: int,
     max_samples: int,
-) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    """One client's ``(x, y)``, all draws taken from ``rng`` in a fixed order."""
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """One client's ``(x, y)`` (x in float64; its rows are stored as float32), all draws taken
+    from ``rng`` in a fixed order."""
     n = min(int(rng.lognormal(mean=4.0, sigma=2.0)) + 50, max_samples)
     u = float(rng.normal(0.0, math.sqrt(alpha)))
     b_mean = float(rng.normal(0.0, math.sqrt(beta)))
@@ -49,7 +51,7 @@ def _client_samples(
     w: npt.NDArray[np.float64] = rng.normal(u, 1.0, size=(num_classes, dim))
     b: npt.NDArray[np.float64] = rng.normal(u, 1.0, size=num_classes)
     # Sigma is diagonal with Sigma_jj = j^-1.2, so x = v + sqrt(diag(Sigma)) * z.
-    std: npt.NDArray[np.float64] = np.arange(1, dim + 1, dtype=np.float64) ** -0.6
+    std = _std(dim)
     x: npt.NDArray[np.float64] = rng.standard_normal(size=(n, dim))
     # x = v + z * std, in place (the same roundings: a product, then a commutative sum).
     x *= std
@@ -57,8 +59,15 @@ def _client_samples(
     # argmax(softmax(logits)) == argmax(logits): softmax is strictly increasing.
     logits: npt.NDArray[np.float64] = x @ w.T
     logits += b
-    y: npt.NDArray[np.int64] = np.argmax(logits, axis=1).astype(np.int64)
-    return x.astype(np.float32), y
+    y: npt.NDArray[np.int64] = np.argmax(logits, axis=1).astype(np.int64, copy=False)
+    return x, y
+
+
+@functools.cache
+def _std(dim: int) -> npt.NDArray[np.float64]:
+    std = np.arange(1, dim + 1, dtype=np.float64) ** -0.6
+    std.flags.writeable = False  # shared by every client of this dim
+    return std
 
 
 def _test_count(test_fraction: float, n: int) -> int:
@@ -194,10 +203,10 @@ class SyntheticClients(Sequence[ClientData]):
                 f"client index {operator.index(index)} is out of range for "
                 f"{self.num_clients} clients"
             )
-        (x, y), _ = _split(self, k)
-        # Copies: the test rows are not kept alive behind the training rows.
+        x, y = _split(self, k, held_out=False)[0]
+        # The training rows only (`_split` copies them out): the held-out rows are not kept.
         base = TensorDataset(
-            torch.tensor(x, device=self.device), torch.tensor(y, device=self.device)
+            torch.as_tensor(x, device=self.device), torch.as_tensor(y, device=self.device)
         )
         return ClientData(base, torch.arange(len(y), dtype=torch.int64, device=self.device))
 
@@ -217,8 +226,9 @@ class SyntheticClients(Sequence[ClientData]):
         return self if device == self.device else attrs.evolve(self, device=device)
 
 
-def _split(clients: SyntheticClients, k: int) -> tuple[Rows, Rows]:
-    """Client ``k``'s training rows and held-out rows, as numpy arrays.
+def _split(clients: SyntheticClients, k: int, *, held_out: bool = True) -> tuple[Rows, Rows]:
+    """Client ``k``'s training rows and held-out rows (empty unless ``held_out``), as numpy
+    arrays of their own (keeping one part does not keep the other alive).
 
     The one place a client is generated, for the eager and the lazy federation alike.
     """
@@ -227,8 +237,10 @@ def _split(clients: SyntheticClients, k: int) -> tuple[Rows, Rows]:
         rng, clients.alpha, clients.beta, clients.dim, clients.num_classes, clients.max_samples
     )
     n_train = max(1, len(y) - _test_count(clients.test_fraction, len(y)))
-    # The held-out rows are copied, so that keeping them does not keep the training rows.
-    return (x[:n_train], y[:n_train]), (x[n_train:].copy(), y[n_train:].copy())
+    # float32 conversions copy: each part gets its own memory (y's rows are copied too).
+    train = (x[:n_train].astype(np.float32), y[:n_train].copy())
+    rest = slice(n_train, None if held_out else n_train)
+    return train, (x[rest].astype(np.float32), y[rest].copy())
 
 
 def _concatenate(rows: list[Rows]) -> TensorDataset:
