@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _cli import run_inline
 from _training import train_local, train_local_chunk
 from torch import nn
 
@@ -104,13 +102,12 @@ def test_a_stored_config_from_before_drop_last_resumes_with_it_off() -> None:
         check_resumable(RunConfig(), RunConfig(drop_last=True))
 
 
-def test_cli_drop_last_changes_the_bits_and_is_in_the_resolved_config(tmp_path: Path) -> None:
+def test_cli_drop_last_changes_the_bits_and_is_in_the_resolved_config(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     def run(*flags: str) -> dict[str, object]:
-        done = subprocess.run(
-            [sys.executable, "-m", "blazefl_fn", "run", "--json", "--quiet", "--rounds", "2",
-             "--clients", "4", "--clients-per-round", "2", "--batch-size", "7", *flags],
-            capture_output=True, text=True, check=False, cwd=tmp_path,
-        )  # fmt: skip
+        done = run_inline(capsys, "run", "--json", "--quiet", "--rounds", "2", "--clients", "4",
+                          "--clients-per-round", "2", "--batch-size", "7", *flags)  # fmt: skip
         assert done.returncode == 0, done.stderr
         out: dict[str, object] = json.loads(done.stdout)
         return out

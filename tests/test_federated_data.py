@@ -10,6 +10,7 @@ from pathlib import Path
 import attrs
 import pytest
 import torch
+from _cli import run_inline
 from _paths import mnist_dir, mnist_search_path
 from _rng import global_rng_untouched
 from test_data_cifar import cifar10_binary
@@ -96,14 +97,14 @@ def test_mnist_dirichlet_100_clients_one_digest_on_every_executor(processes2: Pr
 
 
 @needs_mnist
-def test_partition_command_prints_the_report() -> None:
+def test_partition_command_prints_the_report(capsys: pytest.CaptureFixture[str]) -> None:
     flags = ["partition", "--data-dir", str(MNIST), "--clients", "100", "--partition", "dirichlet",
              "--alpha", "0.1"]  # fmt: skip
-    table = _cli(*flags)
+    table = run_inline(capsys, *flags)
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].split()[:3] == ["client", "size", "c0"]
-    as_json = _cli(*flags, "--json")
+    as_json = run_inline(capsys, *flags, "--json")
     assert as_json.returncode == 0, as_json.stderr
     report = json.loads(as_json.stdout)
     assert len(report["sizes"]) == 100
@@ -151,10 +152,10 @@ def test_augmentation_draws_from_the_client_key_only() -> None:
 
 
 @needs_mnist
-def test_partition_command_shows_the_split_run_makes() -> None:
+def test_partition_command_shows_the_split_run_makes(capsys: pytest.CaptureFixture[str]) -> None:
     flags = ["partition", "--data-dir", str(MNIST), "--clients", "20", "--partition", "shards",
              "--seed", "7", "--json"]  # fmt: skip
-    done = _cli(*flags)
+    done = run_inline(capsys, *flags)
     assert done.returncode == 0, done.stderr
     config = RunConfig(dataset="mnist", data_dir=str(MNIST), clients=20, partition="shards", seed=7)
     data = load_federation(config, Key.from_seed(7).fold_in("data"))

@@ -7,13 +7,13 @@ import itertools
 import json
 import math
 import subprocess
-import sys
 import warnings
 from collections.abc import Sequence
 
 import attrs
 import pytest
 import torch
+from _cli import run_inline
 from _training import train_local, train_local_chunk
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -363,19 +363,17 @@ def test_run_config_rules() -> None:
         check_resumable(vectorized, attrs.evolve(vectorized, chunk=8))
 
 
-def _cli(*flags: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "blazefl_fn", "run", "--json", "--quiet", "--rounds", "3",
-            "--clients", "12", "--clients-per-round", "6", *flags]  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+def test_cli_vectorized_run(capsys: pytest.CaptureFixture[str]) -> None:
+    def cli(*flags: str) -> subprocess.CompletedProcess[str]:
+        return run_inline(capsys, "run", "--json", "--quiet", "--rounds", "3", "--clients", "12",
+                          "--clients-per-round", "6", *flags)  # fmt: skip
 
-
-def test_cli_vectorized_run() -> None:
-    done = _cli("--executor", "vectorized", "--chunk", "4")
+    done = cli("--executor", "vectorized", "--chunk", "4")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["executor"] == "vectorized"
     assert result["chunk"] == 4
-    reference = json.loads(_cli().stdout)
+    reference = json.loads(cli().stdout)
     assert result["accuracy"] == pytest.approx(reference["accuracy"], abs=0.01)
 
 
