@@ -232,3 +232,24 @@ def test_lazy_benchmark_refuses_bad_sizes_in_one_line(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1]
+
+
+def test_overhead_benchmark_prints_its_three_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import overhead
+
+    overhead.main(["--clients", "3"])
+    out = capsys.readouterr().out
+    assert "| part of one client's update (median of 3, timed in the loop) |" in out
+    assert "| **around the step and the gather (sum)** |" in out
+    assert "| round machinery, 1000 clients |" in out
+    for executor in ("Sequential()", "Threads(2)", "Processes(2)"):
+        assert f"| {executor} | " in out
+
+
+def test_overhead_benchmark_refuses_no_clients(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import overhead
+
+    with pytest.raises(SystemExit) as exit_:
+        overhead.main(["--clients", "0"])
+    assert exit_.value.code == 2
+    assert "--clients must be at least 1, got 0" in capsys.readouterr().err.strip().splitlines()[-1]
