@@ -235,9 +235,15 @@ def test_lazy_benchmark_refuses_bad_sizes_in_one_line(
 
 
 def test_overhead_benchmark_prints_its_three_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
     from benchmarks import overhead
 
-    overhead.main(["--clients", "3"])
+    threads = torch.get_num_threads()
+    try:
+        overhead.main(["--clients", "3"])  # a script: it sets this process's threads to 1
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "| part of one client's update (median of 3, timed in the loop) |" in out
     assert "| **around the step and the gather (sum)** |" in out
