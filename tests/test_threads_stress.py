@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +181,51 @@ def test_a_spilling_store_read_and_updated_from_many_threads_stays_exact() -> No
     gc.collect()
     # Every version made in the threads is gone: the shared accounting must come back to zero.
     assert (store.memory_bytes, store.spilled_bytes) == (0, 0)
+
+
+_GUARD_UNDER_GC = """
+import gc, sys
+from concurrent.futures import ThreadPoolExecutor
+import torch
+from blazefl_fn.executors.jobs import global_rng_guard
+
+def callback(phase, info):  # Python work inside a collection, as hypothesis's callback does
+    total = 0
+    for i in range(2000):  # bytecode, where the interpreter may hand the GIL over
+        total += i
+
+gc.callbacks.append(callback)
+gc.set_threshold(50, 1, 1)  # collections during the guard's reads
+sys.setswitchinterval(1e-5)  # hand the GIL over inside the callback
+
+def client(_):
+    junk = []
+    for _ in range(20000):
+        junk.append([object() for _ in range(3)])
+        if len(junk) > 100:
+            junk.clear()
+        with global_rng_guard(True, torch.device("cpu")):
+            pass
+
+with ThreadPoolExecutor(2) as pool:
+    list(pool.map(client, range(2)))
+print("done")
+"""
+
+
+def test_the_global_rng_guard_in_two_threads_survives_gc_callbacks(tmp_path: Path) -> None:
+    # Before: two threads reading torch's global RNG state deadlocked within seconds once a
+    # gc callback let the GIL go inside one read (found as a hung Threads map in the suite,
+    # after hypothesis had registered its callback in that process). A subprocess, so that a
+    # deadlock fails this test instead of stopping the test process.
+    script = tmp_path / "guard_under_gc.py"
+    script.write_text(_GUARD_UNDER_GC)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+            check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("two threads in the global-RNG guard stopped for good (deadlock)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "done\n"

@@ -9,6 +9,7 @@ send the context once per pool and only the downlink and `ClientTask`s per round
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Generator, Sequence
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
@@ -85,10 +86,20 @@ _RNG_ADVICE = (
 )
 
 
+# One reader of the global generators' states at a time. torch's ``get_rng_state`` holds the
+# generator's mutex while it wraps the state as a Python tensor; if that allocation runs the
+# garbage collector and a ``gc.callbacks`` entry (hypothesis registers one) lets the GIL go,
+# a second thread entering ``get_rng_state`` waits for the mutex while holding the GIL, and
+# both threads stop for good (reproduced: two threads, a GC callback, a tight loop). Waiting
+# on this lock releases the GIL instead.
+_RNG_READ = threading.Lock()
+
+
 def _rng_states(device: torch.device) -> tuple[torch.Tensor, ...]:
-    if device.type == "cuda" and torch.cuda.is_initialized():
-        return (torch.random.get_rng_state(), torch.cuda.get_rng_state(device))
-    return (torch.random.get_rng_state(),)
+    with _RNG_READ:
+        if device.type == "cuda" and torch.cuda.is_initialized():
+            return (torch.random.get_rng_state(), torch.cuda.get_rng_state(device))
+        return (torch.random.get_rng_state(),)
 
 
 def _rng_changed(before: tuple[torch.Tensor, ...], device: torch.device) -> bool:
