@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
+
+# A command run with its fixed flags bound: ``cli(*more_flags)`` -> status, stdout, stderr.
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

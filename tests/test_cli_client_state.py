@@ -6,16 +6,12 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _cli import run_inline
+from _cli import Run, run_inline
 
 QUICK = ["--algorithm", "scaffold", "--clients", "12", "--clients-per-round", "4", "--quiet"]
-
-
-Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _cli import run_inline
+from _cli import Run, run_inline
 
 from blazefl_fn.privacy.privatize import Accountant
 from blazefl_fn.run.metrics_log import read_metrics
@@ -18,9 +16,6 @@ from blazefl_fn.run.metrics_log import read_metrics
 pytest.importorskip("opacus.accountants")
 
 QUICK = ["--clients", "12", "--clients-per-round", "4", "--rounds", "3", "--quiet"]
-
-
-Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 @pytest.fixture

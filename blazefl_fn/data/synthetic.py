@@ -203,12 +203,13 @@ class SyntheticClients(Sequence[ClientData]):
                 f"client index {operator.index(index)} is out of range for "
                 f"{self.num_clients} clients"
             )
-        x, y = _split(self, k, held_out=False)[0]
-        # The training rows only (`_split` copies them out): the held-out rows are not kept.
+        x, y, n_train = _generate(self, k)
+        # The training rows only, in arrays of their own: the held-out rows are not kept.
+        x32, y64 = _rows(x, y, slice(n_train))
         base = TensorDataset(
-            torch.as_tensor(x, device=self.device), torch.as_tensor(y, device=self.device)
+            torch.as_tensor(x32, device=self.device), torch.as_tensor(y64, device=self.device)
         )
-        return ClientData(base, torch.arange(len(y), dtype=torch.int64, device=self.device))
+        return ClientData(base, torch.arange(n_train, dtype=torch.int64, device=self.device))
 
     def first(self, n: int) -> SyntheticClients:
         """The first ``n`` clients, lazy too (client ``k``'s data does not depend on the count).
@@ -226,9 +227,11 @@ class SyntheticClients(Sequence[ClientData]):
         return self if device == self.device else attrs.evolve(self, device=device)
 
 
-def _split(clients: SyntheticClients, k: int, *, held_out: bool = True) -> tuple[Rows, Rows]:
-    """Client ``k``'s training rows and held-out rows (empty unless ``held_out``), as numpy
-    arrays of their own (keeping one part does not keep the other alive).
+def _generate(
+    clients: SyntheticClients, k: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], int]:
+    """Client ``k``'s rows (x in float64) and how many of them, from the first, are training
+    rows; the rest are held out.
 
     The one place a client is generated, for the eager and the lazy federation alike.
     """
@@ -236,11 +239,13 @@ def _split(clients: SyntheticClients, k: int, *, held_out: bool = True) -> tuple
     x, y = _client_samples(
         rng, clients.alpha, clients.beta, clients.dim, clients.num_classes, clients.max_samples
     )
-    n_train = max(1, len(y) - _test_count(clients.test_fraction, len(y)))
-    # float32 conversions copy: each part gets its own memory (y's rows are copied too).
-    train = (x[:n_train].astype(np.float32), y[:n_train].copy())
-    rest = slice(n_train, None if held_out else n_train)
-    return train, (x[rest].astype(np.float32), y[rest].copy())
+    return x, y, max(1, len(y) - _test_count(clients.test_fraction, len(y)))
+
+
+def _rows(x: npt.NDArray[np.float64], y: npt.NDArray[np.int64], part: slice) -> Rows:
+    """``part`` of a client's rows as stored, in arrays of their own (the float32 conversion
+    and ``y``'s copy), so that keeping one part does not keep the others alive."""
+    return x[part].astype(np.float32), y[part].copy()
 
 
 def _concatenate(rows: list[Rows]) -> TensorDataset:
@@ -343,19 +348,20 @@ def synthetic(
     name = f"synthetic({alpha:g},{beta:g})"
     if lazy:
         # Only the test clients are generated now, and only their held-out rows are kept.
-        test = _concatenate([_split(clients, k)[1] for k in range(test_clients)])
+        generated = (_generate(clients, k) for k in range(test_clients))
+        test = _concatenate([_rows(x, y, slice(n, None)) for x, y, n in generated])
         return FederatedDataset(name=name, clients=clients, test=test, num_classes=num_classes)
     train: list[Rows] = []
     held_out: list[Rows] = []
     bounds: list[tuple[int, int]] = []
     start = 0
     for k in range(num_clients):
-        rows, test_rows = _split(clients, k)
-        train.append(rows)
+        x, y, n_train = _generate(clients, k)
+        train.append(_rows(x, y, slice(n_train)))
         if k < test_clients:
-            held_out.append(test_rows)
-        bounds.append((start, start + len(rows[1])))
-        start += len(rows[1])
+            held_out.append(_rows(x, y, slice(n_train, None)))
+        bounds.append((start, start + n_train))
+        start += n_train
     base = _concatenate(train)
     views = tuple(ClientData(base, torch.arange(lo, hi, dtype=torch.int64)) for lo, hi in bounds)
     return FederatedDataset(
