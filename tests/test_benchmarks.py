@@ -259,3 +259,57 @@ def test_overhead_benchmark_refuses_no_clients(capsys: pytest.CaptureFixture[str
         overhead.main(["--clients", "0"])
     assert exit_.value.code == 2
     assert "--clients must be at least 1, got 0" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_round_phases_add_up_to_the_round_and_time_every_client() -> None:
+    import torch
+
+    from benchmarks import round_phases
+
+    threads = torch.get_num_threads()
+    try:  # a script's case: it sets this process's threads to 1
+        fn = [round_phases._case("blazefl_fn", "threads", 4, 2) for _ in range(2)]
+        floor = round_phases._case("bare", "sequential", 4, 2)
+    finally:
+        torch.set_num_threads(threads)
+    for row in (*fn, floor):
+        phases = row["head_ms"] / 1e3 + row["map_s"] + row["tail_ms"] / 1e3
+        assert phases == pytest.approx(row["round_s"], rel=1e-9)
+        assert row["head_ms"] >= 0
+        assert row["tail_ms"] > 0
+        assert row["cpu_us"] > 0
+        assert 0 < row["update_us"] < 1e6 * row["map_s"]
+    assert fn[0]["digest"] == fn[1]["digest"]  # the timer leaves the round's bits alone
+
+
+@pytest.mark.slow
+def test_round_phases_prints_both_kinds_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import round_phases
+
+    assert round_phases.main(["--clients", "3", "--repeats", "1", "--modes", "sequential"]) == 0
+    out = capsys.readouterr().out
+    assert "| bare:sequential | " in out
+    assert "| blazefl_fn:sequential | " in out
+    assert "digests differ" not in out
+    assert "sequential: blazefl_fn / bare " in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--clients", "0"], "--clients must be at least 1, got 0"),
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["--workers", "-1"], "--workers must be at least 1, got -1"),
+        (["--modes", "threads,processes"], "--modes takes threads, sequential; got 'processes'"),
+        (["--modes", ","], "--modes takes threads, sequential; got ','"),
+    ],
+)
+def test_round_phases_refuses_bad_arguments_in_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import round_phases
+
+    with pytest.raises(SystemExit) as exit_:
+        round_phases.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]

@@ -11,8 +11,9 @@ Modes:
   back, several clients to a message.
 
 The fastest honest formulation of the work found (the floor is a lower bound): each scratch
-model's parameters are views into one flat vector, so loading the broadcast is one ``copy_``
-and the result is one ``copy_`` into the client's preallocated row; a step is
+model's parameters are views into one flat vector (each entry on a 64-byte boundary, as a tensor
+of its own would be), so loading the broadcast is one ``copy_`` and the result is one ``copy_``
+into the client's preallocated row; a step is
 ``p -= lr * grad`` in a plain loop (torch.optim.SGD's arithmetic without momentum: its
 ``step`` + ``zero_grad`` measured 369 us per step against 104 us); the average is a float64
 weighted sum of the rows. Around one W0 step this costs ~0.3 ms per client against ~0.66 ms
@@ -49,17 +50,29 @@ def _spec(params: dict[str, torch.Tensor]) -> Spec:
     return [(name, t.shape) for name, t in params.items()]
 
 
+# Each entry starts on a 64-byte boundary of the flat vector, as a tensor of its own would:
+# packed end to end, most views were misaligned and one W0 client update took 7.7 ms against
+# 7.1 ms (single thread, medians of 3 runs of 500 clients each).
+_ALIGN = 16  # float32 elements
+
+
+def _padded(shape: torch.Size) -> int:
+    return -(-shape.numel() // _ALIGN) * _ALIGN
+
+
 def _flatten(params: dict[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in params.values()])
+    flat = torch.zeros(sum(_padded(t.shape) for t in params.values()))
+    for view, t in zip(_unflatten(flat, _spec(params)).values(), params.values(), strict=True):
+        view.copy_(t)
+    return flat
 
 
 def _unflatten(flat: torch.Tensor, spec: Spec) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     offset = 0
     for name, shape in spec:
-        numel = shape.numel()
-        out[name] = flat[offset : offset + numel].view(shape)
-        offset += numel
+        out[name] = flat[offset : offset + shape.numel()].view(shape)
+        offset += _padded(shape)
     return out
 
 
@@ -79,7 +92,7 @@ class _Flat:
     def __init__(self, cache: ModelCache, spec: Spec, lr: float) -> None:
         self.model = cache.get()
         named = dict(self.model.named_parameters())
-        self.flat = torch.zeros(sum(shape.numel() for _, shape in spec))
+        self.flat = torch.zeros(sum(_padded(shape) for _, shape in spec))
         for (name, shape), view in zip(spec, _unflatten(self.flat, spec).values(), strict=True):
             if named[name].shape != shape:
                 raise SystemExit(f"bare: model parameter {name} is not {tuple(shape)}")
