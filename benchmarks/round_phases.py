@@ -127,13 +127,15 @@ def _bare_round(timer: _Timer, clients: int, workers: int, mode: str) -> tuple[f
     def one(cid: int) -> tuple[int, float]:
         return update(cache, work, arrays, flat, rows[cid], cid, 0)
 
-    with ThreadPoolExecutor(workers) as pool:
+    pool = ThreadPoolExecutor(workers) if mode == "threads" else None
+    try:
         start = time.perf_counter()
-        outs = list(pool.map(one, range(clients))) if mode == "threads" else [
-            one(c) for c in range(clients)
-        ]  # fmt: skip
+        outs = list(pool.map(one, range(clients))) if pool else [one(c) for c in range(clients)]
         average = bare._aggregate(rows, [n for n, _ in outs])  # pyright: ignore[reportPrivateUsage]
         end = time.perf_counter()
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return start, end, fl.tree.digest({"flat": average})[:12]
 
 

@@ -65,6 +65,22 @@ def test_digest_is_blazefl_fn_digest() -> None:
 # -- planning and options ---------------------------------------------------------------------
 
 
+def test_the_bare_floors_flat_vector_starts_every_entry_on_64_bytes() -> None:
+    from benchmarks.compare.runners import bare
+
+    params = {n: p.detach().clone() for n, p in cnn((3, 32, 32), 10).named_parameters()}
+    spec = bare._spec(params)
+    flat = bare._flatten(params)
+    views = bare._unflatten(flat, spec)
+    assert all(v.data_ptr() % 64 == 0 for v in views.values())
+    assert all(torch.equal(views[n], params[n]) for n in params)
+    covered = sum(v.numel() for v in views.values())
+    assert flat.numel() > covered  # padded: packed end to end, it would hold just the entries
+    for view in views.values():
+        view.zero_()
+    assert not flat.any()  # the padding between entries holds zeros only
+
+
 def test_plan_runs_sequential_only_at_p1_for_bare_and_blazefl_fn() -> None:
     work = Workload("W1", "cnn", 4, 10, 1, 5, 0.1, 1, parallelism=(1, 2))
     cases = cli.plan([work], cli.Selection(), 1, {work.data_id: "/d"})
