@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -291,3 +292,50 @@ def test_compare_runs_bare_and_blazefl_fn_end_to_end(tmp_path: Path) -> None:
     assert data["rows"][0]["ideal"] is not None
     table = (tmp_path / "compare.md").read_text()
     assert "| W1 | 2 | blazefl_fn:processes |" in table
+
+
+def test_library_env_puts_the_given_tree_first(tmp_path: Path) -> None:
+    from benchmarks.compare.execute import REPO_ROOT, library_env
+
+    assert library_env(None) == {}
+    assert library_env(tmp_path)["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), str(REPO_ROOT)]
+
+
+def test_a_run_that_imported_another_blazefl_fn_fails(tmp_path: Path) -> None:
+    from benchmarks.compare.execute import imported_elsewhere
+
+    wanted = str((tmp_path / "blazefl_fn").resolve())
+    result = RunnerResult(1.0, 2.0, [2.0], "e" * 64, None, {"blazefl_fn": wanted})
+    assert imported_elsewhere(Run(1.0, 2.0, 3.0, result), tmp_path).result == result
+    elsewhere = dataclasses.replace(result, notes={"blazefl_fn": "/somewhere/else/blazefl_fn"})
+    failed = imported_elsewhere(Run(1.0, 2.0, 3.0, elsewhere), tmp_path)
+    assert failed.result is None
+    assert (
+        failed.error
+        == f"the runner imported blazefl_fn from /somewhere/else/blazefl_fn, not {wanted}"
+    )
+
+
+def test_library_must_hold_the_package(tmp_path: Path) -> None:
+    with pytest.raises(
+        SystemExit, match=r"^compare: --library .* holds no blazefl_fn/__init__\.py$"
+    ):
+        cli.main(["--only", "W1,blazefl_fn", "--library", str(tmp_path), "--no-install"])
+
+
+@pytest.mark.slow
+def test_library_runs_blazefl_fn_from_another_tree(tmp_path: Path) -> None:
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(Path(fl.__file__).parent, tree / "blazefl_fn")
+    # A checkout has its own harness too; only its package may be taken from it.
+    (tree / "benchmarks").mkdir()
+    (tree / "benchmarks" / "__init__.py").write_text("raise ImportError('harness from tree')\n")
+    rows = cli.main(
+        ["--quick", "--only", "W1,blazefl_fn:sequential", "--parallelism", "1", "--repeats", "1",
+         "--set", "W1.clients=3", "--set", "W1.samples=20", "--set", "W1.batch_size=10",
+         "--library", str(tree), "--no-install", "--no-plot", "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    # The run checks that its runner imported the copy (else it fails naming both places).
+    assert [(r.label, r.ok, r.errors) for r in rows] == [("blazefl_fn:sequential", True, ())]

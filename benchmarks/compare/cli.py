@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import envs, report
-from .execute import REPO_ROOT, Run, run_case
+from .execute import REPO_ROOT, Run, imported_elsewhere, library_env, run_case
 from .spec import FRAMEWORKS, MODES, ON_REQUEST, Case, Workload
 from .workloads import DEFAULT, QUICK, override
 
@@ -125,6 +125,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument(
+        "--library",
+        type=Path,
+        metavar="TREE",
+        help="run blazefl_fn from this source tree (a checkout holding blazefl_fn/) instead of "
+        "the one beside the harness: an A/B of library versions with one harness",
+    )
+    parser.add_argument(
         "--wait-load",
         type=float,
         metavar="LOAD",
@@ -215,6 +222,9 @@ def _row_json(row: report.Row, rows: Sequence[report.Row]) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> list[report.Row]:
     """Run the benchmark; returns the rows (also written to ``--out``)."""
     args = _parser().parse_args(argv)
+    library: Path | None = args.library
+    if library is not None and not (library / "blazefl_fn" / "__init__.py").is_file():
+        raise SystemExit(f"compare: --library {library} holds no blazefl_fn/__init__.py")
     if args.wait_load is not None:
         _wait_for_load(args.wait_load)
     began = time.perf_counter()
@@ -234,7 +244,12 @@ def main(argv: list[str] | None = None) -> list[report.Row]:
     temp = None if args.data_dir else Path(tempfile.mkdtemp(prefix="blazefl-compare-"))
     data_root = args.data_dir or temp
     assert data_root is not None
+    shim = None
     try:
+        if library is not None:
+            library = library.resolve()
+            shim = Path(tempfile.mkdtemp(prefix="blazefl-library-"))
+            (shim / "blazefl_fn").symlink_to(library / "blazefl_fn", target_is_directory=True)
         from .data import write_dataset
 
         chosen = [
@@ -262,7 +277,11 @@ def main(argv: list[str] | None = None) -> list[report.Row]:
                 name = f"{case.workload.name}-P{case.parallelism}-{case.framework}-{case.mode}"
                 log = args.out / "logs" / f"{name}-{rep}.log"
                 loads.append(_load()[0])
-                run = run_case(case, pythons[case.framework], log, args.timeout)
+                mine = case.framework == "blazefl_fn" and library is not None
+                extra = library_env(shim if mine else None)
+                run = run_case(case, pythons[case.framework], log, args.timeout, extra)
+                if mine and library is not None:
+                    run = imported_elsewhere(run, library)
                 runs[i].append(run)
                 what = (
                     f"loop {run.loop:7.2f} s  whole {run.whole:7.2f} s  "
@@ -274,8 +293,9 @@ def main(argv: list[str] | None = None) -> list[report.Row]:
                     flush=True,
                 )
     finally:
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
+        for made in (temp, shim):
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
     rows = [
         report.make_row(c.workload, c.parallelism, c.framework, c.mode, runs[i])
         for i, c in enumerate(cases)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from .spec import Case, RunnerResult
 
-__all__ = ["RUNNER_MODULES", "Run", "run_case"]
+__all__ = ["RUNNER_MODULES", "Run", "imported_elsewhere", "library_env", "run_case"]
 
 RUNNER_MODULES = {
     "bare": "benchmarks.compare.runners.bare",
@@ -55,11 +56,45 @@ def runner_env(threads: int) -> dict[str, str]:
     return env
 
 
+def library_env(shim: Path | None) -> dict[str, str]:
+    """What a blazefl_fn runner's environment adds to import the package linked in ``shim``.
+
+    Every runner's ``PYTHONPATH`` is this repository (`runner_env`), and ``python -m`` puts
+    the working directory (this repository) first, so without this a blazefl_fn runner imports
+    the package beside the harness whatever the caller's ``PYTHONPATH`` says. ``shim`` is a
+    folder holding only a ``blazefl_fn`` link to another tree's package; with it first on
+    ``PYTHONPATH`` (and the runner started with ``-P``, see `run_case`), that package is
+    imported and everything else still comes from this repository: an A/B of two library
+    versions runs today's harness on both.
+    """
+    if shim is None:
+        return {}
+    return {"PYTHONPATH": os.pathsep.join([str(shim), str(REPO_ROOT)])}
+
+
+def imported_elsewhere(run: Run, library: Path) -> Run:
+    """``run`` failed with an error if its runner did not import blazefl_fn from ``library``."""
+    if run.result is None:
+        return run
+    found = run.result.notes.get("blazefl_fn")
+    wanted = str((library / "blazefl_fn").resolve())
+    if found == wanted:
+        return run
+    return dataclasses.replace(
+        run, result=None, error=f"the runner imported blazefl_fn from {found}, not {wanted}"
+    )
+
+
 def run_case(
     case: Case, python: Path, log: Path, timeout: float, extra_env: Mapping[str, str] | None = None
 ) -> Run:
-    """Launch the case's runner with ``python`` (and ``extra_env`` set); stderr goes to ``log``."""
-    command = [str(python), "-m", RUNNER_MODULES[case.framework], case.to_json()]
+    """Launch the case's runner with ``python`` (and ``extra_env`` set); stderr goes to ``log``.
+
+    With a ``PYTHONPATH`` in ``extra_env`` (`library_env`), the runner starts with ``-P``, so
+    that the working directory does not come before it.
+    """
+    isolated = ["-P"] if extra_env and "PYTHONPATH" in extra_env else []
+    command = [str(python), *isolated, "-m", RUNNER_MODULES[case.framework], case.to_json()]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as err:
         launched = time.time()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import torch
 
@@ -70,7 +71,11 @@ def run(case: Case) -> RunnerResult:
         loop_seconds=loop_seconds,
         round_seconds=[r.seconds for r in reports],
         digest=fl.tree.digest(state.params),
-        notes={"torch": torch.__version__, "gil": gil_enabled()},
+        notes={
+            "torch": torch.__version__,
+            "gil": gil_enabled(),
+            "blazefl_fn": str(Path(fl.__file__).resolve().parent),
+        },
     )
 
 
