@@ -38,7 +38,7 @@ from blazefl_fn.executors.jobs import ClientContext, ClientJob, _rng_changed, _r
 from blazefl_fn.models import cnn
 from blazefl_fn.records import ClientTask, Downlink, Uplink
 
-__all__ = ["main"]
+__all__ = ["EXAMPLES", "main", "w0_clients", "w0_fedavg", "w0_tensors"]
 
 EXAMPLES = 50
 
@@ -49,23 +49,34 @@ def trivial(downlink: Downlink, data: ClientData, task: ClientTask) -> Uplink:
     return Uplink(task.client_id, len(data), params, metrics={"loss": 1.0})
 
 
-def _clients(count: int) -> tuple[ClientData, ...]:
-    key = fl.Key.from_seed(0).fold_in("data")
-    generator = key.torch_generator()
+def w0_tensors(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` W0 clients' examples, client ``i`` at rows ``i * EXAMPLES`` onwards."""
+    generator = fl.Key.from_seed(0).fold_in("data").torch_generator()
     x = torch.randn(count * EXAMPLES, 3, 32, 32, generator=generator)
     y = torch.randint(0, 10, (count * EXAMPLES,), generator=generator)
+    return x, y
+
+
+def w0_clients(x: torch.Tensor, y: torch.Tensor) -> tuple[ClientData, ...]:
+    """The clients of `w0_tensors`' examples, as views of one data set."""
     base = TensorDataset(x, y)
     return tuple(
-        ClientData(base, torch.arange(i * EXAMPLES, (i + 1) * EXAMPLES)) for i in range(count)
+        ClientData(base, torch.arange(i * EXAMPLES, (i + 1) * EXAMPLES))
+        for i in range(len(y) // EXAMPLES)
     )
+
+
+def w0_fedavg(clients: int) -> fl.Algorithm[ClientData]:
+    """W0's FedAvg: the small CNN, every client each round, one step of batch EXAMPLES."""
+    return fl.fedavg(
+        functools.partial(cnn, (3, 32, 32), 10), num_clients=clients,
+        clients_per_round=clients, local=fl.LocalSGD(batch_size=EXAMPLES, lr=0.1),
+    )  # fmt: skip
 
 
 def _parts(clients: tuple[ClientData, ...]) -> tuple[dict[str, list[float]], list[Uplink]]:
     """Each part of every client's update, in thread-CPU microseconds."""
-    algorithm = fl.fedavg(
-        functools.partial(cnn, (3, 32, 32), 10), num_clients=len(clients),
-        clients_per_round=len(clients), local=fl.LocalSGD(batch_size=EXAMPLES, lr=0.1),
-    )  # fmt: skip
+    algorithm = w0_fedavg(len(clients))
     template = algorithm.client_update.template  # pyright: ignore[reportFunctionMemberAccess]
     params = algorithm.init(fl.Key.from_seed(1)).params
     round_key = fl.Key.from_seed(2).fold_in(0)
@@ -132,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.clients < 1:
         parser.error(f"--clients must be at least 1, got {args.clients}")
     torch.set_num_threads(1)
-    clients = _clients(args.clients)
+    clients = w0_clients(*w0_tensors(args.clients))
     times, uplinks = _parts(clients)
     # Inside the loop each part runs cache-cold after the previous client's step: 3-8x what
     # it costs alone on a quiet thread, and what a round pays.
@@ -152,10 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         attrs.evolve(u, client_id=i) for i, u in enumerate(uplinks * (1000 // len(uplinks) + 1))
     ]
     many = many[:1000]
-    algorithm = fl.fedavg(
-        functools.partial(cnn, (3, 32, 32), 10), num_clients=1000, clients_per_round=1000,
-        local=fl.LocalSGD(batch_size=EXAMPLES, lr=0.1),
-    )  # fmt: skip
+    algorithm = w0_fedavg(1000)
     state = fl.ServerState(params=uplinks[0].params)
     key = fl.Key.from_seed(2).fold_in(0)
     cpu = time.thread_time

@@ -25,7 +25,7 @@ splits into:
 from __future__ import annotations
 
 import argparse
-import functools
+import itertools
 import json
 import os
 import resource
@@ -43,16 +43,14 @@ import attrs
 import torch
 
 import blazefl_fn as fl
-from blazefl_fn.data import ClientData, TensorDataset
-from blazefl_fn.models import cnn
 
 from .compare.common import FederatedArrays
 from .compare.runners import bare
 from .compare.spec import Workload
+from .overhead import EXAMPLES, w0_clients, w0_fedavg, w0_tensors
 
 __all__ = ["main"]
 
-EXAMPLES = 50
 MODES = ("threads", "sequential")
 _ROOT = Path(__file__).resolve().parents[1]
 _FAULTS = getattr(resource, "RUSAGE_THREAD", None)  # Linux only
@@ -81,26 +79,14 @@ class _Timer:
 
 
 def _data(clients: int) -> tuple[torch.Tensor, torch.Tensor, fl.tree.Params]:
-    generator = fl.Key.from_seed(0).fold_in("data").torch_generator()
-    x = torch.randn(clients * EXAMPLES, 3, 32, 32, generator=generator)
-    y = torch.randint(0, 10, (clients * EXAMPLES,), generator=generator)
-    return x, y, _algorithm(clients).init(fl.Key.from_seed(1)).params
-
-
-def _algorithm(clients: int) -> fl.Algorithm[ClientData]:
-    return fl.fedavg(
-        functools.partial(cnn, (3, 32, 32), 10), num_clients=clients,
-        clients_per_round=clients, local=fl.LocalSGD(batch_size=EXAMPLES, lr=0.1),
-    )  # fmt: skip
+    x, y = w0_tensors(clients)
+    return x, y, w0_fedavg(clients).init(fl.Key.from_seed(1)).params
 
 
 def _fn_round(timer: _Timer, clients: int, workers: int, mode: str) -> tuple[float, float, str]:
     x, y, params = _data(clients)
-    base = TensorDataset(x, y)
-    data = tuple(
-        ClientData(base, torch.arange(i * EXAMPLES, (i + 1) * EXAMPLES)) for i in range(clients)
-    )
-    algorithm = _algorithm(clients)
+    data = w0_clients(x, y)
+    algorithm = w0_fedavg(clients)
     algorithm = attrs.evolve(algorithm, client_update=timer.wrap(algorithm.client_update))
     executor = fl.Threads(workers) if mode == "threads" else fl.Sequential()
     with executor:
@@ -151,11 +137,8 @@ def _case(framework: str, mode: str, clients: int, workers: int) -> dict[str, An
     by_thread: dict[int, list[tuple[float, float]]] = {}
     for s in spans:
         by_thread.setdefault(s[4], []).append((s[0], s[1]))
-    gaps = [
-        b[0] - a[1]
-        for runs in by_thread.values()
-        for a, b in zip(sorted(runs), sorted(runs)[1:], strict=False)
-    ]
+    ordered = [sorted(runs) for runs in by_thread.values()]
+    gaps = [b[0] - a[1] for runs in ordered for a, b in itertools.pairwise(runs)]
     return {
         "framework": framework,
         "mode": mode,

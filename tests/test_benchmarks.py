@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from benchmarks import executors as bench
@@ -213,6 +215,16 @@ def test_lazy_benchmark_times_both_passes_over_the_same_clients(
     assert "bits: the same in both passes of every round" in out
 
 
+def _refusal(
+    main: Callable[[list[str]], object], argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> str:
+    """The last stderr line of a benchmark script refusing ``argv`` (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -227,11 +239,7 @@ def test_lazy_benchmark_refuses_bad_sizes_in_one_line(
 ) -> None:
     from benchmarks import lazy
 
-    with pytest.raises(SystemExit) as exit_:
-        lazy.main(argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err.strip().splitlines()[-1]
+    assert message in _refusal(lazy.main, argv, capsys)
 
 
 def test_overhead_benchmark_prints_its_three_tables(capsys: pytest.CaptureFixture[str]) -> None:
@@ -255,10 +263,8 @@ def test_overhead_benchmark_prints_its_three_tables(capsys: pytest.CaptureFixtur
 def test_overhead_benchmark_refuses_no_clients(capsys: pytest.CaptureFixture[str]) -> None:
     from benchmarks import overhead
 
-    with pytest.raises(SystemExit) as exit_:
-        overhead.main(["--clients", "0"])
-    assert exit_.value.code == 2
-    assert "--clients must be at least 1, got 0" in capsys.readouterr().err.strip().splitlines()[-1]
+    last = _refusal(overhead.main, ["--clients", "0"], capsys)
+    assert "--clients must be at least 1, got 0" in last
 
 
 def test_round_phases_add_up_to_the_round_and_time_every_client() -> None:
@@ -309,7 +315,4 @@ def test_round_phases_refuses_bad_arguments_in_one_line(
 ) -> None:
     from benchmarks import round_phases
 
-    with pytest.raises(SystemExit) as exit_:
-        round_phases.main(argv)
-    assert exit_.value.code == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in _refusal(round_phases.main, argv, capsys)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import envs, report
-from .execute import REPO_ROOT, Run, imported_elsewhere, library_env, run_case
+from .execute import REPO_ROOT, Run, imported_elsewhere, run_case
 from .spec import FRAMEWORKS, MODES, ON_REQUEST, Case, Workload
 from .workloads import DEFAULT, QUICK, override
 
@@ -277,10 +277,9 @@ def main(argv: list[str] | None = None) -> list[report.Row]:
                 name = f"{case.workload.name}-P{case.parallelism}-{case.framework}-{case.mode}"
                 log = args.out / "logs" / f"{name}-{rep}.log"
                 loads.append(_load()[0])
-                mine = case.framework == "blazefl_fn" and library is not None
-                extra = library_env(shim if mine else None)
-                run = run_case(case, pythons[case.framework], log, args.timeout, extra)
-                if mine and library is not None:
+                mine = shim if case.framework == "blazefl_fn" else None
+                run = run_case(case, pythons[case.framework], log, args.timeout, shim=mine)
+                if mine is not None and library is not None:
                     run = imported_elsewhere(run, library)
                 runs[i].append(run)
                 what = (

@@ -86,14 +86,19 @@ def imported_elsewhere(run: Run, library: Path) -> Run:
 
 
 def run_case(
-    case: Case, python: Path, log: Path, timeout: float, extra_env: Mapping[str, str] | None = None
+    case: Case,
+    python: Path,
+    log: Path,
+    timeout: float,
+    extra_env: Mapping[str, str] | None = None,
+    shim: Path | None = None,
 ) -> Run:
     """Launch the case's runner with ``python`` (and ``extra_env`` set); stderr goes to ``log``.
 
-    With a ``PYTHONPATH`` in ``extra_env`` (`library_env`), the runner starts with ``-P``, so
-    that the working directory does not come before it.
+    With a ``shim`` (`library_env`), the runner imports the package linked there and starts
+    with ``-P``, so that the working directory does not come before it.
     """
-    isolated = ["-P"] if extra_env and "PYTHONPATH" in extra_env else []
+    isolated = ["-P"] if shim is not None else []
     command = [str(python), *isolated, "-m", RUNNER_MODULES[case.framework], case.to_json()]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as err:
@@ -103,7 +108,7 @@ def run_case(
             done = subprocess.run(
                 command,
                 cwd=REPO_ROOT,
-                env={**runner_env(case.threads), **(extra_env or {})},
+                env={**runner_env(case.threads), **(extra_env or {}), **library_env(shim)},
                 stdout=subprocess.PIPE,
                 stderr=err,
                 text=True,
